@@ -1,0 +1,422 @@
+//! The fetch engine: make a byte range of a stub present, exactly once, and remember it.
+//!
+//! The engine knows nothing of fanotify. It is handed an open fd on a stub (the event's fd, opened
+//! by the kernel without notification, so writing through it raises no event) and what is needed:
+//! a range or the whole file. It loads the file's records from its xattrs, fetches the missing
+//! chunks from the backend, writes them through the fd and marks them present in memory. A flusher
+//! persists the records later, after a `syncfs`, so that a record never claims bytes that are not
+//! on disk (a crash costs a refetch, never zeros taken for content).
+//!
+//! Concurrency: per file, chunks being fetched are claimed under the file's lock; a second request
+//! for a claimed chunk waits for the first instead of fetching it again. Different files and
+//! different chunks of one file are fetched in parallel by the caller's threads.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
+use crate::sys::fs as sysfs;
+
+/// What an access needs present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `count` bytes at `offset`, as the kernel reported them. A count of 0 means the whole file
+    /// (a reflink clone of the stub, or an event that carries no range).
+    Range { offset: u64, count: u64 },
+    /// The whole file (a plain open of a stub that must not be seen with holes).
+    Whole,
+    /// An open: fetch the whole file if its stub kind asks for that, otherwise nothing.
+    Open,
+}
+
+/// The result of a served access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// What was needed is present; the file is not complete yet.
+    Present,
+    /// The file is complete, or not a stub at all: its events can be silenced.
+    Complete,
+}
+
+type FileKey = (u64, u64);
+
+struct Entry {
+    source: SourceRecord,
+    /// A duplicate of the first event's fd: lets the flusher and readahead reach the file.
+    file: OwnedFd,
+    state: Mutex<EntryState>,
+    changed: Condvar,
+}
+
+struct EntryState {
+    record: StateRecord,
+    /// Chunk indices being fetched right now.
+    in_flight: HashSet<u64>,
+    /// The record changed since it was last persisted.
+    dirty: bool,
+    /// End of the last range served: a request starting here is sequential.
+    last_end: u64,
+}
+
+pub struct Engine {
+    backend: Arc<dyn Backend>,
+    files: Mutex<HashMap<FileKey, Arc<Entry>>>,
+    pub metrics: Metrics,
+    /// How far ahead of a sequential reader to fetch.
+    readahead: u64,
+    readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
+}
+
+struct Readahead {
+    entry: Arc<Entry>,
+    start: u64,
+    end: u64,
+}
+
+/// Keep at most this many idle entries cached; complete clean ones go first.
+const MAX_CACHED: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves consistent state here (claims are released by guards),
+    // so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where an fd points, for log lines.
+pub fn fd_path(fd: BorrowedFd<'_>) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "<unknown>".into())
+}
+
+/// Releases chunk claims when dropped, even if the fetch panicked.
+struct Claims<'a> {
+    entry: &'a Entry,
+    chunks: Vec<u64>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.entry.state);
+        for c in &self.chunks {
+            st.in_flight.remove(c);
+        }
+        drop(st);
+        self.entry.changed.notify_all();
+    }
+}
+
+impl Engine {
+    pub fn new(backend: Arc<dyn Backend>, readahead: u64) -> Engine {
+        Engine {
+            backend,
+            files: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            readahead,
+            readahead_tx: Mutex::new(None),
+        }
+    }
+
+    /// Start `threads` background threads that fetch ahead of sequential readers.
+    pub fn start_readahead(self: &Arc<Self>, threads: usize) {
+        let (tx, rx) = crossbeam_channel::bounded::<Readahead>(64);
+        *lock(&self.readahead_tx) = Some(tx);
+        for _ in 0..threads {
+            let rx = rx.clone();
+            let engine = Arc::downgrade(self);
+            std::thread::spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let Some(engine) = engine.upgrade() else {
+                        return;
+                    };
+                    let file = job.entry.file.as_fd();
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.fill(&job.entry, file, job.start, job.end, true)
+                    }));
+                    if let Ok(Err(e)) = res {
+                        debug!("readahead failed: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Stop readahead threads (they exit when the queue is empty).
+    pub fn stop_readahead(&self) {
+        lock(&self.readahead_tx).take();
+    }
+
+    /// Serve one access on the stub behind `fd`.
+    pub fn serve(&self, fd: BorrowedFd<'_>, need: Need) -> io::Result<Served> {
+        let st = sysfs::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(Served::Complete);
+        }
+        let Some(entry) = self.entry((st.st_dev, st.st_ino), fd)? else {
+            return Ok(Served::Complete);
+        };
+        let size = st.st_size as u64;
+        let chunk = entry.source.chunk_size as u64;
+        let (start, end, sequential) = {
+            let mut s = lock(&entry.state);
+            // A file shorter than the part we know is backed was truncated locally: what lies
+            // beyond is the user's, never the source's again.
+            if size < s.record.backed_len {
+                s.record.backed_len = size;
+                s.record.present.truncate(size);
+                s.record.modified = true;
+                s.dirty = true;
+            }
+            let backed = s.record.backed_len;
+            let (start, end) = match need {
+                Need::Whole | Need::Range { count: 0, .. } => (0, backed),
+                Need::Open if entry.source.kind == StubKind::Sparse => (0, backed),
+                Need::Open => (0, 0),
+                Need::Range { offset, count } => (
+                    offset / chunk * chunk,
+                    offset.saturating_add(count).min(backed).div_ceil(chunk) * chunk,
+                ),
+            };
+            let end = end.min(backed);
+            let sequential = start > 0 && start <= s.last_end && s.last_end < end;
+            if end > start {
+                s.last_end = s.last_end.max(end).min(backed);
+            }
+            if s.record.is_complete() {
+                return Ok(Served::Complete);
+            }
+            (start, end, sequential)
+        };
+        if start < end {
+            self.fill(&entry, fd, start, end, false)?;
+            if sequential && self.readahead > 0 {
+                self.schedule_readahead(&entry, end, end.saturating_add(self.readahead));
+            }
+        }
+        let s = lock(&entry.state);
+        if s.record.is_complete() {
+            Ok(Served::Complete)
+        } else {
+            Ok(Served::Present)
+        }
+    }
+
+    fn schedule_readahead(&self, entry: &Arc<Entry>, start: u64, end: u64) {
+        let tx = lock(&self.readahead_tx).clone();
+        if let Some(tx) = tx {
+            // Full queue: skip, the reader will fetch on demand.
+            let _ = tx.try_send(Readahead {
+                entry: entry.clone(),
+                start,
+                end,
+            });
+        }
+    }
+
+    /// Look up or load the entry for a file. `None`: not a stub (no source record).
+    fn entry(&self, key: FileKey, fd: BorrowedFd<'_>) -> io::Result<Option<Arc<Entry>>> {
+        if let Some(e) = lock(&self.files).get(&key) {
+            return Ok(Some(e.clone()));
+        }
+        let Some(raw) = sysfs::fgetxattr(fd, XATTR_SOURCE)? else {
+            return Ok(None);
+        };
+        let source = SourceRecord::decode(&raw).map_err(|e| {
+            warn!(file = %fd_path(fd), "corrupt source record, refusing access: {e}");
+            io::Error::from_raw_os_error(libc::EIO)
+        })?;
+        let record = match sysfs::fgetxattr(fd, XATTR_STATE)? {
+            None => source.fresh_state(),
+            Some(raw) => StateRecord::decode(&raw, &source).map_err(|e| {
+                warn!(file = %fd_path(fd), "corrupt state record, refusing access: {e}");
+                io::Error::from_raw_os_error(libc::EIO)
+            })?,
+        };
+        let entry = Arc::new(Entry {
+            source,
+            file: fd.try_clone_to_owned()?,
+            state: Mutex::new(EntryState {
+                record,
+                in_flight: HashSet::new(),
+                dirty: false,
+                last_end: 0,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut files = lock(&self.files);
+        Ok(Some(files.entry(key).or_insert(entry).clone()))
+    }
+
+    /// Make `[start, end)` present, fetching each missing chunk once.
+    fn fill(
+        &self,
+        entry: &Entry,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        end: u64,
+        readahead: bool,
+    ) -> io::Result<()> {
+        let chunk = entry.source.chunk_size as u64;
+        loop {
+            let mut s = lock(&entry.state);
+            let end = end.min(s.record.backed_len);
+            let gaps = s.record.present.gaps(start, end);
+            if gaps.is_empty() {
+                return Ok(());
+            }
+            // Claim every missing piece not already being fetched; wait for the others.
+            let mut mine: Vec<(u64, u64, u64)> = Vec::new();
+            let mut waiting = false;
+            for (gs, ge) in gaps {
+                let mut c = gs / chunk;
+                while c * chunk < ge {
+                    let (ps, pe) = ((c * chunk).max(gs), ((c + 1) * chunk).min(ge));
+                    if s.in_flight.contains(&c) {
+                        waiting = true;
+                    } else {
+                        s.in_flight.insert(c);
+                        mine.push((c, ps, pe));
+                    }
+                    c += 1;
+                }
+            }
+            if mine.is_empty() {
+                if readahead {
+                    return Ok(()); // someone else is on it
+                }
+                debug_assert!(waiting);
+                let (_s, _) = entry
+                    .changed
+                    .wait_timeout(s, Duration::from_millis(100))
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            drop(s);
+            let claims = Claims {
+                entry,
+                chunks: mine.iter().map(|m| m.0).collect(),
+            };
+            let mut buf = Vec::new();
+            for &(_, ps, pe) in &mine {
+                self.fetch_piece(entry, fd, ps, pe, &mut buf)?;
+                if readahead {
+                    Metrics::add(&self.metrics.readahead_bytes, pe - ps);
+                }
+            }
+            drop(claims);
+        }
+    }
+
+    /// Fetch `[ps, pe)` from the backend, write it through `fd`, mark it present.
+    fn fetch_piece(
+        &self,
+        entry: &Entry,
+        fd: BorrowedFd<'_>,
+        ps: u64,
+        pe: u64,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        buf.clear();
+        buf.resize((pe - ps) as usize, 0);
+        Metrics::add(&self.metrics.backend_reads, 1);
+        if let Err(e) = self.backend.read_range(&entry.source, ps, buf) {
+            warn!(
+                file = %fd_path(fd),
+                range = %format!("{ps}..{pe}"),
+                source = %self.backend.describe(),
+                "fetch failed: {e}"
+            );
+            return Err(e.as_io());
+        }
+        // The file may have been truncated while we fetched: never write past its end.
+        let st = sysfs::fstat(fd)?;
+        let size = st.st_size as u64;
+        let pe_now = pe.min(size);
+        if pe_now > ps {
+            sysfs::pwrite_all(fd, &buf[..(pe_now - ps) as usize], ps)?;
+            // Writing through the fd moved the mtime; the file still is the source's.
+            let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
+        }
+        Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));
+        let mut s = lock(&entry.state);
+        if size < s.record.backed_len {
+            s.record.backed_len = size;
+            s.record.present.truncate(size);
+            s.record.modified = true;
+        }
+        let backed = s.record.backed_len;
+        s.record.present.insert(ps, pe_now.min(backed));
+        s.dirty = true;
+        if s.record.is_complete() {
+            Metrics::add(&self.metrics.files_completed, 1);
+        }
+        Ok(())
+    }
+
+    /// Persist the state of every changed file: first `syncfs` so the data is on disk, then the
+    /// records that describe it. Returns the number of records written.
+    pub fn flush(&self) -> usize {
+        let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
+        let mut dirty = Vec::new();
+        for e in &entries {
+            let mut s = lock(&e.state);
+            if s.dirty {
+                s.dirty = false;
+                dirty.push((e.clone(), s.record.clone()));
+            }
+        }
+        if let Some((first, _)) = dirty.first() {
+            if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
+                warn!("syncfs failed, state records not updated: {err}");
+                for (e, _) in &dirty {
+                    lock(&e.state).dirty = true;
+                }
+                return 0;
+            }
+        }
+        let mut written = 0;
+        for (e, snapshot) in &dirty {
+            match sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &snapshot.encode()) {
+                Ok(()) => written += 1,
+                Err(err) => {
+                    // The record lags the data: a restart refetches, nothing is lost.
+                    debug!(file = %fd_path(e.file.as_fd()), "state record not written: {err}");
+                    lock(&e.state).dirty = true;
+                }
+            }
+        }
+        Metrics::add(&self.metrics.records_written, written as u64);
+        self.evict();
+        written
+    }
+
+    /// Drop cached entries nobody uses: complete ones always, others beyond the cache limit.
+    fn evict(&self) {
+        let mut files = lock(&self.files);
+        let over = files.len().saturating_sub(MAX_CACHED);
+        let mut dropped = 0;
+        files.retain(|_, e| {
+            if Arc::strong_count(e) > 1 {
+                return true;
+            }
+            let s = lock(&e.state);
+            let idle = !s.dirty && s.in_flight.is_empty();
+            let drop_it = idle && (s.record.is_complete() || dropped < over);
+            if drop_it {
+                dropped += 1;
+            }
+            !drop_it
+        });
+    }
+
+    pub fn cached_files(&self) -> usize {
+        lock(&self.files).len()
+    }
+}

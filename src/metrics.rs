@@ -1,0 +1,41 @@
+//! The daemon's counters. Cheap relaxed atomics on the event path; written as JSON to the store
+//! while the daemon runs and when it stops, for `hsm status`, tests and dashboards.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal),* $(,)?) => {
+        #[derive(Default, Debug)]
+        pub struct Metrics { $(#[doc = $doc] pub $name: AtomicU64,)* }
+
+        #[derive(Default, Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+        pub struct Snapshot { $(#[doc = $doc] pub $name: u64,)* }
+
+        impl Metrics {
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    events_pre_access: "Pre-content events received.",
+    events_open: "Open permission events received (plain and exec).",
+    allowed: "Events allowed.",
+    denied: "Events denied with an errno.",
+    backend_reads: "Range reads issued to the backend.",
+    fetched_bytes: "Bytes fetched from the backend and written into stubs.",
+    readahead_bytes: "Of those, bytes fetched ahead of the reader.",
+    files_completed: "Files that became complete while the daemon ran.",
+    ignore_marks: "Ignore marks placed on complete or unmanaged files.",
+    records_written: "State records persisted.",
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}

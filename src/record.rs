@@ -1,0 +1,209 @@
+//! Per-file records, kept as `trusted.*` extended attributes on each stub.
+//!
+//! Why xattrs: they travel with the inode (a rename keeps them, a restart finds them, no database
+//! can drift from the tree), and the `trusted.` namespace needs CAP_SYS_ADMIN to read or write, so
+//! a user who owns a stub cannot point it at another object or claim ranges present. Each record
+//! carries a checksum; one that fails it is corrupt and the file is served with EIO, never followed.
+//!
+//! Two records per stub: `source` (written once by `populate`: where the content lives and what it
+//! must look like) and `state` (rewritten by the daemon: which ranges are present).
+
+use std::ffi::CStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ranges::RangeSet;
+
+pub const XATTR_SOURCE: &CStr = c"trusted.hsm.source";
+pub const XATTR_STATE: &CStr = c"trusted.hsm.state";
+
+const MAGIC_SOURCE: &[u8; 4] = b"HSs1";
+const MAGIC_STATE: &[u8; 4] = b"HSt1";
+const SUM_LEN: usize = 8;
+
+/// How a stub was made, which decides how it is filled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StubKind {
+    /// A sparse file: fetched whole when opened (other than for exec), so that no copy tool can
+    /// see its holes before they are filled.
+    Sparse,
+    /// Built from reflinked zero blocks: reads as data to every tool, so it is filled range by range.
+    Cloned,
+    /// A sparse file filled range by range, by the user's choice (ext4 `--lazy-sparse`): copy
+    /// tools that trust `SEEK_DATA` see its unfetched ranges as holes.
+    SparseLazy,
+}
+
+/// Where a stub's content lives and what it must look like there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// Object key relative to the store's source root (bytes: names need not be UTF-8).
+    pub key: Vec<u8>,
+    pub size: u64,
+    /// Source mtime, seconds and nanoseconds.
+    pub mtime: (i64, u32),
+    /// Backend object identity (ETag or version), when the backend has one.
+    pub version: Option<String>,
+    pub chunk_size: u32,
+    pub kind: StubKind,
+}
+
+/// What the daemon has filled in.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRecord {
+    /// Bytes `[0, backed_len)` come from the source; beyond, the file is the user's own (it was
+    /// truncated and maybe extended locally). Only ever shrinks.
+    pub backed_len: u64,
+    /// Ranges that hold the source's bytes (or the user's writes over them), durable on disk.
+    pub present: RangeSet,
+    /// The file was changed locally; it is never refetched over.
+    pub modified: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RecordError {
+    #[error("record has the wrong magic or version")]
+    Magic,
+    #[error("record checksum mismatch (corrupt or hand-edited)")]
+    Checksum,
+    #[error("record does not decode: {0}")]
+    Decode(String),
+    #[error("record is inconsistent: {0}")]
+    Invalid(&'static str),
+}
+
+fn seal(magic: &[u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + payload.len() + SUM_LEN);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(payload);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(&sum.as_bytes()[..SUM_LEN]);
+    out
+}
+
+fn unseal<'a>(magic: &[u8; 4], bytes: &'a [u8]) -> Result<&'a [u8], RecordError> {
+    if bytes.len() < 4 + SUM_LEN || &bytes[..4] != magic {
+        return Err(RecordError::Magic);
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - SUM_LEN);
+    if &blake3::hash(body).as_bytes()[..SUM_LEN] != sum {
+        return Err(RecordError::Checksum);
+    }
+    Ok(&body[4..])
+}
+
+impl SourceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        seal(
+            MAGIC_SOURCE,
+            &postcard::to_allocvec(self).expect("serialising to a Vec cannot fail"),
+        )
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<SourceRecord, RecordError> {
+        let rec: SourceRecord = postcard::from_bytes(unseal(MAGIC_SOURCE, bytes)?)
+            .map_err(|e| RecordError::Decode(e.to_string()))?;
+        if rec.chunk_size == 0 || rec.chunk_size % 4096 != 0 {
+            return Err(RecordError::Invalid("chunk size is not a multiple of 4096"));
+        }
+        if rec.key.is_empty() {
+            return Err(RecordError::Invalid("empty source key"));
+        }
+        Ok(rec)
+    }
+
+    pub fn fresh_state(&self) -> StateRecord {
+        StateRecord {
+            backed_len: self.size,
+            present: RangeSet::new(),
+            modified: false,
+        }
+    }
+}
+
+impl StateRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        seal(
+            MAGIC_STATE,
+            &postcard::to_allocvec(self).expect("serialising to a Vec cannot fail"),
+        )
+    }
+
+    /// Decode and check against the source record it belongs to.
+    pub fn decode(bytes: &[u8], source: &SourceRecord) -> Result<StateRecord, RecordError> {
+        let rec: StateRecord = postcard::from_bytes(unseal(MAGIC_STATE, bytes)?)
+            .map_err(|e| RecordError::Decode(e.to_string()))?;
+        if rec.backed_len > source.size {
+            return Err(RecordError::Invalid("backed length beyond the source size"));
+        }
+        let Some(present) = RangeSet::from_pairs(rec.present.pairs()) else {
+            return Err(RecordError::Invalid("empty or reversed present range"));
+        };
+        if present.pairs() != rec.present.pairs() {
+            return Err(RecordError::Invalid(
+                "present ranges not in canonical order",
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// Every byte that must come from the source is here.
+    pub fn is_complete(&self) -> bool {
+        self.present.contains(0, self.backed_len)
+    }
+
+    /// Bytes present out of those that come from the source.
+    pub fn present_bytes(&self) -> u64 {
+        self.present.covered(self.backed_len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> SourceRecord {
+        SourceRecord {
+            key: b"dir/f\xff".to_vec(),
+            size: 10 << 20,
+            mtime: (1_700_000_000, 5),
+            version: None,
+            chunk_size: 1 << 20,
+            kind: StubKind::Cloned,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_tamper_detection() {
+        let src = source();
+        let bytes = src.encode();
+        assert_eq!(SourceRecord::decode(&bytes).unwrap(), src);
+        let mut bad = bytes.clone();
+        bad[6] ^= 1;
+        assert_eq!(SourceRecord::decode(&bad), Err(RecordError::Checksum));
+        assert_eq!(SourceRecord::decode(b"HSs1"), Err(RecordError::Magic));
+
+        let mut st = src.fresh_state();
+        st.present.insert(0, 1 << 20);
+        let enc = st.encode();
+        assert_eq!(StateRecord::decode(&enc, &src).unwrap(), st);
+        assert!(!st.is_complete());
+        st.present.insert(1 << 20, 10 << 20);
+        assert!(st.is_complete());
+        // A state from a bigger file does not fit this source.
+        let mut big = src.fresh_state();
+        big.backed_len = src.size + 1;
+        assert!(StateRecord::decode(&big.encode(), &src).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = SourceRecord::decode(&bytes);
+            let _ = StateRecord::decode(&bytes, &source());
+            // Also with a valid seal around arbitrary payloads, so postcard itself is exercised.
+            let _ = SourceRecord::decode(&seal(MAGIC_SOURCE, &bytes));
+            let _ = StateRecord::decode(&seal(MAGIC_STATE, &bytes), &source());
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! A store: the directory that holds the stub tree, the zero pool and the store's configuration.
+//!
+//! ```text
+//! STORE/            mode 0700, root: no user path reaches the stubs except the daemon's mount
+//!   tree/           the stub tree, exposed at MOUNTPOINT by `hsm serve`
+//!   .hsm/config.json
+//!   .hsm/zeros      shared zero blocks that cloned stubs are made of (xfs, btrfs)
+//!   .hsm/metrics.json  the daemon's counters, rewritten while it runs and when it stops
+//! ```
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::sys::fs::{self as sysfs, FsKind};
+
+pub const DEFAULT_CHUNK: u32 = 1 << 20;
+/// Files below this size are fetched whole on first open; larger ones on reflink filesystems are
+/// cloned stubs filled range by range.
+pub const DEFAULT_WHOLE_BELOW: u64 = 4 << 20;
+const ZERO_POOL_LEN: u64 = 16 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub version: u32,
+    /// The source: a `file://` URL.
+    pub source: String,
+    pub fs: FsKind,
+    pub chunk_size: u32,
+    pub whole_below: u64,
+    /// ext4 only: the user chose lazy range fetching, accepting that copy tools see holes.
+    pub lazy_sparse: bool,
+}
+
+pub struct Store {
+    pub root: PathBuf,
+    pub config: StoreConfig,
+}
+
+pub fn filesystem_of(path: &Path) -> anyhow::Result<FsKind> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    Ok(sysfs::fs_kind(f.as_fd())?)
+}
+
+/// Refuse filesystems without pre-content events, with what to do instead.
+pub fn check_supported(kind: FsKind, path: &Path) -> anyhow::Result<()> {
+    match kind {
+        FsKind::Ext4 | FsKind::Xfs | FsKind::Btrfs => Ok(()),
+        other => bail!(
+            "{} is on {}, which does not support fanotify pre-content events; \
+             put the store on ext4, xfs or btrfs (a loop-mounted image will do)",
+            path.display(),
+            other.name()
+        ),
+    }
+}
+
+impl FsKind {
+    pub fn reflinks(self) -> bool {
+        matches!(self, FsKind::Xfs | FsKind::Btrfs)
+    }
+}
+
+impl Store {
+    pub fn config_path(root: &Path) -> PathBuf {
+        root.join(".hsm/config.json")
+    }
+
+    pub fn tree(&self) -> PathBuf {
+        self.root.join("tree")
+    }
+
+    pub fn meta(&self) -> PathBuf {
+        self.root.join(".hsm")
+    }
+
+    pub fn zero_pool_path(&self) -> PathBuf {
+        self.root.join(".hsm/zeros")
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join(".hsm/metrics.json")
+    }
+
+    /// Create a new store, or reopen an existing one made from the same source. A directory that
+    /// is not empty and not a store is refused: populate never writes over files it did not make.
+    pub fn create(root: &Path, mut config: StoreConfig) -> anyhow::Result<Store> {
+        if root.exists() {
+            if Store::config_path(root).exists() {
+                let store = Store::open(root)?;
+                if store.config.source != config.source {
+                    bail!(
+                        "{} is a store of {}, not of {}; use a new STORE directory",
+                        root.display(),
+                        store.config.source,
+                        config.source
+                    );
+                }
+                return Ok(store);
+            }
+            if !root.is_dir() {
+                bail!("STORE {} exists and is not a directory", root.display());
+            }
+            if fs::read_dir(root)?.next().is_some() {
+                bail!(
+                    "STORE {} is not empty and is not an hsm store; refusing to write into it",
+                    root.display()
+                );
+            }
+        } else {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(root)
+                .with_context(|| format!("cannot create STORE {}", root.display()))?;
+        }
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
+        let kind = filesystem_of(root)?;
+        check_supported(kind, root)?;
+        config.fs = kind;
+        if kind.reflinks() {
+            config.lazy_sparse = false;
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            config,
+        };
+        fs::DirBuilder::new().mode(0o700).create(store.meta())?;
+        fs::DirBuilder::new().mode(0o755).create(store.tree())?;
+        if kind.reflinks() {
+            store.make_zero_pool()?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(Store::config_path(root))?;
+        f.write_all(serde_json::to_string_pretty(&store.config)?.as_bytes())?;
+        f.sync_all()?;
+        Ok(store)
+    }
+
+    pub fn open(root: &Path) -> anyhow::Result<Store> {
+        let path = Store::config_path(root);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not an hsm store (no {}); make one with `hsm populate SOURCE {}`",
+                root.display(),
+                path.display(),
+                root.display()
+            )
+        })?;
+        let config: StoreConfig = serde_json::from_str(&text)
+            .with_context(|| format!("store configuration {} is malformed", path.display()))?;
+        if config.version != 1 {
+            bail!(
+                "store version {} is not supported by this hsm",
+                config.version
+            );
+        }
+        if config.chunk_size == 0 || config.chunk_size % 4096 != 0 {
+            bail!(
+                "store chunk size {} is not a multiple of 4096",
+                config.chunk_size
+            );
+        }
+        let store = Store {
+            root: root.to_path_buf(),
+            config,
+        };
+        let actual = filesystem_of(root)?;
+        if actual != store.config.fs {
+            bail!(
+                "store {} was made on {} but is now on {}; stubs do not survive a copy between \
+                 filesystems, populate a new store",
+                root.display(),
+                store.config.fs.name(),
+                actual.name()
+            );
+        }
+        Ok(store)
+    }
+
+    /// STORE must be reachable by root only: otherwise users could read stub zeros directly.
+    pub fn check_private(&self) -> anyhow::Result<()> {
+        let md = fs::metadata(&self.root)?;
+        if md.uid() != 0 || md.mode() & 0o077 != 0 {
+            bail!(
+                "STORE {} is reachable by other users (owner uid {}, mode {:o}); \
+                 run `chown root: {0} && chmod 700 {0}`",
+                self.root.display(),
+                md.uid(),
+                md.mode() & 0o7777
+            );
+        }
+        Ok(())
+    }
+
+    fn make_zero_pool(&self) -> anyhow::Result<()> {
+        let path = self.zero_pool_path();
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        // Real zero blocks, not fallocate: unwritten extents would read as holes to SEEK_DATA.
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..ZERO_POOL_LEN / block.len() as u64 {
+            f.write_all(&block)?;
+        }
+        f.sync_all()?;
+        Ok(())
+    }
+
+    pub fn zero_pool(&self) -> anyhow::Result<File> {
+        File::open(self.zero_pool_path()).context("the store's zero pool is missing")
+    }
+}
+
+/// Make `file` `len` bytes long and read as data everywhere, by cloning zero blocks into it. The
+/// last block is cloned whole (clones must be block-aligned) and the size is then cut back to
+/// `len`, so that no tail of the file is a hole that `SEEK_HOLE` could report.
+pub fn clone_zeros(pool: &File, file: &File, len: u64) -> std::io::Result<()> {
+    let aligned = len.div_ceil(4096) * 4096;
+    let mut off = 0;
+    while off < aligned {
+        let n = (aligned - off).min(ZERO_POOL_LEN);
+        sysfs::clone_range(pool.as_fd(), 0, file.as_fd(), off, n)?;
+        off += n;
+    }
+    sysfs::ftruncate(file.as_fd(), len)
+}
