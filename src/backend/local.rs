@@ -20,17 +20,14 @@ pub struct LocalBackend {
 
 /// Accept `/abs/path` or `file:///abs/path`.
 pub fn path_from_url(url: &str) -> anyhow::Result<PathBuf> {
-    let p = match url.strip_prefix("file://") {
-        Some(rest) => rest,
+    match url.strip_prefix("file://") {
+        Some(rest) if rest.starts_with('/') => Ok(PathBuf::from(rest)),
+        Some(_) => bail!("a file:// URL needs an absolute path: file:///path/to/dir"),
         None if url.contains("://") => {
             bail!("unsupported source URL scheme in {url:?}: this build knows file:// and local paths")
         }
-        None => url,
-    };
-    if !p.starts_with('/') {
-        bail!("source path {p:?} must be absolute");
+        None => Ok(std::path::absolute(url)?),
     }
-    Ok(PathBuf::from(p))
 }
 
 fn open_root(root: &Path) -> std::io::Result<OwnedFd> {

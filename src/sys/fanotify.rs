@@ -190,23 +190,35 @@ impl Group {
     }
 
     fn mark(&self, flags: u32, mask: u64, dirfd: BorrowedFd<'_>) -> io::Result<()> {
-        // SAFETY: a NULL pathname makes the kernel use `dirfd` itself, which is a valid fd.
+        self.mark_at(flags, mask, dirfd, None)
+    }
+
+    fn mark_at(
+        &self,
+        flags: u32,
+        mask: u64,
+        dirfd: BorrowedFd<'_>,
+        path: Option<&std::ffi::CStr>,
+    ) -> io::Result<()> {
+        // SAFETY: a NULL pathname makes the kernel use `dirfd` itself; otherwise it is a valid,
+        // NUL-terminated path resolved relative to `dirfd`.
         cvt(unsafe {
             libc::fanotify_mark(
                 self.fd.as_raw_fd(),
                 flags,
                 mask,
                 dirfd.as_raw_fd(),
-                std::ptr::null(),
+                path.map_or(std::ptr::null(), |p| p.as_ptr()),
             )
         })?;
         Ok(())
     }
 
     /// Watch every file reached through the mount that `mount_fd` refers to (an `open_tree` fd or
-    /// any fd on that mount).
+    /// any fd on that mount). The path "." lets the kernel accept an `O_PATH` fd, which is what
+    /// `open_tree` returns.
     pub fn mark_mount(&self, mount_fd: BorrowedFd<'_>, mask: u64) -> io::Result<()> {
-        self.mark(FAN_MARK_ADD | FAN_MARK_MOUNT, mask, mount_fd)
+        self.mark_at(FAN_MARK_ADD | FAN_MARK_MOUNT, mask, mount_fd, Some(c"."))
     }
 
     /// Silence `mask` for the inode behind `file` through every mount. Evictable: the kernel may drop
