@@ -1,0 +1,349 @@
+//! Test harness: a loop-mounted filesystem, a source tree, a store on the loop filesystem, and
+//! the real `hsm serve` exposing it at a mount point. Everything is torn down on drop (daemon
+//! killed by pid, mounts detached, images removed), and every daemon is bounded by a watchdog.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const HSM: &str = env!("CARGO_BIN_EXE_hsm");
+
+/// Filesystems the kernel supports pre-content events on.
+pub const FILESYSTEMS: [&str; 3] = ["ext4", "xfs", "btrfs"];
+
+/// Run a command, panic with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sh(script: &str) -> Output {
+    run(Command::new("bash").arg("-c").arg(script))
+}
+
+/// A scratch directory under /tmp (tmpfs or the root fs: never marked), removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!(
+            "hsm-test-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A loop-mounted image of the given filesystem type.
+pub struct LoopFs {
+    pub mnt: PathBuf,
+    image: PathBuf,
+}
+
+impl LoopFs {
+    pub fn new(dir: &Path, fs: &str, size: &str) -> LoopFs {
+        let image = dir.join(format!("{fs}.img"));
+        let mnt = dir.join(format!("{fs}-mnt"));
+        std::fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("truncate").args(["-s", size]).arg(&image));
+        let mkfs = format!("mkfs.{fs}");
+        let mut cmd = Command::new(&mkfs);
+        match fs {
+            "ext4" => cmd.args(["-q", "-F"]),
+            "xfs" => cmd.args(["-q", "-f"]),
+            "btrfs" => cmd.args(["-q", "-f"]),
+            other => panic!("unknown fs {other}"),
+        };
+        run(cmd.arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt));
+        LoopFs { mnt, image }
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // A lazy unmount always succeeds; the loop device is released with the last user.
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// A running `hsm serve`, killed by pid on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    mountpoint: PathBuf,
+    pub stderr_log: PathBuf,
+    watchdog_done: Arc<AtomicBool>,
+}
+
+impl Daemon {
+    /// Start `hsm serve STORE MOUNTPOINT` and wait for its `ready` line. The watchdog kills it
+    /// after `limit`, so a hung daemon cannot hang the test (its pending events are then allowed
+    /// by the kernel and the test's byte comparisons fail instead).
+    pub fn start(store: &Path, mountpoint: &Path, extra: &[&str], limit: Duration) -> Daemon {
+        let stderr_log = store.with_extension(format!("serve-{}.log", rand::random::<u32>()));
+        let log = std::fs::File::create(&stderr_log).unwrap();
+        let mut child = Command::new(HSM)
+            .arg("serve")
+            .arg(store)
+            .arg(mountpoint)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hsm serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first.and_then(|l| l.ok()));
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).ok().flatten();
+        let pid = child.id() as i32;
+        let watchdog_done = Arc::new(AtomicBool::new(false));
+        {
+            let done = watchdog_done.clone();
+            std::thread::spawn(move || {
+                let end = Instant::now() + limit;
+                while Instant::now() < end {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if !done.load(Ordering::Relaxed) {
+                    eprintln!("watchdog: killing hsm serve pid {pid} after {limit:?}");
+                    // SAFETY: signalling our own child by pid.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            });
+        }
+        let mut d = Daemon {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            stderr_log,
+            watchdog_done,
+        };
+        if line.as_deref() != Some("ready") {
+            let log = d.stop_log();
+            panic!("hsm serve did not print ready (got {line:?}); stderr:\n{log}");
+        }
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// SIGTERM, wait for exit (bounded), return its stderr.
+    pub fn stop_log(&mut self) -> String {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.watchdog_done.store(true, Ordering::Relaxed);
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        let st = child.wait().ok();
+        self.watchdog_done.store(true, Ordering::Relaxed);
+        st.filter(|s| s.signal().is_some())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_log();
+        // If it was killed, its mounts are left: remove them (lazy, by path).
+        for _ in 0..2 {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+/// Source tree, store on a loop filesystem, and a mount point: the usual test setup.
+/// Field order matters: the daemon goes first, then the filesystem, then the scratch dir.
+pub struct Fixture {
+    pub daemon: Option<Daemon>,
+    pub fs_kind: String,
+    pub source: PathBuf,
+    pub store: PathBuf,
+    pub view: PathBuf,
+    pub fs: LoopFs,
+    pub scratch: Scratch,
+}
+
+impl Fixture {
+    /// `size` is the loop image size ("2G"); the image is sparse, so big sizes cost nothing.
+    pub fn new(fs: &str, size: &str) -> Fixture {
+        let scratch = Scratch::new(fs);
+        let source = scratch.path.join("src");
+        std::fs::create_dir_all(&source).unwrap();
+        let lfs = LoopFs::new(&scratch.path, fs, size);
+        let store = lfs.mnt.join("store");
+        let view = scratch.path.join("view");
+        Fixture {
+            daemon: None,
+            fs_kind: fs.to_string(),
+            source,
+            store,
+            view,
+            fs: lfs,
+            scratch,
+        }
+    }
+
+    /// `hsm populate SOURCE STORE [extra]`, asserting success.
+    pub fn populate(&self, extra: &[&str]) -> Output {
+        run(Command::new(HSM)
+            .arg("populate")
+            .arg(&self.source)
+            .arg(&self.store)
+            .args(extra)
+            .stdin(Stdio::null()))
+    }
+
+    pub fn serve(&mut self, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon = Some(Daemon::start(
+            &self.store,
+            &self.view,
+            extra,
+            Duration::from_secs(600),
+        ));
+    }
+
+    /// Stop the daemon (SIGTERM) and return its final metrics.
+    pub fn stop(&mut self) -> serde_json::Value {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop_log();
+        }
+        self.metrics()
+    }
+
+    pub fn metrics(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.store.join(".hsm/metrics.json"))
+            .expect("metrics.json written by hsm serve");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn src(&self, rel: &str) -> PathBuf {
+        self.source.join(rel)
+    }
+
+    pub fn at(&self, rel: &str) -> PathBuf {
+        self.view.join(rel)
+    }
+
+    /// The stub itself, by the store's private path (never marked: reading it gives stub bytes).
+    pub fn stub(&self, rel: &str) -> PathBuf {
+        self.store.join("tree").join(rel)
+    }
+
+    /// Write a file of deterministic pseudo-random bytes into the source.
+    pub fn write_source(&self, rel: &str, len: usize, seed: u64) -> Vec<u8> {
+        let data = pattern(len, seed);
+        let p = self.src(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, &data).unwrap();
+        data
+    }
+}
+
+/// Deterministic pseudo-random bytes: never zeros for long, so stub zeros cannot pass as content.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Assert two byte strings are equal, reporting the first difference rather than dumping them.
+#[track_caller]
+pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: {} bytes read, {} expected, first difference at byte {first}",
+        got.len(),
+        want.len()
+    );
+}
+
+/// Skip (pass with a note) when not root: these tests need loop mounts and CAP_SYS_ADMIN.
+pub fn require_root() -> bool {
+    // SAFETY: trivial syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return false;
+    }
+    true
+}
