@@ -14,12 +14,14 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, FetchError};
+use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
 use crate::sys::fs as sysfs;
@@ -49,6 +51,8 @@ type FileKey = (u64, u64);
 
 struct Entry {
     source: SourceRecord,
+    /// One digest per chunk, when populate recorded them.
+    digests: Option<Vec<Digest>>,
     /// A duplicate of the first event's fd: lets the flusher and readahead reach the file.
     file: OwnedFd,
     state: Mutex<EntryState>,
@@ -67,12 +71,28 @@ struct EntryState {
 
 pub struct Engine {
     backend: Arc<dyn Backend>,
+    /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
+    /// deadline: the reader gets EAGAIN after `fetch_timeout`.
+    fetch_tx: crossbeam_channel::Sender<FetchJob>,
+    fetch_timeout: Duration,
+    digest_dir: PathBuf,
     files: Mutex<HashMap<FileKey, Arc<Entry>>>,
     pub metrics: Metrics,
     /// How far ahead of a sequential reader to fetch.
     readahead: u64,
     readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
 }
+
+struct FetchJob {
+    entry: Arc<Entry>,
+    offset: u64,
+    len: usize,
+    reply: crossbeam_channel::Sender<Result<Vec<u8>, FetchError>>,
+}
+
+/// Backend reads in flight at once for one request (each up to a chunk in memory).
+const FETCH_WINDOW: usize = 8;
+const FETCH_THREADS: usize = 32;
 
 struct Readahead {
     entry: Arc<Entry>,
@@ -114,9 +134,37 @@ impl Drop for Claims<'_> {
 }
 
 impl Engine {
-    pub fn new(backend: Arc<dyn Backend>, readahead: u64) -> Engine {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        readahead: u64,
+        fetch_timeout: Duration,
+        digest_dir: PathBuf,
+    ) -> Engine {
+        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
+        for _ in 0..FETCH_THREADS {
+            let rx = fetch_rx.clone();
+            let backend = backend.clone();
+            std::thread::spawn(move || {
+                for job in rx {
+                    let mut buf = vec![0u8; job.len];
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        backend.read_range(&job.entry.source, job.offset, &mut buf)
+                    }));
+                    let res = match res {
+                        Ok(Ok(())) => Ok(buf),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(FetchError::Io(io::Error::other("backend read panicked"))),
+                    };
+                    // The requester may have given up (timeout): then the bytes are dropped.
+                    let _ = job.reply.send(res);
+                }
+            });
+        }
         Engine {
             backend,
+            fetch_tx,
+            fetch_timeout,
+            digest_dir,
             files: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             readahead,
@@ -239,7 +287,12 @@ impl Engine {
                 io::Error::from_raw_os_error(libc::EIO)
             })?,
         };
+        let digests = crate::digest::load_list(&self.digest_dir, &source).map_err(|e| {
+            warn!(file = %fd_path(fd), "digest list unusable, refusing access: {e}");
+            io::Error::from_raw_os_error(libc::EIO)
+        })?;
         let entry = Arc::new(Entry {
+            digests,
             source,
             file: fd.try_clone_to_owned()?,
             state: Mutex::new(EntryState {
@@ -257,7 +310,7 @@ impl Engine {
     /// Make `[start, end)` present, fetching each missing chunk once.
     fn fill(
         &self,
-        entry: &Entry,
+        entry: &Arc<Entry>,
         fd: BorrowedFd<'_>,
         start: u64,
         end: u64,
@@ -273,14 +326,11 @@ impl Engine {
             }
             // Claim every missing piece not already being fetched; wait for the others.
             let mut mine: Vec<(u64, u64, u64)> = Vec::new();
-            let mut waiting = false;
             for (gs, ge) in gaps {
                 let mut c = gs / chunk;
                 while c * chunk < ge {
                     let (ps, pe) = ((c * chunk).max(gs), ((c + 1) * chunk).min(ge));
-                    if s.in_flight.contains(&c) {
-                        waiting = true;
-                    } else {
+                    if !s.in_flight.contains(&c) {
                         s.in_flight.insert(c);
                         mine.push((c, ps, pe));
                     }
@@ -291,50 +341,109 @@ impl Engine {
                 if readahead {
                     return Ok(()); // someone else is on it
                 }
-                debug_assert!(waiting);
-                let (_s, _) = entry
+                let _ = entry
                     .changed
                     .wait_timeout(s, Duration::from_millis(100))
                     .unwrap_or_else(|p| p.into_inner());
                 continue;
             }
             drop(s);
-            let claims = Claims {
+            let _claims = Claims {
                 entry,
                 chunks: mine.iter().map(|m| m.0).collect(),
             };
-            let mut buf = Vec::new();
-            for &(_, ps, pe) in &mine {
-                self.fetch_piece(entry, fd, ps, pe, &mut buf)?;
-                if readahead {
-                    Metrics::add(&self.metrics.readahead_bytes, pe - ps);
+            for window in mine.chunks(FETCH_WINDOW) {
+                let deadline = std::time::Instant::now() + self.fetch_timeout;
+                let replies: Vec<_> = window
+                    .iter()
+                    .map(|&(c, ps, pe)| self.submit(entry, c, ps, pe))
+                    .collect();
+                for (&(c, ps, pe), (reply, fetched_from)) in window.iter().zip(replies) {
+                    let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                    let buf = match reply.recv_timeout(wait) {
+                        Ok(Ok(buf)) => buf,
+                        Ok(Err(e)) => {
+                            warn!(
+                                file = %fd_path(fd),
+                                range = %format!("{ps}..{pe}"),
+                                source = %self.backend.describe(),
+                                "fetch failed: {e}"
+                            );
+                            return Err(e.as_io());
+                        }
+                        Err(_) => {
+                            warn!(
+                                file = %fd_path(fd),
+                                range = %format!("{ps}..{pe}"),
+                                source = %self.backend.describe(),
+                                "fetch timed out after {:?}", self.fetch_timeout
+                            );
+                            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                        }
+                    };
+                    if let Some(digests) = &entry.digests {
+                        let ok = digests
+                            .get(c as usize)
+                            .is_some_and(|d| *d == crate::digest::chunk_digest(&buf));
+                        if !ok {
+                            warn!(
+                                file = %fd_path(fd),
+                                range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
+                                source = %self.backend.describe(),
+                                "fetched bytes do not match the recorded digest; nothing written"
+                            );
+                            return Err(io::Error::from_raw_os_error(libc::EIO));
+                        }
+                    }
+                    let lo = (ps - fetched_from) as usize;
+                    let hi = (pe - fetched_from) as usize;
+                    self.write_piece(entry, fd, ps, pe, &buf[lo..hi])?;
+                    if readahead {
+                        Metrics::add(&self.metrics.readahead_bytes, pe - ps);
+                    }
                 }
             }
-            drop(claims);
         }
     }
 
-    /// Fetch `[ps, pe)` from the backend, write it through `fd`, mark it present.
-    fn fetch_piece(
+    /// Start the backend read for piece `[ps, pe)` of chunk `c`: the whole chunk when it must be
+    /// checked against its digest. Returns where the read starts.
+    fn submit(
+        &self,
+        entry: &Arc<Entry>,
+        c: u64,
+        ps: u64,
+        pe: u64,
+    ) -> (
+        crossbeam_channel::Receiver<Result<Vec<u8>, FetchError>>,
+        u64,
+    ) {
+        let chunk = entry.source.chunk_size as u64;
+        let (from, to) = if entry.digests.is_some() {
+            (c * chunk, ((c + 1) * chunk).min(entry.source.size))
+        } else {
+            (ps, pe)
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        Metrics::add(&self.metrics.backend_reads, 1);
+        let _ = self.fetch_tx.send(FetchJob {
+            entry: entry.clone(),
+            offset: from,
+            len: (to - from) as usize,
+            reply: tx,
+        });
+        (rx, from)
+    }
+
+    /// Write fetched bytes `[ps, pe)` through `fd` and mark them present.
+    fn write_piece(
         &self,
         entry: &Entry,
         fd: BorrowedFd<'_>,
         ps: u64,
         pe: u64,
-        buf: &mut Vec<u8>,
+        buf: &[u8],
     ) -> io::Result<()> {
-        buf.clear();
-        buf.resize((pe - ps) as usize, 0);
-        Metrics::add(&self.metrics.backend_reads, 1);
-        if let Err(e) = self.backend.read_range(&entry.source, ps, buf) {
-            warn!(
-                file = %fd_path(fd),
-                range = %format!("{ps}..{pe}"),
-                source = %self.backend.describe(),
-                "fetch failed: {e}"
-            );
-            return Err(e.as_io());
-        }
         // The file may have been truncated while we fetched: never write past its end.
         let st = sysfs::fstat(fd)?;
         let size = st.st_size as u64;

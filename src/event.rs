@@ -1,60 +1,127 @@
 //! A permission event owned by a value that answers it exactly once.
 //!
 //! The kernel keeps an unanswered permission event pending forever, and allows it (stub zeros!)
-//! when the group dies. So every event read is wrapped at once in a `PendingEvent`: `answer`
-//! consumes it, and if it is dropped unanswered, on an early return, an error or a panic in the
-//! worker, `Drop` denies it with EIO. The response is written before the event's fd is closed, so
-//! the fd number it names cannot have been reused.
+//! when the group dies. So every event is wrapped at once in a `PendingEvent`: `answer` consumes
+//! it, and if it is dropped unanswered (an early return, an error, a panic in a fetch) `Drop`
+//! denies it with EIO. Where the answer goes is the `Respond` implementation: straight to the
+//! fanotify group, or to the supervisor that holds it, falling back to the group if the supervisor
+//! is gone.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use crate::sys::fanotify::{DenyErrno, Group, RawEvent, Verdict};
+use crate::protocol::ReplyMsg;
+use crate::sys::fanotify::{
+    DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, FAN_PRE_ACCESS,
+};
+use crate::sys::ipc;
+
+/// Events the mount mark asks for, and that an ignore mark silences on a complete file.
+pub const MASK: u64 = FAN_PRE_ACCESS | FAN_OPEN_PERM | FAN_OPEN_EXEC_PERM;
+
+/// Which event an answer is for.
+#[derive(Clone, Copy, Debug)]
+pub struct EventId {
+    /// Supervisor-assigned id (0 for events read from the group directly).
+    pub id: u64,
+    /// The event's fd number in the process that read it from the group.
+    pub fd_num: RawFd,
+}
+
+pub trait Respond: Send + Sync {
+    fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool);
+}
+
+/// Answer through the fanotify group itself.
+pub struct GroupResponder(pub Arc<Group>);
+
+impl Respond for GroupResponder {
+    fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
+        respond_to_group(&self.0, ev.fd_num, file, verdict, ignore);
+    }
+}
+
+/// Place the ignore mark (before the answer, so the reader's next access is already silent),
+/// then answer.
+pub fn respond_to_group(
+    group: &Group,
+    fd_num: RawFd,
+    file: BorrowedFd<'_>,
+    verdict: Verdict,
+    ignore: bool,
+) {
+    if ignore {
+        if let Err(e) = group.ignore_inode(file, MASK) {
+            warn!("ignore mark failed: {e}");
+        }
+    }
+    if let Err(e) = group.respond(fd_num, verdict) {
+        // ENOENT: the kernel no longer waits for it (the reader was killed). Nothing to do.
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            warn!("fanotify response failed: {e}");
+        }
+    }
+}
+
+/// Answer through the supervisor; if it is gone, answer the group directly by the supervisor's
+/// fd number (the kernel matches responses by that number, whichever process writes them).
+pub struct SupervisorResponder {
+    pub sock: OwnedFd,
+    pub group: Arc<Group>,
+    pub lost: Mutex<bool>,
+}
+
+impl Respond for SupervisorResponder {
+    fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
+        let msg = ReplyMsg {
+            id: ev.id,
+            verdict,
+            ignore,
+        };
+        if ipc::send(self.sock.as_fd(), &msg.encode(), None).is_ok() {
+            return;
+        }
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        respond_to_group(&self.group, ev.fd_num, file, verdict, ignore);
+    }
+}
 
 pub struct PendingEvent {
-    group: Arc<Group>,
     fd: OwnedFd,
-    raw_fd: RawFd,
+    pub id: EventId,
     pub mask: u64,
     pub pid: i32,
     pub range: Option<(u64, u64)>,
+    responder: Arc<dyn Respond>,
     answered: bool,
 }
 
 impl PendingEvent {
-    /// Take ownership of a freshly read event. `raw.fd` must be a valid fd installed by the kernel
-    /// for this process and owned by nobody else.
-    pub fn new(group: Arc<Group>, raw: RawEvent) -> Option<PendingEvent> {
-        if raw.fd < 0 {
-            return None;
-        }
-        // SAFETY: the kernel installed this fd for us; the caller hands over its ownership.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw.fd) };
-        Some(PendingEvent {
-            group,
+    pub fn new(
+        fd: OwnedFd,
+        id: EventId,
+        mask: u64,
+        pid: i32,
+        range: Option<(u64, u64)>,
+        responder: Arc<dyn Respond>,
+    ) -> PendingEvent {
+        PendingEvent {
             fd,
-            raw_fd: raw.fd,
-            mask: raw.mask,
-            pid: raw.pid,
-            range: raw.range,
+            id,
+            mask,
+            pid,
+            range,
+            responder,
             answered: false,
-        })
-    }
-
-    pub fn answer(mut self, verdict: Verdict) {
-        self.respond(verdict);
-    }
-
-    fn respond(&mut self, verdict: Verdict) {
-        self.answered = true;
-        if let Err(e) = self.group.respond(self.raw_fd, verdict) {
-            // ENOENT: the kernel no longer waits for it (the reader was killed). Nothing to do.
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                warn!("fanotify response failed: {e}");
-            }
         }
+    }
+
+    pub fn answer(mut self, verdict: Verdict, ignore: bool) {
+        self.answered = true;
+        self.responder
+            .respond(self.id, self.fd.as_fd(), verdict, ignore);
     }
 }
 
@@ -67,7 +134,13 @@ impl AsFd for PendingEvent {
 impl Drop for PendingEvent {
     fn drop(&mut self) {
         if !self.answered {
-            self.respond(Verdict::Deny(DenyErrno::Io));
+            self.answered = true;
+            self.responder.respond(
+                self.id,
+                self.fd.as_fd(),
+                Verdict::Deny(DenyErrno::Io),
+                false,
+            );
         }
     }
 }

@@ -6,18 +6,26 @@
 //! - [`store`]: the store's layout and configuration.
 //! - [`backend`]: where content lives.
 //! - [`engine`]: fetching missing ranges into stubs, once, and remembering them.
-//! - [`event`], [`daemon`]: owning and answering events; the `serve` service.
+//! - [`event`]: owning and answering events exactly once.
+//! - [`supervisor`], [`worker`], [`protocol`]: `hsm serve`, split so that a fetch can crash
+//!   without losing or mis-answering an event.
 //! - [`populate`], [`status`], [`demo`]: the other commands.
+//! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
 
 pub mod backend;
-pub mod daemon;
 pub mod demo;
+pub mod digest;
 pub mod engine;
 pub mod event;
+pub mod manifest;
 pub mod metrics;
 pub mod populate;
+pub mod protocol;
 pub mod ranges;
 pub mod record;
 pub mod status;
 pub mod store;
+pub mod supervisor;
 pub mod sys;
+pub mod verify;
+pub mod worker;

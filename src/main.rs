@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use hsm::daemon::ServeOptions;
 use hsm::populate::PopulateOptions;
+use hsm::supervisor::ServeOptions;
+use hsm::worker::WorkerOptions;
 
 #[derive(Parser)]
 #[command(
@@ -22,7 +23,7 @@ struct Cli {
 enum Command {
     /// Build a stub tree in STORE that mirrors SOURCE, recording where each file's content lives.
     Populate {
-        /// A local directory, as a path or a file:// URL.
+        /// A local directory (path or file:// URL), s3://BUCKET/PREFIX, or http(s)://HOST/BASE/.
         source: String,
         /// The store directory (on ext4, xfs or btrfs); created if missing.
         store: PathBuf,
@@ -39,6 +40,29 @@ enum Command {
         /// Worker threads (default: number of CPUs).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Record a BLAKE3 digest per chunk, checked on every fetch (reads every source file once).
+        #[arg(long)]
+        digests: bool,
+        /// Remote sources: a manifest, as a path or an http(s) URL. HTTP default:
+        /// SOURCE/.hsm-manifest.jsonl; S3: optional, adds modes, owners and times to listed keys.
+        #[arg(long)]
+        manifest: Option<String>,
+        /// s3:// sources: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// s3:// sources: the region (default: AWS_REGION, else us-east-1).
+        #[arg(long)]
+        region: Option<String>,
+        /// Remote sources: seconds one read may take, retries included, before EIO (default 30).
+        #[arg(long)]
+        fetch_deadline: Option<f64>,
+    },
+    /// Print a manifest of the tree at DIR (JSON lines) for serving DIR over HTTP(S).
+    Manifest {
+        dir: PathBuf,
+        /// Also record each file's BLAKE3 digest (reads every file).
+        #[arg(long)]
+        digest: bool,
     },
     /// Expose STORE's tree at MOUNTPOINT and fetch content on access, until SIGINT or SIGTERM.
     Serve {
@@ -50,9 +74,28 @@ enum Command {
         /// Bytes fetched ahead of a sequential reader.
         #[arg(long, default_value_t = 8 << 20)]
         readahead: u64,
+        /// Seconds a backend read may take before the access fails with EAGAIN.
+        #[arg(long, default_value_t = 30.0)]
+        fetch_timeout: f64,
         /// Seconds to keep serving already-open files after a stop is asked for.
         #[arg(long, default_value_t = 2.0)]
         drain: f64,
+    },
+    /// The fetching process of `hsm serve` (started by it, not by hand).
+    #[command(hide = true)]
+    ServeWorker {
+        store: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        readahead: u64,
+        #[arg(long)]
+        fetch_timeout: f64,
+        #[arg(long)]
+        drain: f64,
+        #[arg(long)]
+        continue_metrics: bool,
     },
     /// Show how much of each file is present: stub, partial, complete, modified.
     Status {
@@ -62,11 +105,26 @@ enum Command {
         json: bool,
     },
     /// Show the whole thing working on a throw-away loop-mounted filesystem.
+    /// Check the present chunks of stubs against the digests recorded by `populate --digests`.
+    Verify {
+        paths: Vec<PathBuf>,
+        /// The store (needed for paths under a mount point).
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
     Demo {
         /// Filesystem for the demo image.
         #[arg(long, default_value = "xfs")]
         fs: String,
     },
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(if s.is_finite() {
+        s.clamp(0.0, 86_400.0)
+    } else {
+        0.0
+    })
 }
 
 fn main() -> ExitCode {
@@ -86,6 +144,11 @@ fn main() -> ExitCode {
             whole_below,
             lazy_sparse,
             jobs,
+            digests,
+            manifest,
+            endpoint,
+            region,
+            fetch_deadline,
         } => hsm::populate::populate(
             &source,
             &store,
@@ -93,28 +156,55 @@ fn main() -> ExitCode {
                 chunk_size,
                 whole_below,
                 lazy_sparse,
+                digests,
                 jobs: jobs
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                manifest,
+                endpoint,
+                region,
+                deadline: fetch_deadline,
             },
         )
         .map(|_| ()),
+        Command::Manifest { dir, digest } => hsm::manifest::run(&dir, digest),
         Command::Serve {
             store,
             mountpoint,
             workers,
             readahead,
+            fetch_timeout,
             drain,
-        } => hsm::daemon::serve(
+        } => {
+            let mut opts = ServeOptions::default();
+            opts.worker.threads = workers;
+            opts.worker.readahead = readahead;
+            opts.worker.fetch_timeout = secs(fetch_timeout);
+            opts.worker.drain = secs(drain);
+            opts.event_deadline = opts.worker.fetch_timeout + Duration::from_secs(15);
+            hsm::supervisor::serve(&store, &mountpoint, opts)
+        }
+        Command::ServeWorker {
+            store,
+            mountpoint,
+            threads,
+            readahead,
+            fetch_timeout,
+            drain,
+            continue_metrics,
+        } => hsm::worker::run(
             &store,
             &mountpoint,
-            ServeOptions {
-                workers,
+            WorkerOptions {
+                threads,
                 readahead,
-                drain: Duration::from_secs_f64(drain.max(0.0)),
-                ..ServeOptions::default()
+                fetch_timeout: secs(fetch_timeout),
+                flush_interval: Duration::from_millis(500),
+                drain: secs(drain),
+                continue_metrics,
             },
         ),
         Command::Status { paths, json } => hsm::status::run(&paths, json),
+        Command::Verify { paths, store } => hsm::verify::run(&paths, store.as_deref()),
         Command::Demo { fs } => hsm::demo::run(&fs),
     };
     match result {

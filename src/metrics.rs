@@ -17,6 +17,10 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Snapshot {
                 Snapshot { $($name: self.$name.load(Relaxed),)* }
             }
+
+            fn counter(&self, name: &str) -> Option<&AtomicU64> {
+                match name { $(stringify!($name) => Some(&self.$name),)* _ => None }
+            }
         }
     };
 }
@@ -32,9 +36,39 @@ counters! {
     files_completed: "Files that became complete while the daemon ran.",
     ignore_marks: "Ignore marks placed on complete or unmanaged files.",
     records_written: "State records persisted.",
+    worker_starts: "Worker processes started (more than one: a worker died and was replaced).",
 }
 
 impl Metrics {
+    /// Write the counters as JSON, atomically (write then rename).
+    pub fn write(&self, path: &std::path::Path) {
+        let tmp = path.with_extension("json.tmp");
+        if let Ok(body) = serde_json::to_vec_pretty(&self.snapshot()) {
+            if std::fs::write(&tmp, body).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+
+    /// Continue from counters written by a previous worker of the same daemon.
+    pub fn restore(&self, path: &std::path::Path) {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return;
+        };
+        let Some(map) = old.as_object() else { return };
+        let current = serde_json::to_value(self.snapshot()).unwrap_or_default();
+        if let Some(cur) = current.as_object() {
+            for name in cur.keys() {
+                if let Some(v) = map.get(name).and_then(|v| v.as_u64()) {
+                    self.counter(name).map(|c| c.fetch_add(v, Relaxed));
+                }
+            }
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }

@@ -25,16 +25,26 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::backend::local::path_from_url;
+use crate::backend::{scheme_of, Scheme};
 use crate::record::{SourceRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
 use crate::store::{clone_zeros, Store, StoreConfig};
 use crate::sys::fs::{self as sysfs, FsKind};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PopulateOptions {
     pub chunk_size: u32,
     pub whole_below: u64,
     pub lazy_sparse: bool,
     pub jobs: usize,
+    /// Record a BLAKE3 digest per chunk (reads every source file once).
+    pub digests: bool,
+    /// Remote sources: a manifest (local path or http(s) URL); see [`crate::manifest`].
+    pub manifest: Option<String>,
+    /// S3: the endpoint URL and region (recorded in the store's source URL).
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Remote sources: seconds one read may take, retries included (recorded in the source URL).
+    pub deadline: Option<f64>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -51,6 +61,9 @@ pub struct PopulateReport {
     /// Sockets, FIFOs and device nodes: not reproduced (a device node in a tree exposed to users
     /// would be a way around their permissions), listed here.
     pub skipped_special: Vec<String>,
+    /// Remote sources: keys or manifest paths that cannot be made into paths under the store
+    /// (`..`, `.`, empty components, NUL, names over 255 bytes), with the reason; not stubbed.
+    pub skipped_keys: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -72,6 +85,8 @@ type LinkCell = Arc<OnceLock<Option<Vec<u8>>>>;
 
 struct Walk<'a> {
     opts: &'a PopulateOptions,
+    /// Where digest lists go, when `--digests` asked for them.
+    digest_dir: Option<std::path::PathBuf>,
     fs: FsKind,
     tree: OwnedFd,
     pool: Option<File>,
@@ -80,6 +95,23 @@ struct Walk<'a> {
     skipped: Mutex<Vec<String>>,
     errors: Mutex<Vec<String>>,
     progress: ProgressBar,
+}
+
+/// BLAKE3 of each `chunk`-sized piece of the file's first `size` bytes.
+fn chunk_digests(fd: BorrowedFd<'_>, size: u64, chunk: u32) -> anyhow::Result<Vec<[u8; 32]>> {
+    let mut buf = vec![0u8; chunk as usize];
+    let mut out = Vec::with_capacity(size.div_ceil(chunk as u64) as usize);
+    let mut off = 0;
+    while off < size {
+        let len = (size - off).min(chunk as u64) as usize;
+        let n = sysfs::pread_full(fd, &mut buf[..len], off)?;
+        if n != len {
+            bail!("the source file shrank while it was read");
+        }
+        out.push(crate::digest::chunk_digest(&buf[..len]));
+        off += len as u64;
+    }
+    Ok(out)
 }
 
 fn display(rel: &[u8]) -> String {
@@ -98,6 +130,34 @@ fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
+/// What a stub, directory or symlink looks like, whichever kind of source it came from.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Meta {
+    pub size: u64,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: sysfs::Timespec,
+    pub mtime: sysfs::Timespec,
+    /// The source's identity for the object (ETag), recorded in its SourceRecord.
+    pub version: Option<String>,
+}
+
+impl Meta {
+    fn of(st: &libc::stat) -> Meta {
+        Meta {
+            size: st.st_size as u64,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            version: None,
+        }
+    }
+}
+
 fn open_dir(dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
     sysfs::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
 }
@@ -109,6 +169,9 @@ pub fn populate(
 ) -> anyhow::Result<PopulateReport> {
     if opts.chunk_size == 0 || opts.chunk_size % 4096 != 0 {
         bail!("--chunk-size must be a positive multiple of 4096");
+    }
+    if scheme_of(source) != Scheme::Local {
+        return remote::populate(source, store_root, opts);
     }
     let src_path = path_from_url(source)?;
     let src_path = src_path.canonicalize().with_context(|| {
@@ -163,6 +226,7 @@ pub fn populate(
     );
     let walk = Walk {
         opts,
+        digest_dir: opts.digests.then(|| store.digest_dir()),
         fs,
         tree: tree.try_clone()?,
         pool: if fs.reflinks() {
@@ -182,7 +246,7 @@ pub fn populate(
         .build()?;
     pool.install(|| walk.dir(src_root.as_fd(), tree.as_fd(), b""));
     let root_st = sysfs::fstat(src_root.as_fd())?;
-    walk.set_meta(tree.as_fd(), None, &root_st, b".");
+    walk.set_meta(tree.as_fd(), None, &Meta::of(&root_st), b".");
     walk.progress.finish_and_clear();
 
     let c = &walk.counters;
@@ -199,6 +263,7 @@ pub fn populate(
         skipped_special: std::mem::take(
             &mut *walk.skipped.lock().unwrap_or_else(|p| p.into_inner()),
         ),
+        skipped_keys: Vec::new(),
         errors: std::mem::take(&mut *walk.errors.lock().unwrap_or_else(|p| p.into_inner())),
     };
     print_report(&report);
@@ -251,6 +316,15 @@ fn print_report(r: &PopulateReport) {
             r.skipped_special.len()
         );
         for p in r.skipped_special.iter().take(20) {
+            eprintln!("  {p}");
+        }
+    }
+    if !r.skipped_keys.is_empty() {
+        eprintln!(
+            "skipped {} source keys that cannot be paths under the store:",
+            r.skipped_keys.len()
+        );
+        for p in r.skipped_keys.iter().take(50) {
             eprintln!("  {p}");
         }
     }
@@ -348,29 +422,18 @@ impl Walk<'_> {
             self.counters.dirs.fetch_add(1, Relaxed);
             self.dir(s.as_fd(), d.as_fd(), &path);
             // After the children: creating them moved the directory's mtime.
-            self.set_meta(d.as_fd(), None, &st, &path);
+            self.set_meta(d.as_fd(), None, &Meta::of(&st), &path);
         });
     }
 
     /// Owner, mode, times. Owner first: chown clears set-id bits.
-    fn set_meta(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: Option<&std::ffi::CStr>,
-        st: &libc::stat,
-        rel: &[u8],
-    ) {
+    fn set_meta(&self, dir: BorrowedFd<'_>, name: Option<&std::ffi::CStr>, m: &Meta, rel: &[u8]) {
         let res = (|| -> std::io::Result<()> {
-            sysfs::chown(dir, name, st.st_uid, st.st_gid)?;
+            sysfs::chown(dir, name, m.uid, m.gid)?;
             if name.is_none() {
-                sysfs::fchmod(dir, st.st_mode & 0o7777)?;
+                sysfs::fchmod(dir, m.mode & 0o7777)?;
             }
-            sysfs::set_times(
-                dir,
-                name,
-                (st.st_atime, st.st_atime_nsec),
-                (st.st_mtime, st.st_mtime_nsec),
-            )
+            sysfs::set_times(dir, name, m.atime, m.mtime)
         })();
         if let Err(e) = res {
             self.error(rel, format!("cannot set owner, mode or times: {e}"));
@@ -399,7 +462,7 @@ impl Walk<'_> {
             }
             Err(e) => return Err(e.into()),
         }
-        self.set_meta(dst, Some(name), st, rel);
+        self.set_meta(dst, Some(name), &Meta::of(st), rel);
         self.counters.symlinks.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -423,7 +486,7 @@ impl Walk<'_> {
             let mut made_here = false;
             let first = cell.get_or_init(|| {
                 made_here = true;
-                match self.stub(dst, name, rel, st) {
+                match self.stub_local(src, dst, name, rel, st) {
                     Ok(()) => Some(rel.to_vec()),
                     Err(e) => {
                         self.error(rel, format!("{e:#}"));
@@ -447,20 +510,52 @@ impl Walk<'_> {
                 Err(e) => return Err(e.into()),
             }
             self.counters.hard_links.fetch_add(1, Relaxed);
-            let _ = src;
             return Ok(());
         }
-        self.stub(dst, name, rel, st)
+        self.stub_local(src, dst, name, rel, st)
     }
 
+    /// Make the stub `name` in `dst` for the source object `rel`, or keep the one already there.
     fn stub(
         &self,
         dst: BorrowedFd<'_>,
         name: &std::ffi::CStr,
         rel: &[u8],
+        m: &Meta,
+    ) -> anyhow::Result<()> {
+        self.stub_with(dst, name, rel, m, None)
+    }
+
+    /// A local source file: with `--digests`, read it once to record a digest per chunk.
+    fn stub_local(
+        &self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        rel: &[u8],
         st: &libc::stat,
     ) -> anyhow::Result<()> {
-        let size = st.st_size as u64;
+        let digests = match &self.digest_dir {
+            Some(dir) if st.st_size > 0 => {
+                let f = sysfs::openat(src, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+                let list = chunk_digests(f.as_fd(), st.st_size as u64, self.opts.chunk_size)
+                    .context("cannot read the source file to digest it")?;
+                Some(crate::digest::write_list(dir, &list)?)
+            }
+            _ => None,
+        };
+        self.stub_with(dst, name, rel, &Meta::of(st), digests)
+    }
+
+    fn stub_with(
+        &self,
+        dst: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        rel: &[u8],
+        m: &Meta,
+        digests: Option<[u8; 32]>,
+    ) -> anyhow::Result<()> {
+        let size = m.size;
         let kind = if self.fs.reflinks() && size >= self.opts.whole_below {
             StubKind::Cloned
         } else if self.opts.lazy_sparse && !self.fs.reflinks() {
@@ -471,10 +566,11 @@ impl Walk<'_> {
         let record = SourceRecord {
             key: rel.to_vec(),
             size,
-            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
-            version: None,
+            mtime: (m.mtime.0, m.mtime.1 as u32),
+            version: m.version.clone(),
             chunk_size: self.opts.chunk_size,
             kind,
+            digests,
         };
         let create = || {
             sysfs::openat(
@@ -512,14 +608,9 @@ impl Walk<'_> {
         }
         sysfs::fsetxattr(file.as_fd(), XATTR_SOURCE, &record.encode())
             .context("cannot write the stub's record (trusted.* xattrs need root)")?;
-        sysfs::chown(file.as_fd(), None, st.st_uid, st.st_gid)?;
-        sysfs::fchmod(file.as_fd(), st.st_mode & 0o7777)?;
-        sysfs::set_times(
-            file.as_fd(),
-            None,
-            (st.st_atime, st.st_atime_nsec),
-            (st.st_mtime, st.st_mtime_nsec),
-        )?;
+        sysfs::chown(file.as_fd(), None, m.uid, m.gid)?;
+        sysfs::fchmod(file.as_fd(), m.mode & 0o7777)?;
+        sysfs::set_times(file.as_fd(), None, m.atime, m.mtime)?;
         self.counters.files.fetch_add(1, Relaxed);
         self.counters.bytes.fetch_add(size, Relaxed);
         Ok(())
@@ -540,7 +631,11 @@ impl Walk<'_> {
             bail!("refusing to overwrite a file in STORE that is not an hsm stub");
         };
         let have = SourceRecord::decode(&raw).context("existing stub has a corrupt record")?;
-        if have.key == want.key && have.size == want.size && have.mtime == want.mtime {
+        if have.key == want.key
+            && have.size == want.size
+            && have.mtime == want.mtime
+            && have.version == want.version
+        {
             return Ok(false);
         }
         if sysfs::fgetxattr(fd.as_fd(), XATTR_STATE)?.is_some() {
@@ -549,5 +644,514 @@ impl Walk<'_> {
         drop(fd);
         sysfs::unlinkat(dst, name)?;
         Ok(true)
+    }
+}
+
+/// Populate from a remote source: an S3 prefix (listed) or an HTTP(S) base (a manifest). The
+/// whole plan is made and checked first (credentials, listing, HEADs), then the store is created
+/// and the tree built under it; every name is created relative to a directory opened beneath the
+/// tree with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so no key can write outside it.
+mod remote {
+    use std::collections::BTreeMap;
+    use std::ffi::CString;
+    use std::fs::File;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::path::Path;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Mutex;
+
+    use anyhow::{bail, Context};
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use rayon::prelude::*;
+
+    use super::{method_line, print_report, Counters, Meta, PopulateOptions, PopulateReport, Walk};
+    use crate::backend::http::{HttpBackend, HttpUrl};
+    use crate::backend::object::{self, LAST_MODIFIED_PREFIX};
+    use crate::backend::s3::{S3Backend, S3Url};
+    use crate::backend::{scheme_of, FetchError, Scheme};
+    use crate::manifest::{self, EntryType};
+    use crate::store::{Store, StoreConfig};
+    use crate::sys::fs::{self as sysfs, FsKind};
+
+    const FILE_MODE: u32 = 0o644;
+    const DIR_MODE: u32 = 0o755;
+    const MANIFEST_LIMIT: u64 = 1 << 30;
+
+    enum Node {
+        Dir(Meta),
+        File(Meta),
+        Symlink(String, Meta),
+    }
+
+    /// What will be made, by relative path, plus what was refused and why.
+    #[derive(Default)]
+    struct Plan {
+        nodes: BTreeMap<String, Node>,
+        skipped: Vec<String>,
+        errors: Vec<String>,
+    }
+
+    fn default_meta(mode: u32) -> Meta {
+        Meta {
+            mode,
+            ..Meta::default()
+        }
+    }
+
+    fn load_manifest(
+        spec: &str,
+        http: Option<&HttpBackend>,
+        jobs_deadline: Option<f64>,
+    ) -> anyhow::Result<Vec<manifest::Entry>> {
+        let bytes = if scheme_of(spec) == Scheme::Http {
+            let u = url::Url::parse(spec).with_context(|| format!("{spec:?} is not a URL"))?;
+            let name = u
+                .path_segments()
+                .and_then(|mut s| s.next_back())
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    percent_encoding::percent_decode_str(n)
+                        .decode_utf8_lossy()
+                        .into_owned()
+                })
+                .with_context(|| format!("manifest URL {spec:?} names no file"))?;
+            let mut dir = u.clone();
+            dir.path_segments_mut()
+                .map_err(|_| anyhow::anyhow!("manifest URL {spec:?} has no path"))?
+                .pop();
+            dir.set_fragment(None);
+            let mut hu = HttpUrl::parse(dir.as_str())?;
+            hu.deadline = jobs_deadline.map(std::time::Duration::from_secs_f64);
+            HttpBackend::open(hu)?.get_small(&name, MANIFEST_LIMIT)?
+        } else if let (Some(h), "") = (http, spec) {
+            h.get_small(manifest::DEFAULT_NAME, MANIFEST_LIMIT)?
+        } else {
+            std::fs::read(spec).with_context(|| format!("cannot read the manifest {spec}"))?
+        };
+        let text = String::from_utf8(bytes).context("the manifest is not UTF-8")?;
+        manifest::parse(&text)
+    }
+
+    fn entry_meta(e: &manifest::Entry, default_mode: u32) -> Meta {
+        Meta {
+            size: e.size.unwrap_or(0),
+            mode: e.mode.unwrap_or(default_mode) & 0o7777,
+            uid: e.uid.unwrap_or(0),
+            gid: e.gid.unwrap_or(0),
+            atime: (e.mtime, e.mtime_nsec as i64),
+            mtime: (e.mtime, e.mtime_nsec as i64),
+            version: None,
+        }
+    }
+
+    fn plan_s3(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
+        let mut url = S3Url::parse(source)?;
+        if let Some(e) = &opts.endpoint {
+            url.endpoint = Some(e.trim_end_matches('/').to_string());
+        }
+        if let Some(r) = &opts.region {
+            url.region = Some(r.clone());
+        }
+        if let Some(d) = opts.deadline {
+            url.deadline = Some(object::parse_deadline(&d.to_string())?);
+        }
+        // Re-parse the canonical form so that flags get the URL's own validation.
+        let url = S3Url::parse(&url.to_url())?;
+        let backend = S3Backend::open(url)?;
+        eprintln!("listing {}", crate::backend::Backend::describe(&backend));
+        let listed = backend.list()?;
+        let mut plan = Plan::default();
+        for o in listed {
+            if let Some(dir) = o.key.strip_suffix('/') {
+                // A directory marker (what consoles make for "folders").
+                if o.size != 0 {
+                    plan.skipped.push(format!(
+                        "{:?}: a key ending in '/' with content ({} bytes)",
+                        o.key, o.size
+                    ));
+                } else if dir.is_empty() {
+                } else if let Some(why) = manifest::path_problem(dir) {
+                    plan.skipped.push(format!("{:?}: {why}", o.key));
+                } else {
+                    let mut m = default_meta(DIR_MODE);
+                    m.mtime = (o.mtime.0, o.mtime.1 as i64);
+                    m.atime = m.mtime;
+                    plan.nodes.insert(dir.to_string(), Node::Dir(m));
+                }
+                continue;
+            }
+            if let Some(why) = manifest::path_problem(&o.key) {
+                plan.skipped.push(format!("{:?}: {why}", o.key));
+                continue;
+            }
+            let mtime = (o.mtime.0, o.mtime.1 as i64);
+            plan.nodes.insert(
+                o.key.clone(),
+                Node::File(Meta {
+                    size: o.size,
+                    mode: FILE_MODE,
+                    uid: 0,
+                    gid: 0,
+                    atime: mtime,
+                    mtime,
+                    version: o.etag.clone(),
+                }),
+            );
+        }
+        if let Some(spec) = &opts.manifest {
+            for e in load_manifest(spec, None, opts.deadline)? {
+                if let Some(why) = manifest::path_problem(&e.path) {
+                    plan.skipped.push(format!("manifest {:?}: {why}", e.path));
+                    continue;
+                }
+                match (e.kind, plan.nodes.get_mut(&e.path)) {
+                    (EntryType::File, Some(Node::File(m))) => {
+                        if e.size != Some(m.size) {
+                            plan.errors.push(format!(
+                                "{}: the manifest says {} bytes, the bucket has {}; not stubbed",
+                                e.path,
+                                e.size.unwrap_or(0),
+                                m.size
+                            ));
+                            plan.nodes.remove(&e.path);
+                            continue;
+                        }
+                        let n = entry_meta(&e, FILE_MODE);
+                        m.mode = n.mode;
+                        m.uid = n.uid;
+                        m.gid = n.gid;
+                        m.mtime = n.mtime;
+                        m.atime = n.atime;
+                    }
+                    (EntryType::File, _) => plan.errors.push(format!(
+                        "{}: in the manifest but not a file in the bucket; not stubbed",
+                        e.path
+                    )),
+                    (EntryType::Dir, _) => {
+                        plan.nodes
+                            .insert(e.path.clone(), Node::Dir(entry_meta(&e, DIR_MODE)));
+                    }
+                    (EntryType::Symlink, _) => {
+                        let target = e.target.clone().unwrap_or_default();
+                        plan.nodes
+                            .insert(e.path.clone(), Node::Symlink(target, entry_meta(&e, 0o777)));
+                    }
+                }
+            }
+        }
+        Ok((backend.url.to_url(), plan))
+    }
+
+    fn plan_http(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
+        if opts.endpoint.is_some() || opts.region.is_some() {
+            bail!("--endpoint and --region are for s3:// sources");
+        }
+        let mut url = HttpUrl::parse(source)?;
+        if let Some(d) = opts.deadline {
+            url.deadline = Some(object::parse_deadline(&d.to_string())?);
+        }
+        let backend = HttpBackend::open(url)?;
+        let spec = opts.manifest.clone().unwrap_or_default();
+        eprintln!(
+            "reading the manifest {}",
+            if spec.is_empty() {
+                backend.url.join(manifest::DEFAULT_NAME)
+            } else {
+                spec.clone()
+            }
+        );
+        let entries = load_manifest(&spec, Some(&backend), opts.deadline)?;
+        let mut plan = Plan::default();
+        let mut files = Vec::new();
+        for e in entries {
+            if let Some(why) = manifest::path_problem(&e.path) {
+                plan.skipped.push(format!("manifest {:?}: {why}", e.path));
+                continue;
+            }
+            match e.kind {
+                EntryType::Dir => {
+                    plan.nodes
+                        .insert(e.path.clone(), Node::Dir(entry_meta(&e, DIR_MODE)));
+                }
+                EntryType::Symlink => {
+                    let target = e.target.clone().unwrap_or_default();
+                    plan.nodes
+                        .insert(e.path.clone(), Node::Symlink(target, entry_meta(&e, 0o777)));
+                }
+                EntryType::File => files.push(e),
+            }
+        }
+        eprintln!("checking {} files on the server (HEAD)", files.len());
+        let paths: Vec<String> = files.iter().map(|e| e.path.clone()).collect();
+        let heads = backend.head_all(&paths, opts.jobs.max(1) * 8);
+        let mut unversioned = 0u64;
+        for (e, head) in files.into_iter().zip(heads) {
+            let mut m = entry_meta(&e, FILE_MODE);
+            match head {
+                Ok(h) if h.size != m.size => plan.errors.push(format!(
+                    "{}: the manifest says {} bytes, the server has {}; not stubbed",
+                    e.path, m.size, h.size
+                )),
+                Ok(h) => {
+                    m.version = match (h.e_tag, h.last_modified.timestamp()) {
+                        (Some(tag), _) => Some(tag),
+                        (None, secs) if secs > 0 => Some(format!("{LAST_MODIFIED_PREFIX}{secs}")),
+                        _ => {
+                            unversioned += 1;
+                            None
+                        }
+                    };
+                    plan.nodes.insert(e.path.clone(), Node::File(m));
+                }
+                Err(FetchError::NotFound) => plan.errors.push(format!(
+                    "{}: in the manifest but not on the server (404); not stubbed",
+                    e.path
+                )),
+                Err(err) => plan.errors.push(format!("{}: HEAD failed: {err}", e.path)),
+            }
+        }
+        if unversioned > 0 {
+            eprintln!(
+                "warning: the server sent neither ETag nor Last-Modified for {unversioned} files: \
+                 if one is replaced by another of the same size, reads cannot tell"
+            );
+        }
+        Ok((backend.url.to_url(), plan))
+    }
+
+    /// Every ancestor directory exists in the plan; a file or symlink where a directory is
+    /// needed is refused.
+    /// Directories the source does not describe get mode 0755, root, and the newest mtime
+    /// found beneath them.
+    fn complete(plan: &mut Plan) {
+        let mut needed: BTreeMap<String, sysfs::Timespec> = BTreeMap::new();
+        for (path, node) in &plan.nodes {
+            let (Node::Dir(m) | Node::File(m) | Node::Symlink(_, m)) = node;
+            let mut p = path.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                let t = needed.entry(parent.to_string()).or_insert((0, 0));
+                *t = (*t).max(m.mtime);
+                p = parent;
+            }
+        }
+        for (d, newest) in needed {
+            let implicit = Meta {
+                atime: newest,
+                mtime: newest,
+                ..default_meta(DIR_MODE)
+            };
+            match plan.nodes.get(&d) {
+                Some(Node::Dir(_)) => {}
+                Some(_) => {
+                    plan.skipped.push(format!(
+                        "{d:?}: is both an object and a directory of other objects; the directory wins"
+                    ));
+                    plan.nodes.insert(d, Node::Dir(implicit));
+                }
+                None => {
+                    plan.nodes.insert(d, Node::Dir(implicit));
+                }
+            }
+        }
+    }
+
+    fn split(rel: &str) -> (&str, &str) {
+        rel.rsplit_once('/').unwrap_or(("", rel))
+    }
+
+    fn open_parent(tree: &OwnedFd, parent: &str) -> std::io::Result<OwnedFd> {
+        sysfs::open_beneath(
+            tree.as_fd(),
+            parent.as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )
+    }
+
+    pub(super) fn populate(
+        source: &str,
+        store_root: &Path,
+        opts: &PopulateOptions,
+    ) -> anyhow::Result<PopulateReport> {
+        let (url, mut plan) = match scheme_of(source) {
+            Scheme::S3 => plan_s3(source, opts)?,
+            Scheme::Http => plan_http(source, opts)?,
+            Scheme::Local => unreachable!("local sources are populated by the walk"),
+        };
+        if opts.manifest.is_some() && scheme_of(source) == Scheme::Local {
+            bail!("--manifest is for remote sources");
+        }
+        complete(&mut plan);
+        let store = Store::create(
+            store_root,
+            StoreConfig {
+                version: 1,
+                source: url,
+                fs: FsKind::Other(0),
+                chunk_size: opts.chunk_size,
+                whole_below: opts.whole_below,
+                lazy_sparse: opts.lazy_sparse,
+            },
+        )?;
+        let fs = store.config.fs;
+        eprintln!("{}", method_line(&store.config));
+        let tree: OwnedFd = File::open(store.tree())
+            .with_context(|| format!("cannot open {}", store.tree().display()))?
+            .into();
+        let progress = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        progress.set_style(
+            ProgressStyle::with_template("{spinner} {human_pos} entries ({per_sec}) {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let walk = Walk {
+            opts,
+            digest_dir: None,
+            fs,
+            tree: tree.try_clone()?,
+            pool: if fs.reflinks() {
+                Some(store.zero_pool()?)
+            } else {
+                None
+            },
+            counters: Counters::default(),
+            links: Mutex::new(Default::default()),
+            skipped: Mutex::new(Vec::new()),
+            errors: Mutex::new(std::mem::take(&mut plan.errors)),
+            progress,
+        };
+        // Directories, parents first (a parent's path sorts before its children's).
+        let mut failed_dirs: Vec<String> = Vec::new();
+        for (rel, node) in &plan.nodes {
+            let Node::Dir(_) = node else { continue };
+            if failed_dirs
+                .iter()
+                .any(|f| rel.starts_with(&format!("{f}/")))
+            {
+                continue;
+            }
+            let (parent, name) = split(rel);
+            let res = (|| -> anyhow::Result<()> {
+                let pfd = open_parent(&tree, parent)?;
+                let cname = CString::new(name)?;
+                match sysfs::mkdirat(pfd.as_fd(), &cname, 0o700) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        let st = sysfs::lstatat(pfd.as_fd(), &cname)?;
+                        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                            bail!("refusing to replace an existing non-directory in STORE");
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(())
+            })();
+            walk.progress.inc(1);
+            match res {
+                Ok(()) => {
+                    walk.counters.dirs.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    walk.error(rel.as_bytes(), format!("{e:#}"));
+                    failed_dirs.push(rel.clone());
+                }
+            }
+        }
+        // Files and symlinks, one directory at a time, directories in parallel.
+        let mut by_dir: BTreeMap<&str, Vec<(&str, &Node)>> = BTreeMap::new();
+        for (rel, node) in &plan.nodes {
+            if matches!(node, Node::Dir(_))
+                || failed_dirs
+                    .iter()
+                    .any(|f| rel.starts_with(&format!("{f}/")))
+            {
+                continue;
+            }
+            by_dir
+                .entry(split(rel).0)
+                .or_default()
+                .push((rel.as_str(), node));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.jobs.max(1))
+            .build()?;
+        pool.install(|| {
+            by_dir.into_par_iter().for_each(|(parent, entries)| {
+                let pfd = match open_parent(&tree, parent) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        return walk.error(parent.as_bytes(), format!("cannot open directory: {e}"))
+                    }
+                };
+                for (rel, node) in entries {
+                    walk.progress.inc(1);
+                    let res = (|| -> anyhow::Result<()> {
+                        let cname = CString::new(split(rel).1)?;
+                        match node {
+                            Node::File(m) => walk.stub(pfd.as_fd(), &cname, rel.as_bytes(), m),
+                            Node::Symlink(target, m) => {
+                                match sysfs::symlinkat(target.as_bytes(), pfd.as_fd(), &cname) {
+                                    Ok(()) => {}
+                                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                                        if sysfs::readlinkat(pfd.as_fd(), &cname).ok().as_deref()
+                                            == Some(target.as_bytes())
+                                        {
+                                            walk.counters.kept.fetch_add(1, Relaxed);
+                                            return Ok(());
+                                        }
+                                        bail!("refusing to replace an existing entry in STORE that is not the same symlink");
+                                    }
+                                    Err(e) => return Err(e.into()),
+                                }
+                                walk.set_meta(pfd.as_fd(), Some(&cname), m, rel.as_bytes());
+                                walk.counters.symlinks.fetch_add(1, Relaxed);
+                                Ok(())
+                            }
+                            Node::Dir(_) => Ok(()),
+                        }
+                    })();
+                    if let Err(e) = res {
+                        walk.error(rel.as_bytes(), format!("{e:#}"));
+                    }
+                }
+            });
+        });
+        // Directory owners, modes and times last, children first: making entries moves mtimes.
+        for (rel, node) in plan.nodes.iter().rev() {
+            let Node::Dir(m) = node else { continue };
+            if failed_dirs
+                .iter()
+                .any(|f| rel == f || rel.starts_with(&format!("{f}/")))
+            {
+                continue;
+            }
+            match open_parent(&tree, rel) {
+                Ok(fd) => walk.set_meta(fd.as_fd(), None, m, rel.as_bytes()),
+                Err(e) => walk.error(rel.as_bytes(), format!("cannot open directory: {e}")),
+            }
+        }
+        let _ = sysfs::fchmod(tree.as_fd(), DIR_MODE);
+        walk.progress.finish_and_clear();
+        let c = &walk.counters;
+        let report = PopulateReport {
+            dirs: c.dirs.load(Relaxed),
+            files: c.files.load(Relaxed),
+            bytes: c.bytes.load(Relaxed),
+            cloned_stubs: c.cloned.load(Relaxed),
+            sparse_stubs: c.sparse.load(Relaxed),
+            empty_files: c.empty.load(Relaxed),
+            symlinks: c.symlinks.load(Relaxed),
+            hard_links: 0,
+            kept_existing: c.kept.load(Relaxed),
+            skipped_special: Vec::new(),
+            skipped_keys: std::mem::take(&mut plan.skipped),
+            errors: std::mem::take(&mut *walk.errors.lock().unwrap_or_else(|p| p.into_inner())),
+        };
+        print_report(&report);
+        if !report.errors.is_empty() {
+            bail!(
+                "{} entries could not be stubbed (listed above)",
+                report.errors.len()
+            );
+        }
+        Ok(report)
     }
 }

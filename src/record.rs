@@ -46,6 +46,9 @@ pub struct SourceRecord {
     pub version: Option<String>,
     pub chunk_size: u32,
     pub kind: StubKind,
+    /// BLAKE3 of the file that lists one BLAKE3 digest per chunk (in the store's `.hsm/digests/`,
+    /// named by this hash): when present, every fetched chunk is checked before it is written.
+    pub digests: Option<[u8; 32]>,
 }
 
 /// What the daemon has filled in.
@@ -112,6 +115,10 @@ impl SourceRecord {
         Ok(rec)
     }
 
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(self.chunk_size as u64)
+    }
+
     pub fn fresh_state(&self) -> StateRecord {
         StateRecord {
             backed_len: self.size,
@@ -170,6 +177,7 @@ mod tests {
             version: None,
             chunk_size: 1 << 20,
             kind: StubKind::Cloned,
+            digests: None,
         }
     }
 

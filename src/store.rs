@@ -83,6 +83,10 @@ impl Store {
         self.root.join(".hsm/zeros")
     }
 
+    pub fn digest_dir(&self) -> PathBuf {
+        self.root.join(".hsm/digests")
+    }
+
     pub fn metrics_path(&self) -> PathBuf {
         self.root.join(".hsm/metrics.json")
     }
@@ -130,6 +134,9 @@ impl Store {
             config,
         };
         fs::DirBuilder::new().mode(0o700).create(store.meta())?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(store.digest_dir())?;
         fs::DirBuilder::new().mode(0o755).create(store.tree())?;
         if kind.reflinks() {
             store.make_zero_pool()?;

@@ -88,8 +88,34 @@ pub enum Verdict {
     Deny(DenyErrno),
 }
 
+impl DenyErrno {
+    fn from_raw(errno: i32) -> Option<DenyErrno> {
+        [
+            DenyErrno::Io,
+            DenyErrno::Perm,
+            DenyErrno::Busy,
+            DenyErrno::TxtBsy,
+            DenyErrno::Again,
+            DenyErrno::NoSpc,
+            DenyErrno::DQuot,
+        ]
+        .into_iter()
+        .find(|e| e.raw() == errno)
+    }
+}
+
 impl Verdict {
-    fn encode(self) -> u32 {
+    /// Inverse of `encode`, for verdicts received from another process: only responses the
+    /// kernel would accept decode.
+    pub fn decode(raw: u32) -> Option<Verdict> {
+        match (raw & 0xff_ffff, raw >> 24) {
+            (FAN_ALLOW, 0) => Some(Verdict::Allow),
+            (FAN_DENY, errno) => DenyErrno::from_raw(errno as i32).map(Verdict::Deny),
+            _ => None,
+        }
+    }
+
+    pub fn encode(self) -> u32 {
         match self {
             Verdict::Allow => FAN_ALLOW,
             Verdict::Deny(errno) => FAN_DENY | ((errno.raw() as u32) << 24),
@@ -164,6 +190,16 @@ pub fn parse_events(buf: &[u8], out: &mut Vec<RawEvent>) -> Result<(), ParseErro
         pos += event_len;
     }
     Ok(())
+}
+
+/// Take ownership of an event fd that `read_events` returned: the kernel installed it in this
+/// process for that event and nothing else owns it.
+pub fn own_event_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: see above; callers pass each event's fd exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// A fanotify group of class `FAN_CLASS_PRE_CONTENT`.

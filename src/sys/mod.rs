@@ -5,6 +5,7 @@
 
 pub mod fanotify;
 pub mod fs;
+pub mod ipc;
 pub mod mount;
 
 use std::io;

@@ -1,0 +1,457 @@
+//! `hsm serve`: the supervisor process.
+//!
+//! It owns what must not die with a fetch: the fanotify group, the mount that exposes the tree,
+//! and every event not yet answered. It does no file or network I/O of its own: it reads events,
+//! passes each (with its fd) to the worker process, and writes the worker's answers back to the
+//! kernel. When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
+//! and sends it every event still unanswered: readers wait a little longer and then get the right
+//! bytes. The worker holds a duplicate of the group fd, so if the supervisor itself dies the
+//! group survives and the worker unmounts the tree (see `worker`).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tracing::{error, info, warn};
+
+use crate::event::{respond_to_group, MASK};
+use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, REPLY_LEN};
+use crate::store::Store;
+use crate::sys::fanotify::{DenyErrno, Group, Verdict};
+use crate::sys::{fs as sysfs, ipc, mount};
+use crate::worker::WorkerOptions;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub worker: WorkerOptions,
+    /// An event the worker has not answered in this long is denied with EAGAIN by the supervisor.
+    pub event_deadline: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            worker: WorkerOptions {
+                threads: 16,
+                readahead: 8 << 20,
+                fetch_timeout: Duration::from_secs(30),
+                flush_interval: Duration::from_millis(500),
+                drain: Duration::from_secs(2),
+                continue_metrics: false,
+            },
+            event_deadline: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Explain a failed fanotify setup in terms of what the user can do.
+fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => anyhow::anyhow!(
+            "{what}: permission denied; hsm serve needs CAP_SYS_ADMIN (run it as root)"
+        ),
+        Some(libc::EINVAL) => anyhow::anyhow!(
+            "{what}: this kernel has no fanotify pre-content events (FAN_PRE_ACCESS); \
+             hsm needs Linux 6.14 or later built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS"
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => anyhow::anyhow!(
+            "{what}: the filesystem of {} does not support pre-content events; use ext4, xfs or btrfs",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("{what}: {e}"),
+    }
+}
+
+/// An event read from the kernel and not answered yet.
+struct Held {
+    fd: OwnedFd,
+    msg: EventMsg,
+    since: Instant,
+}
+
+struct WorkerProc {
+    child: Child,
+    sock: OwnedFd,
+    ready: bool,
+}
+
+pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow::Result<()> {
+    if !sysfs::has_cap_sys_admin() {
+        bail!("hsm serve needs CAP_SYS_ADMIN to watch pre-content events: run it as root");
+    }
+    let store = Store::open(store_root)?;
+    store.check_private()?;
+    let tree = store.tree();
+    let group = Group::new().map_err(|e| explain_fanotify(e, "fanotify_init", &tree))?;
+    group
+        .probe_pre_content(&tree)
+        .map_err(|e| explain_fanotify(e, "pre-content mark", &tree))?;
+    raise_fd_limit();
+
+    let mountpoint = prepare_mountpoint(mountpoint, &tree)?;
+    let store_root = store_root.canonicalize()?;
+    let spawn =
+        |restart: bool| spawn_worker(&store_root, &mountpoint, &group, &opts.worker, restart);
+    // The first worker must come up before anything is exposed: a broken backend or store is an
+    // error at start, not at the first read.
+    let mut worker = spawn(false)?;
+    wait_ready(&mut worker)?;
+    let exposure = Exposure::attach(&group, &tree, &mountpoint)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    info!(store = %store.root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
+    println!("ready");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let mut held: HashMap<u64, Held> = HashMap::new();
+    let mut next_id: u64 = 1;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut raw = Vec::with_capacity(256);
+    let mut drain_until: Option<Instant> = None;
+    let mut restarts: Vec<Instant> = Vec::new();
+    loop {
+        if drain_until.is_none() && stop.load(Ordering::Relaxed) {
+            // No new path leads to the stubs from here on; files still open are served for the
+            // drain period.
+            exposure.detach();
+            drain_until = Some(Instant::now() + opts.worker.drain);
+        }
+        if drain_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
+        let ready = ipc::poll_readable(&[group.as_fd(), worker.sock.as_fd()], 200)?;
+        if ready[0] {
+            raw.clear();
+            match group.read_events(&mut buf, &mut raw) {
+                Ok(_) => {}
+                Err(e) => error!("reading fanotify events failed: {e}"),
+            }
+            for r in raw.drain(..) {
+                let Ok(fd) = crate::sys::fanotify::own_event_fd(r.fd) else {
+                    continue;
+                };
+                let msg = EventMsg {
+                    id: next_id,
+                    fd_num: r.fd,
+                    pid: r.pid,
+                    mask: r.mask,
+                    range: r.range,
+                };
+                next_id += 1;
+                if worker.ready {
+                    // A failed send means the worker is dying: its EOF is handled below and
+                    // the event is resent to the next one.
+                    let _ = ipc::send(worker.sock.as_fd(), &msg.encode(), Some(fd.as_fd()));
+                }
+                held.insert(
+                    msg.id,
+                    Held {
+                        fd,
+                        msg,
+                        since: Instant::now(),
+                    },
+                );
+            }
+        }
+        if ready[1] {
+            let mut rbuf = [0u8; 32];
+            match ipc::recv(worker.sock.as_fd(), &mut rbuf) {
+                Ok((n, _)) if n > 0 => match ReplyMsg::decode(&rbuf[..n]) {
+                    Some(reply) if reply.id == CONTROL_ID => {
+                        worker.ready = true;
+                        resend_all(&worker, &held);
+                    }
+                    Some(reply) => {
+                        if let Some(h) = held.remove(&reply.id) {
+                            respond_to_group(
+                                &group,
+                                h.msg.fd_num,
+                                h.fd.as_fd(),
+                                reply.verdict,
+                                reply.ignore,
+                            );
+                        }
+                    }
+                    None => {
+                        error!("malformed reply from the worker ({n} bytes, expected {REPLY_LEN})")
+                    }
+                },
+                _ => {
+                    // The worker is gone: reap it, start another, resend what it held.
+                    let status = reap(&mut worker.child);
+                    warn!(status = %status, held = held.len(), "worker died; starting another");
+                    restarts.retain(|t| t.elapsed() < Duration::from_secs(10));
+                    restarts.push(Instant::now());
+                    if restarts.len() > 5 {
+                        // Crashing in a loop: fail what is waiting rather than hang it.
+                        deny_all(&group, &mut held, DenyErrno::Io);
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    worker = loop {
+                        match spawn(true) {
+                            Ok(w) => break w,
+                            Err(e) => {
+                                error!("cannot start a worker: {e:#}");
+                                deny_all(&group, &mut held, DenyErrno::Io);
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                        }
+                    };
+                }
+            }
+        }
+        // The safety net under the worker's own fetch timeout.
+        let overdue: Vec<u64> = held
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() > opts.event_deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some(h) = held.remove(&id) {
+                warn!(
+                    event = id,
+                    "no answer from the worker in time; denied with EAGAIN"
+                );
+                respond_to_group(
+                    &group,
+                    h.msg.fd_num,
+                    h.fd.as_fd(),
+                    Verdict::Deny(DenyErrno::Again),
+                    false,
+                );
+            }
+        }
+    }
+    shutdown_worker(&mut worker, &group, &mut held);
+    deny_all(&group, &mut held, DenyErrno::Io);
+    info!("stopped");
+    Ok(())
+}
+
+fn resend_all(worker: &WorkerProc, held: &HashMap<u64, Held>) {
+    let mut ids: Vec<&u64> = held.keys().collect();
+    ids.sort();
+    for id in ids {
+        let h = &held[id];
+        let _ = ipc::send(worker.sock.as_fd(), &h.msg.encode(), Some(h.fd.as_fd()));
+    }
+}
+
+fn deny_all(group: &Group, held: &mut HashMap<u64, Held>, errno: DenyErrno) {
+    for (_, h) in held.drain() {
+        respond_to_group(
+            group,
+            h.msg.fd_num,
+            h.fd.as_fd(),
+            Verdict::Deny(errno),
+            false,
+        );
+    }
+}
+
+/// Ask the worker to finish what it holds and exit; collect its last answers.
+fn shutdown_worker(worker: &mut WorkerProc, group: &Group, held: &mut HashMap<u64, Held>) {
+    let bye = EventMsg {
+        id: CONTROL_ID,
+        fd_num: -1,
+        pid: 0,
+        mask: 0,
+        range: None,
+    };
+    let _ = ipc::send(worker.sock.as_fd(), &bye.encode(), None);
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end {
+        match ipc::poll_readable(&[worker.sock.as_fd()], 200) {
+            Ok(r) if r[0] => {}
+            _ => continue,
+        }
+        let mut rbuf = [0u8; 32];
+        match ipc::recv(worker.sock.as_fd(), &mut rbuf) {
+            Ok((n, _)) if n > 0 => {
+                if let Some(reply) = ReplyMsg::decode(&rbuf[..n]) {
+                    if let Some(h) = held.remove(&reply.id) {
+                        respond_to_group(
+                            group,
+                            h.msg.fd_num,
+                            h.fd.as_fd(),
+                            reply.verdict,
+                            reply.ignore,
+                        );
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    let status = reap(&mut worker.child);
+    info!(status = %status, "worker stopped");
+}
+
+fn reap(child: &mut Child) -> String {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                return match st.signal() {
+                    Some(sig) => format!("killed by signal {sig}"),
+                    None => format!("exit code {}", st.code().unwrap_or(-1)),
+                }
+            }
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return "killed after not exiting".into();
+            }
+        }
+    }
+}
+
+fn spawn_worker(
+    store_root: &Path,
+    mountpoint: &Path,
+    group: &Group,
+    opts: &WorkerOptions,
+    restart: bool,
+) -> anyhow::Result<WorkerProc> {
+    let (mine, theirs) = ipc::seqpacket_pair()?;
+    let exe = std::env::current_exe().context("cannot find the hsm executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve-worker")
+        .arg(store_root)
+        .arg(mountpoint)
+        .arg("--threads")
+        .arg(opts.threads.to_string())
+        .arg("--readahead")
+        .arg(opts.readahead.to_string())
+        .arg("--fetch-timeout")
+        .arg(opts.fetch_timeout.as_secs_f64().to_string())
+        .arg("--drain")
+        .arg(opts.drain.as_secs_f64().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if restart {
+        cmd.arg("--continue-metrics");
+    }
+    let child = ipc::spawn_with_fds(cmd, &[theirs.as_fd(), group.as_fd()])
+        .context("cannot start the worker process")?;
+    drop(theirs);
+    let _ = std::fs::write(store_root.join(".hsm/worker.pid"), child.id().to_string());
+    Ok(WorkerProc {
+        child,
+        sock: mine,
+        ready: false,
+    })
+}
+
+fn wait_ready(worker: &mut WorkerProc) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        if ipc::poll_readable(&[worker.sock.as_fd()], 200)?[0] {
+            let mut rbuf = [0u8; 32];
+            let (n, _) = ipc::recv(worker.sock.as_fd(), &mut rbuf)?;
+            if n > 0 && ReplyMsg::decode(&rbuf[..n]).is_some_and(|r| r.id == CONTROL_ID) {
+                worker.ready = true;
+                return Ok(());
+            }
+            let status = reap(&mut worker.child);
+            bail!("the worker failed to start ({status}); its error is printed above");
+        }
+    }
+    let _ = worker.child.kill();
+    bail!("the worker did not start within 60 s")
+}
+
+fn raise_fd_limit() {
+    // Every held event and every cached file holds an fd.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Make sure MOUNTPOINT exists and nothing but a stale exposure of this very tree is mounted
+/// there (left by a daemon that was killed: it would serve zeros, so it is removed).
+fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(mountpoint)
+        .with_context(|| format!("cannot create mount point {}", mountpoint.display()))?;
+    let mp = mountpoint.canonicalize()?;
+    let tree_md = std::fs::metadata(tree)?;
+    for _ in 0..8 {
+        if !mount::is_mount_point(&mp)? {
+            return Ok(mp);
+        }
+        let md = std::fs::metadata(&mp)?;
+        use std::os::unix::fs::MetadataExt;
+        let ours = md.dev() == tree_md.dev() && md.ino() == tree_md.ino();
+        let empty_self_bind = std::fs::read_dir(&mp)?.next().is_none();
+        if !ours && !empty_self_bind {
+            bail!(
+                "{} is already a mount point of something else; unmount it or choose another",
+                mp.display()
+            );
+        }
+        warn!(mountpoint = %mp.display(), "removing a stale mount left by an earlier hsm serve");
+        mount::detach(&mp)?;
+    }
+    bail!("could not clear the mounts stacked at {}", mp.display())
+}
+
+/// The tree mounted at MOUNTPOINT, marked before it became reachable.
+struct Exposure {
+    mountpoint: PathBuf,
+    attached: AtomicBool,
+}
+
+impl Exposure {
+    fn attach(group: &Group, tree: &Path, mountpoint: &Path) -> anyhow::Result<Exposure> {
+        let clone =
+            mount::clone_tree(tree).context("cannot clone the store's tree for mounting")?;
+        group
+            .mark_mount(clone.as_fd(), MASK)
+            .map_err(|e| explain_fanotify(e, "fanotify mount mark", tree))?;
+        mount::bind_self_private(mountpoint)
+            .with_context(|| format!("cannot prepare mount point {}", mountpoint.display()))?;
+        let exposure = Exposure {
+            mountpoint: mountpoint.to_path_buf(),
+            attached: AtomicBool::new(true),
+        };
+        mount::attach(clone.as_fd(), mountpoint)
+            .with_context(|| format!("cannot mount the tree at {}", mountpoint.display()))?;
+        Ok(exposure)
+    }
+
+    fn detach(&self) {
+        if self.attached.swap(false, Ordering::Relaxed) {
+            // The tree, then the private self-bind under it.
+            for _ in 0..2 {
+                if let Err(e) = mount::detach(&self.mountpoint) {
+                    warn!(mountpoint = %self.mountpoint.display(), "unmount failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}

@@ -1,0 +1,173 @@
+//! The supervisor–worker channel: a `SOCK_SEQPACKET` socket pair (message boundaries kept, both
+//! ends see EOF when the other process dies), with fds passed by `SCM_RIGHTS`, and spawning a
+//! child with chosen fds at fixed numbers.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+
+use super::{cvt, cvt_retry};
+
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two fds socketpair writes.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair returned two new fds.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Send one message, with `fd` attached when given.
+pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    // Room for one fd, aligned as cmsghdr requires.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE/CMSG_FIRSTHDR/CMSG_DATA address inside `cbuf`, which is large enough
+        // for one cmsghdr carrying one int.
+        unsafe {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+            debug_assert!(space <= std::mem::size_of_val(&cbuf));
+            hdr.msg_control = cbuf.as_mut_ptr().cast();
+            hdr.msg_controllen = space;
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
+        }
+    }
+    // SAFETY: `hdr` is fully initialised above.
+    let n = cvt_retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) })?;
+    if n as usize != msg.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short seqpacket send",
+        ));
+    }
+    Ok(())
+}
+
+/// Receive one message into `buf`. Returns its length (0 = the peer closed) and the fd attached,
+/// if any. Any fd received is owned by the caller even when the message is then rejected.
+pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as in `send`.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = cbuf.as_mut_ptr().cast();
+    hdr.msg_controllen = std::mem::size_of_val(&cbuf);
+    // SAFETY: `hdr` points into live buffers.
+    let n =
+        cvt_retry(|| unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) })?
+            as usize;
+    let mut fd = None;
+    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let count =
+                    ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.add(i));
+                    let owned = OwnedFd::from_raw_fd(raw);
+                    // Keep the first; extra fds are closed by dropping them.
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&hdr, c);
+        }
+    }
+    if hdr.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "oversized message",
+        ));
+    }
+    Ok((n, fd))
+}
+
+/// Spawn `cmd` with `fds[i]` installed as fd `3 + i` in the child (inheritable there, and only
+/// there: the parent's copies stay close-on-exec).
+pub fn spawn_with_fds(mut cmd: Command, fds: &[BorrowedFd<'_>]) -> io::Result<Child> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
+    // functions (dup, dup2, fcntl) on fds that are open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First move every source above the target range, so that installing fd 3 cannot
+            // clobber a source that happens to be fd 4.
+            let mut moved = Vec::with_capacity(raw.len());
+            for &fd in &raw {
+                moved.push(cvt(libc::fcntl(
+                    fd,
+                    libc::F_DUPFD_CLOEXEC,
+                    3 + raw.len() as i32,
+                ))?);
+            }
+            for (i, &fd) in moved.iter().enumerate() {
+                cvt(libc::dup2(fd, 3 + i as i32))?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Take ownership of fd `n` inherited from the parent (see [`spawn_with_fds`]), checking that it
+/// is open, and make it close-on-exec again.
+pub fn take_inherited(n: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD/F_SETFD on an integer fd have no memory effects.
+    let flags = cvt(unsafe { libc::fcntl(n, libc::F_GETFD) })?;
+    cvt(unsafe { libc::fcntl(n, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this process to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// Wait until one of `fds` is readable (or hung up), for at most `timeout_ms`. Returns, per fd,
+/// whether it is ready.
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `p` is a valid array of pollfd of the length passed.
+    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(p.iter()
+        .map(|x| x.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        .collect())
+}

@@ -1,0 +1,302 @@
+//! The worker process of `hsm serve`: it runs the fetch engine.
+//!
+//! It receives events (and their fds) from the supervisor, serves them on a pool of threads and
+//! sends each answer back. It can be killed at any moment: the supervisor still holds every event
+//! it sent, and resends them to the next worker. Nothing it wrote is trusted after a restart unless
+//! its record says so, and records are written only after the data is synced.
+//!
+//! It also holds a duplicate of the fanotify group fd, so that if the *supervisor* dies the group
+//! (and the events pending in it) survive: the worker then unmounts the exposed tree, so no new
+//! path leads to stubs, answers what it holds directly to the group, serves files still open for
+//! the drain period, and exits.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tracing::{error, warn};
+
+use crate::engine::{Engine, Need, Served};
+use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorResponder};
+use crate::metrics::Metrics;
+use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN};
+use crate::store::Store;
+use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
+use crate::sys::{fs as sysfs, ipc, mount};
+
+/// The fd numbers the supervisor installs in the worker.
+pub const SOCKET_FD: i32 = 3;
+pub const GROUP_FD: i32 = 4;
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    pub threads: usize,
+    pub readahead: u64,
+    pub fetch_timeout: Duration,
+    pub flush_interval: Duration,
+    pub drain: Duration,
+    /// Continue the counters of the worker this one replaces.
+    pub continue_metrics: bool,
+}
+
+/// Opens for exec seen, by (pid, dev, ino): the plain open event that follows is not a plain open.
+type ExecOpens = Mutex<HashMap<(i32, u64, u64), Instant>>;
+
+struct Ctx {
+    engine: Arc<Engine>,
+    exec_opens: ExecOpens,
+}
+
+pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
+    let sock = ipc::take_inherited(SOCKET_FD).context("worker started without its socket")?;
+    let group = Arc::new(Group::from_fd(
+        ipc::take_inherited(GROUP_FD).context("worker started without the fanotify group")?,
+    ));
+    let store = Store::open(store_root)?;
+    let backend = crate::backend::open(&store.config.source)?;
+    let engine = Arc::new(Engine::new(
+        backend,
+        opts.readahead,
+        opts.fetch_timeout,
+        store.digest_dir(),
+    ));
+    if opts.continue_metrics {
+        engine.metrics.restore(&store.metrics_path());
+    }
+    Metrics::add(&engine.metrics.worker_starts, 1);
+    engine.start_readahead(2);
+    let ctx = Arc::new(Ctx {
+        engine: engine.clone(),
+        exec_opens: Mutex::new(HashMap::new()),
+    });
+    let responder = Arc::new(SupervisorResponder {
+        sock: sock.try_clone()?,
+        group: group.clone(),
+        lost: Mutex::new(false),
+    });
+
+    let (tx, rx) = crossbeam_channel::unbounded::<PendingEvent>();
+    let threads: Vec<_> = (0..opts.threads.max(1))
+        .map(|_| {
+            let rx = rx.clone();
+            let ctx = ctx.clone();
+            std::thread::spawn(move || {
+                for ev in rx {
+                    handle(&ctx, ev);
+                }
+            })
+        })
+        .collect();
+    let flusher_stop = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let engine = engine.clone();
+        let metrics_path = store.metrics_path();
+        let done = flusher_stop.clone();
+        let interval = opts.flush_interval;
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(interval);
+                engine.flush();
+                engine.metrics.write(&metrics_path);
+            }
+        })
+    };
+
+    // Tell the supervisor we are ready for events.
+    let ready = ReplyMsg {
+        id: CONTROL_ID,
+        verdict: Verdict::Allow,
+        ignore: false,
+    };
+    ipc::send(sock.as_fd(), &ready.encode(), None).context("supervisor gone at start")?;
+
+    let supervisor_lost = receive_from_supervisor(&ctx, &sock, &responder, &tx);
+    if supervisor_lost {
+        warn!("the supervisor is gone: unmounting the tree and serving files still open for the drain period");
+        for _ in 0..2 {
+            let _ = mount::detach(mountpoint);
+        }
+        serve_group_directly(&ctx, &group, &tx, Instant::now() + opts.drain);
+    }
+
+    drop(tx);
+    for t in threads {
+        let _ = t.join();
+    }
+    engine.stop_readahead();
+    flusher_stop.store(true, Ordering::Relaxed);
+    let _ = flusher.join();
+    engine.flush();
+    engine.metrics.write(&store.metrics_path());
+    Ok(())
+}
+
+/// Receive events until the supervisor says stop (returns false) or disappears (returns true).
+fn receive_from_supervisor(
+    ctx: &Arc<Ctx>,
+    sock: &OwnedFd,
+    responder: &Arc<SupervisorResponder>,
+    tx: &crossbeam_channel::Sender<PendingEvent>,
+) -> bool {
+    let mut buf = [0u8; 64];
+    loop {
+        let (n, fd) = match ipc::recv(sock.as_fd(), &mut buf) {
+            Ok(x) => x,
+            Err(e) => {
+                error!("receiving from the supervisor failed: {e}");
+                return true;
+            }
+        };
+        if n == 0 {
+            return true;
+        }
+        let Some(msg) = (n == EVENT_LEN)
+            .then(|| EventMsg::decode(&buf[..n]))
+            .flatten()
+        else {
+            error!("malformed message from the supervisor ({n} bytes)");
+            continue;
+        };
+        if msg.id == CONTROL_ID {
+            return false;
+        }
+        let Some(fd) = fd else {
+            error!("event {} arrived without its fd", msg.id);
+            continue;
+        };
+        let ev = PendingEvent::new(
+            fd,
+            EventId {
+                id: msg.id,
+                fd_num: msg.fd_num,
+            },
+            msg.mask,
+            msg.pid,
+            msg.range,
+            responder.clone() as Arc<dyn Respond>,
+        );
+        dispatch(ctx, ev, tx);
+    }
+}
+
+/// After the supervisor died: read the group ourselves until `until`.
+fn serve_group_directly(
+    ctx: &Arc<Ctx>,
+    group: &Arc<Group>,
+    tx: &crossbeam_channel::Sender<PendingEvent>,
+    until: Instant,
+) {
+    let responder: Arc<dyn Respond> = Arc::new(GroupResponder(group.clone()));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut raw = Vec::new();
+    while Instant::now() < until {
+        match ipc::poll_readable(&[group.as_fd()], 200) {
+            Ok(r) if r[0] => {}
+            _ => continue,
+        }
+        raw.clear();
+        if let Err(e) = group.read_events(&mut buf, &mut raw) {
+            error!("reading fanotify events failed: {e}");
+            continue;
+        }
+        for r in raw.drain(..) {
+            if r.fd < 0 {
+                continue;
+            }
+            // SAFETY-free: ownership of r.fd is taken by the sys layer.
+            let Ok(fd) = crate::sys::fanotify::own_event_fd(r.fd) else {
+                continue;
+            };
+            let ev = PendingEvent::new(
+                fd,
+                EventId {
+                    id: 0,
+                    fd_num: r.fd,
+                },
+                r.mask,
+                r.pid,
+                r.range,
+                responder.clone(),
+            );
+            dispatch(ctx, ev, tx);
+        }
+    }
+}
+
+fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<PendingEvent>) {
+    if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
+        // Answered inline: the plain open event of this exec comes only after this answer.
+        note_exec_open(ctx, ev);
+    } else {
+        // A send fails only when the threads are gone; the event is then denied by its Drop.
+        let _ = tx.send(ev);
+    }
+}
+
+fn handle(ctx: &Ctx, ev: PendingEvent) {
+    let metrics = &ctx.engine.metrics;
+    let need = if ev.mask & FAN_PRE_ACCESS != 0 {
+        Metrics::add(&metrics.events_pre_access, 1);
+        let (offset, count) = ev.range.unwrap_or((0, 0));
+        Need::Range { offset, count }
+    } else {
+        Metrics::add(&metrics.events_open, 1);
+        if is_exec_open(ctx, &ev) {
+            // An exec maps what it needs, range by range: nothing to fetch at open.
+            Metrics::add(&metrics.allowed, 1);
+            ev.answer(Verdict::Allow, false);
+            return;
+        }
+        Need::Open
+    };
+    // A panic in a fetch fails this access (the event's Drop denies it), never the daemon.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.engine.serve(ev.as_fd(), need)
+    }));
+    match result {
+        Ok(Ok(served)) => {
+            let ignore = served == Served::Complete;
+            if ignore {
+                Metrics::add(&metrics.ignore_marks, 1);
+            }
+            Metrics::add(&metrics.allowed, 1);
+            ev.answer(Verdict::Allow, ignore);
+        }
+        Ok(Err(e)) => {
+            Metrics::add(&metrics.denied, 1);
+            ev.answer(Verdict::Deny(DenyErrno::for_error(&e)), false);
+        }
+        Err(_) => {
+            Metrics::add(&metrics.denied, 1);
+            error!("a fetch panicked; the access was denied with EIO");
+        }
+    }
+}
+
+fn file_key(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    sysfs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
+}
+
+fn note_exec_open(ctx: &Ctx, ev: PendingEvent) {
+    Metrics::add(&ctx.engine.metrics.events_open, 1);
+    if let Some((dev, ino)) = file_key(ev.as_fd()) {
+        let mut m = ctx.exec_opens.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        m.retain(|_, t| now.duration_since(*t) < Duration::from_secs(30));
+        m.insert((ev.pid, dev, ino), now);
+    }
+    Metrics::add(&ctx.engine.metrics.allowed, 1);
+    ev.answer(Verdict::Allow, false);
+}
+
+fn is_exec_open(ctx: &Ctx, ev: &PendingEvent) -> bool {
+    let Some((dev, ino)) = file_key(ev.as_fd()) else {
+        return false;
+    };
+    let mut m = ctx.exec_opens.lock().unwrap_or_else(|p| p.into_inner());
+    m.remove(&(ev.pid, dev, ino)).is_some()
+}
