@@ -87,6 +87,35 @@ impl LoopFs {
     }
 }
 
+impl LoopFs {
+    /// Unmount the filesystem and mount its image again: the page cache goes, so what is read
+    /// afterwards comes from disk (as after a reboot). Needs every user of the filesystem gone
+    /// (stop the daemon first).
+    pub fn remount(&self) {
+        run(Command::new("umount").arg(&self.mnt));
+        // The loop device is released with the superblock's last reference: wait for it, so the
+        // image is never attached twice.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run(Command::new("losetup").arg("-j").arg(&self.image));
+            if out.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "loop device of {} still attached after unmount: {}",
+                self.image.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&self.image)
+            .arg(&self.mnt));
+    }
+}
+
 impl Drop for LoopFs {
     fn drop(&mut self) {
         // A lazy unmount always succeeds; the loop device is released with the last user.
@@ -188,6 +217,36 @@ impl Daemon {
         }
         self.watchdog_done.store(true, Ordering::Relaxed);
         std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Send `sig` (SIGTERM or SIGINT), wait for exit (bounded), return the exit status (None if
+    /// it had to be killed) and its stderr.
+    pub fn stop_with(&mut self, sig: i32) -> (Option<std::process::ExitStatus>, String) {
+        let mut status = None;
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as i32, sig) };
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) => {
+                        status = Some(st);
+                        break;
+                    }
+                    Ok(None) if Instant::now() < end => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.watchdog_done.store(true, Ordering::Relaxed);
+        let log = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        (status, log)
     }
 
     /// SIGKILL, as a crash would.
