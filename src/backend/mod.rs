@@ -2,7 +2,10 @@
 //! that `populate` recorded: same size, same mtime or version. It never decides what to do about a
 //! failure; it says precisely what went wrong and the fetch engine picks the errno.
 
+pub mod http;
 pub mod local;
+pub mod object;
+pub mod s3;
 
 use std::io;
 use std::sync::Arc;
@@ -25,6 +28,9 @@ pub enum FetchError {
     Escape,
     #[error("source I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A remote source failed for good: retries exhausted, deadline passed, or refused.
+    #[error("remote source: {0}")]
+    Remote(String),
 }
 
 impl FetchError {
@@ -53,10 +59,43 @@ pub trait Backend: Send + Sync {
 
     /// A description safe to log: never credentials.
     fn describe(&self) -> String;
+
+    /// A cheap request that proves the source is reachable and accepts our credentials (one
+    /// listing or HEAD request for remote sources). `serve` calls it before exposing the tree,
+    /// so wrong credentials fail at start rather than at the first read.
+    fn check(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
-/// Open the backend a store's source URL names.
+/// What kind of source a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Local,
+    S3,
+    Http,
+}
+
+pub fn scheme_of(url: &str) -> Scheme {
+    let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+    if lower.starts_with("s3://") {
+        Scheme::S3
+    } else if lower.starts_with("http://") || lower.starts_with("https://") {
+        Scheme::Http
+    } else {
+        Scheme::Local
+    }
+}
+
+/// Open the backend a store's source URL names: a local path or `file://` URL, `s3://BUCKET/PREFIX`
+/// (options in the query, see [`s3`]) or `http(s)://HOST/BASE/` (see [`http`]).
 pub fn open(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
-    let path = local::path_from_url(url)?;
-    Ok(Arc::new(local::LocalBackend::open(&path)?))
+    match scheme_of(url) {
+        Scheme::S3 => Ok(Arc::new(s3::open(url)?)),
+        Scheme::Http => Ok(Arc::new(http::open(url)?)),
+        Scheme::Local => {
+            let path = local::path_from_url(url)?;
+            Ok(Arc::new(local::LocalBackend::open(&path)?))
+        }
+    }
 }

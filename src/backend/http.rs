@@ -1,0 +1,243 @@
+//! HTTP(S) servers that answer range requests (nginx, Apache, a CDN, ...).
+//!
+//! Source URL, as stored in the store's `config.json`:
+//!
+//! ```text
+//! http[s]://HOST[:PORT]/BASE/[#deadline=SECS]
+//! ```
+//!
+//! A file's URL is BASE joined with its manifest path, each component percent-encoded. Options
+//! ride in the fragment, which is never sent to the server. A web server has no listing: what
+//! exists is told by a manifest (see [`crate::manifest`]). At populate every file is asked for
+//! with HEAD: its size must be the manifest's, and its ETag (or, without one, its Last-Modified
+//! time) is recorded; reads are ranged GETs with `If-Match` on that ETag, and the answer's size
+//! and ETag or Last-Modified are checked against the record, so a file replaced on the server
+//! after populate is an I/O error, never a mix of old and new bytes.
+//!
+//! No credentials are supported in the URL: it is stored in plain text.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use object_store::http::HttpBuilder;
+use object_store::{ObjectMeta, ObjectStoreExt};
+
+use super::object::{self, Remote};
+use super::{Backend, FetchError};
+use crate::record::SourceRecord;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpUrl {
+    /// Without a trailing `/` (except for the bare origin, which has none either).
+    pub base: url::Url,
+    pub deadline: Option<Duration>,
+}
+
+impl HttpUrl {
+    pub fn parse(s: &str) -> anyhow::Result<HttpUrl> {
+        let mut u = url::Url::parse(s).with_context(|| format!("{s:?} is not a URL"))?;
+        if u.scheme() != "http" && u.scheme() != "https" {
+            bail!("{s:?} is not an http:// or https:// URL");
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            bail!("credentials in an HTTP source URL are not supported (the URL is stored in the store's configuration)");
+        }
+        if u.query().is_some() {
+            bail!(
+                "an HTTP source URL cannot have a query; options go after '#', e.g. #deadline=10"
+            );
+        }
+        let mut deadline = None;
+        if let Some(frag) = u.fragment() {
+            for (k, v) in url::form_urlencoded::parse(frag.as_bytes()) {
+                match &*k {
+                    "deadline" => deadline = Some(object::parse_deadline(&v)?),
+                    other => bail!(
+                        "unknown option {other:?} after '#' in the HTTP URL (known: deadline)"
+                    ),
+                }
+            }
+        }
+        u.set_fragment(None);
+        let path = u.path().trim_end_matches('/').to_string();
+        u.set_path(&path);
+        Ok(HttpUrl { base: u, deadline })
+    }
+
+    /// The canonical URL, with a trailing `/` on the base.
+    pub fn to_url(&self) -> String {
+        let mut s = self.base.to_string();
+        if !s.ends_with('/') {
+            s.push('/');
+        }
+        if let Some(d) = self.deadline {
+            s.push_str(&format!("#deadline={}", d.as_secs_f64()));
+        }
+        s
+    }
+
+    /// The URL of a file under the base.
+    pub fn join(&self, rel: &str) -> String {
+        let mut u = self.base.clone();
+        if let Ok(mut segs) = u.path_segments_mut() {
+            segs.pop_if_empty();
+            segs.extend(rel.split('/'));
+        }
+        u.to_string()
+    }
+}
+
+pub struct HttpBackend {
+    remote: Remote,
+    pub url: HttpUrl,
+}
+
+/// Open an `http(s)://` source. Nothing is sent yet.
+pub fn open(url: &str) -> anyhow::Result<HttpBackend> {
+    HttpBackend::open(HttpUrl::parse(url)?)
+}
+
+impl HttpBackend {
+    pub fn open(mut url: HttpUrl) -> anyhow::Result<HttpBackend> {
+        let deadline = url.deadline.unwrap_or(object::DEFAULT_DEADLINE);
+        url.deadline = Some(deadline);
+        // object_store appends path parts to the URL's segments: give it the origin, keep the
+        // base path as the key prefix, so that no `//` appears whatever the base.
+        let mut origin = url.base.clone();
+        origin.set_path("");
+        let prefix = url
+            .base
+            .path_segments()
+            .map(|s| {
+                s.filter(|c| !c.is_empty())
+                    .map(|c| {
+                        percent_encoding::percent_decode_str(c)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", prefix.join("/"))
+        };
+        let store = HttpBuilder::new()
+            .with_url(origin.to_string())
+            .with_client_options(object::client_options(
+                deadline,
+                url.base.scheme() == "http",
+            ))
+            .with_retry(object::retry_config(deadline))
+            .build()
+            .map_err(|e| anyhow!("cannot configure the HTTP client: {}", object::flatten(&e)))?;
+        let describe = object::redact_url(&url.to_url());
+        let remote = Remote::new(
+            object::runtime()?,
+            std::sync::Arc::new(store),
+            prefix,
+            deadline,
+            describe,
+        );
+        Ok(HttpBackend { remote, url })
+    }
+
+    /// HEAD every path, `jobs` at a time: its meta, or why not.
+    pub fn head_all(&self, paths: &[String], jobs: usize) -> Vec<Result<ObjectMeta, FetchError>> {
+        let remote = &self.remote;
+        remote.block_on(async {
+            futures::stream::iter(paths.iter())
+                .map(|p| async move {
+                    match tokio::time::timeout(remote.deadline, remote.head(p)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(FetchError::Remote("HEAD: no answer in time".into())),
+                    }
+                })
+                .buffered(jobs.clamp(1, 64))
+                .collect::<Vec<_>>()
+                .await
+        })
+    }
+
+    /// GET a whole small file under the base (the manifest), bounded to `limit` bytes.
+    pub fn get_small(&self, rel: &str, limit: u64) -> anyhow::Result<Vec<u8>> {
+        let loc = self
+            .remote
+            .location(rel.as_bytes())
+            .map_err(|_| anyhow!("bad path {rel:?}"))?;
+        let remote = &self.remote;
+        let r = remote.block_on_deadline("GET", async {
+            let res = remote.store.get(&loc).await.map_err(object::map_error)?;
+            if res.meta.size > limit {
+                return Err(FetchError::Remote(format!(
+                    "{} bytes, more than the {limit} allowed",
+                    res.meta.size
+                )));
+            }
+            Ok(res.bytes().await.map_err(object::map_error)?.to_vec())
+        });
+        r.map_err(|e| anyhow!("cannot fetch {}: {e}", self.url.join(rel)))
+    }
+}
+
+impl Backend for HttpBackend {
+    fn read_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        self.remote
+            .block_on_deadline("HTTP read", self.remote.get_range(obj, offset, buf))
+    }
+
+    fn describe(&self) -> String {
+        self.remote.describe.clone()
+    }
+
+    /// There are no credentials to check: an error answer or an unreachable server is only a
+    /// warning (already fetched content can still be served, and reads retry).
+    fn check(&self) -> anyhow::Result<()> {
+        let remote = &self.remote;
+        let r = remote.block_on(async {
+            tokio::time::timeout(remote.deadline, remote.store.head(&Default::default())).await
+        });
+        match r {
+            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "HTTP source {} answered a HEAD of its base with an error ({}); reads will retry",
+                    self.describe(),
+                    object::flatten(&e)
+                );
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "HTTP source {} did not answer in time; reads will retry",
+                    self.describe()
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = HttpUrl::parse("http://127.0.0.1:8080/a/b/#deadline=5").unwrap();
+        assert_eq!(u.to_url(), "http://127.0.0.1:8080/a/b/#deadline=5");
+        assert_eq!(u.join("x y/z"), "http://127.0.0.1:8080/a/b/x%20y/z");
+        let r = HttpUrl::parse("http://h").unwrap();
+        assert_eq!(r.join("f"), "http://h/f");
+        assert_eq!(HttpUrl::parse(&u.to_url()).unwrap(), u);
+        assert!(HttpUrl::parse("http://u:p@h/").is_err());
+        assert!(HttpUrl::parse("http://h/?a=b").is_err());
+    }
+}

@@ -1,0 +1,303 @@
+//! What the remote backends share: an `object_store` store driven from the engine's plain threads
+//! through a runtime of our own, ranged GETs that are conditional on the identity recorded at
+//! populate, retries with backoff for transient failures, and one total deadline per read.
+//!
+//! A read never returns bytes of an object other than the one recorded: the request carries
+//! `If-Match` with the recorded ETag when there is one (the server answers 412 if the object was
+//! replaced), and the response's size, ETag or Last-Modified are compared with the record as well,
+//! for servers that ignore conditional headers.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreExt,
+    RetryConfig,
+};
+
+use super::FetchError;
+use crate::record::SourceRecord;
+
+/// Default total time one read may take, retries included, before the reader gets EIO.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Prefix of a [`SourceRecord::version`] that holds a Last-Modified time (seconds since the
+/// epoch) rather than an ETag, for HTTP servers that send no ETag.
+pub const LAST_MODIFIED_PREFIX: &str = "last-modified:";
+
+/// Client options shared by every remote store: bounded connects and requests, reused pooled
+/// connections (reqwest's pool), HTTP allowed only when the URL asks for it.
+pub fn client_options(deadline: Duration, allow_http: bool) -> ClientOptions {
+    ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(deadline.min(Duration::from_secs(5)))
+        .with_timeout(deadline)
+        .with_pool_idle_timeout(Duration::from_secs(60))
+}
+
+/// Retries for 5xx, connection resets and timeouts, with exponential backoff capped at 2 s (so a
+/// server that comes back is found quickly), all within `deadline`.
+pub fn retry_config(deadline: Duration) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: 1000,
+        retry_timeout: deadline,
+    }
+}
+
+/// A tokio runtime for a backend. Two workers drive the I/O; the callers block in `block_on`.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("hsm-remote")
+        .enable_all()
+        .build()?)
+}
+
+/// Parse `deadline=SECS` style values.
+pub fn parse_deadline(v: &str) -> anyhow::Result<Duration> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| anyhow::anyhow!("deadline {v:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 3600.0) {
+        anyhow::bail!("deadline must be between 0 and 3600 seconds, got {v}");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Remove any `user:password@` from a URL before it is shown anywhere.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if !u.username().is_empty() || u.password().is_some() {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_string(),
+    }
+}
+
+/// An `object_store` store plus what reading from it needs.
+pub struct Remote {
+    rt: tokio::runtime::Runtime,
+    pub store: Arc<dyn ObjectStore>,
+    /// Prepended to every record key ("prefix/" for S3; empty when the store's URL has the base).
+    pub prefix: String,
+    pub deadline: Duration,
+    /// Safe to log: no credentials.
+    pub describe: String,
+}
+
+impl Remote {
+    pub fn new(
+        rt: tokio::runtime::Runtime,
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        deadline: Duration,
+        describe: String,
+    ) -> Remote {
+        Remote {
+            rt,
+            store,
+            prefix,
+            deadline,
+            describe,
+        }
+    }
+
+    pub fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Bounded by the deadline, whatever the retries inside do.
+    pub fn block_on_deadline<T, F: Future<Output = Result<T, FetchError>>>(
+        &self,
+        what: &str,
+        f: F,
+    ) -> Result<T, FetchError> {
+        let deadline = self.deadline;
+        self.rt.block_on(async move {
+            match tokio::time::timeout(deadline, f).await {
+                Ok(r) => r,
+                Err(_) => Err(FetchError::Remote(format!(
+                    "{what}: no answer within the {:.1} s deadline",
+                    deadline.as_secs_f64()
+                ))),
+            }
+        })
+    }
+
+    /// The object path of a record key. Keys were validated at populate; one that no longer
+    /// parses (a hand-edited record) is refused rather than sent.
+    pub fn location(&self, key: &[u8]) -> Result<ObjectPath, FetchError> {
+        let key = std::str::from_utf8(key).map_err(|_| FetchError::Escape)?;
+        ObjectPath::parse(format!("{}{}", self.prefix, key)).map_err(|_| FetchError::Escape)
+    }
+
+    /// HEAD one object (within the deadline).
+    pub async fn head(&self, key: &str) -> Result<ObjectMeta, FetchError> {
+        let loc = self.location(key.as_bytes())?;
+        self.store.head(&loc).await.map_err(map_error)
+    }
+
+    /// Fill `buf` from `offset` of the object `obj` names, proving it is the recorded object.
+    pub async fn get_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        if end > obj.size {
+            return Err(FetchError::Short {
+                offset,
+                want: buf.len(),
+                got: obj.size.saturating_sub(offset) as usize,
+            });
+        }
+        let loc = self.location(&obj.key)?;
+        let mut opts = GetOptions {
+            range: Some(GetRange::Bounded(offset..end)),
+            ..Default::default()
+        };
+        let want = Identity::of(obj);
+        if let Identity::ETag(tag) = &want {
+            if !tag.starts_with("W/") {
+                opts.if_match = Some(tag.clone());
+            }
+        }
+        let res = self.store.get_opts(&loc, opts).await.map_err(map_error)?;
+        if res.meta.size != obj.size {
+            return Err(FetchError::Changed(format!(
+                "object is now {} bytes, recorded {}",
+                res.meta.size, obj.size
+            )));
+        }
+        want.check(&res.meta)?;
+        if res.range != (offset..end) {
+            return Err(FetchError::Short {
+                offset,
+                want: buf.len(),
+                got: (res.range.end - res.range.start) as usize,
+            });
+        }
+        let mut stream = res.into_stream();
+        let mut got = 0usize;
+        while let Some(part) = stream.next().await {
+            let part = part.map_err(map_error)?;
+            let n = part.len().min(buf.len() - got);
+            buf[got..got + n].copy_from_slice(&part[..n]);
+            got += n;
+            if n < part.len() {
+                return Err(FetchError::Remote(format!(
+                    "server sent more than the {} bytes asked for",
+                    buf.len()
+                )));
+            }
+        }
+        if got != buf.len() {
+            return Err(FetchError::Short {
+                offset,
+                want: buf.len(),
+                got,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How a record names the exact object it was made from.
+enum Identity {
+    ETag(String),
+    LastModified(i64),
+    None,
+}
+
+impl Identity {
+    fn of(obj: &SourceRecord) -> Identity {
+        match &obj.version {
+            Some(v) => match v.strip_prefix(LAST_MODIFIED_PREFIX) {
+                Some(secs) => secs
+                    .parse()
+                    .map(Identity::LastModified)
+                    .unwrap_or(Identity::None),
+                None => Identity::ETag(v.clone()),
+            },
+            None => Identity::None,
+        }
+    }
+
+    fn check(&self, meta: &ObjectMeta) -> Result<(), FetchError> {
+        match self {
+            Identity::ETag(tag) => match &meta.e_tag {
+                Some(got) if etag_eq(got, tag) => Ok(()),
+                got => Err(FetchError::Changed(format!(
+                    "ETag is now {}, recorded {tag}",
+                    got.as_deref().unwrap_or("(none)")
+                ))),
+            },
+            Identity::LastModified(secs) => {
+                let got = meta.last_modified.timestamp();
+                if got == *secs {
+                    Ok(())
+                } else {
+                    Err(FetchError::Changed(format!(
+                        "Last-Modified is now {got}, recorded {secs} (seconds since the epoch)"
+                    )))
+                }
+            }
+            Identity::None => Ok(()),
+        }
+    }
+}
+
+/// Weak comparison (RFC 9110 8.8.3.2): equal opaque tags, ignoring `W/`.
+pub fn etag_eq(a: &str, b: &str) -> bool {
+    let strip = |s: &str| {
+        s.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_string()
+    };
+    strip(a) == strip(b)
+}
+
+/// `object_store`'s error, in the backend's terms. Its messages name URLs, never credentials.
+pub fn map_error(e: object_store::Error) -> FetchError {
+    match e {
+        object_store::Error::NotFound { .. } => FetchError::NotFound,
+        object_store::Error::Precondition { .. } => FetchError::Changed(
+            "the server refused the recorded ETag (If-Match failed): the object was replaced \
+             after populate"
+                .into(),
+        ),
+        other => FetchError::Remote(flatten(&other)),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn flatten(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}

@@ -1,0 +1,663 @@
+//! S3 and S3-compatible object stores (AWS, MinIO, Ceph RGW, moto, ...).
+//!
+//! Source URL, as stored in the store's `config.json` (never with credentials):
+//!
+//! ```text
+//! s3://BUCKET[/PREFIX][?endpoint=URL][&region=NAME][&deadline=SECS][&virtual_hosted=true]
+//! ```
+//!
+//! - `endpoint`: the server (`http://127.0.0.1:9000` for a local MinIO); default AWS. `populate`
+//!   records the endpoint and region it used (from `--endpoint`/`--region`, `AWS_ENDPOINT_URL`,
+//!   `AWS_REGION`), so that `serve` talks to the same server whatever its environment.
+//! - `deadline`: total seconds one read may take, retries included, before the reader gets EIO
+//!   (default 30).
+//! - Credentials: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` in the
+//!   environment, else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, default
+//!   `~/.aws/credentials`, profile `AWS_PROFILE` or `default`), else web identity or container
+//!   credentials when their variables are set, else `AWS_SKIP_SIGNATURE=true` for a public bucket.
+//!   The EC2 instance metadata service is asked only when `HSM_S3_INSTANCE_CREDENTIALS=1`.
+//!
+//! Listing is done here (ListObjectsV2, signed with `object_store`'s SigV4 signer) rather than by
+//! `object_store`, whose listing fails as a whole on a key it cannot represent (`a//b`, `../x`):
+//! populate must report and skip such keys, not give up. Reads go through `object_store`: ranged
+//! GETs with `If-Match` on the ETag recorded at populate, see [`super::object`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tracing::warn;
+
+use super::object::{self, Remote};
+use super::{Backend, FetchError};
+use crate::record::SourceRecord;
+
+/// RFC 3986 unreserved characters stay; everything else is percent-encoded (as SigV4 wants).
+const STRICT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+const STRICT_PATH: &AsciiSet = &STRICT.remove(b'/');
+
+/// The parts of an `s3://` source URL.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Without leading or trailing `/`; empty for the whole bucket.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub deadline: Option<Duration>,
+    pub virtual_hosted: Option<bool>,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> anyhow::Result<S3Url> {
+        let rest = url
+            .strip_prefix("s3://")
+            .or_else(|| url.strip_prefix("S3://"))
+            .ok_or_else(|| anyhow!("not an s3:// URL: {url:?}"))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.is_empty()
+            || bucket.len() > 63
+            || !bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            bail!("{bucket:?} is not a valid S3 bucket name (lower-case letters, digits, '-', '.', '_')");
+        }
+        let prefix = percent_decode_str(prefix)
+            .decode_utf8()
+            .context("the S3 prefix is not valid UTF-8 once percent-decoded")?;
+        let mut out = S3Url {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            ..Default::default()
+        };
+        if out.prefix.split('/').any(|c| c == "." || c == "..") || out.prefix.contains("//") {
+            bail!(
+                "the S3 prefix {:?} has empty, '.' or '..' components",
+                out.prefix
+            );
+        }
+        for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*k {
+                "endpoint" => out.endpoint = Some(v.trim_end_matches('/').to_string()),
+                "region" => out.region = Some(v.into_owned()),
+                "deadline" => out.deadline = Some(object::parse_deadline(&v)?),
+                "virtual_hosted" => {
+                    out.virtual_hosted = Some(v.parse().context("virtual_hosted=true|false")?)
+                }
+                other => bail!(
+                    "unknown option {other:?} in the S3 URL (known: endpoint, region, deadline, \
+                     virtual_hosted; credentials never go in the URL)"
+                ),
+            }
+        }
+        if let Some(e) = &out.endpoint {
+            let u = url::Url::parse(e).with_context(|| format!("endpoint {e:?} is not a URL"))?;
+            if !u.username().is_empty() || u.password().is_some() {
+                bail!("the endpoint URL must not carry credentials; use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
+            }
+            if u.scheme() != "http" && u.scheme() != "https" {
+                bail!("endpoint {e:?} must be an http:// or https:// URL");
+            }
+        }
+        Ok(out)
+    }
+
+    /// The canonical URL: what the store records and `serve` opens.
+    pub fn to_url(&self) -> String {
+        let mut s = format!("s3://{}", self.bucket);
+        if !self.prefix.is_empty() {
+            s.push('/');
+            s.push_str(&utf8_percent_encode(&self.prefix, STRICT_PATH).to_string());
+        }
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(e) = &self.endpoint {
+            q.append_pair("endpoint", e);
+        }
+        if let Some(r) = &self.region {
+            q.append_pair("region", r);
+        }
+        if let Some(d) = self.deadline {
+            q.append_pair("deadline", &format!("{}", d.as_secs_f64()));
+        }
+        if let Some(v) = self.virtual_hosted {
+            q.append_pair("virtual_hosted", &v.to_string());
+        }
+        let q = q.finish();
+        if !q.is_empty() {
+            s.push('?');
+            s.push_str(&q);
+        }
+        s
+    }
+
+    /// Key prefix including the trailing `/`, or empty.
+    pub fn key_prefix(&self) -> String {
+        if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        }
+    }
+}
+
+/// One object from a listing, its key relative to the prefix (decoded, unvalidated).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub etag: Option<String>,
+}
+
+pub struct S3Backend {
+    remote: Remote,
+    s3: Arc<AmazonS3>,
+    client: HttpClient,
+    /// `https://s3.REGION.amazonaws.com/BUCKET` or `ENDPOINT/BUCKET` (or the endpoint itself for
+    /// virtual-hosted requests).
+    bucket_url: String,
+    region: String,
+    sign: bool,
+    /// The URL as resolved: endpoint and region filled in from the environment.
+    pub url: S3Url,
+}
+
+/// Open an `s3://` source. Nothing is sent yet: call [`Backend::check`] to test credentials.
+pub fn open(url: &str) -> anyhow::Result<S3Backend> {
+    S3Backend::open(S3Url::parse(url)?)
+}
+
+fn env_set(k: &str) -> bool {
+    std::env::var_os(k).is_some_and(|v| !v.is_empty())
+}
+
+/// `[profile]` of an AWS shared credentials file: (key id, secret, session token).
+fn shared_credentials() -> Option<(String, String, Option<String>)> {
+    let path = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".aws/credentials"),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let mut section = String::new();
+    let mut kv = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+            continue;
+        }
+        if section == profile {
+            if let Some((k, v)) = line.split_once('=') {
+                kv.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+    }
+    Some((
+        kv.remove("aws_access_key_id")?,
+        kv.remove("aws_secret_access_key")?,
+        kv.remove("aws_session_token"),
+    ))
+}
+
+impl S3Backend {
+    pub fn open(mut url: S3Url) -> anyhow::Result<S3Backend> {
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket);
+        if let Some(e) = &url.endpoint {
+            b = b
+                .with_endpoint(e)
+                .with_config(AmazonS3ConfigKey::S3Endpoint, e.as_str());
+        }
+        if let Some(r) = &url.region {
+            b = b.with_region(r);
+        }
+        if let Some(v) = url.virtual_hosted {
+            b = b.with_virtual_hosted_style_request(v);
+        }
+        let cfg = |k: AmazonS3ConfigKey| b.get_config_value(&k).filter(|v| !v.is_empty());
+        let endpoint = cfg(AmazonS3ConfigKey::S3Endpoint)
+            .or_else(|| cfg(AmazonS3ConfigKey::Endpoint))
+            .map(|e| e.trim_end_matches('/').to_string());
+        let region = cfg(AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+        let virtual_hosted = cfg(AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let skip_signature =
+            cfg(AmazonS3ConfigKey::SkipSignature).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let http_allowed = cfg(AmazonS3ConfigKey::Client(
+            object_store::ClientConfigKey::AllowHttp,
+        ))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if !env_set("AWS_ACCESS_KEY_ID") && !skip_signature {
+            if let Some((id, secret, token)) = shared_credentials() {
+                b = b.with_access_key_id(id).with_secret_access_key(secret);
+                if let Some(t) = token {
+                    b = b.with_token(t);
+                }
+            } else if !(env_set("AWS_WEB_IDENTITY_TOKEN_FILE")
+                || env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+                || env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+                || std::env::var("HSM_S3_INSTANCE_CREDENTIALS").as_deref() == Ok("1"))
+            {
+                bail!(
+                    "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a \
+                     profile in ~/.aws/credentials), or AWS_SKIP_SIGNATURE=true for a public \
+                     bucket (HSM_S3_INSTANCE_CREDENTIALS=1 to use the EC2 instance role)"
+                );
+            }
+        }
+        let deadline = url.deadline.unwrap_or(object::DEFAULT_DEADLINE);
+        let allow_http = endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+            || http_allowed;
+        let options = object::client_options(deadline, allow_http);
+        let s3 = Arc::new(
+            b.with_client_options(options.clone())
+                .with_retry(object::retry_config(deadline))
+                .build()
+                .map_err(|e| anyhow!("cannot configure the S3 client: {}", object::flatten(&e)))?,
+        );
+        let client = ReqwestConnector::default()
+            .connect(&options)
+            .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
+        let bucket_url = match (&endpoint, virtual_hosted) {
+            (Some(e), true) => e.clone(),
+            (None, true) => format!("https://{}.s3.{region}.amazonaws.com", url.bucket),
+            (Some(e), false) => format!("{e}/{}", url.bucket),
+            (None, false) => format!("https://s3.{region}.amazonaws.com/{}", url.bucket),
+        };
+        url.endpoint = endpoint;
+        url.region = Some(region.clone());
+        url.deadline = Some(deadline);
+        let describe = format!(
+            "s3://{}/{} at {}",
+            url.bucket,
+            url.prefix,
+            object::redact_url(&bucket_url)
+        );
+        let remote = Remote::new(
+            object::runtime()?,
+            s3.clone(),
+            url.key_prefix(),
+            deadline,
+            describe,
+        );
+        Ok(S3Backend {
+            remote,
+            s3,
+            client,
+            bucket_url,
+            region,
+            sign: !skip_signature,
+            url,
+        })
+    }
+
+    /// Every object under the prefix, in key order. Directory markers (keys ending in `/`) are
+    /// returned too; the caller decides. Fails on refused credentials, a missing bucket, or a
+    /// server that stays unreachable past the deadline.
+    pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
+        let prefix = self.url.key_prefix();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .remote
+                .block_on(self.list_page(&prefix, token.as_deref(), 1000))
+                .map_err(|e| anyhow!("{e}"))?;
+            for o in page.objects {
+                match o.key.strip_prefix(&prefix) {
+                    Some(rel) => out.push(Listed {
+                        key: rel.to_string(),
+                        ..o
+                    }),
+                    None => {
+                        warn!(key = %o.key, "listing returned a key outside the prefix; ignored")
+                    }
+                }
+            }
+            match page.next {
+                Some(t) if page.truncated => token = Some(t),
+                _ if page.truncated => {
+                    bail!("the S3 listing is truncated but gives no continuation token")
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+        max_keys: u32,
+    ) -> Result<Page, ListError> {
+        let mut query = format!(
+            "list-type=2&encoding-type=url&max-keys={max_keys}&prefix={}",
+            utf8_percent_encode(prefix, STRICT)
+        );
+        if let Some(t) = token {
+            query.push_str("&continuation-token=");
+            query.push_str(&utf8_percent_encode(t, STRICT).to_string());
+        }
+        let url = format!("{}?{query}", self.bucket_url);
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let err = match self.list_once(&url).await {
+                Ok(body) => return parse_list(&body),
+                Err(e) => e,
+            };
+            let transient = matches!(err, ListError::Transient(_));
+            if !transient || start.elapsed() + backoff >= self.remote.deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn list_once(&self, url: &str) -> Result<String, ListError> {
+        let mut req = http::Request::builder()
+            .method("GET")
+            .uri(url)
+            .body(HttpRequestBody::empty())
+            .map_err(|e| ListError::Fatal(format!("bad listing URL: {e}")))?;
+        if self.sign {
+            let cred = self.s3.credentials().get_credential().await.map_err(|e| {
+                ListError::Fatal(format!(
+                    "cannot get S3 credentials: {}",
+                    object::flatten(&e)
+                ))
+            })?;
+            AwsAuthorizer::new(&cred, "s3", &self.region)
+                .try_authorize(&mut req, None)
+                .map_err(|e| ListError::Fatal(format!("cannot sign: {}", object::flatten(&e))))?;
+        }
+        let endpoint = object::redact_url(&self.bucket_url);
+        let resp = tokio::time::timeout(self.remote.deadline, self.client.execute(req))
+            .await
+            .map_err(|_| ListError::Transient(format!("{endpoint}: no answer in time")))?
+            .map_err(|e| {
+                ListError::Transient(format!("cannot reach {endpoint}: {}", object::flatten(&e)))
+            })?;
+        let status = resp.status();
+        let body = resp.into_body().bytes().await.map_err(|e| {
+            ListError::Transient(format!(
+                "{endpoint}: listing cut short: {}",
+                object::flatten(&e)
+            ))
+        })?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = xml_tag(&body, "Code").map(xml_unescape).unwrap_or_default();
+        let message = xml_tag(&body, "Message")
+            .map(xml_unescape)
+            .unwrap_or_default();
+        let what = format!("{} {code} {message}", status.as_u16());
+        let what = what.trim();
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(ListError::Transient(format!("{endpoint} answered {what}")));
+        }
+        Err(ListError::Fatal(match (status.as_u16(), code.as_str()) {
+            (
+                403,
+                "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken",
+            )
+            | (401, _) => format!(
+                "S3 at {endpoint} refused our credentials ({what}); check AWS_ACCESS_KEY_ID, \
+                 AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN"
+            ),
+            (403, _) => format!(
+                "S3 at {endpoint} denied listing bucket {} ({what}): the credentials are valid \
+                 but lack s3:ListBucket on it",
+                self.url.bucket
+            ),
+            (404, "NoSuchBucket") | (404, "") => {
+                format!(
+                    "bucket {} does not exist at {endpoint} ({what})",
+                    self.url.bucket
+                )
+            }
+            (301, _) | (307, _) | (400, "AuthorizationHeaderMalformed") => format!(
+                "S3 at {endpoint} says the bucket is in another region ({what}); pass --region"
+            ),
+            _ => format!("S3 at {endpoint} refused the listing: {what}"),
+        }))
+    }
+}
+
+enum ListError {
+    /// Worth retrying: connection failures, timeouts, 5xx, 429.
+    Transient(String),
+    /// Not: refused credentials, missing bucket, malformed answer.
+    Fatal(String),
+}
+
+impl std::fmt::Display for ListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListError::Transient(m) | ListError::Fatal(m) => f.write_str(m),
+        }
+    }
+}
+
+struct Page {
+    objects: Vec<Listed>,
+    truncated: bool,
+    next: Option<String>,
+}
+
+fn parse_list(body: &str) -> Result<Page, ListError> {
+    if !body.contains("<ListBucketResult") {
+        return Err(ListError::Fatal(
+            "the server's answer to a listing is not a ListBucketResult".into(),
+        ));
+    }
+    let url_encoded = xml_tag(body, "EncodingType").is_some_and(|e| e.trim() == "url");
+    let decode_key = |raw: &str| -> Result<String, ListError> {
+        let k = xml_unescape(raw);
+        if !url_encoded {
+            return Ok(k);
+        }
+        percent_decode_str(&k.replace('+', " "))
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| ListError::Fatal(format!("listed key {k:?} is not UTF-8")))
+    };
+    let mut objects = Vec::new();
+    for block in xml_blocks(body, "Contents") {
+        let key = decode_key(
+            xml_tag(block, "Key")
+                .ok_or_else(|| ListError::Fatal("listed object without a Key".into()))?,
+        )?;
+        let size = xml_tag(block, "Size")
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| ListError::Fatal(format!("listed object {key:?} without a Size")))?;
+        let mtime = xml_tag(block, "LastModified")
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
+            .map(|t| (t.timestamp(), t.timestamp_subsec_nanos()))
+            .unwrap_or((0, 0));
+        let etag = xml_tag(block, "ETag")
+            .map(xml_unescape)
+            .filter(|e| !e.is_empty());
+        objects.push(Listed {
+            key,
+            size,
+            mtime,
+            etag,
+        });
+    }
+    Ok(Page {
+        objects,
+        truncated: xml_tag(body, "IsTruncated").is_some_and(|t| t.trim() == "true"),
+        next: xml_tag(body, "NextContinuationToken").map(xml_unescape),
+    })
+}
+
+/// The text of the first `<name>...</name>` in `s` (S3's answers are flat enough for this).
+fn xml_tag<'a>(s: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let start = s.find(&open)? + open.len();
+    let end = s[start..].find(&close)? + start;
+    Some(&s[start..end])
+}
+
+/// The insides of every `<name>...</name>` block.
+fn xml_blocks<'a>(s: &'a str, name: &str) -> Vec<&'a str> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find(&open) {
+        let after = &rest[i + open.len()..];
+        let Some(j) = after.find(&close) else { break };
+        out.push(&after[..j]);
+        rest = &after[j + close.len()..];
+    }
+    out
+}
+
+fn xml_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(j) = tail.find(';') else {
+            out.push_str(tail);
+            return out;
+        };
+        let ent = &tail[1..j];
+        let ch = match ent {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => {
+                let n = if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
+                    u32::from_str_radix(h, 16).ok()
+                } else {
+                    ent.strip_prefix('#').and_then(|d| d.parse().ok())
+                };
+                n.and_then(char::from_u32)
+            }
+        };
+        match ch {
+            Some(c) => {
+                out.push(c);
+                rest = &tail[j + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Backend for S3Backend {
+    fn read_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        self.remote
+            .block_on_deadline("S3 read", self.remote.get_range(obj, offset, buf))
+    }
+
+    fn describe(&self) -> String {
+        self.remote.describe.clone()
+    }
+
+    /// One listing request of at most one key: wrong credentials, a missing bucket or a denied
+    /// listing are errors; an unreachable server is only a warning (already fetched content can
+    /// still be served, and reads retry).
+    fn check(&self) -> anyhow::Result<()> {
+        let prefix = self.url.key_prefix();
+        match self.remote.block_on(self.list_page(&prefix, None, 1)) {
+            Ok(_) => Ok(()),
+            Err(ListError::Fatal(m)) => Err(anyhow!(m)),
+            Err(ListError::Transient(m)) => {
+                warn!("S3 source not reachable now ({m}); reads will retry");
+                Ok(())
+            }
+        }
+    }
+}
+
+impl S3Backend {
+    /// Like [`Backend::check`], but an unreachable server is an error too (for populate).
+    pub fn check_strict(&self) -> anyhow::Result<()> {
+        let prefix = self.url.key_prefix();
+        self.remote
+            .block_on(self.list_page(&prefix, None, 1))
+            .map(|_| ())
+            .map_err(|e| anyhow!("{e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_round_trip() {
+        let u = S3Url::parse(
+            "s3://bkt/some/pre%20fix/?endpoint=http://127.0.0.1:9000/&region=eu-west-1&deadline=5",
+        )
+        .unwrap();
+        assert_eq!(u.bucket, "bkt");
+        assert_eq!(u.prefix, "some/pre fix");
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(u.deadline, Some(Duration::from_secs(5)));
+        assert_eq!(S3Url::parse(&u.to_url()).unwrap(), u);
+        assert!(S3Url::parse("s3://bkt/a/../b").is_err());
+        assert!(S3Url::parse("s3://bkt?secret=x").is_err());
+        assert!(S3Url::parse("s3://bkt?endpoint=http://u:p@h/").is_err());
+        assert!(S3Url::parse("s3://Bad_Bucket!").is_err());
+    }
+
+    #[test]
+    fn parses_a_listing() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult><Name>b</Name><Prefix>p%2F</Prefix><EncodingType>url</EncodingType>
+<IsTruncated>true</IsTruncated><NextContinuationToken>tok&amp;1</NextContinuationToken>
+<Contents><Key>p/a+b%2Bc</Key><LastModified>2024-01-02T03:04:05.500Z</LastModified>
+<ETag>&quot;abc&quot;</ETag><Size>12</Size></Contents>
+<Contents><Key>p/..%2Fx</Key><LastModified>2024-01-02T03:04:05Z</LastModified><ETag>"d-2"</ETag><Size>0</Size></Contents>
+</ListBucketResult>"#;
+        let Ok(page) = parse_list(body) else { panic!() };
+        assert!(page.truncated);
+        assert_eq!(page.next.as_deref(), Some("tok&1"));
+        assert_eq!(page.objects[0].key, "p/a b+c");
+        assert_eq!(page.objects[0].size, 12);
+        assert_eq!(page.objects[0].mtime, (1704164645, 500_000_000));
+        assert_eq!(page.objects[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(page.objects[1].key, "p/../x");
+    }
+}
