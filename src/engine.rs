@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
@@ -55,6 +55,8 @@ struct Entry {
     digests: Option<Vec<Digest>>,
     /// A duplicate of the first event's fd: lets the flusher and readahead reach the file.
     file: OwnedFd,
+    /// xfs: an "invisible I/O" fd on the same file, whose writes leave mtime and ctime alone.
+    invisible: Option<OwnedFd>,
     state: Mutex<EntryState>,
     changed: Condvar,
 }
@@ -67,6 +69,13 @@ struct EntryState {
     dirty: bool,
     /// End of the last range served: a request starting here is sequential.
     last_end: u64,
+    /// Last access served: records are written when a file has gone quiet (see `flush`).
+    last_access: Instant,
+    dirty_since: Option<Instant>,
+    /// Changed locally (mtime no longer the source's) while not complete: bytes on disk in an
+    /// unrecorded range may be the user's, written after a fill whose record a crash lost. Such
+    /// ranges are compared before anything is written over them.
+    suspect: bool,
 }
 
 pub struct Engine {
@@ -76,6 +85,8 @@ pub struct Engine {
     fetch_tx: crossbeam_channel::Sender<FetchJob>,
     fetch_timeout: Duration,
     digest_dir: PathBuf,
+    /// xfs: the store's tree, on its own unmarked mount, to reopen stubs for invisible I/O.
+    xfs_tree: Option<OwnedFd>,
     files: Mutex<HashMap<FileKey, Arc<Entry>>>,
     pub metrics: Metrics,
     /// How far ahead of a sequential reader to fetch.
@@ -99,6 +110,11 @@ struct Readahead {
     start: u64,
     end: u64,
 }
+
+/// A file's record is written once no access has come for this long...
+const QUIET_BEFORE_RECORD: Duration = Duration::from_secs(1);
+/// ...or once it has waited this long.
+const MAX_RECORD_LAG: Duration = Duration::from_secs(30);
 
 /// Keep at most this many idle entries cached; complete clean ones go first.
 const MAX_CACHED: usize = 4096;
@@ -139,6 +155,7 @@ impl Engine {
         readahead: u64,
         fetch_timeout: Duration,
         digest_dir: PathBuf,
+        xfs_tree: Option<OwnedFd>,
     ) -> Engine {
         let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
         for _ in 0..FETCH_THREADS {
@@ -165,6 +182,7 @@ impl Engine {
             fetch_tx,
             fetch_timeout,
             digest_dir,
+            xfs_tree,
             files: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             readahead,
@@ -207,13 +225,14 @@ impl Engine {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Ok(Served::Complete);
         }
-        let Some(entry) = self.entry((st.st_dev, st.st_ino), fd)? else {
+        let Some(entry) = self.entry(&st, fd)? else {
             return Ok(Served::Complete);
         };
         let size = st.st_size as u64;
         let chunk = entry.source.chunk_size as u64;
         let (start, end, sequential) = {
             let mut s = lock(&entry.state);
+            s.last_access = Instant::now();
             // A file shorter than the part we know is backed was truncated locally: what lies
             // beyond is the user's, never the source's again.
             if size < s.record.backed_len {
@@ -269,7 +288,8 @@ impl Engine {
     }
 
     /// Look up or load the entry for a file. `None`: not a stub (no source record).
-    fn entry(&self, key: FileKey, fd: BorrowedFd<'_>) -> io::Result<Option<Arc<Entry>>> {
+    fn entry(&self, st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<Option<Arc<Entry>>> {
+        let key: FileKey = (st.st_dev, st.st_ino);
         if let Some(e) = lock(&self.files).get(&key) {
             return Ok(Some(e.clone()));
         }
@@ -291,15 +311,27 @@ impl Engine {
             warn!(file = %fd_path(fd), "digest list unusable, refusing access: {e}");
             io::Error::from_raw_os_error(libc::EIO)
         })?;
+        let suspect =
+            (st.st_mtime, st.st_mtime_nsec as u32) != source.mtime && !record.is_complete();
+        // Fails for a file being executed (ETXTBSY): then writes go through the event fd.
+        let invisible = self.xfs_tree.as_ref().and_then(|dir| {
+            sysfs::xfs_reopen_invisible(dir.as_fd(), fd)
+                .map_err(|e| debug!(file = %fd_path(fd), "no invisible I/O fd: {e}"))
+                .ok()
+        });
         let entry = Arc::new(Entry {
             digests,
             source,
+            invisible,
             file: fd.try_clone_to_owned()?,
             state: Mutex::new(EntryState {
                 record,
                 in_flight: HashSet::new(),
                 dirty: false,
                 last_end: 0,
+                last_access: Instant::now(),
+                dirty_since: None,
+                suspect,
             }),
             changed: Condvar::new(),
         });
@@ -448,10 +480,18 @@ impl Engine {
         let st = sysfs::fstat(fd)?;
         let size = st.st_size as u64;
         let pe_now = pe.min(size);
-        if pe_now > ps {
-            sysfs::pwrite_all(fd, &buf[..(pe_now - ps) as usize], ps)?;
-            // Writing through the fd moved the mtime; the file still is the source's.
-            let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
+        let suspect = lock(&entry.state).suspect;
+        if pe_now > ps
+            && !(suspect && self.keep_local_bytes(fd, ps, &buf[..(pe_now - ps) as usize])?)
+        {
+            match &entry.invisible {
+                Some(w) => sysfs::pwrite_all(w.as_fd(), &buf[..(pe_now - ps) as usize], ps)?,
+                None => {
+                    sysfs::pwrite_all(fd, &buf[..(pe_now - ps) as usize], ps)?;
+                    // Writing through the fd moved the mtime; the file still is the source's.
+                    let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
+                }
+            }
         }
         Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));
         let mut s = lock(&entry.state);
@@ -463,21 +503,44 @@ impl Engine {
         let backed = s.record.backed_len;
         s.record.present.insert(ps, pe_now.min(backed));
         s.dirty = true;
+        s.dirty_since.get_or_insert_with(Instant::now);
         if s.record.is_complete() {
             Metrics::add(&self.metrics.files_completed, 1);
         }
         Ok(())
     }
 
-    /// Persist the state of every changed file: first `syncfs` so the data is on disk, then the
-    /// records that describe it. Returns the number of records written.
-    pub fn flush(&self) -> usize {
+    /// In a file of unknown history (see `EntryState::suspect`), is `[ps, ps + len)` already
+    /// the user's? Unfetched bytes are zeros (holes or zero clones); a fill cut short by a crash
+    /// is a prefix of the source's bytes followed by zeros. Anything else was written locally and
+    /// is kept (the range is then recorded present without writing).
+    fn keep_local_bytes(&self, fd: BorrowedFd<'_>, ps: u64, source: &[u8]) -> io::Result<bool> {
+        let mut cur = vec![0u8; source.len()];
+        let n = sysfs::pread_full(fd, &mut cur, ps)?;
+        cur.truncate(n);
+        let common = cur.iter().zip(source).take_while(|(a, b)| a == b).count();
+        let is_our_prefix = cur[common..].iter().all(|&b| b == 0);
+        if !is_our_prefix {
+            warn!(file = %fd_path(fd), offset = ps, "kept bytes written locally in a range not recorded present");
+        }
+        Ok(!is_our_prefix)
+    }
+
+    /// Persist the state of changed files: first `syncfs` so the data is on disk, then the records
+    /// that describe it. A record is written once its file has gone quiet (a record write moves
+    /// the file's ctime, which `tar` reports as "file changed as we read it"), or after
+    /// `MAX_RECORD_LAG` whatever happens; `force` writes them all. Returns the records written.
+    pub fn flush(&self, force: bool) -> usize {
         let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
-            if s.dirty {
+            let due = force
+                || s.last_access.elapsed() >= QUIET_BEFORE_RECORD
+                || s.dirty_since.is_some_and(|t| t.elapsed() >= MAX_RECORD_LAG);
+            if s.dirty && due {
                 s.dirty = false;
+                s.dirty_since = None;
                 dirty.push((e.clone(), s.record.clone()));
             }
         }
@@ -485,7 +548,9 @@ impl Engine {
             if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
                 warn!("syncfs failed, state records not updated: {err}");
                 for (e, _) in &dirty {
-                    lock(&e.state).dirty = true;
+                    let mut s = lock(&e.state);
+                    s.dirty = true;
+                    s.dirty_since.get_or_insert_with(Instant::now);
                 }
                 return 0;
             }
@@ -497,7 +562,9 @@ impl Engine {
                 Err(err) => {
                     // The record lags the data: a restart refetches, nothing is lost.
                     debug!(file = %fd_path(e.file.as_fd()), "state record not written: {err}");
-                    lock(&e.state).dirty = true;
+                    let mut s = lock(&e.state);
+                    s.dirty = true;
+                    s.dirty_since.get_or_insert_with(Instant::now);
                 }
             }
         }

@@ -56,6 +56,11 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let group = Arc::new(Group::from_fd(
         ipc::take_inherited(GROUP_FD).context("worker started without the fanotify group")?,
     ));
+    // Stopping is the supervisor's call: a Ctrl-C or a service manager's SIGTERM reaches the
+    // whole process group, and a worker that died of it would be restarted mid-shutdown.
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
+    }
     let store = Store::open(store_root)?;
     let backend = crate::backend::open(&store.config.source)?;
     let engine = Arc::new(Engine::new(
@@ -63,6 +68,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         opts.readahead,
         opts.fetch_timeout,
         store.digest_dir(),
+        xfs_tree(&store),
     ));
     if opts.continue_metrics {
         engine.metrics.restore(&store.metrics_path());
@@ -100,7 +106,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
                 std::thread::sleep(interval);
-                engine.flush();
+                engine.flush(false);
                 engine.metrics.write(&metrics_path);
             }
         })
@@ -130,9 +136,17 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     engine.stop_readahead();
     flusher_stop.store(true, Ordering::Relaxed);
     let _ = flusher.join();
-    engine.flush();
+    engine.flush(true);
     engine.metrics.write(&store.metrics_path());
     Ok(())
+}
+
+/// On xfs, the store's tree (an unmarked path) for reopening stubs for invisible I/O.
+fn xfs_tree(store: &Store) -> Option<OwnedFd> {
+    if store.config.fs != crate::sys::fs::FsKind::Xfs {
+        return None;
+    }
+    std::fs::File::open(store.tree()).ok().map(OwnedFd::from)
 }
 
 /// Receive events until the supervisor says stop (returns false) or disappears (returns true).

@@ -451,3 +451,66 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
     Ok(())
 }
+
+/// `struct xfs_fsop_handlereq` (fs/xfs/libxfs/xfs_fs.h).
+#[repr(C)]
+struct XfsHandleReq {
+    fd: u32,
+    path: *mut libc::c_void,
+    oflags: u32,
+    ihandle: *mut libc::c_void,
+    ihandlen: u32,
+    ohandle: *mut libc::c_void,
+    ohandlen: *mut u32,
+}
+// _IOWR('X', 106 / 107, struct xfs_fsop_handlereq), 56 bytes on 64-bit
+const XFS_IOC_FD_TO_HANDLE: libc::c_ulong = 0xc038_586a;
+const XFS_IOC_OPEN_BY_HANDLE: libc::c_ulong = 0xc038_586b;
+
+/// xfs only: reopen `file` read-write through its handle, on the mount of `dir`. xfs gives such
+/// an fd "invisible I/O" (FMODE_NOCMTIME): writes through it change neither mtime nor ctime, so
+/// filling a stub is not seen as a change by readers that watch ctime (GNU tar). Needs
+/// CAP_SYS_ADMIN.
+pub fn xfs_reopen_invisible(dir: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut handle = [0u8; 64];
+    let mut hlen: u32 = 0;
+    let mut req = XfsHandleReq {
+        fd: file.as_raw_fd() as u32,
+        path: std::ptr::null_mut(),
+        oflags: 0,
+        ihandle: std::ptr::null_mut(),
+        ihandlen: 0,
+        ohandle: handle.as_mut_ptr().cast(),
+        ohandlen: &mut hlen,
+    };
+    // SAFETY: `req` points at live buffers of the sizes xfs expects (a handle is at most 64 bytes).
+    cvt(unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            XFS_IOC_FD_TO_HANDLE,
+            &mut req as *mut XfsHandleReq,
+        )
+    })?;
+    if hlen as usize > handle.len() {
+        return Err(io::Error::from_raw_os_error(libc::EOVERFLOW));
+    }
+    let mut open = XfsHandleReq {
+        fd: 0,
+        path: std::ptr::null_mut(),
+        oflags: (libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32,
+        ihandle: handle.as_mut_ptr().cast(),
+        ihandlen: hlen,
+        ohandle: std::ptr::null_mut(),
+        ohandlen: std::ptr::null_mut(),
+    };
+    // SAFETY: as above; the ioctl returns a new fd.
+    let fd = cvt(unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            XFS_IOC_OPEN_BY_HANDLE,
+            &mut open as *mut XfsHandleReq,
+        )
+    })?;
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
