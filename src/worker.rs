@@ -63,6 +63,10 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     }
     let store = Store::open(store_root)?;
     let backend = crate::backend::open(&store.config.source)?;
+    // Wrong credentials or an unreachable source are an error at start, not at the first read.
+    backend
+        .check()
+        .with_context(|| format!("the source {} cannot be used", backend.describe()))?;
     let engine = Arc::new(Engine::new(
         backend,
         opts.readahead,
