@@ -53,7 +53,7 @@ enum Command {
         /// s3:// sources: the region (default: AWS_REGION, else us-east-1).
         #[arg(long)]
         region: Option<String>,
-        /// Remote sources: seconds one read may take, retries included, before EIO (default 30).
+        /// Remote sources: seconds one read may take, retries included, before EIO (default 20).
         #[arg(long)]
         fetch_deadline: Option<f64>,
     },

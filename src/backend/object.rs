@@ -22,7 +22,7 @@ use super::FetchError;
 use crate::record::SourceRecord;
 
 /// Default total time one read may take, retries included, before the reader gets EIO.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(30);
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Prefix of a [`SourceRecord::version`] that holds a Last-Modified time (seconds since the
 /// epoch) rather than an ETag, for HTTP servers that send no ETag.

@@ -10,7 +10,7 @@
 //!   records the endpoint and region it used (from `--endpoint`/`--region`, `AWS_ENDPOINT_URL`,
 //!   `AWS_REGION`), so that `serve` talks to the same server whatever its environment.
 //! - `deadline`: total seconds one read may take, retries included, before the reader gets EIO
-//!   (default 30).
+//!   (default 20; `serve --fetch-timeout`, 30 s by default, answers EAGAIN after that).
 //! - Credentials: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` in the
 //!   environment, else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, default
 //!   `~/.aws/credentials`, profile `AWS_PROFILE` or `default`), else web identity or container
