@@ -80,6 +80,9 @@ enum Command {
         /// Seconds to keep serving already-open files after a stop is asked for.
         #[arg(long, default_value_t = 2.0)]
         drain: f64,
+        /// The unprivileged user (name or uid) that remote backends run as, in their own process.
+        #[arg(long, default_value = "nobody")]
+        fetch_user: String,
     },
     /// The fetching process of `hsm serve` (started by it, not by hand).
     #[command(hide = true)]
@@ -96,6 +99,15 @@ enum Command {
         drain: f64,
         #[arg(long)]
         continue_metrics: bool,
+        #[arg(long)]
+        fetch_user: String,
+    },
+    /// The unprivileged process that reads remote sources for `hsm serve` (started by it).
+    #[command(hide = true)]
+    ServeFetcher {
+        source: String,
+        #[arg(long)]
+        user: String,
     },
     /// Show how much of each file is present: stub, partial, complete, modified.
     Status {
@@ -174,8 +186,10 @@ fn main() -> ExitCode {
             readahead,
             fetch_timeout,
             drain,
+            fetch_user,
         } => {
             let mut opts = ServeOptions::default();
+            opts.worker.fetch_user = fetch_user;
             opts.worker.threads = workers;
             opts.worker.readahead = readahead;
             opts.worker.fetch_timeout = secs(fetch_timeout);
@@ -191,6 +205,7 @@ fn main() -> ExitCode {
             fetch_timeout,
             drain,
             continue_metrics,
+            fetch_user,
         } => hsm::worker::run(
             &store,
             &mountpoint,
@@ -201,8 +216,12 @@ fn main() -> ExitCode {
                 flush_interval: Duration::from_millis(500),
                 drain: secs(drain),
                 continue_metrics,
+                fetch_user,
             },
         ),
+        Command::ServeFetcher { source, user } => hsm::sys::ipc::take_inherited(3)
+            .map_err(anyhow::Error::from)
+            .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &user)),
         Command::Status { paths, json } => hsm::status::run(&paths, json),
         Command::Verify { paths, store } => hsm::verify::run(&paths, store.as_deref()),
         Command::Demo { fs } => hsm::demo::run(&fs),

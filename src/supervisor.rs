@@ -44,6 +44,7 @@ impl Default for ServeOptions {
                 flush_interval: Duration::from_millis(500),
                 drain: Duration::from_secs(2),
                 continue_metrics: false,
+                fetch_user: "nobody".into(),
             },
             event_deadline: Duration::from_secs(45),
         }
@@ -338,6 +339,8 @@ fn spawn_worker(
         .arg(opts.fetch_timeout.as_secs_f64().to_string())
         .arg("--drain")
         .arg(opts.drain.as_secs_f64().to_string())
+        .arg("--fetch-user")
+        .arg(&opts.fetch_user)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     if restart {

@@ -41,6 +41,44 @@ pub struct WorkerOptions {
     pub drain: Duration,
     /// Continue the counters of the worker this one replaces.
     pub continue_metrics: bool,
+    /// The unprivileged user remote backends run as (in their own process).
+    pub fetch_user: String,
+}
+
+/// A local source is read here. A remote one is read by `hsm serve-fetcher`, a child process
+/// that drops to `fetch_user` before it touches the network (see `backend::isolated`). Either
+/// way, wrong credentials or an unreachable source fail the start, not the first read.
+fn open_backend(
+    store: &Store,
+    fetch_user: &str,
+) -> anyhow::Result<Arc<dyn crate::backend::Backend>> {
+    use crate::backend::{isolated::IsolatedBackend, scheme_of, Scheme};
+    if scheme_of(&store.config.source) == Scheme::Local {
+        let backend = crate::backend::open(&store.config.source)?;
+        backend
+            .check()
+            .with_context(|| format!("the source {} cannot be used", backend.describe()))?;
+        return Ok(backend);
+    }
+    let (mine, theirs) = ipc::stream_pair()?;
+    let exe = std::env::current_exe().context("cannot find the hsm executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve-fetcher")
+        .arg(&store.config.source)
+        .arg("--user")
+        .arg(fetch_user)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let child =
+        ipc::spawn_with_fds(cmd, &[theirs.as_fd()]).context("cannot start the fetcher process")?;
+    drop(theirs);
+    let _ = std::fs::write(store.meta().join("fetcher.pid"), child.id().to_string());
+    // Reap it when it exits (with this worker, or on its own: then the worker exits too).
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(Arc::new(IsolatedBackend::new(mine)?))
 }
 
 /// Opens for exec seen, by (pid, dev, ino): the plain open event that follows is not a plain open.
@@ -62,11 +100,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
     }
     let store = Store::open(store_root)?;
-    let backend = crate::backend::open(&store.config.source)?;
-    // Wrong credentials or an unreachable source are an error at start, not at the first read.
-    backend
-        .check()
-        .with_context(|| format!("the source {} cannot be used", backend.describe()))?;
+    let backend = open_backend(&store, &opts.fetch_user)?;
     let engine = Arc::new(Engine::new(
         backend,
         opts.readahead,

@@ -1,0 +1,335 @@
+//! Remote backends run in a separate, unprivileged process.
+//!
+//! The code that talks to the network and parses what a server sends (HTTP, TLS, XML listings) is
+//! the part most exposed to hostile input, and the daemon runs as root. So for `s3://` and
+//! `http(s)://` sources the worker does not call the backend itself: it starts `hsm serve-fetcher`,
+//! which opens the backend, drops to an unprivileged user (no capabilities, no new privileges)
+//! and answers range requests over a socket. A compromised fetcher can return wrong bytes (which
+//! the per-chunk digests and size checks catch) and nothing more: it holds no fd on the store.
+//!
+//! Framing on a `SOCK_STREAM` socket pair, little-endian:
+//! request `len u32 | id u64 | offset u64 | want u32 | SourceRecord (postcard)`,
+//! response `len u32 | id u64 | status u8 | payload` (the bytes, or an error message).
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use tracing::error;
+
+use super::{Backend, FetchError};
+use crate::record::SourceRecord;
+
+const STATUS_OK: u8 = 0;
+const STATUS_NOT_FOUND: u8 = 1;
+const STATUS_CHANGED: u8 = 2;
+const STATUS_SHORT: u8 = 3;
+const STATUS_ESCAPE: u8 = 4;
+const STATUS_IO: u8 = 5;
+const STATUS_REMOTE: u8 = 6;
+/// Largest frame accepted either way: a chunk plus headers, with room to spare.
+const MAX_FRAME: usize = 256 << 20;
+
+fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(body.len()).map_err(|_| io::Error::other("frame too large"))?;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(body)
+}
+
+fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "oversized frame",
+        ));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
+fn encode_error(e: &FetchError) -> (u8, Vec<u8>) {
+    match e {
+        FetchError::NotFound => (STATUS_NOT_FOUND, Vec::new()),
+        FetchError::Changed(m) => (STATUS_CHANGED, m.as_bytes().to_vec()),
+        FetchError::Short { got, .. } => (STATUS_SHORT, (*got as u64).to_le_bytes().to_vec()),
+        FetchError::Escape => (STATUS_ESCAPE, Vec::new()),
+        FetchError::Io(e) => (STATUS_IO, e.to_string().into_bytes()),
+        FetchError::Remote(m) => (STATUS_REMOTE, m.as_bytes().to_vec()),
+    }
+}
+
+fn decode_reply(
+    status: u8,
+    payload: Vec<u8>,
+    offset: u64,
+    want: usize,
+) -> Result<Vec<u8>, FetchError> {
+    let text = || String::from_utf8_lossy(&payload).into_owned();
+    match status {
+        STATUS_OK if payload.len() == want => Ok(payload),
+        STATUS_OK => Err(FetchError::Short {
+            offset,
+            want,
+            got: payload.len(),
+        }),
+        STATUS_NOT_FOUND => Err(FetchError::NotFound),
+        STATUS_CHANGED => Err(FetchError::Changed(text())),
+        STATUS_SHORT => Err(FetchError::Short {
+            offset,
+            want,
+            got: payload
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes) as usize,
+        }),
+        STATUS_ESCAPE => Err(FetchError::Escape),
+        STATUS_IO => Err(FetchError::Io(io::Error::other(text()))),
+        STATUS_REMOTE => Err(FetchError::Remote(text())),
+        _ => Err(FetchError::Remote(
+            "malformed reply from the fetcher".into(),
+        )),
+    }
+}
+
+/// Replies not yet claimed, by request id: `(status, payload)`.
+type Waiters = Mutex<HashMap<u64, crossbeam_channel::Sender<(u8, Vec<u8>)>>>;
+
+/// The worker's side: a `Backend` whose reads are done by the fetcher process.
+pub struct IsolatedBackend {
+    describe: String,
+    writer: Mutex<UnixStream>,
+    waiters: Arc<Waiters>,
+    next_id: AtomicU64,
+}
+
+impl IsolatedBackend {
+    /// `sock` is connected to a running `hsm serve-fetcher`. If the fetcher dies, this worker
+    /// exits: the supervisor starts a new worker (and with it a new fetcher) and resends the
+    /// events that were waiting.
+    pub fn new(sock: OwnedFd) -> anyhow::Result<IsolatedBackend> {
+        let stream = UnixStream::from(sock);
+        let mut reader = stream.try_clone()?;
+        // The fetcher's first frame says whether its backend works (credentials, reachability).
+        let hello = read_frame(&mut reader)?
+            .filter(|f| f.len() >= 9)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the fetcher process exited before it was ready (its error is above)"
+                )
+            })?;
+        let text = String::from_utf8_lossy(&hello[9..]).into_owned();
+        if hello[8] != STATUS_OK {
+            anyhow::bail!("{text}");
+        }
+        let describe = text;
+        let waiters: Arc<Waiters> = Arc::new(Mutex::new(HashMap::new()));
+        let w = waiters.clone();
+        std::thread::spawn(move || loop {
+            let frame = match read_frame(&mut reader) {
+                Ok(Some(f)) if f.len() >= 9 => f,
+                Ok(_) | Err(_) => {
+                    error!("the fetcher process is gone; this worker exits and is replaced");
+                    std::process::exit(3);
+                }
+            };
+            let id = u64::from_le_bytes(frame[..8].try_into().unwrap_or_default());
+            let tx = w.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            if let Some(tx) = tx {
+                let _ = tx.send((frame[8], frame[9..].to_vec()));
+            }
+        });
+        Ok(IsolatedBackend {
+            describe,
+            writer: Mutex::new(stream),
+            waiters,
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+impl Backend for IsolatedBackend {
+    fn read_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let record = postcard::to_allocvec(obj).map_err(|e| FetchError::Io(io::Error::other(e)))?;
+        let mut body = Vec::with_capacity(20 + record.len());
+        body.extend_from_slice(&id.to_le_bytes());
+        body.extend_from_slice(&offset.to_le_bytes());
+        body.extend_from_slice(&(buf.len() as u32).to_le_bytes());
+        body.extend_from_slice(&record);
+        let sent = write_frame(
+            &mut *self.writer.lock().unwrap_or_else(|p| p.into_inner()),
+            &body,
+        );
+        if let Err(e) = sent {
+            self.waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(FetchError::Io(e));
+        }
+        // No deadline here: the engine's fetch pool bounds how long a reader waits.
+        let (status, payload) = rx
+            .recv()
+            .map_err(|_| FetchError::Remote("the fetcher process is gone".into()))?;
+        let bytes = decode_reply(status, payload, offset, buf.len())?;
+        buf.copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// The fetcher process: open the backend, drop privileges, serve requests until the worker
+/// closes the socket.
+pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
+    let mut stream = UnixStream::from(sock);
+    let opened = super::open(url).and_then(|b| {
+        crate::sys::privilege::drop_to_user(user)
+            .with_context(|| format!("cannot drop privileges to user {user:?}"))?;
+        b.check()
+            .with_context(|| format!("the source {} cannot be used", b.describe()))?;
+        Ok(b)
+    });
+    let mut hello = 0u64.to_le_bytes().to_vec();
+    let backend = match opened {
+        Ok(b) => {
+            hello.push(STATUS_OK);
+            hello.extend_from_slice(b.describe().as_bytes());
+            write_frame(&mut stream, &hello)?;
+            b
+        }
+        Err(e) => {
+            hello.push(STATUS_REMOTE);
+            hello.extend_from_slice(format!("{e:#}").as_bytes());
+            let _ = write_frame(&mut stream, &hello);
+            return Err(e);
+        }
+    };
+    let mut reader = stream.try_clone()?;
+    let writer = Arc::new(Mutex::new(stream));
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
+    for _ in 0..32 {
+        let rx = rx.clone();
+        let backend = backend.clone();
+        let writer = writer.clone();
+        std::thread::spawn(move || {
+            for req in rx {
+                let reply = serve_request(&*backend, &req);
+                if write_frame(
+                    &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
+                    &reply,
+                )
+                .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    while let Some(frame) = read_frame(&mut reader)? {
+        if tx.send(frame).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn serve_request(backend: &dyn Backend, req: &[u8]) -> Vec<u8> {
+    let id = req
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    let mut reply = id.to_le_bytes().to_vec();
+    let parsed = (|| {
+        let offset = u64::from_le_bytes(req.get(8..16)?.try_into().ok()?);
+        let want = u32::from_le_bytes(req.get(16..20)?.try_into().ok()?) as usize;
+        let obj: SourceRecord = postcard::from_bytes(req.get(20..)?).ok()?;
+        (want as u64 <= obj.chunk_size as u64 * 2).then_some((offset, want, obj))
+    })();
+    let Some((offset, want, obj)) = parsed else {
+        reply.push(STATUS_REMOTE);
+        reply.extend_from_slice(b"malformed request");
+        return reply;
+    };
+    let mut buf = vec![0u8; want];
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        backend.read_range(&obj, offset, &mut buf)
+    }))
+    .unwrap_or_else(|_| Err(FetchError::Remote("backend read panicked".into())));
+    match result {
+        Ok(()) => {
+            reply.push(STATUS_OK);
+            reply.extend_from_slice(&buf);
+        }
+        Err(e) => {
+            let (status, payload) = encode_error(&e);
+            reply.push(status);
+            reply.extend_from_slice(&payload);
+        }
+    }
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_cross_the_socket_intact() {
+        for e in [
+            FetchError::NotFound,
+            FetchError::Changed("etag".into()),
+            FetchError::Escape,
+            FetchError::Remote("503".into()),
+        ] {
+            let (status, payload) = encode_error(&e);
+            let back = decode_reply(status, payload, 0, 10).unwrap_err();
+            assert_eq!(back.to_string(), e.to_string());
+        }
+        assert!(decode_reply(STATUS_OK, vec![1, 2], 0, 3).is_err());
+        assert_eq!(
+            decode_reply(STATUS_OK, vec![1, 2, 3], 0, 3).unwrap(),
+            vec![1, 2, 3]
+        );
+        assert!(decode_reply(99, vec![], 0, 0).is_err());
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_reply() {
+        struct Never;
+        impl Backend for Never {
+            fn read_range(&self, _: &SourceRecord, _: u64, _: &mut [u8]) -> Result<(), FetchError> {
+                unreachable!()
+            }
+            fn describe(&self) -> String {
+                String::new()
+            }
+        }
+        let reply = serve_request(&Never, &[1, 2, 3]);
+        assert_eq!(reply[8], STATUS_REMOTE);
+    }
+}
