@@ -161,34 +161,7 @@ impl Moto {
 
     /// Upload local files as objects (one PUT each, so ETags are MD5s).
     fn put(&self, items: &[(&str, &Path)]) {
-        let json = serde_json::to_string(
-            &items
-                .iter()
-                .map(|(k, p)| (k.to_string(), p.to_string_lossy().into_owned()))
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
-        let mut child = Command::new("python3")
-            .arg("-c")
-            .arg(PY_PUT)
-            .args([&self.endpoint(), &self.id, &self.secret, BUCKET])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(json.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "upload failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        s3_put(&self.endpoint(), &self.id, &self.secret, items);
     }
 
     fn put_bytes(&self, key: &str, data: &[u8]) {
@@ -205,6 +178,38 @@ impl Moto {
             ("AWS_REGION", "us-east-1".into()),
         ]
     }
+}
+
+/// Upload local files as objects of BUCKET at an S3 endpoint (one PUT each).
+fn s3_put(endpoint: &str, id: &str, secret: &str, items: &[(&str, &Path)]) {
+    let json = serde_json::to_string(
+        &items
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(PY_PUT)
+        .args([endpoint, id, secret, BUCKET])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(json.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "upload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for Moto {
@@ -1005,4 +1010,259 @@ fn http_server_stopped_gives_eio_within_deadline_then_recovers() {
     assert_bytes_eq(&std::fs::read(fx.at("big")).unwrap(), &data, "whole file");
     eprintln!("EIO after {took:.2} s (deadline 3 s)");
     fx.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A WAN-like link: added delay and limited bandwidth between the daemon and a server.
+//
+// This kernel has no `sch_netem` (CONFIG_NET_SCH_NETEM is not set, and there are no modules to
+// load), so delay is added by a TCP relay on loopback: every byte is held for half the round trip
+// in each direction, then sent out no faster than the link's rate (a token bucket). Connections
+// stay pipelined (a delay, not a stop-and-wait), and each direction holds at most
+// max(4 MiB, 2 x rate x delay) before it stops reading, so TCP back-pressure still works.
+
+const PY_LINK: &str = r#"
+import asyncio, sys, time
+listen_port, target_port = int(sys.argv[1]), int(sys.argv[2])
+delay = float(sys.argv[3]) / 1000.0          # one-way delay, seconds
+rate = float(sys.argv[4]) * 1e6 / 8          # bytes per second, 0 = unlimited
+limit = max(4 << 20, int(rate * delay * 2))  # bytes in flight per direction before back-pressure
+
+async def pipe(reader, writer):
+    q = asyncio.Queue()
+    state = {"bytes": 0}
+    room = asyncio.Event(); room.set()
+    async def rx():
+        while True:
+            await room.wait()
+            data = await reader.read(256 * 1024)
+            state["bytes"] += len(data)
+            if state["bytes"] > limit:
+                room.clear()
+            q.put_nowait((time.monotonic() + delay, data))
+            if not data:
+                return
+    async def tx():
+        free_at = time.monotonic()
+        while True:
+            due, data = await q.get()
+            now = time.monotonic()
+            if due > now:
+                await asyncio.sleep(due - now)
+            if not data:
+                try:
+                    writer.write_eof()
+                except Exception:
+                    pass
+                return
+            if rate:
+                free_at = max(free_at, time.monotonic() - 0.005) + len(data) / rate
+                wait = free_at - time.monotonic()
+                if wait > 0.002:
+                    await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+            state["bytes"] -= len(data)
+            if state["bytes"] <= limit:
+                room.set()
+    try:
+        await asyncio.gather(rx(), tx())
+    except Exception:
+        pass
+    finally:
+        writer.close()
+
+async def handle(cr, cw):
+    try:
+        sr, sw = await asyncio.open_connection("127.0.0.1", target_port)
+    except Exception:
+        cw.close()
+        return
+    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())"#;
+
+struct Link {
+    child: Child,
+    port: u16,
+}
+
+impl Link {
+    /// A relay on a free loopback port to `target`, adding `rtt_ms` of round trip and limiting
+    /// each direction to `mbit` Mbit/s (0: unlimited).
+    fn start(target: u16, rtt_ms: f64, mbit: f64) -> Link {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c")
+            .arg(PY_LINK)
+            .arg(port.to_string())
+            .arg(target.to_string())
+            .arg((rtt_ms / 2.0).to_string())
+            .arg(mbit.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let mut child = die_with_test(&mut cmd)
+            .spawn()
+            .expect("spawn the link relay");
+        wait_for_port(port, &mut child, "link relay", Path::new("/dev/null"));
+        Link { child, port }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// s3s-fs (`cargo install s3s-fs@0.14.1 --features binary`): an S3 server that streams ranged
+/// GETs from files, unlike moto, which copies the whole object for every request (so a 1 GiB
+/// sequential read through moto measures moto). Used by the throughput benchmark only.
+struct S3sFs {
+    child: Child,
+    port: u16,
+    root: PathBuf,
+}
+
+impl S3sFs {
+    fn start(scratch: &Path, bin: &Path, id: &str, secret: &str) -> S3sFs {
+        let root = scratch.join("s3s-root");
+        std::fs::create_dir_all(root.join(BUCKET)).unwrap();
+        let port = free_port();
+        let log = scratch.join("s3s.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", id, "--secret-key", secret])
+            .arg(&root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = die_with_test(&mut cmd).spawn().expect("spawn s3s-fs");
+        wait_for_port(port, &mut child, "s3s-fs", &log);
+        S3sFs { child, port, root }
+    }
+}
+
+impl Drop for S3sFs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sequential read of a 1 GiB object through MOUNTPOINT from an S3 server behind a link with
+/// 20 ms of added round trip and 1 Gbit/s, against what one plain GET of the whole object gets
+/// through the same link. Run it by hand:
+///
+/// ```text
+/// HSM_S3S_FS=/path/to/s3s-fs cargo test --release --test remote -- --ignored bench --nocapture
+/// ```
+///
+/// HSM_BENCH_RTT_MS, HSM_BENCH_MBIT (0: no limit), HSM_BENCH_MIB and HSM_BENCH_SERVE_ARGS
+/// (extra `hsm serve` arguments, space-separated) change the setup.
+#[test]
+#[ignore = "benchmark: needs s3s-fs (HSM_S3S_FS) and about a minute; run by hand"]
+fn bench_s3_sequential_read_over_wan_link() {
+    if !require_root() {
+        return;
+    }
+    let bin = PathBuf::from(std::env::var("HSM_S3S_FS").unwrap_or_else(|_| "s3s-fs".into()));
+    let rtt = env_f64("HSM_BENCH_RTT_MS", 20.0);
+    let mbit = env_f64("HSM_BENCH_MBIT", 1000.0);
+    let mib = env_f64("HSM_BENCH_MIB", 1024.0) as u64;
+    let serve_args: Vec<String> = std::env::var("HSM_BENCH_SERVE_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    let mut fx = Fixture::new("xfs", &format!("{}M", mib * 2 + 512));
+    let (id, secret) = ("benchkey", "benchsecret0123456789");
+    let server = S3sFs::start(&fx.scratch.path, &bin, id, secret);
+    let local = fx.scratch.path.join("obj");
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&local).unwrap());
+        let block = pattern(16 << 20, 90);
+        for i in 0..(mib / 16) {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&i.to_le_bytes());
+            w.write_all(&b).unwrap();
+        }
+    }
+    s3_put(
+        &format!("http://127.0.0.1:{}", server.port),
+        id,
+        secret,
+        &[("obj", &local)],
+    );
+    let link = Link::start(server.port, rtt, mbit);
+    let endpoint = format!("http://127.0.0.1:{}", link.port);
+    let env = vec![
+        ("AWS_ACCESS_KEY_ID", id.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", secret.to_string()),
+    ];
+    assert_ok(
+        &populate_url(
+            &fx,
+            &format!("s3://{BUCKET}"),
+            &env,
+            &["--endpoint", &endpoint],
+        ),
+        "populate",
+    );
+    let args: Vec<&str> = serve_args.iter().map(|s| s.as_str()).collect();
+    serve_with(&mut fx, &env, &args);
+    let t = Instant::now();
+    let out = run(Command::new("dd")
+        .arg(format!("if={}", fx.at("obj").display()))
+        .args(["of=/dev/null", "bs=1M"]));
+    let secs = t.elapsed().as_secs_f64();
+    let _ = out;
+    let got = mib as f64 / secs;
+    let m = fx.stop();
+    // Bytes right? Compare a digest of the stub (now filled) with the local file's.
+    let filled = std::fs::read(fx.stub("obj")).unwrap();
+    let want = std::fs::read(&local).unwrap();
+    assert_bytes_eq(&filled, &want, "filled object");
+    // One plain GET of the whole object through the same link (boto3, one TCP stream).
+    let t = Instant::now();
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])
+body = s3.get_object(Bucket="bkt", Key="obj")["Body"]
+n = 0
+while True:
+    b = body.read(1 << 20)
+    if not b: break
+    n += len(b)
+print(n)
+"#,
+        )
+        .args([&endpoint, id, secret]));
+    let plain = mib as f64 / t.elapsed().as_secs_f64();
+    eprintln!(
+        "BENCH s3 sequential read {mib} MiB, RTT +{rtt} ms, link {mbit} Mbit/s ({:.1} MiB/s): \
+         hsm {got:.1} MiB/s in {secs:.1} s; one plain GET of the object {plain:.1} MiB/s; \
+         backend_reads {}, fetched_bytes {}",
+        mbit * 1e6 / 8.0 / 1048576.0,
+        m["backend_reads"],
+        m["fetched_bytes"]
+    );
 }

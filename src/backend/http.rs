@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
+use object_store::client::{HttpConnector, ReqwestConnector};
 use object_store::http::HttpBuilder;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
@@ -90,6 +91,8 @@ impl HttpUrl {
 
 pub struct HttpBackend {
     remote: Remote,
+    /// For requests outside the store's model (the reachability check).
+    client: object_store::client::HttpClient,
     pub url: HttpUrl,
 }
 
@@ -124,12 +127,13 @@ impl HttpBackend {
         } else {
             format!("{}/", prefix.join("/"))
         };
+        let options = object::client_options(deadline, url.base.scheme() == "http");
+        let client = ReqwestConnector::default()
+            .connect(&options)
+            .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
         let store = HttpBuilder::new()
             .with_url(origin.to_string())
-            .with_client_options(object::client_options(
-                deadline,
-                url.base.scheme() == "http",
-            ))
+            .with_client_options(options)
             .with_retry(object::retry_config(deadline))
             .build()
             .map_err(|e| anyhow!("cannot configure the HTTP client: {}", object::flatten(&e)))?;
@@ -141,7 +145,11 @@ impl HttpBackend {
             deadline,
             describe,
         );
-        Ok(HttpBackend { remote, url })
+        Ok(HttpBackend {
+            remote,
+            client,
+            url,
+        })
     }
 
     /// HEAD every path, `jobs` at a time: its meta, or why not.
@@ -189,39 +197,42 @@ impl Backend for HttpBackend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
-        self.remote
-            .block_on_deadline("HTTP read", self.remote.get_range(obj, offset, buf))
+        self.remote.block_on_deadline(
+            "HTTP read",
+            self.remote.get_range_retrying(obj, offset, buf),
+        )
     }
 
     fn describe(&self) -> String {
         self.remote.describe.clone()
     }
 
-    /// There are no credentials to check: an error answer or an unreachable server is only a
-    /// warning (already fetched content can still be served, and reads retry).
+    /// There are no credentials to check: any HTTP answer to a HEAD of the base will do. An
+    /// unreachable server is only a warning (already fetched content can still be served, and
+    /// reads retry).
     fn check(&self) -> anyhow::Result<()> {
         let remote = &self.remote;
+        let url = self.url.to_url();
+        let url = url.split('#').next().unwrap_or(&url).to_string();
         let r = remote.block_on(async {
-            tokio::time::timeout(remote.deadline, remote.store.head(&Default::default())).await
+            let req = http::Request::builder()
+                .method("HEAD")
+                .uri(&url)
+                .body(object_store::client::HttpRequestBody::empty())
+                .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(remote.deadline, self.client.execute(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(object::flatten(&e)),
+                Err(_) => Err("no answer in time".to_string()),
+            }
         });
-        match r {
-            Ok(Ok(_)) | Ok(Err(object_store::Error::NotFound { .. })) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::warn!(
-                    "HTTP source {} answered a HEAD of its base with an error ({}); reads will retry",
-                    self.describe(),
-                    object::flatten(&e)
-                );
-                Ok(())
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "HTTP source {} did not answer in time; reads will retry",
-                    self.describe()
-                );
-                Ok(())
-            }
+        if let Err(m) = r {
+            tracing::warn!(
+                "HTTP source {} not reachable now ({m}); reads will retry",
+                self.describe()
+            );
         }
+        Ok(())
     }
 }
 

@@ -149,6 +149,33 @@ impl Remote {
         self.store.head(&loc).await.map_err(map_error)
     }
 
+    /// [`Remote::get_range`], tried again with backoff (100 ms doubling to 2 s) after failures
+    /// that may pass (connection reset or refused mid-body, a short body, errors the client's
+    /// own retries gave up on) for as long as the deadline allows. A replaced or missing object
+    /// is final at once.
+    pub async fn get_range_retrying(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.get_range(obj, offset, buf).await {
+                Err(e @ (FetchError::Remote(_) | FetchError::Short { .. })) => {
+                    if start.elapsed() + backoff >= self.deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!("retrying a read of {}: {e}", self.describe);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Fill `buf` from `offset` of the object `obj` names, proving it is the recorded object.
     pub async fn get_range(
         &self,
