@@ -3,6 +3,7 @@
 //! failure; it says precisely what went wrong and the fetch engine picks the errno.
 
 pub mod http;
+pub mod isolated;
 pub mod local;
 pub mod object;
 pub mod s3;
