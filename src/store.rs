@@ -117,6 +117,10 @@ impl Store {
                 );
             }
         } else {
+            // Refuse an unsupported filesystem before leaving an empty STORE behind.
+            if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+                check_supported(filesystem_of(parent)?, root)?;
+            }
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(root)
