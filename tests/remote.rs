@@ -1016,109 +1016,97 @@ fn http_server_stopped_gives_eio_within_deadline_then_recovers() {
 // A WAN-like link: added delay and limited bandwidth between the daemon and a server.
 //
 // This kernel has no `sch_netem` (CONFIG_NET_SCH_NETEM is not set, and there are no modules to
-// load), so delay is added by a TCP relay on loopback: every byte is held for half the round trip
-// in each direction, then sent out no faster than the link's rate (a token bucket). Connections
-// stay pipelined (a delay, not a stop-and-wait), and each direction holds at most
-// max(4 MiB, 2 x rate x delay) before it stops reading, so TCP back-pressure still works.
-
-const PY_LINK: &str = r#"
-import asyncio, sys, time
-listen_port, target_port = int(sys.argv[1]), int(sys.argv[2])
-delay = float(sys.argv[3]) / 1000.0          # one-way delay, seconds
-rate = float(sys.argv[4]) * 1e6 / 8          # bytes per second, 0 = unlimited
-limit = max(4 << 20, int(rate * delay * 2))  # bytes in flight per direction before back-pressure
-
-async def pipe(reader, writer):
-    q = asyncio.Queue()
-    state = {"bytes": 0}
-    room = asyncio.Event(); room.set()
-    async def rx():
-        while True:
-            await room.wait()
-            data = await reader.read(256 * 1024)
-            state["bytes"] += len(data)
-            if state["bytes"] > limit:
-                room.clear()
-            q.put_nowait((time.monotonic() + delay, data))
-            if not data:
-                return
-    async def tx():
-        free_at = time.monotonic()
-        while True:
-            due, data = await q.get()
-            now = time.monotonic()
-            if due > now:
-                await asyncio.sleep(due - now)
-            if not data:
-                try:
-                    writer.write_eof()
-                except Exception:
-                    pass
-                return
-            if rate:
-                free_at = max(free_at, time.monotonic() - 0.005) + len(data) / rate
-                wait = free_at - time.monotonic()
-                if wait > 0.002:
-                    await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
-            state["bytes"] -= len(data)
-            if state["bytes"] <= limit:
-                room.set()
-    try:
-        await asyncio.gather(rx(), tx())
-    except Exception:
-        pass
-    finally:
-        writer.close()
-
-async def handle(cr, cw):
-    try:
-        sr, sw = await asyncio.open_connection("127.0.0.1", target_port)
-    except Exception:
-        cw.close()
-        return
-    await asyncio.gather(pipe(cr, sw), pipe(sr, cw))
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", listen_port)
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())"#;
+// load), so delay is added by a TCP relay on loopback, in the test process: every byte is held
+// for half the round trip in each direction, then sent on no faster than the link's rate (a
+// token bucket with 5 ms of burst). Connections stay pipelined (a delay, not a stop-and-wait),
+// and each direction buffers at most 256 reads of 64 KiB before it stops reading, so TCP
+// back-pressure still reaches the sender.
 
 struct Link {
-    child: Child,
     port: u16,
+    /// Dropping the runtime closes the listener and every relayed connection.
+    _rt: tokio::runtime::Runtime,
 }
 
 impl Link {
     /// A relay on a free loopback port to `target`, adding `rtt_ms` of round trip and limiting
     /// each direction to `mbit` Mbit/s (0: unlimited).
     fn start(target: u16, rtt_ms: f64, mbit: f64) -> Link {
-        let port = free_port();
-        let mut cmd = Command::new("python3");
-        cmd.arg("-c")
-            .arg(PY_LINK)
-            .arg(port.to_string())
-            .arg(target.to_string())
-            .arg((rtt_ms / 2.0).to_string())
-            .arg(mbit.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let mut child = die_with_test(&mut cmd)
-            .spawn()
-            .expect("spawn the link relay");
-        wait_for_port(port, &mut child, "link relay", Path::new("/dev/null"));
-        Link { child, port }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let one_way = Duration::from_secs_f64(rtt_ms / 2000.0);
+        let rate = mbit * 1e6 / 8.0;
+        rt.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::join!(relay(cr, sw, one_way, rate), relay(sr, cw, one_way, rate));
+                });
+            }
+        });
+        Link { port, _rt: rt }
     }
 }
 
-impl Drop for Link {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+    rate: f64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant as TInstant;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(TInstant, Vec<u8>)>(256);
+    let reader = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = from.read(&mut buf).await.unwrap_or(0);
+            if tx
+                .send((TInstant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        let mut free_at = TInstant::now();
+        while let Some((due, data)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if data.is_empty() {
+                let _ = to.shutdown().await;
+                return;
+            }
+            if rate > 0.0 {
+                let now = TInstant::now();
+                free_at = free_at.max(now - Duration::from_millis(5))
+                    + Duration::from_secs_f64(data.len() as f64 / rate);
+                if free_at > now + Duration::from_millis(1) {
+                    tokio::time::sleep_until(free_at).await;
+                }
+            }
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(reader, writer);
 }
 
 /// s3s-fs (`cargo install s3s-fs@0.14.1 --features binary`): an S3 server that streams ranged
@@ -1172,8 +1160,9 @@ fn env_f64(name: &str, default: f64) -> f64 {
 /// HSM_S3S_FS=/path/to/s3s-fs cargo test --release --test remote -- --ignored bench --nocapture
 /// ```
 ///
-/// HSM_BENCH_RTT_MS, HSM_BENCH_MBIT (0: no limit), HSM_BENCH_MIB and HSM_BENCH_SERVE_ARGS
-/// (extra `hsm serve` arguments, space-separated) change the setup.
+/// HSM_BENCH_RTT_MS, HSM_BENCH_MBIT (0: no limit), HSM_BENCH_MIB, HSM_BENCH_POPULATE_ARGS and
+/// HSM_BENCH_SERVE_ARGS (extra `hsm populate`/`hsm serve` arguments, space-separated) change
+/// the setup.
 #[test]
 #[ignore = "benchmark: needs s3s-fs (HSM_S3S_FS) and about a minute; run by hand"]
 fn bench_s3_sequential_read_over_wan_link() {
@@ -1184,11 +1173,16 @@ fn bench_s3_sequential_read_over_wan_link() {
     let rtt = env_f64("HSM_BENCH_RTT_MS", 20.0);
     let mbit = env_f64("HSM_BENCH_MBIT", 1000.0);
     let mib = env_f64("HSM_BENCH_MIB", 1024.0) as u64;
-    let serve_args: Vec<String> = std::env::var("HSM_BENCH_SERVE_ARGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let words = |name: &str| -> Vec<String> {
+        std::env::var(name)
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    let serve_args = words("HSM_BENCH_SERVE_ARGS");
+    let mut populate_args = vec!["--endpoint".to_string(), String::new()];
+    populate_args.extend(words("HSM_BENCH_POPULATE_ARGS"));
     let mut fx = Fixture::new("xfs", &format!("{}M", mib * 2 + 512));
     let (id, secret) = ("benchkey", "benchsecret0123456789");
     let server = S3sFs::start(&fx.scratch.path, &bin, id, secret);
@@ -1210,6 +1204,7 @@ fn bench_s3_sequential_read_over_wan_link() {
     );
     let link = Link::start(server.port, rtt, mbit);
     let endpoint = format!("http://127.0.0.1:{}", link.port);
+    populate_args[1] = endpoint.clone();
     let env = vec![
         ("AWS_ACCESS_KEY_ID", id.to_string()),
         ("AWS_SECRET_ACCESS_KEY", secret.to_string()),
@@ -1219,7 +1214,7 @@ fn bench_s3_sequential_read_over_wan_link() {
             &fx,
             &format!("s3://{BUCKET}"),
             &env,
-            &["--endpoint", &endpoint],
+            &populate_args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
         ),
         "populate",
     );
@@ -1237,31 +1232,35 @@ fn bench_s3_sequential_read_over_wan_link() {
     let filled = std::fs::read(fx.stub("obj")).unwrap();
     let want = std::fs::read(&local).unwrap();
     assert_bytes_eq(&filled, &want, "filled object");
-    // One plain GET of the whole object through the same link (boto3, one TCP stream).
-    let t = Instant::now();
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(
-            r#"
+    // One plain GET of the whole object through the same link (curl on a presigned URL: one
+    // TCP stream, no Python in the data path).
+    let url = run(Command::new("python3").arg("-c").arg(
+        r#"
 import sys, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
                   aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])
-body = s3.get_object(Bucket="bkt", Key="obj")["Body"]
-n = 0
-while True:
-    b = body.read(1 << 20)
-    if not b: break
-    n += len(b)
-print(n)
+print(s3.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "obj"}, ExpiresIn=600))
 "#,
-        )
-        .args([&endpoint, id, secret]));
+    ).args([&endpoint, id, secret]))
+    .stdout;
+    let url = String::from_utf8(url).unwrap().trim().to_string();
+    let t = Instant::now();
+    let out = run(Command::new("curl")
+        .args(["-sS", "-f", "-o", "/dev/null", "-w", "%{size_download}"])
+        .arg(&url));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (mib << 20).to_string(),
+        "the plain GET got the whole object"
+    );
     let plain = mib as f64 / t.elapsed().as_secs_f64();
     eprintln!(
-        "BENCH s3 sequential read {mib} MiB, RTT +{rtt} ms, link {mbit} Mbit/s ({:.1} MiB/s): \
-         hsm {got:.1} MiB/s in {secs:.1} s; one plain GET of the object {plain:.1} MiB/s; \
+        "BENCH s3 sequential read {mib} MiB, RTT +{rtt} ms, link {mbit} Mbit/s ({:.1} MiB/s), \
+         populate {:?}, serve {serve_args:?}: \
+         hsm {got:.1} MiB/s in {secs:.1} s; one plain GET of the object (curl) {plain:.1} MiB/s; \
          backend_reads {}, fetched_bytes {}",
         mbit * 1e6 / 8.0 / 1048576.0,
+        &populate_args[2..],
         m["backend_reads"],
         m["fetched_bytes"]
     );

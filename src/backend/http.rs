@@ -197,10 +197,8 @@ impl Backend for HttpBackend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
-        self.remote.block_on_deadline(
-            "HTTP read",
-            self.remote.get_range_retrying(obj, offset, buf),
-        )
+        self.remote
+            .block_on_deadline("HTTP read", self.remote.read(obj, offset, buf))
     }
 
     fn describe(&self) -> String {

@@ -24,6 +24,11 @@ use crate::record::SourceRecord;
 /// Default total time one read may take, retries included, before the reader gets EIO.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Reads larger than this are split into parts of this size, fetched concurrently.
+pub const PART: usize = 1 << 20;
+/// How many parts of one read are in flight at once.
+pub const PARTS_IN_FLIGHT: usize = 8;
+
 /// Prefix of a [`SourceRecord::version`] that holds a Last-Modified time (seconds since the
 /// epoch) rather than an ETag, for HTTP servers that send no ETag.
 pub const LAST_MODIFIED_PREFIX: &str = "last-modified:";
@@ -147,6 +152,30 @@ impl Remote {
     pub async fn head(&self, key: &str) -> Result<ObjectMeta, FetchError> {
         let loc = self.location(key.as_bytes())?;
         self.store.head(&loc).await.map_err(map_error)
+    }
+
+    /// Fill `buf` from `offset`: a read larger than [`PART`] is split into parts fetched
+    /// concurrently ([`PARTS_IN_FLIGHT`] at a time, on pooled connections), so one large read
+    /// over a long round trip is not one request's latency per part. Memory stays the caller's
+    /// buffer.
+    pub async fn read(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        if buf.len() <= PART {
+            return self.get_range_retrying(obj, offset, buf).await;
+        }
+        let parts = buf
+            .chunks_mut(PART)
+            .enumerate()
+            .map(|(i, part)| self.get_range_retrying(obj, offset + (i * PART) as u64, part));
+        let mut results = futures::stream::iter(parts).buffer_unordered(PARTS_IN_FLIGHT);
+        while let Some(r) = results.next().await {
+            r?;
+        }
+        Ok(())
     }
 
     /// [`Remote::get_range`], tried again with backoff (100 ms doubling to 2 s) after failures

@@ -587,7 +587,7 @@ impl Backend for S3Backend {
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
         self.remote
-            .block_on_deadline("S3 read", self.remote.get_range_retrying(obj, offset, buf))
+            .block_on_deadline("S3 read", self.remote.read(obj, offset, buf))
     }
 
     fn describe(&self) -> String {
