@@ -851,6 +851,7 @@ mod remote {
             url.deadline = Some(object::parse_deadline(&d.to_string())?);
         }
         let backend = HttpBackend::open(url)?;
+        backend.check_strict()?;
         let spec = opts.manifest.clone().unwrap_or_default();
         eprintln!(
             "reading the manifest {}",

@@ -258,7 +258,7 @@ fn assert_ok(out: &Output, what: &str) {
 fn serve_with(fx: &mut Fixture, env: &[(&str, String)], extra: &[&str]) {
     let _g = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let saved: Vec<_> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_"))
+        .filter(|(k, _)| k.starts_with("AWS_") || env.iter().any(|(e, _)| e == k))
         .collect();
     for (k, _) in &saved {
         std::env::remove_var(k);
@@ -730,6 +730,8 @@ fn s3_one_gib_object_at_random_offsets() {
 struct Nginx {
     child: Option<Child>,
     port: u16,
+    /// With TLS: the server's certificate and key (signed by a throw-away CA).
+    tls: Option<(PathBuf, PathBuf)>,
     dir: PathBuf,
     root: PathBuf,
     fail_flag: PathBuf,
@@ -748,6 +750,7 @@ impl Nginx {
         let mut n = Nginx {
             child: None,
             port: free_port(),
+            tls: None,
             fail_flag: dir.join("fail503"),
             dir,
             root,
@@ -756,7 +759,38 @@ impl Nginx {
         n
     }
 
+    /// nginx over TLS; returns it and the CA certificate that signed its certificate.
+    fn start_tls(scratch: &Path) -> (Nginx, PathBuf) {
+        let dir = scratch.join(format!("pki-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = |n: &str| dir.join(n).to_string_lossy().into_owned();
+        sh(&format!(
+            "set -e; cd {d}
+             openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \
+               -subj /CN=hsm-test-ca 2>/dev/null
+             openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1 2>/dev/null
+             printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext
+             openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \
+               -days 2 -extfile ext 2>/dev/null",
+            d = dir.display()
+        ));
+        let mut n = Nginx::start(scratch);
+        n.kill();
+        n.tls = Some((PathBuf::from(p("srv.pem")), PathBuf::from(p("srv.key"))));
+        n.launch();
+        (n, PathBuf::from(p("ca.pem")))
+    }
+
     fn launch(&mut self) {
+        let listen = match &self.tls {
+            Some((cert, key)) => format!(
+                "listen 127.0.0.1:{} ssl; ssl_certificate {}; ssl_certificate_key {};",
+                self.port,
+                cert.display(),
+                key.display()
+            ),
+            None => format!("listen 127.0.0.1:{};", self.port),
+        };
         let d = self.dir.display();
         let conf = format!(
             "daemon off; master_process off; worker_processes 1;
@@ -768,13 +802,12 @@ http {{
   fastcgi_temp_path {d}/tmp/fastcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
   default_type application/octet-stream;
   server {{
-    listen 127.0.0.1:{port};
+    {listen}
     root {d}/www;
     location / {{ if (-f {d}/fail503) {{ return 503; }} }}
   }}
 }}
-",
-            port = self.port
+"
         );
         let conf_path = self.dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -804,7 +837,8 @@ http {{
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     fn access_log(&self) -> String {
@@ -1264,4 +1298,38 @@ print(s3.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "o
         m["backend_reads"],
         m["fetched_bytes"]
     );
+}
+
+#[test]
+fn https_with_a_private_ca_and_certificate_checks() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "512M");
+    let (nginx, ca) = Nginx::start_tls(&fx.scratch.path);
+    let data = pattern(3 << 20, 80);
+    write_file(&nginx.root.join("d/f"), &data);
+    std::fs::write(
+        nginx.root.join(".hsm-manifest.jsonl"),
+        hsm_manifest(&nginx.root),
+    )
+    .unwrap();
+    // The server's certificate is checked: unknown CA, refused.
+    let t = Instant::now();
+    let out = populate_url(&fx, &nginx.base(), &[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "populate trusted an unknown CA");
+    assert!(err.contains("certificate"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "a refused certificate is not retried");
+    assert!(!fx.store.exists());
+    // Trusted through SSL_CERT_FILE (rustls reads the system's CA store, which honours it).
+    let env = vec![("SSL_CERT_FILE", ca.to_string_lossy().into_owned())];
+    assert_ok(
+        &populate_url(&fx, &nginx.base(), &env, &[]),
+        "populate https://",
+    );
+    serve_with(&mut fx, &env, &[]);
+    assert_bytes_eq(&std::fs::read(fx.at("d/f")).unwrap(), &data, "over https");
+    let m = fx.stop();
+    assert_eq!(m["denied"], 0, "{m}");
 }

@@ -152,6 +152,31 @@ impl HttpBackend {
         })
     }
 
+    /// One HEAD of the base, no retries: for populate, which needs the server now. A server
+    /// that cannot be reached or whose certificate is not trusted is an error at once.
+    pub fn check_strict(&self) -> anyhow::Result<()> {
+        self.head_base()
+            .map_err(|m| anyhow!("cannot reach {}: {m}", self.describe()))
+    }
+
+    fn head_base(&self) -> Result<(), String> {
+        let remote = &self.remote;
+        let url = self.url.to_url();
+        let url = url.split('#').next().unwrap_or(&url).to_string();
+        remote.block_on(async {
+            let req = http::Request::builder()
+                .method("HEAD")
+                .uri(&url)
+                .body(object_store::client::HttpRequestBody::empty())
+                .map_err(|e| e.to_string())?;
+            match tokio::time::timeout(remote.deadline, self.client.execute(req)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(object::flatten(&e)),
+                Err(_) => Err("no answer in time".to_string()),
+            }
+        })
+    }
+
     /// HEAD every path, `jobs` at a time: its meta, or why not.
     pub fn head_all(&self, paths: &[String], jobs: usize) -> Vec<Result<ObjectMeta, FetchError>> {
         let remote = &self.remote;
@@ -209,21 +234,7 @@ impl Backend for HttpBackend {
     /// unreachable server is only a warning (already fetched content can still be served, and
     /// reads retry).
     fn check(&self) -> anyhow::Result<()> {
-        let remote = &self.remote;
-        let url = self.url.to_url();
-        let url = url.split('#').next().unwrap_or(&url).to_string();
-        let r = remote.block_on(async {
-            let req = http::Request::builder()
-                .method("HEAD")
-                .uri(&url)
-                .body(object_store::client::HttpRequestBody::empty())
-                .map_err(|e| e.to_string())?;
-            match tokio::time::timeout(remote.deadline, self.client.execute(req)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(object::flatten(&e)),
-                Err(_) => Err("no answer in time".to_string()),
-            }
-        });
+        let r = self.head_base();
         if let Err(m) = r {
             tracing::warn!(
                 "HTTP source {} not reachable now ({m}); reads will retry",
