@@ -732,6 +732,8 @@ struct Nginx {
     port: u16,
     /// With TLS: the server's certificate and key (signed by a throw-away CA).
     tls: Option<(PathBuf, PathBuf)>,
+    /// A reverse proxy to this loopback port instead of serving files.
+    proxy_to: Option<u16>,
     dir: PathBuf,
     root: PathBuf,
     fail_flag: PathBuf,
@@ -751,6 +753,7 @@ impl Nginx {
             child: None,
             port: free_port(),
             tls: None,
+            proxy_to: None,
             fail_flag: dir.join("fail503"),
             dir,
             root,
@@ -792,6 +795,13 @@ impl Nginx {
             None => format!("listen 127.0.0.1:{};", self.port),
         };
         let d = self.dir.display();
+        let serve = match self.proxy_to {
+            Some(p) => format!(
+                "proxy_pass http://127.0.0.1:{p}; proxy_set_header Host $http_host; \
+                 proxy_buffering off; client_max_body_size 0;"
+            ),
+            None => String::new(),
+        };
         let conf = format!(
             "daemon off; master_process off; worker_processes 1;
 pid {d}/nginx.pid; error_log {d}/error.log;
@@ -804,7 +814,7 @@ http {{
   server {{
     {listen}
     root {d}/www;
-    location / {{ if (-f {d}/fail503) {{ return 503; }} }}
+    location / {{ if (-f {d}/fail503) {{ return 503; }} {serve} }}
   }}
 }}
 "
@@ -834,6 +844,15 @@ http {{
         while Instant::now() < end && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// nginx as a reverse proxy in front of another loopback server.
+    fn start_proxy(scratch: &Path, to: u16) -> Nginx {
+        let mut n = Nginx::start(scratch);
+        n.kill();
+        n.proxy_to = Some(to);
+        n.launch();
+        n
     }
 
     fn base(&self) -> String {
@@ -1320,7 +1339,10 @@ fn https_with_a_private_ca_and_certificate_checks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "populate trusted an unknown CA");
     assert!(err.contains("certificate"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(10), "a refused certificate is not retried");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "a refused certificate is not retried"
+    );
     assert!(!fx.store.exists());
     // Trusted through SSL_CERT_FILE (rustls reads the system's CA store, which honours it).
     let env = vec![("SSL_CERT_FILE", ca.to_string_lossy().into_owned())];
@@ -1332,4 +1354,46 @@ fn https_with_a_private_ca_and_certificate_checks() {
     assert_bytes_eq(&std::fs::read(fx.at("d/f")).unwrap(), &data, "over https");
     let m = fx.stop();
     assert_eq!(m["denied"], 0, "{m}");
+}
+
+#[test]
+fn s3_503_answers_are_retried() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let moto = Moto::start(&fx.scratch.path, true);
+    // moto cannot be told to fail; nginx in front of it answers 503 while a flag file exists.
+    let front = Nginx::start_proxy(&fx.scratch.path, moto.port);
+    let data = pattern(6 << 20, 85);
+    moto.put_bytes("obj", &data);
+    let endpoint = front.base().trim_end_matches('/').to_string();
+    assert_ok(
+        &populate_url(
+            &fx,
+            &format!("s3://{BUCKET}"),
+            &moto.env(),
+            &["--endpoint", &endpoint, "--fetch-deadline", "15"],
+        ),
+        "populate through the proxy",
+    );
+    serve_with(&mut fx, &moto.env(), &[]);
+    std::fs::write(&front.fail_flag, b"").unwrap();
+    let path = fx.at("obj");
+    let reader = std::thread::spawn(move || std::fs::read(path));
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::remove_file(&front.fail_flag).unwrap();
+    let got = reader.join().unwrap().expect("read through 503s");
+    assert_bytes_eq(&got, &data, "after 503s");
+    let log = front.access_log();
+    assert!(
+        log.lines().filter(|l| l.contains(" 503 ")).count() >= 2,
+        "expected several 503 answers:\n{log}"
+    );
+    let last_503 = log.rfind(" 503 ").unwrap();
+    assert!(
+        log[last_503..].contains(" 206 "),
+        "a 206 after the 503s:\n{log}"
+    );
+    fx.stop();
 }
