@@ -1397,3 +1397,64 @@ fn s3_503_answers_are_retried() {
     );
     fx.stop();
 }
+
+fn s3_delete(moto: &Moto, key: &str) {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])
+s3.delete_object(Bucket=sys.argv[4], Key=sys.argv[5])
+"#,
+        )
+        .args([&moto.endpoint(), &moto.id, &moto.secret, BUCKET, key]));
+}
+
+#[test]
+fn s3_deleted_objects_are_eio_and_populate_again_picks_up_changes() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "512M");
+    let moto = Moto::start(&fx.scratch.path, true);
+    let keep = pattern(70_000, 1);
+    moto.put_bytes("keep", &keep);
+    moto.put_bytes("gone", &pattern(5000, 2));
+    moto.put_bytes("changes", &pattern(8000, 3));
+    let url = format!("s3://{BUCKET}");
+    let args = ["--endpoint", &moto.endpoint(), "--fetch-deadline", "5"];
+    assert_ok(&populate_url(&fx, &url, &moto.env(), &args), "populate");
+    serve_with(&mut fx, &moto.env(), &[]);
+    assert_bytes_eq(&std::fs::read(fx.at("keep")).unwrap(), &keep, "keep");
+    s3_delete(&moto, "gone");
+    assert_eio(std::fs::read(fx.at("gone")), "read of a deleted object");
+    fx.stop();
+    // The bucket changes; populate again (same store): new objects appear, an unread stub of a
+    // replaced object is made again from the new object, fetched content is kept.
+    let changed = pattern(9000, 4);
+    moto.put_bytes("changes", &changed);
+    let new = pattern(1234, 5);
+    moto.put_bytes("dir/new", &new);
+    let out = populate_url(&fx, &url, &moto.env(), &args);
+    assert_ok(&out, "populate again");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("existing stubs kept"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serve_with(&mut fx, &moto.env(), &[]);
+    assert_bytes_eq(
+        &std::fs::read(fx.at("changes")).unwrap(),
+        &changed,
+        "replaced, re-stubbed",
+    );
+    assert_bytes_eq(
+        &std::fs::read(fx.at("dir/new")).unwrap(),
+        &new,
+        "new object",
+    );
+    assert_bytes_eq(&std::fs::read(fx.at("keep")).unwrap(), &keep, "kept");
+    fx.stop();
+}
