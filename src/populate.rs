@@ -173,6 +173,13 @@ pub fn populate(
     if scheme_of(source) != Scheme::Local {
         return remote::populate(source, store_root, opts);
     }
+    if opts.manifest.is_some()
+        || opts.endpoint.is_some()
+        || opts.region.is_some()
+        || opts.deadline.is_some()
+    {
+        bail!("--manifest, --endpoint, --region and --fetch-deadline are for remote sources");
+    }
     let src_path = path_from_url(source)?;
     let src_path = src_path.canonicalize().with_context(|| {
         format!(
@@ -978,9 +985,6 @@ mod remote {
             Scheme::Http => plan_http(source, opts)?,
             Scheme::Local => unreachable!("local sources are populated by the walk"),
         };
-        if opts.manifest.is_some() && scheme_of(source) == Scheme::Local {
-            bail!("--manifest is for remote sources");
-        }
         complete(&mut plan);
         let store = Store::create(
             store_root,
