@@ -711,25 +711,10 @@ mod remote {
         jobs_deadline: Option<f64>,
     ) -> anyhow::Result<Vec<manifest::Entry>> {
         let bytes = if scheme_of(spec) == Scheme::Http {
-            let u = url::Url::parse(spec).with_context(|| format!("{spec:?} is not a URL"))?;
-            let name = u
-                .path_segments()
-                .and_then(|mut s| s.next_back())
-                .filter(|n| !n.is_empty())
-                .map(|n| {
-                    percent_encoding::percent_decode_str(n)
-                        .decode_utf8_lossy()
-                        .into_owned()
-                })
-                .with_context(|| format!("manifest URL {spec:?} names no file"))?;
-            let mut dir = u.clone();
-            dir.path_segments_mut()
-                .map_err(|_| anyhow::anyhow!("manifest URL {spec:?} has no path"))?
-                .pop();
-            dir.set_fragment(None);
-            let mut hu = HttpUrl::parse(dir.as_str())?;
-            hu.deadline = jobs_deadline.map(std::time::Duration::from_secs_f64);
-            HttpBackend::open(hu)?.get_small(&name, MANIFEST_LIMIT)?
+            let deadline = jobs_deadline
+                .map(std::time::Duration::from_secs_f64)
+                .unwrap_or(object::DEFAULT_DEADLINE);
+            crate::backend::http::fetch_url(spec, deadline, MANIFEST_LIMIT)?
         } else if let (Some(h), "") = (http, spec) {
             h.get_small(manifest::DEFAULT_NAME, MANIFEST_LIMIT)?
         } else {
@@ -863,7 +848,9 @@ mod remote {
         eprintln!(
             "reading the manifest {}",
             if spec.is_empty() {
-                backend.url.join(manifest::DEFAULT_NAME)
+                object::redact_url(&backend.url.join(manifest::DEFAULT_NAME))
+            } else if scheme_of(&spec) == Scheme::Http {
+                object::redact_url(&spec)
             } else {
                 spec.clone()
             }

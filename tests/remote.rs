@@ -1008,9 +1008,24 @@ fn http_file_replaced_after_populate_is_eio() {
         hsm_manifest(&nginx.root),
     )
     .unwrap();
-    assert_ok(
-        &populate_url(&fx, &nginx.base(), &[], &["--fetch-deadline", "5"]),
-        "populate",
+    // The manifest by a URL with a token in its query (as a presigned URL has): fetched with it,
+    // never shown.
+    let manifest_url = format!("{}.hsm-manifest.jsonl?token=SeCrEtToKeN", nginx.base());
+    let out = populate_url(
+        &fx,
+        &nginx.base(),
+        &[],
+        &["--fetch-deadline", "5", "--manifest", &manifest_url],
+    );
+    assert_ok(&out, "populate");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("SeCrEtToKeN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        nginx.access_log().contains("token=SeCrEtToKeN"),
+        "the query was sent"
     );
     // Same size, new content and a new mtime: the server's ETag changes.
     let f = std::fs::File::create(nginx.root.join("a")).unwrap();

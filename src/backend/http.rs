@@ -37,7 +37,8 @@ pub struct HttpUrl {
 
 impl HttpUrl {
     pub fn parse(s: &str) -> anyhow::Result<HttpUrl> {
-        let mut u = url::Url::parse(s).with_context(|| format!("{s:?} is not a URL"))?;
+        // Never echo a URL that does not parse: it may hold credentials.
+        let mut u = url::Url::parse(s).context("the HTTP source URL does not parse")?;
         if u.scheme() != "http" && u.scheme() != "https" {
             bail!("{s:?} is not an http:// or https:// URL");
         }
@@ -87,6 +88,59 @@ impl HttpUrl {
         }
         u.to_string()
     }
+}
+
+/// GET a whole small file by URL (query included: a presigned URL works), at most `limit` bytes,
+/// retrying transient failures (connection errors, 5xx, 429) with backoff within `deadline`.
+/// Errors name the URL without its query or credentials.
+pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Vec<u8>> {
+    let u = url::Url::parse(url).context("the URL does not parse")?;
+    let shown = object::redact_url(url);
+    let client = ReqwestConnector::default()
+        .connect(&object::client_options(deadline, u.scheme() == "http"))
+        .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
+    let rt = object::runtime()?;
+    rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let req = http::Request::builder()
+                .method("GET")
+                .uri(u.as_str())
+                .body(object_store::client::HttpRequestBody::empty())
+                .map_err(|_| anyhow!("cannot make a request for {shown}"))?;
+            let err = match tokio::time::timeout(deadline, client.execute(req)).await {
+                Err(_) => format!("no answer within {:.1} s", deadline.as_secs_f64()),
+                Ok(Err(e)) => object::flatten(&e),
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    if status.is_success() {
+                        let mut body = resp.into_body().bytes_stream();
+                        let mut out = Vec::new();
+                        while let Some(part) = body.next().await {
+                            let part = part.map_err(|e| {
+                                anyhow!("{shown}: transfer failed: {}", object::flatten(&e))
+                            })?;
+                            out.extend_from_slice(&part);
+                            if out.len() as u64 > limit {
+                                bail!("{shown} is larger than {limit} bytes");
+                            }
+                        }
+                        return Ok(out);
+                    }
+                    if !(status.is_server_error() || status.as_u16() == 429) {
+                        bail!("{shown} answered HTTP {}", status.as_u16());
+                    }
+                    format!("HTTP {}", status.as_u16())
+                }
+            };
+            if start.elapsed() + backoff >= deadline {
+                bail!("cannot fetch {shown}: {err}");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    })
 }
 
 pub struct HttpBackend {

@@ -77,15 +77,21 @@ pub fn parse_deadline(v: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Remove any `user:password@` from a URL before it is shown anywhere.
+/// A URL as it may be shown: without `user:password@`, and with its query and fragment (which
+/// may hold a token or a signature, as presigned URLs do) replaced by `?…`.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
-            if !u.username().is_empty() || u.password().is_some() {
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            let hidden = u.query().is_some() || u.fragment().is_some();
+            u.set_query(None);
+            u.set_fragment(None);
+            let mut s = u.to_string();
+            if hidden {
+                s.push_str("?…");
             }
-            u.to_string()
+            s
         }
         Err(_) => "<unparseable URL>".to_string(),
     }

@@ -104,12 +104,16 @@ impl S3Url {
             }
         }
         if let Some(e) = &out.endpoint {
-            let u = url::Url::parse(e).with_context(|| format!("endpoint {e:?} is not a URL"))?;
+            // Never echo an endpoint that does not parse: it may hold credentials.
+            let u = url::Url::parse(e).context("the S3 endpoint URL does not parse")?;
+            if u.query().is_some() || u.fragment().is_some() {
+                bail!("the S3 endpoint URL must not have a query or a fragment");
+            }
             if !u.username().is_empty() || u.password().is_some() {
                 bail!("the endpoint URL must not carry credentials; use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
             }
             if u.scheme() != "http" && u.scheme() != "https" {
-                bail!("endpoint {e:?} must be an http:// or https:// URL");
+                bail!("the S3 endpoint must be an http:// or https:// URL");
             }
         }
         Ok(out)
