@@ -348,6 +348,66 @@ impl Walk<'_> {
             .push(format!("{}: {what}", display(rel)));
     }
 
+    /// Reproduce one directory entry; returns the subdirectories to walk next.
+    fn entry(
+        &self,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
+        rel: &[u8],
+        name_bytes: &[u8],
+    ) -> Option<(CString, libc::stat)> {
+        let path = join(rel, name_bytes);
+        let Ok(name) = CString::new(name_bytes) else {
+            self.error(&path, "name contains NUL");
+            return None;
+        };
+        let st = match sysfs::lstatat(src, &name) {
+            Ok(st) => st,
+            Err(e) => {
+                self.error(&path, e);
+                return None;
+            }
+        };
+        self.progress.inc(1);
+        let res = match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                match sysfs::mkdirat(dst, &name, 0o700) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        match sysfs::lstatat(dst, &name) {
+                            Ok(d) if d.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
+                            _ => {
+                                self.error(
+                                    &path,
+                                    "refusing to replace an existing non-directory in STORE",
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.error(&path, e);
+                        return None;
+                    }
+                }
+                return Some((name, st));
+            }
+            libc::S_IFREG => self.file(src, dst, &name, &path, &st),
+            libc::S_IFLNK => self.symlink(src, dst, &name, &path, &st),
+            _ => {
+                self.skipped
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(display(&path));
+                Ok(())
+            }
+        };
+        if let Err(e) = res {
+            self.error(&path, format!("{e:#}"));
+        }
+        None
+    }
+
     fn dir(&self, src: BorrowedFd<'_>, dst: BorrowedFd<'_>, rel: &[u8]) {
         let entries = match std::fs::read_dir(format!(
             "/proc/self/fd/{}",
@@ -356,68 +416,23 @@ impl Walk<'_> {
             Ok(e) => e,
             Err(e) => return self.error(rel, format!("cannot list directory: {e}")),
         };
-        let mut subdirs: Vec<(CString, libc::stat)> = Vec::new();
+        // Names first (one directory's worth of memory), then the entries in parallel: a
+        // directory of many files is as parallel as a tree of many directories.
+        let mut names = Vec::new();
         for entry in entries {
-            let entry = match entry {
-                Ok(e) => e,
+            match entry {
+                Ok(e) => names.push(e.file_name()),
                 Err(e) => {
                     self.error(rel, format!("cannot list directory: {e}"));
                     break;
                 }
-            };
-            let name_os = entry.file_name();
-            let name_bytes = name_os.as_bytes();
-            let path = join(rel, name_bytes);
-            let Ok(name) = CString::new(name_bytes) else {
-                self.error(&path, "name contains NUL");
-                continue;
-            };
-            let st = match sysfs::lstatat(src, &name) {
-                Ok(st) => st,
-                Err(e) => {
-                    self.error(&path, e);
-                    continue;
-                }
-            };
-            self.progress.inc(1);
-            let res = match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => {
-                    match sysfs::mkdirat(dst, &name, 0o700) {
-                        Ok(()) => {}
-                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                            match sysfs::lstatat(dst, &name) {
-                                Ok(d) if d.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
-                                _ => {
-                                    self.error(
-                                        &path,
-                                        "refusing to replace an existing non-directory in STORE",
-                                    );
-                                    continue;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            self.error(&path, e);
-                            continue;
-                        }
-                    }
-                    subdirs.push((name, st));
-                    Ok(())
-                }
-                libc::S_IFREG => self.file(src, dst, &name, &path, &st),
-                libc::S_IFLNK => self.symlink(src, dst, &name, &path, &st),
-                _ => {
-                    self.skipped
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(display(&path));
-                    Ok(())
-                }
-            };
-            if let Err(e) = res {
-                self.error(&path, format!("{e:#}"));
             }
         }
+        let subdirs: Vec<(CString, libc::stat)> = names
+            .par_iter()
+            .with_min_len(64)
+            .filter_map(|name_os| self.entry(src, dst, rel, name_os.as_bytes()))
+            .collect();
         subdirs.into_par_iter().for_each(|(name, st)| {
             let path = join(rel, name.as_bytes());
             let (s, d) = match (open_dir(src, &name), open_dir(dst, &name)) {

@@ -97,6 +97,7 @@ impl Store {
         if root.exists() {
             if Store::config_path(root).exists() {
                 let store = Store::open(root)?;
+                store.check_private()?;
                 if store.config.source != config.source {
                     bail!(
                         "{} is a store of {}, not of {}; use a new STORE directory",

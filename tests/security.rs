@@ -1134,7 +1134,6 @@ fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio() {
 /// The source root itself removed and replaced by a symlink to another directory while `serve`
 /// runs: the daemon must not follow it (EIO), never serve the other directory's twin file.
 #[test]
-#[ignore = "bug: LocalBackend reopens a removed source root by path (File::open follows symlinks): a symlink planted where the root was is followed and the outside twin file is served"]
 fn the_source_root_replaced_by_a_symlink_while_serving_gives_eio() {
     if !require_root() {
         return;
@@ -1554,7 +1553,6 @@ fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise() {
 /// private again, never leave it open (issue 5: "`hsm populate` and `hsm serve` check and say
 /// so").
 #[test]
-#[ignore = "bug: re-populating an existing store whose mode is 0755 succeeds silently and leaves it 0755 (Store::create returns Store::open without check_private)"]
 fn populate_into_a_store_others_can_reach_refuses_or_repairs_it() {
     if !require_root() {
         return;

@@ -14,7 +14,10 @@ use crate::sys::fs as sysfs;
 
 pub struct LocalBackend {
     root: PathBuf,
-    /// The root directory, reopened by path when it was removed and put back.
+    /// Owner of the root when the daemon started: a replacement root must have the same.
+    root_uid: u32,
+    /// The root directory, held open: renaming it or a component above it changes nothing;
+    /// reopened by name only when it was removed.
     root_fd: RwLock<OwnedFd>,
 }
 
@@ -41,33 +44,59 @@ impl LocalBackend {
         if !std::fs::metadata(root)?.is_dir() {
             bail!("source {} is not a directory", root.display());
         }
+        let root_uid = sysfs::fstat(fd.as_fd())?.st_uid;
         Ok(LocalBackend {
+            root_uid,
             root: root.to_path_buf(),
             root_fd: RwLock::new(fd),
         })
     }
 
     fn open_object(&self, key: &[u8]) -> Result<OwnedFd, FetchError> {
-        let attempt = |root: &OwnedFd| sysfs::open_beneath(root.as_fd(), key, libc::O_RDONLY);
+        let attempt = |root: &OwnedFd| {
+            sysfs::open_beneath(root.as_fd(), key, libc::O_RDONLY | libc::O_NONBLOCK)
+        };
         let first = {
             let root = self.root_fd.read().unwrap_or_else(|p| p.into_inner());
-            attempt(&root)
+            match attempt(&root) {
+                Ok(fd) => return Ok(fd),
+                Err(e) => (e, root_deleted(&root)),
+            }
         };
-        let err = match first {
-            Ok(fd) => return Ok(fd),
-            Err(e) => e,
-        };
-        match err.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ESTALE) => {
-                // The root may have been removed and restored: retry once on a fresh handle.
-                let fresh = open_root(&self.root).map_err(|_| FetchError::NotFound)?;
+        match first {
+            // The source root was removed (and maybe put back): reopen it, but only as a real
+            // directory owned by the same user as the one populate saw. A root swapped for a
+            // symlink (to /etc, say) is refused, never followed.
+            (_, true) => {
+                let fresh = self.reopen_root().map_err(|_| FetchError::NotFound)?;
                 let got = attempt(&fresh);
                 *self.root_fd.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 got.map_err(classify)
             }
-            _ => Err(classify(err)),
+            (err, false) => Err(classify(err)),
         }
     }
+
+    fn reopen_root(&self) -> std::io::Result<OwnedFd> {
+        let dir = self.root.parent().unwrap_or(Path::new("/"));
+        let name = self.root.file_name().unwrap_or_default();
+        let parent: OwnedFd = std::fs::File::open(dir)?.into();
+        let fd = sysfs::openat(
+            parent.as_fd(),
+            &sysfs::cstring(std::os::unix::ffi::OsStrExt::as_bytes(name))?,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        if sysfs::fstat(fd.as_fd())?.st_uid != self.root_uid {
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(fd)
+    }
+}
+
+/// Has the directory behind `root` been removed?
+fn root_deleted(root: &OwnedFd) -> bool {
+    sysfs::fstat(root.as_fd()).map_or(true, |st| st.st_nlink == 0)
 }
 
 fn classify(e: std::io::Error) -> FetchError {
