@@ -2457,7 +2457,6 @@ fn secrets_never_show_in_populate_errors_against_an_unreachable_endpoint() {
 /// Tokens in URLs that populate prints or echoes: a presigned manifest URL, a token in the S3
 /// endpoint's query, credentials in a URL that does not parse.
 #[test]
-#[ignore = "bug: populate prints URLs with their query or credentials: 'reading the manifest URL?X-Amz-Signature=...', 'listing s3://... at http://HOST/?token=...', 'cannot reach http://HOST/?token=...', and '\"http://user:TOKEN@HOST:BADPORT/\" is not a URL'"]
 fn tokens_in_urls_never_show_in_populate_output() {
     if !require_root() {
         return;
