@@ -112,7 +112,9 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         engine.metrics.restore(&store.metrics_path());
     }
     Metrics::add(&engine.metrics.worker_starts, 1);
-    engine.start_readahead(2);
+    // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
+    // thread until its chunks are written, so fewer threads would cap the chunks in flight.
+    engine.start_readahead(8);
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),
