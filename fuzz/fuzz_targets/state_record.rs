@@ -1,0 +1,7 @@
+//! cargo-fuzz target: `check_state_record` (see tests/fuzz_checks/mod.rs for what is checked).
+#![no_main]
+
+#[path = "../../tests/fuzz_checks/mod.rs"]
+mod fuzz_checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks::check_state_record(data));
