@@ -74,8 +74,13 @@ pub fn verify_file(path: &Path, digest_dir: &Path) -> anyhow::Result<Verdict> {
         }
         checked += 1;
     }
+    let md = std::fs::symlink_metadata(path)?;
+    use std::os::unix::fs::MetadataExt;
+    let modified = state.modified || (md.mtime(), md.mtime_nsec() as u32) != source.mtime;
     Ok(if bad.is_empty() {
         Verdict::Ok { chunks: checked }
+    } else if modified {
+        Verdict::Modified { chunks: bad }
     } else {
         Verdict::Mismatch { chunks: bad }
     })
@@ -95,6 +100,9 @@ pub fn run(paths: &[PathBuf], store: Option<&Path>) -> anyhow::Result<()> {
             Ok(Verdict::Ok { chunks }) => println!("ok        {chunks} chunks verified  {shown}"),
             Ok(Verdict::NoDigests) => println!("unchecked no digests recorded  {shown}"),
             Ok(Verdict::NotAStub) => println!("local     not a stub  {shown}"),
+            Ok(Verdict::Modified { chunks }) => {
+                println!("modified  chunks {chunks:?} changed locally  {shown}")
+            }
             Ok(Verdict::Mismatch { chunks }) => {
                 failed += 1;
                 println!("MISMATCH  chunks {chunks:?} differ from the source  {shown}");
