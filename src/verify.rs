@@ -26,6 +26,11 @@ pub enum Verdict {
     Mismatch {
         chunks: Vec<u64>,
     },
+    /// The file was changed locally (its record says so, or its mtime is no longer the
+    /// source's): differing chunks are the user's writes, not corruption.
+    Modified {
+        chunks: Vec<u64>,
+    },
 }
 
 /// Find the store that holds `path` (a path under STORE/tree), or use `store` when given.
