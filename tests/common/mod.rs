@@ -66,6 +66,11 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(dir: &Path, fs: &str, size: &str) -> LoopFs {
+        LoopFs::with_mkfs_args(dir, fs, size, &[])
+    }
+
+    /// Like `new`, with extra arguments for mkfs (e.g. `["-I", "256"]` for ext4).
+    pub fn with_mkfs_args(dir: &Path, fs: &str, size: &str, extra: &[&str]) -> LoopFs {
         let image = dir.join(format!("{fs}.img"));
         let mnt = dir.join(format!("{fs}-mnt"));
         std::fs::create_dir_all(&mnt).unwrap();
@@ -78,7 +83,7 @@ impl LoopFs {
             "btrfs" => cmd.args(["-q", "-f"]),
             other => panic!("unknown fs {other}"),
         };
-        run(cmd.arg(&image));
+        run(cmd.args(extra).arg(&image));
         run(Command::new("mount")
             .args(["-o", "loop"])
             .arg(&image)
@@ -93,6 +98,35 @@ impl LoopFs {
     /// (stop the daemon first).
     pub fn remount(&self) {
         run(Command::new("umount").arg(&self.mnt));
+        self.mount_again();
+    }
+
+    /// `remount`, retrying the unmount for up to 10 s while the filesystem is busy (files of
+    /// processes just killed may take a moment to be released).
+    pub fn remount_retrying(&self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("umount").arg(&self.mnt).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "umount {} still failing after 10 s: {}",
+                self.mnt.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!(
+                "umount {} failed, retrying: {}",
+                self.mnt.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.mount_again();
+    }
+
+    fn mount_again(&self) {
         // The loop device is released with the superblock's last reference: wait for it, so the
         // image is never attached twice.
         let end = Instant::now() + Duration::from_secs(20);
@@ -289,10 +323,15 @@ pub struct Fixture {
 impl Fixture {
     /// `size` is the loop image size ("2G"); the image is sparse, so big sizes cost nothing.
     pub fn new(fs: &str, size: &str) -> Fixture {
+        Fixture::with_mkfs_args(fs, size, &[])
+    }
+
+    /// Like `new`, with extra arguments for mkfs.
+    pub fn with_mkfs_args(fs: &str, size: &str, mkfs_extra: &[&str]) -> Fixture {
         let scratch = Scratch::new(fs);
         let source = scratch.path.join("src");
         std::fs::create_dir_all(&source).unwrap();
-        let lfs = LoopFs::new(&scratch.path, fs, size);
+        let lfs = LoopFs::with_mkfs_args(&scratch.path, fs, size, mkfs_extra);
         let store = lfs.mnt.join("store");
         let view = scratch.path.join("view");
         Fixture {
