@@ -569,6 +569,9 @@ impl Engine {
             }
         }
         Metrics::add(&self.metrics.records_written, written as u64);
+        // Our own clones would make every entry look in use.
+        drop(dirty);
+        drop(entries);
         self.evict();
         written
     }

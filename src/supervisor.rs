@@ -194,9 +194,11 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     restarts.retain(|t| t.elapsed() < Duration::from_secs(10));
                     restarts.push(Instant::now());
                     if restarts.len() > 5 {
-                        // Crashing in a loop: fail what is waiting rather than hang it.
+                        // Crashing in a loop (an event that kills every worker, say): fail what
+                        // is waiting rather than hang it.
+                        error!(denied = held.len(), "the worker keeps dying: denying the waiting accesses with EIO");
                         deny_all(&group, &mut held, DenyErrno::Io);
-                        std::thread::sleep(Duration::from_secs(1));
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                     worker = loop {
                         match spawn(true) {

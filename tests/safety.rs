@@ -1397,10 +1397,6 @@ fn free_bytes(p: &Path) -> u64 {
 }
 
 #[test]
-#[ignore = "bug: the worker never closes the files it filled (Engine::evict runs while flush() \
-            still holds a clone of every entry, so strong_count > 1 and nothing is evicted): \
-            after ~10,000 files on xfs (2 fds each, RLIMIT_NOFILE 20000 here) reads fail, and \
-            deleting a complete file through MOUNTPOINT frees no space while the daemon runs"]
 fn the_worker_closes_complete_files_deleted_files_free_their_space() {
     if !require_root() {
         return;
