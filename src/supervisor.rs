@@ -196,7 +196,10 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     if restarts.len() > 5 {
                         // Crashing in a loop (an event that kills every worker, say): fail what
                         // is waiting rather than hang it.
-                        error!(denied = held.len(), "the worker keeps dying: denying the waiting accesses with EIO");
+                        error!(
+                            denied = held.len(),
+                            "the worker keeps dying: denying the waiting accesses with EIO"
+                        );
                         deny_all(&group, &mut held, DenyErrno::Io);
                         std::thread::sleep(Duration::from_millis(200));
                     }
