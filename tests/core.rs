@@ -689,12 +689,14 @@ fn stubs_of_elf_binaries_execute() {
         let want = run(Command::new("/bin/ls").arg("-1a").arg(&fx.source)).stdout;
         assert_eq!(listed, want, "{fs_kind}: ls from a stub");
 
-        // An exec maps what it needs: the big binary was not fetched whole to run.
+        // An exec fetches what it maps (the kernel raises one event per mapped segment, filled
+        // whole: faults on pages that readahead brought in as stub zeros would raise no event),
+        // never the parts no segment covers, such as the symbol tables at the end of the file.
         let m = settled_metrics(&fx);
         assert!(
-            get(&m, "fetched_bytes") < hsm_size / 2,
-            "{fs_kind}: running `hsm --version` fetched {} of {hsm_size} bytes: {m}",
-            get(&m, "fetched_bytes")
+            get(&m, "fetched_bytes") < total,
+            "{fs_kind}: running the binaries fetched them whole ({total} bytes; hsm is \
+             {hsm_size}): {m}"
         );
 
         // And the rest is there when read plainly.

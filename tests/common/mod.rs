@@ -171,7 +171,9 @@ impl Daemon {
     /// after `limit`, so a hung daemon cannot hang the test (its pending events are then allowed
     /// by the kernel and the test's byte comparisons fail instead).
     pub fn start(store: &Path, mountpoint: &Path, extra: &[&str], limit: Duration) -> Daemon {
-        let stderr_log = store.with_extension(format!("serve-{}.log", rand::random::<u32>()));
+        // Outside the store's filesystem, so that a full disk cannot swallow the daemon's log.
+        let stderr_log =
+            std::env::temp_dir().join(format!("hsm-serve-{}.log", rand::random::<u64>()));
         let log = std::fs::File::create(&stderr_log).unwrap();
         let mut child = Command::new(HSM)
             .arg("serve")
