@@ -220,33 +220,8 @@ pub fn populate(
             lazy_sparse: opts.lazy_sparse,
         },
     )?;
-    let fs = store.config.fs;
-    eprintln!("{}", method_line(&store.config));
     let src_root: OwnedFd = File::open(&src_path)?.into();
-    let tree: OwnedFd = File::open(store.tree())
-        .with_context(|| format!("cannot open {}", store.tree().display()))?
-        .into();
-    let progress = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} {human_pos} entries ({per_sec}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    let walk = Walk {
-        opts,
-        digest_dir: opts.digests.then(|| store.digest_dir()),
-        fs,
-        tree: tree.try_clone()?,
-        pool: if fs.reflinks() {
-            Some(store.zero_pool()?)
-        } else {
-            None
-        },
-        counters: Counters::default(),
-        links: Mutex::new(HashMap::new()),
-        skipped: Mutex::new(Vec::new()),
-        errors: Mutex::new(Vec::new()),
-        progress,
-    };
+    let (walk, tree) = Walk::new(opts, &store, opts.digests)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .stack_size(16 << 20)
@@ -340,7 +315,43 @@ fn print_report(r: &PopulateReport) {
     }
 }
 
-impl Walk<'_> {
+impl<'a> Walk<'a> {
+    /// Say which stub method the store's filesystem gets, and set up the walk of its tree.
+    /// Returns the walk and the tree's directory fd.
+    fn new(
+        opts: &'a PopulateOptions,
+        store: &Store,
+        digests: bool,
+    ) -> anyhow::Result<(Walk<'a>, OwnedFd)> {
+        let fs = store.config.fs;
+        eprintln!("{}", method_line(&store.config));
+        let tree: OwnedFd = File::open(store.tree())
+            .with_context(|| format!("cannot open {}", store.tree().display()))?
+            .into();
+        let progress = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        progress.set_style(
+            ProgressStyle::with_template("{spinner} {human_pos} entries ({per_sec}) {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let walk = Walk {
+            opts,
+            digest_dir: digests.then(|| store.digest_dir()),
+            fs,
+            tree: tree.try_clone()?,
+            pool: if fs.reflinks() {
+                Some(store.zero_pool()?)
+            } else {
+                None
+            },
+            counters: Counters::default(),
+            links: Mutex::new(HashMap::new()),
+            skipped: Mutex::new(Vec::new()),
+            errors: Mutex::new(Vec::new()),
+            progress,
+        };
+        Ok((walk, tree))
+    }
+
     fn error(&self, rel: &[u8], what: impl std::fmt::Display) {
         self.errors
             .lock()
@@ -676,17 +687,14 @@ impl Walk<'_> {
 mod remote {
     use std::collections::BTreeMap;
     use std::ffi::CString;
-    use std::fs::File;
     use std::os::fd::{AsFd, OwnedFd};
     use std::path::Path;
     use std::sync::atomic::Ordering::Relaxed;
-    use std::sync::Mutex;
 
     use anyhow::{bail, Context};
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     use rayon::prelude::*;
 
-    use super::{method_line, print_report, Counters, Meta, PopulateOptions, PopulateReport, Walk};
+    use super::{print_report, Meta, PopulateOptions, PopulateReport, Walk};
     use crate::backend::http::{HttpBackend, HttpUrl};
     use crate::backend::object::{self, LAST_MODIFIED_PREFIX};
     use crate::backend::s3::{S3Backend, S3Url};
@@ -999,32 +1007,11 @@ mod remote {
                 lazy_sparse: opts.lazy_sparse,
             },
         )?;
-        let fs = store.config.fs;
-        eprintln!("{}", method_line(&store.config));
-        let tree: OwnedFd = File::open(store.tree())
-            .with_context(|| format!("cannot open {}", store.tree().display()))?
-            .into();
-        let progress = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        progress.set_style(
-            ProgressStyle::with_template("{spinner} {human_pos} entries ({per_sec}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        let walk = Walk {
-            opts,
-            digest_dir: None,
-            fs,
-            tree: tree.try_clone()?,
-            pool: if fs.reflinks() {
-                Some(store.zero_pool()?)
-            } else {
-                None
-            },
-            counters: Counters::default(),
-            links: Mutex::new(Default::default()),
-            skipped: Mutex::new(Vec::new()),
-            errors: Mutex::new(std::mem::take(&mut plan.errors)),
-            progress,
-        };
+        let (walk, tree) = Walk::new(opts, &store, false)?;
+        walk.errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .append(&mut plan.errors);
         // Directories, parents first (a parent's path sorts before its children's).
         let mut failed_dirs: Vec<String> = Vec::new();
         for (rel, node) in &plan.nodes {
