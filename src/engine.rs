@@ -532,10 +532,14 @@ impl Engine {
     /// `MAX_RECORD_LAG` whatever happens; `force` writes them all. Returns the records written.
     pub fn flush(&self, force: bool) -> usize {
         let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
+        // Every cached file holds fds: with too many, complete files are recorded (and so
+        // evicted) without waiting for them to go quiet.
+        let pressure = entries.len() > MAX_CACHED;
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
             let due = force
+                || (pressure && s.record.is_complete())
                 || s.last_access.elapsed() >= QUIET_BEFORE_RECORD
                 || s.dirty_since.is_some_and(|t| t.elapsed() >= MAX_RECORD_LAG);
             if s.dirty && due {

@@ -381,14 +381,26 @@ fn wait_ready(worker: &mut WorkerProc) -> anyhow::Result<()> {
 }
 
 fn raise_fd_limit() {
-    // Every held event and every cached file holds an fd.
+    // Every held event and every cached file holds an fd (two on xfs): allow as many as the
+    // kernel does (fs.nr_open), not the login default. The worker inherits the limit.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain syscalls on a valid struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max.max(nr_open),
+            rlim_max: lim.rlim_max.max(nr_open),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
