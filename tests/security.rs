@@ -2499,3 +2499,55 @@ fn tokens_in_urls_never_show_in_populate_output() {
         leaks.join("\n")
     );
 }
+
+/// A credentials file others can read is refused, with what to do, before any request is made.
+#[test]
+fn a_credentials_file_others_can_read_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let scratch = Scratch::new("creds");
+    let home = scratch.path.join("home");
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    let creds = home.join(".aws/credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = AKIDLEAK\naws_secret_access_key = s3cr3t-leak\n",
+    )
+    .unwrap();
+    let populate = |mode: u32| {
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(mode)).unwrap();
+        Command::new(HSM)
+            .args(["populate", "s3://bucket/prefix"])
+            .arg(scratch.path.join(format!("store-{mode:o}")))
+            .args(["--endpoint", "http://127.0.0.1:9"])
+            .env("HOME", &home)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = populate(0o644);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a world-readable credentials file was used: {err}"
+    );
+    assert!(
+        err.contains("can be read by other users") && err.contains("chmod 600"),
+        "unclear refusal: {err}"
+    );
+    assert!(
+        !err.contains("s3cr3t-leak"),
+        "the secret was printed: {err}"
+    );
+    // Mode 0600 gets past that check (and then fails only to reach the closed port).
+    let err = String::from_utf8_lossy(&populate(0o600).stderr).into_owned();
+    assert!(!err.contains("can be read by other users"), "{err}");
+    assert!(
+        !err.contains("s3cr3t-leak"),
+        "the secret was printed: {err}"
+    );
+}

@@ -189,12 +189,30 @@ fn env_set(k: &str) -> bool {
 }
 
 /// `[profile]` of an AWS shared credentials file: (key id, secret, session token).
-fn shared_credentials() -> Option<(String, String, Option<String>)> {
+/// A file that others can read is refused: its secrets would be everyone's.
+fn shared_credentials() -> anyhow::Result<Option<(String, String, Option<String>)>> {
     let path = match std::env::var_os("AWS_SHARED_CREDENTIALS_FILE") {
         Some(p) => std::path::PathBuf::from(p),
-        None => std::path::PathBuf::from(std::env::var_os("HOME")?).join(".aws/credentials"),
+        None => match std::env::var_os("HOME") {
+            Some(home) => std::path::PathBuf::from(home).join(".aws/credentials"),
+            None => return Ok(None),
+        },
     };
-    let text = std::fs::read_to_string(path).ok()?;
+    let Ok(md) = std::fs::metadata(&path) else {
+        return Ok(None);
+    };
+    use std::os::unix::fs::PermissionsExt;
+    if md.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "the credentials file {} can be read by other users (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            md.permissions().mode() & 0o777,
+            path.display()
+        );
+    }
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
     let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
     let mut section = String::new();
     let mut kv = BTreeMap::new();
@@ -213,11 +231,13 @@ fn shared_credentials() -> Option<(String, String, Option<String>)> {
             }
         }
     }
-    Some((
-        kv.remove("aws_access_key_id")?,
-        kv.remove("aws_secret_access_key")?,
-        kv.remove("aws_session_token"),
-    ))
+    let (Some(id), Some(secret)) = (
+        kv.remove("aws_access_key_id"),
+        kv.remove("aws_secret_access_key"),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some((id, secret, kv.remove("aws_session_token"))))
 }
 
 impl S3Backend {
@@ -248,7 +268,7 @@ impl S3Backend {
         ))
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         if !env_set("AWS_ACCESS_KEY_ID") && !skip_signature {
-            if let Some((id, secret, token)) = shared_credentials() {
+            if let Some((id, secret, token)) = shared_credentials()? {
                 b = b.with_access_key_id(id).with_secret_access_key(secret);
                 if let Some(t) = token {
                     b = b.with_token(t);
