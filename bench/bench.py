@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import select
 import shutil
 import signal
@@ -72,6 +73,7 @@ def parse_args():
         pop_files=env_int("BENCH_POP_FILES", 10000 if q else 100000),
         timeout=env_int("BENCH_TIMEOUT", 900),
         quiet_wait=env_int("BENCH_QUIET_WAIT", 3),
+        nofile=env_int("BENCH_NOFILE", 1048576),
         workdir_parent=os.environ.get("BENCH_DIR", "/var/tmp"),
         hsm=os.environ.get("HSM_BIN")
         or os.path.join(
@@ -107,6 +109,20 @@ class Cleanup:
         self.steps[idx] = (what, None)
         if fn:
             fn()
+
+    def mark(self):
+        return len(self.steps)
+
+    def unwind_to(self, mark):
+        """Undo everything registered since `mark` (a workload that failed half-way)."""
+        while len(self.steps) > mark:
+            what, fn = self.steps.pop()
+            if fn is None:
+                continue
+            try:
+                fn()
+            except Exception as e:
+                print(f"cleanup: {what}: {e}", file=sys.stderr)
 
     def run_all(self):
         while self.steps:
@@ -421,6 +437,8 @@ class Bench:
         self.populates = []  # dicts
         self.notes = []
         self.rclone_reason = None
+        self.fds = {}  # workload -> open fds of the worker at the end of a cold run (max)
+        self.failed = {}  # workload -> error
         self.noise = []  # per measurement: did it start in a quiet window (others' I/O)?
 
     # ---- setup -------------------------------------------------------------------------------
@@ -588,7 +606,21 @@ class Bench:
         log_path = os.path.join(self.logs, f"serve-{tag}.log")
         errf = open(log_path, "w")
         cmd = [self.cfg.hsm, "serve", store, self.mnt_hsm, "--drain", "0.2"] + self.cfg.serve_args
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, start_new_session=True)
+        nofile = self.cfg.nofile
+
+        def limits():
+            # What contrib/hsm@.service gives the daemon (LimitNOFILE=1048576): every cached file
+            # and every held event costs the daemon an fd.
+            # Best effort: raising the hard limit needs CAP_SYS_RESOURCE.
+            if nofile:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                except (ValueError, OSError):
+                    pass
+
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=errf, start_new_session=True, preexec_fn=limits
+        )
         errf.close()
         d = Daemon(p, store, self.mnt_hsm, log_path)
         d.undo = CLEANUP.push(f"stop hsm serve {p.pid}", d.stop)
@@ -704,6 +736,7 @@ class Bench:
             try:
                 v, c = self.measure(w, self.mnt_hsm)
                 hwm = d.hwm()
+                self.fds[name] = max(self.fds.get(name, 0), d.fds() or 0)
             finally:
                 d.stop_and_forget()
             self.counters[name] = d.metrics()
@@ -877,7 +910,7 @@ class Bench:
             extra = m["hsm hydrated warm"] - m["native warm"]
             wrows.append([labels[w], f"{m['native warm']:.3f}", f"{m['hsm hydrated warm']:.3f}",
                           f"{m['hsm hydrated warm'] / m['native warm']:.2f}x", str(ev),
-                          f"{extra / ev * 1e6:.0f}" if ev else "n/a"])  # fmt: skip
+                          f"{extra / ev * 1e6:.0f}" if ev >= 100 else "(too few)"])  # fmt: skip
         if wrows:
             lines.append("")
             lines.append("daemon cost without disk I/O: page cache warm, hsm daemon just started (no ignore marks yet,")
@@ -901,6 +934,10 @@ class Bench:
                 prow.append([f"hsm populate, {n} files" + (" (cold cache)" if tree == "pop" else ""),
                              f"{el:.3f}", f"{n / el:,.0f}", f"{rss / 1024:.1f}", extra or "n/a"])  # fmt: skip
             lines += md_table(["populate", "seconds", "files/s", "peak RSS MiB", "cp -a + sync s"], prow)
+        for w, e in self.failed.items():
+            err = [x for x in e.splitlines() if x.strip()]
+            lines.append(f"FAILED: {w}: {err[0][:300] if err else e}")
+            lines += ["    " + x[:200] for x in err[-3:][1:]]
         # correctness cross-checks
         bad = []
         for w, cols_ in self.checks.items():
@@ -932,8 +969,9 @@ class Bench:
             crow = []
             for w, m in self.counters.items():
                 if m:
-                    crow.append([w] + [str(m.get(k, "")) for k in keys])
-            lines += md_table(["workload"] + keys, crow)
+                    crow.append([w] + [str(m.get(k, "")) for k in keys]
+                                + [str(self.fds.get(w, ""))])  # fmt: skip
+            lines += md_table(["workload"] + keys + ["worker fds at end"], crow)
         text = "\n".join(lines)
         print(text)
         if cfg.json:
@@ -1030,6 +1068,12 @@ class Daemon:
     def hwm(self):
         return (vm_hwm_kib(self.p.pid), vm_hwm_kib(self.worker_pid))
 
+    def fds(self):
+        try:
+            return len(os.listdir(f"/proc/{self.worker_pid}/fd"))
+        except OSError:
+            return None
+
     def stop(self):
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
@@ -1120,7 +1164,17 @@ def main():
         b.rclone_check()
         b.setup()
         for w in b.workloads():
-            b.run_workload(w)
+            mark = CLEANUP.mark()
+            try:
+                b.run_workload(w)
+            except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                # Record it, undo what this workload left (daemons, mounts), go on.
+                msg = str(e)
+                if "failed (" in msg:  # keep the command and the end of its stderr
+                    msg = msg[: msg.index("failed (") + 12] + "\n" + "\n".join(msg.splitlines()[-4:])
+                b.failed[w["name"]] = msg
+                log(f"{w['name']} FAILED: {str(e)[-1500:]}")
+                CLEANUP.unwind_to(mark)
         if not cfg.only or "populate" in cfg.only:
             b.run_populate()
         b.report()
