@@ -17,11 +17,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -40,33 +39,6 @@ const CONFIGS: [(&str, &[&str]); 4] = [
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn get(m: &Value, key: &str) -> u64 {
-    m[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("metric {key} missing in {m}"))
-}
-
-/// The daemon rewrites metrics.json (to a temporary file, renamed over it: a new inode each
-/// time) every 500 ms while it runs. Wait for two rewrites after this call: the second one's
-/// snapshot was taken after the call, so it counts everything done before it.
-fn settled_metrics(fx: &Fixture) -> Value {
-    let path = fx.store.join(".hsm/metrics.json");
-    let ino = || fs::metadata(&path).map(|m| m.ino()).ok();
-    let mut last = ino();
-    let mut rewrites = 0;
-    let end = Instant::now() + Duration::from_secs(60);
-    while rewrites < 2 {
-        assert!(Instant::now() < end, "metrics.json not rewritten for 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-        let now = ino();
-        if now.is_some() && now != last {
-            rewrites += 1;
-            last = now;
-        }
-    }
-    serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
-}
 
 /// `pread` until `len` bytes or end of file.
 fn pread_at(f: &File, off: u64, len: usize) -> Vec<u8> {
@@ -644,10 +616,10 @@ fn every_kind_of_read_returns_the_source_bytes() {
         }
 
         let m = fx.stop();
-        assert_eq!(get(&m, "denied"), 0, "{what}: {m}");
+        assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
         // Every byte was fetched exactly once, whichever syscalls asked for it.
         assert_eq!(
-            get(&m, "fetched_bytes"),
+            metric(&m, "fetched_bytes"),
             (names.len() * BIG + 2 * MIB) as u64,
             "{what}: {m}"
         );
@@ -692,9 +664,9 @@ fn stubs_of_elf_binaries_execute() {
         // An exec fetches what it maps (the kernel raises one event per mapped segment, filled
         // whole: faults on pages that readahead brought in as stub zeros would raise no event),
         // never the parts no segment covers, such as the symbol tables at the end of the file.
-        let m = settled_metrics(&fx);
+        let m = fx.settled_metrics();
         assert!(
-            get(&m, "fetched_bytes") < total,
+            metric(&m, "fetched_bytes") < total,
             "{fs_kind}: running the binaries fetched them whole ({total} bytes; hsm is \
              {hsm_size}): {m}"
         );
@@ -704,8 +676,8 @@ fn stubs_of_elf_binaries_execute() {
             run(Command::new("cmp").arg(fx.at(rel)).arg(orig));
         }
         let m = fx.stop();
-        assert_eq!(get(&m, "denied"), 0, "{fs_kind}: {m}");
-        assert_eq!(get(&m, "fetched_bytes"), total, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "fetched_bytes"), total, "{fs_kind}: {m}");
     }
 }
 
@@ -776,9 +748,9 @@ fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
     }
     drop(f);
     let random = t.elapsed();
-    let after_random = settled_metrics(&fx);
+    let after_random = fx.settled_metrics();
     assert!(
-        get(&after_random, "fetched_bytes") < SIZE / 2,
+        metric(&after_random, "fetched_bytes") < SIZE / 2,
         "200 random reads fetched the file whole: {after_random}"
     );
 
@@ -787,18 +759,18 @@ fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
     let sequential = t.elapsed();
 
     let m = fx.stop();
-    assert_eq!(get(&m, "denied"), 0, "{m}");
+    assert_eq!(metric(&m, "denied"), 0, "{m}");
     assert_eq!(
-        get(&m, "fetched_bytes"),
+        metric(&m, "fetched_bytes"),
         SIZE,
         "each byte fetched once: {m}"
     );
     eprintln!(
         "1 GiB on xfs: source made in {made:?}; 200 random preads ({random_bytes} bytes, {} fetched) \
          in {random:?}; cmp of the whole file in {sequential:?} ({:.0} MB/s); backend_reads {}",
-        get(&after_random, "fetched_bytes"),
+        metric(&after_random, "fetched_bytes"),
         SIZE as f64 / 1e6 / sequential.as_secs_f64(),
-        get(&m, "backend_reads")
+        metric(&m, "backend_reads")
     );
 }
 
@@ -839,9 +811,9 @@ fn a_tree_of_3000_small_files_reads_back() {
         });
         let read = t_read.elapsed();
         let m = fx.stop();
-        assert_eq!(get(&m, "denied"), 0, "{fs_kind}: {m}");
-        assert_eq!(get(&m, "fetched_bytes"), total as u64, "{fs_kind}: {m}");
-        assert_eq!(get(&m, "files_completed"), nonempty, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "fetched_bytes"), total as u64, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "files_completed"), nonempty, "{fs_kind}: {m}");
         eprintln!(
             "{fs_kind}: 3000 files ({total} bytes) read in {read:?} ({:.0} files/s); test {:?}",
             3000.0 / read.as_secs_f64(),
@@ -1063,7 +1035,7 @@ fn sizes_names_symlinks_modes_owners_and_times_are_reproduced() {
             assert_same_meta(&fx.source, &fx.view, rel, &format!("{what}, after reading"));
         }
         let m = fx.stop();
-        assert_eq!(get(&m, "denied"), 0, "{what}: {m}");
+        assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
     }
 }
 
@@ -1146,8 +1118,8 @@ fn a_restarted_daemon_fetches_only_what_was_missing() {
             assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), d, &what);
         }
         let m1 = fx.stop();
-        let f1 = get(&m1, "fetched_bytes");
-        assert_eq!(get(&m1, "denied"), 0, "{what}: {m1}");
+        let f1 = metric(&m1, "fetched_bytes");
+        assert_eq!(metric(&m1, "denied"), 0, "{what}: {m1}");
         assert!(
             f1 > 0 && f1 < total,
             "{what}: run 1 fetched {f1} of {total}"
@@ -1161,9 +1133,9 @@ fn a_restarted_daemon_fetches_only_what_was_missing() {
             assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), d, &what);
         }
         let m2 = fx.stop();
-        assert_eq!(get(&m2, "denied"), 0, "{what}: {m2}");
+        assert_eq!(metric(&m2, "denied"), 0, "{what}: {m2}");
         assert_eq!(
-            get(&m2, "fetched_bytes"),
+            metric(&m2, "fetched_bytes"),
             total - f1,
             "{what}: run 2 fetched more than run 1 left missing; run 1 {m1}, run 2 {m2}"
         );
@@ -1172,7 +1144,7 @@ fn a_restarted_daemon_fetches_only_what_was_missing() {
         let small_missing: u64 = smalls[10..].iter().map(|s| s.1.len() as u64).sum();
         let big_missing = total - f1 - small_missing;
         let bound = big_missing.div_ceil(chunk) + 10;
-        let reads = get(&m2, "backend_reads");
+        let reads = metric(&m2, "backend_reads");
         assert!(
             (10..=bound).contains(&reads),
             "{what}: run 2 made {reads} backend reads for {big_missing} missing bytes of the big \
@@ -1219,45 +1191,45 @@ fn complete_files_raise_no_more_events() {
         for (rel, data) in &files {
             assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, fs_kind);
         }
-        let a = settled_metrics(&fx);
-        assert_eq!(get(&a, "files_completed"), 2, "{fs_kind}: {a}");
-        assert_eq!(get(&a, "fetched_bytes"), total, "{fs_kind}: {a}");
-        assert!(get(&a, "ignore_marks") >= 2, "{fs_kind}: {a}");
-        assert!(get(&a, "events_pre_access") + get(&a, "events_open") > 0);
+        let a = fx.settled_metrics();
+        assert_eq!(metric(&a, "files_completed"), 2, "{fs_kind}: {a}");
+        assert_eq!(metric(&a, "fetched_bytes"), total, "{fs_kind}: {a}");
+        assert!(metric(&a, "ignore_marks") >= 2, "{fs_kind}: {a}");
+        assert!(metric(&a, "events_pre_access") + metric(&a, "events_open") > 0);
 
         reread(&fx, &files, fs_kind);
-        let b = settled_metrics(&fx);
+        let b = fx.settled_metrics();
         for k in EVENTS.iter().chain(&["fetched_bytes", "backend_reads"]) {
             assert_eq!(
-                get(&a, k),
-                get(&b, k),
+                metric(&a, k),
+                metric(&b, k),
                 "{fs_kind}: reading complete files changed {k}: before {a}, after {b}"
             );
         }
         let c = fx.stop();
         for k in EVENTS {
-            assert_eq!(get(&b, k), get(&c, k), "{fs_kind}: {k} at stop: {c}");
+            assert_eq!(metric(&b, k), metric(&c, k), "{fs_kind}: {k} at stop: {c}");
         }
 
         // A new daemon has no ignore marks (as when the kernel evicts one): the first access
         // finds the file complete and marks it again, fetching nothing.
         fx.serve(&[]);
         reread(&fx, &files, fs_kind);
-        let d = settled_metrics(&fx);
-        assert!(get(&d, "ignore_marks") >= 2, "{fs_kind}: {d}");
+        let d = fx.settled_metrics();
+        assert!(metric(&d, "ignore_marks") >= 2, "{fs_kind}: {d}");
         reread(&fx, &files, fs_kind);
-        let e = settled_metrics(&fx);
+        let e = fx.settled_metrics();
         for k in EVENTS {
             assert_eq!(
-                get(&d, k),
-                get(&e, k),
+                metric(&d, k),
+                metric(&e, k),
                 "{fs_kind}: {k} after re-marking: {d} then {e}"
             );
         }
         let f = fx.stop();
-        assert_eq!(get(&f, "fetched_bytes"), 0, "{fs_kind}: {f}");
-        assert_eq!(get(&f, "backend_reads"), 0, "{fs_kind}: {f}");
-        assert_eq!(get(&f, "denied"), 0, "{fs_kind}: {f}");
+        assert_eq!(metric(&f, "fetched_bytes"), 0, "{fs_kind}: {f}");
+        assert_eq!(metric(&f, "backend_reads"), 0, "{fs_kind}: {f}");
+        assert_eq!(metric(&f, "denied"), 0, "{fs_kind}: {f}");
     }
 }
 

@@ -144,32 +144,6 @@ fn restart(fx: &mut Fixture) -> Value {
     m
 }
 
-fn metric(m: &Value, key: &str) -> u64 {
-    m[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("metric {key} missing in {m}"))
-}
-
-/// Wait until the daemon has rewritten metrics.json twice (it does every 500 ms): the second
-/// snapshot counts everything done before this call.
-fn settled_metrics(fx: &Fixture) -> Value {
-    let path = fx.store.join(".hsm/metrics.json");
-    let ino = || fs::metadata(&path).map(|m| m.ino()).ok();
-    let mut last = ino();
-    let mut rewrites = 0;
-    let end = Instant::now() + Duration::from_secs(60);
-    while rewrites < 2 {
-        assert!(Instant::now() < end, "metrics.json not rewritten for 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-        let now = ino();
-        if now.is_some() && now != last {
-            rewrites += 1;
-            last = now;
-        }
-    }
-    serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
-}
-
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -356,7 +330,7 @@ fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source() {
         if fs_kind == "xfs" {
             // Range by range: the writes fetched only the chunks they touched: 0 to 3 and the
             // tail of f, one chunk each of m and d, and small whole (it is sparse).
-            let m = settled_metrics(&fx);
+            let m = fx.settled_metrics();
             assert!(
                 metric(&m, "fetched_bytes") <= (6 * MIB + 4097 + 300_000) as u64,
                 "{fs_kind}: a write into a cloned stub fetched more than its chunks: {m}"
@@ -1942,7 +1916,7 @@ fn symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it() {
             fs::read_link(fx.at("rel-link")).unwrap(),
             PathBuf::from("../outside/secret")
         );
-        let m = settled_metrics(&fx);
+        let m = fx.settled_metrics();
         assert_eq!(
             metric(&m, "fetched_bytes"),
             10_000,

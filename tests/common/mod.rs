@@ -375,6 +375,28 @@ impl Fixture {
         self.metrics()
     }
 
+    /// The daemon rewrites metrics.json (to a temporary file renamed over it: a new inode each
+    /// time) every 500 ms while it runs. Wait for two rewrites after this call: the second
+    /// one's snapshot was taken after the call, so it counts everything done before it.
+    pub fn settled_metrics(&self) -> serde_json::Value {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.store.join(".hsm/metrics.json");
+        let ino = || std::fs::metadata(&path).map(|m| m.ino()).ok();
+        let mut last = ino();
+        let mut rewrites = 0;
+        let end = Instant::now() + Duration::from_secs(60);
+        while rewrites < 2 {
+            assert!(Instant::now() < end, "metrics.json not rewritten for 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+            let now = ino();
+            if now.is_some() && now != last {
+                rewrites += 1;
+                last = now;
+            }
+        }
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
     pub fn metrics(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.store.join(".hsm/metrics.json"))
             .expect("metrics.json written by hsm serve");
@@ -446,4 +468,11 @@ pub fn require_root() -> bool {
         return false;
     }
     true
+}
+
+/// A counter from metrics.json.
+pub fn metric(m: &serde_json::Value, key: &str) -> u64 {
+    m[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("metric {key} missing in {m}"))
 }
