@@ -229,33 +229,7 @@ pub fn populate(
     pool.install(|| walk.dir(src_root.as_fd(), tree.as_fd(), b""));
     let root_st = sysfs::fstat(src_root.as_fd())?;
     walk.set_meta(tree.as_fd(), None, &Meta::of(&root_st), b".");
-    walk.progress.finish_and_clear();
-
-    let c = &walk.counters;
-    let report = PopulateReport {
-        dirs: c.dirs.load(Relaxed),
-        files: c.files.load(Relaxed),
-        bytes: c.bytes.load(Relaxed),
-        cloned_stubs: c.cloned.load(Relaxed),
-        sparse_stubs: c.sparse.load(Relaxed),
-        empty_files: c.empty.load(Relaxed),
-        symlinks: c.symlinks.load(Relaxed),
-        hard_links: c.hard_links.load(Relaxed),
-        kept_existing: c.kept.load(Relaxed),
-        skipped_special: std::mem::take(
-            &mut *walk.skipped.lock().unwrap_or_else(|p| p.into_inner()),
-        ),
-        skipped_keys: Vec::new(),
-        errors: std::mem::take(&mut *walk.errors.lock().unwrap_or_else(|p| p.into_inner())),
-    };
-    print_report(&report);
-    if !report.errors.is_empty() {
-        bail!(
-            "{} entries could not be stubbed (listed above)",
-            report.errors.len()
-        );
-    }
-    Ok(report)
+    walk.finish(Vec::new())
 }
 
 fn method_line(c: &StoreConfig) -> String {
@@ -316,6 +290,37 @@ fn print_report(r: &PopulateReport) {
 }
 
 impl<'a> Walk<'a> {
+    /// Count what was done, print it, and fail if any entry could not be stubbed.
+    fn finish(self, skipped_keys: Vec<String>) -> anyhow::Result<PopulateReport> {
+        self.progress.finish_and_clear();
+        let c = &self.counters;
+        let take = |m: &Mutex<Vec<String>>| {
+            std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner()))
+        };
+        let report = PopulateReport {
+            dirs: c.dirs.load(Relaxed),
+            files: c.files.load(Relaxed),
+            bytes: c.bytes.load(Relaxed),
+            cloned_stubs: c.cloned.load(Relaxed),
+            sparse_stubs: c.sparse.load(Relaxed),
+            empty_files: c.empty.load(Relaxed),
+            symlinks: c.symlinks.load(Relaxed),
+            hard_links: c.hard_links.load(Relaxed),
+            kept_existing: c.kept.load(Relaxed),
+            skipped_special: take(&self.skipped),
+            skipped_keys,
+            errors: take(&self.errors),
+        };
+        print_report(&report);
+        if !report.errors.is_empty() {
+            bail!(
+                "{} entries could not be stubbed (listed above)",
+                report.errors.len()
+            );
+        }
+        Ok(report)
+    }
+
     /// Say which stub method the store's filesystem gets, and set up the walk of its tree.
     /// Returns the walk and the tree's directory fd.
     fn new(
@@ -694,7 +699,7 @@ mod remote {
     use anyhow::{bail, Context};
     use rayon::prelude::*;
 
-    use super::{print_report, Meta, PopulateOptions, PopulateReport, Walk};
+    use super::{Meta, PopulateOptions, PopulateReport, Walk};
     use crate::backend::http::{HttpBackend, HttpUrl};
     use crate::backend::object::{self, LAST_MODIFIED_PREFIX};
     use crate::backend::s3::{S3Backend, S3Url};
@@ -1123,29 +1128,6 @@ mod remote {
             }
         }
         let _ = sysfs::fchmod(tree.as_fd(), DIR_MODE);
-        walk.progress.finish_and_clear();
-        let c = &walk.counters;
-        let report = PopulateReport {
-            dirs: c.dirs.load(Relaxed),
-            files: c.files.load(Relaxed),
-            bytes: c.bytes.load(Relaxed),
-            cloned_stubs: c.cloned.load(Relaxed),
-            sparse_stubs: c.sparse.load(Relaxed),
-            empty_files: c.empty.load(Relaxed),
-            symlinks: c.symlinks.load(Relaxed),
-            hard_links: 0,
-            kept_existing: c.kept.load(Relaxed),
-            skipped_special: Vec::new(),
-            skipped_keys: std::mem::take(&mut plan.skipped),
-            errors: std::mem::take(&mut *walk.errors.lock().unwrap_or_else(|p| p.into_inner())),
-        };
-        print_report(&report);
-        if !report.errors.is_empty() {
-            bail!(
-                "{} entries could not be stubbed (listed above)",
-                report.errors.len()
-            );
-        }
-        Ok(report)
+        walk.finish(std::mem::take(&mut plan.skipped))
     }
 }
