@@ -699,12 +699,28 @@ struct ConcurrencyReport {
     reads: AtomicU64,
     blocks: AtomicU64,
     marker_blocks_seen: AtomicU64,
+    /// Blocks read while the writer was copying into them: every byte is the source's or the
+    /// marker's at its position (see `check_blocks`).
+    torn_blocks: AtomicU64,
     failures: Mutex<Vec<String>>,
 }
 
 /// Check every 4 KiB block of `got` (read at block-aligned `off`): entirely the source's or
 /// entirely the writer's marker for that block.
-fn check_blocks(src: &[u8], off: u64, got: &[u8], rep: &ConcurrencyReport, who: &str) {
+///
+/// With `torn_allowed`, a block in which every byte equals the source's or the marker's at its
+/// position is counted as torn rather than failed: ext4 does not serialise buffered reads against
+/// buffered writes (xfs does, with its i_rwsem), so a read can copy a page while a write is copying
+/// into it, on plain ext4 files too (`tests/tools/torn_read.c` shows it without hsm). Stub zeros
+/// cannot hide there: they would be zero where the source and the marker are not.
+fn check_blocks(
+    src: &[u8],
+    off: u64,
+    got: &[u8],
+    rep: &ConcurrencyReport,
+    who: &str,
+    torn_allowed: bool,
+) {
     for (j, blk) in got.chunks(4096).enumerate() {
         let i = off / 4096 + j as u64;
         let s = i as usize * 4096;
@@ -715,6 +731,16 @@ fn check_blocks(src: &[u8], off: u64, got: &[u8], rep: &ConcurrencyReport, who: 
         }
         if blk == &marker_block(i)[..blk.len()] {
             rep.marker_blocks_seen.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let marker = marker_block(i);
+        let torn = blk
+            .iter()
+            .zip(src_blk)
+            .zip(&marker)
+            .all(|((b, s), m)| b == s || b == m);
+        if torn && torn_allowed {
+            rep.torn_blocks.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let zeros = blk.iter().filter(|&&b| b == 0).count();
@@ -741,9 +767,6 @@ fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed() {
 }
 
 #[test]
-#[ignore = "intermittent on ext4: once, a whole-file read concurrent with 4 KiB writes saw a block \
-            of source, marker and 216 zero bytes (ext4 buffered reads are not atomic against \
-            writes, which explains source+marker; the zeros are not explained yet)"]
 fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed_ext4() {
     concurrent_readers_and_a_writer(&["ext4"]);
 }
@@ -755,6 +778,7 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
     const SIZE: usize = 8 * MIB;
     const BLOCKS: u64 = (SIZE / 4096) as u64;
     for &fs_kind in filesystems {
+        let torn_ok = fs_kind == "ext4";
         let mut fx = Fixture::new(fs_kind, "1G");
         let files = ["c1", "c2"];
         let srcs: Vec<Arc<Vec<u8>>> = files
@@ -803,7 +827,7 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
                             match read_path(&path) {
                                 Ok(got) => {
                                     assert_eq!(got.len(), SIZE, "{who}: whole-file read length");
-                                    check_blocks(&src, 0, &got, &rep, &who)
+                                    check_blocks(&src, 0, &got, &rep, &who, torn_ok)
                                 }
                                 Err(e) => rep
                                     .failures
@@ -818,7 +842,9 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
                             let blk = rng.random_range(0..BLOCKS);
                             let n = rng.random_range(1..=64u64).min(BLOCKS - blk);
                             match pread_at(&f, blk * 4096, (n * 4096) as usize) {
-                                Ok(got) => check_blocks(&src, blk * 4096, &got, &rep, &who),
+                                Ok(got) => {
+                                    check_blocks(&src, blk * 4096, &got, &rep, &who, torn_ok)
+                                }
                                 Err(e) => rep
                                     .failures
                                     .lock()
@@ -857,11 +883,12 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
             }
             let failures = rep.failures.lock().unwrap().clone();
             eprintln!(
-                "{fs_kind} {rel}: {} reads, {} blocks checked ({} marker blocks seen), {} writes \
-                 in {:?}, {} wrong",
+                "{fs_kind} {rel}: {} reads, {} blocks checked ({} marker blocks seen, {} torn by \
+                 the filesystem), {} writes in {:?}, {} wrong",
                 rep.reads.load(Ordering::Relaxed),
                 rep.blocks.load(Ordering::Relaxed),
                 rep.marker_blocks_seen.load(Ordering::Relaxed),
+                rep.torn_blocks.load(Ordering::Relaxed),
                 chosen.len(),
                 t0.elapsed(),
                 failures.len()
