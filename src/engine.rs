@@ -25,6 +25,7 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
 use crate::sys::fs as sysfs;
+use crate::sys::shm::Shared;
 
 /// What an access needs present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +68,10 @@ struct EntryState {
     in_flight: HashSet<u64>,
     /// The record changed since it was last persisted.
     dirty: bool,
-    /// End of the last range served: a request starting here is sequential.
+    /// End of the chunks the requests so far reached: a request starting here is sequential.
     last_end: u64,
+    /// End of the last range requested, as the kernel gave it.
+    last_request_end: u64,
     /// Last access served: records are written when a file has gone quiet (see `flush`).
     last_access: Instant,
     dirty_since: Option<Instant>,
@@ -88,7 +91,11 @@ pub struct Engine {
     /// xfs: the store's tree, on its own unmarked mount, to reopen stubs for invisible I/O.
     xfs_tree: Option<OwnedFd>,
     files: Mutex<HashMap<FileKey, Arc<Entry>>>,
-    pub metrics: Metrics,
+    /// How many entries `files` may hold before complete ones are recorded and dropped early.
+    max_cached: usize,
+    /// One pressure flush at a time (see `entry`).
+    pressure_flush: std::sync::atomic::AtomicBool,
+    pub metrics: Shared<Metrics>,
     /// How far ahead of a sequential reader to fetch.
     readahead: u64,
     readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
@@ -100,6 +107,10 @@ struct FetchJob {
     len: usize,
     reply: crossbeam_channel::Sender<Result<Vec<u8>, FetchError>>,
 }
+
+/// What an access away from where the file was last read fetches (aligned), instead of whole
+/// chunks: random readers of big files should not pay for a chunk per page they touch.
+const RANDOM_PIECE: u64 = 64 << 10;
 
 /// Backend reads in flight at once for one request (each up to a chunk in memory).
 const FETCH_WINDOW: usize = 8;
@@ -116,8 +127,16 @@ const QUIET_BEFORE_RECORD: Duration = Duration::from_secs(1);
 /// ...or once it has waited this long.
 const MAX_RECORD_LAG: Duration = Duration::from_secs(30);
 
-/// Keep at most this many idle entries cached; complete clean ones go first.
+/// Keep at most this many idle entries cached; complete clean ones go first. Each holds one or
+/// two fds, so fewer when the process may open fewer files (see `cache_limit`).
 const MAX_CACHED: usize = 4096;
+
+/// Entries to cache with the open-files limit this process has: a quarter of it (each entry
+/// holds up to two fds; events in hand and backend reads need the rest).
+fn cache_limit() -> usize {
+    let files = sysfs::open_files_limit().unwrap_or(1024);
+    ((files / 4) as usize).clamp(16, MAX_CACHED)
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves consistent state here (claims are released by guards),
@@ -152,6 +171,7 @@ impl Drop for Claims<'_> {
 impl Engine {
     pub fn new(
         backend: Arc<dyn Backend>,
+        metrics: Shared<Metrics>,
         readahead: u64,
         fetch_timeout: Duration,
         digest_dir: PathBuf,
@@ -184,7 +204,9 @@ impl Engine {
             digest_dir,
             xfs_tree,
             files: Mutex::new(HashMap::new()),
-            metrics: Metrics::default(),
+            max_cached: cache_limit(),
+            pressure_flush: std::sync::atomic::AtomicBool::new(false),
+            metrics,
             readahead,
             readahead_tx: Mutex::new(None),
         }
@@ -242,17 +264,28 @@ impl Engine {
                 s.dirty = true;
             }
             let backed = s.record.backed_len;
+            let mut follows = true;
             let (start, end) = match need {
                 Need::Whole | Need::Range { count: 0, .. } => (0, backed),
                 Need::Open if entry.source.kind == StubKind::Sparse => (0, backed),
                 Need::Open => (0, 0),
-                Need::Range { offset, count } => (
-                    offset / chunk * chunk,
-                    offset.saturating_add(count).min(backed).div_ceil(chunk) * chunk,
-                ),
+                Need::Range { offset, count } => {
+                    let request_end = offset.saturating_add(count).min(backed);
+                    follows = offset == 0 || offset.abs_diff(s.last_request_end) < chunk;
+                    s.last_request_end = request_end;
+                    // A reader that goes on from where it was gets whole chunks (and readahead);
+                    // an access elsewhere, only the pieces around it, unless chunks must be
+                    // checked whole against their digests.
+                    let piece = if follows || entry.digests.is_some() {
+                        chunk
+                    } else {
+                        RANDOM_PIECE.min(chunk)
+                    };
+                    (offset / piece * piece, request_end.div_ceil(piece) * piece)
+                }
             };
             let end = end.min(backed);
-            let sequential = start > 0 && start <= s.last_end && s.last_end < end;
+            let sequential = follows && start > 0 && start <= s.last_end && s.last_end < end;
             if end > start {
                 s.last_end = s.last_end.max(end).min(backed);
             }
@@ -329,6 +362,7 @@ impl Engine {
                 in_flight: HashSet::new(),
                 dirty: false,
                 last_end: 0,
+                last_request_end: 0,
                 last_access: Instant::now(),
                 dirty_since: None,
                 suspect,
@@ -336,7 +370,21 @@ impl Engine {
             changed: Condvar::new(),
         });
         let mut files = lock(&self.files);
-        Ok(Some(files.entry(key).or_insert(entry).clone()))
+        let entry = files.entry(key).or_insert(entry).clone();
+        let full = files.len() > self.max_cached;
+        drop(files);
+        // A burst of new files (tar, grep over a tree) outruns the periodic flush: record and
+        // drop complete entries now, before their fds exhaust the process's limit.
+        if full
+            && !self
+                .pressure_flush
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.flush(false);
+            self.pressure_flush
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        Ok(Some(entry))
     }
 
     /// Make `[start, end)` present, fetching each missing chunk once.
@@ -507,6 +555,10 @@ impl Engine {
         if s.record.is_complete() {
             Metrics::add(&self.metrics.files_completed, 1);
         }
+        drop(s);
+        // A reader waiting on this piece (claimed by another request, readahead say) goes on
+        // now, not when that request's last piece is written.
+        entry.changed.notify_all();
         Ok(())
     }
 
@@ -534,7 +586,7 @@ impl Engine {
         let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
         // Every cached file holds fds: with too many, complete files are recorded (and so
         // evicted) without waiting for them to go quiet.
-        let pressure = entries.len() > MAX_CACHED;
+        let pressure = entries.len() > self.max_cached;
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
@@ -583,7 +635,7 @@ impl Engine {
     /// Drop cached entries nobody uses: complete ones always, others beyond the cache limit.
     fn evict(&self) {
         let mut files = lock(&self.files);
-        let over = files.len().saturating_sub(MAX_CACHED);
+        let over = files.len().saturating_sub(self.max_cached);
         let mut dropped = 0;
         files.retain(|_, e| {
             if Arc::strong_count(e) > 1 {

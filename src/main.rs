@@ -98,8 +98,6 @@ enum Command {
         #[arg(long)]
         drain: f64,
         #[arg(long)]
-        continue_metrics: bool,
-        #[arg(long)]
         fetch_user: String,
     },
     /// The unprivileged process that reads remote sources for `hsm serve` (started by it).
@@ -204,7 +202,6 @@ fn main() -> ExitCode {
             readahead,
             fetch_timeout,
             drain,
-            continue_metrics,
             fetch_user,
         } => hsm::worker::run(
             &store,
@@ -215,7 +212,6 @@ fn main() -> ExitCode {
                 fetch_timeout: secs(fetch_timeout),
                 flush_interval: Duration::from_millis(500),
                 drain: secs(drain),
-                continue_metrics,
                 fetch_user,
             },
         ),

@@ -1,5 +1,7 @@
 //! The daemon's counters. Cheap relaxed atomics on the event path; written as JSON to the store
-//! while the daemon runs and when it stops, for `hsm status`, tests and dashboards.
+//! while the daemon runs and when it stops, for `hsm status`, tests and dashboards. They live in
+//! memory shared by the supervisor and its workers (`sys::shm`), so both count, and a restarted
+//! worker continues the same counters.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -8,6 +10,7 @@ use serde::Serialize;
 macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
         #[derive(Default, Debug)]
+        #[repr(C)]
         pub struct Metrics { $(#[doc = $doc] pub $name: AtomicU64,)* }
 
         #[derive(Default, Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -18,9 +21,6 @@ macro_rules! counters {
                 Snapshot { $($name: self.$name.load(Relaxed),)* }
             }
 
-            fn counter(&self, name: &str) -> Option<&AtomicU64> {
-                match name { $(stringify!($name) => Some(&self.$name),)* _ => None }
-            }
         }
     };
 }
@@ -39,6 +39,9 @@ counters! {
     worker_starts: "Worker processes started (more than one: a worker died and was replaced).",
 }
 
+// SAFETY: `#[repr(C)]`, atomics only, and all-zero is the default.
+unsafe impl crate::sys::shm::Shareable for Metrics {}
+
 impl Metrics {
     /// Write the counters as JSON, atomically (write then rename).
     pub fn write(&self, path: &std::path::Path) {
@@ -46,25 +49,6 @@ impl Metrics {
         if let Ok(body) = serde_json::to_vec_pretty(&self.snapshot()) {
             if std::fs::write(&tmp, body).is_ok() {
                 let _ = std::fs::rename(&tmp, path);
-            }
-        }
-    }
-
-    /// Continue from counters written by a previous worker of the same daemon.
-    pub fn restore(&self, path: &std::path::Path) {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return;
-        };
-        let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else {
-            return;
-        };
-        let Some(map) = old.as_object() else { return };
-        let current = serde_json::to_value(self.snapshot()).unwrap_or_default();
-        if let Some(cur) = current.as_object() {
-            for name in cur.keys() {
-                if let Some(v) = map.get(name).and_then(|v| v.as_u64()) {
-                    self.counter(name).map(|c| c.fetch_add(v, Relaxed));
-                }
             }
         }
     }

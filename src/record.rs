@@ -9,6 +9,7 @@
 //! must look like) and `state` (rewritten by the daemon: which ranges are present).
 
 use std::ffi::CStr;
+use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Serialize};
 
@@ -138,11 +139,17 @@ impl StateRecord {
 
     /// Decode and check against the source record it belongs to.
     pub fn decode(bytes: &[u8], source: &SourceRecord) -> Result<StateRecord, RecordError> {
-        let rec: StateRecord = postcard::from_bytes(unseal(MAGIC_STATE, bytes)?)
-            .map_err(|e| RecordError::Decode(e.to_string()))?;
+        let rec = StateRecord::decode_alone(bytes)?;
         if rec.backed_len > source.size {
             return Err(RecordError::Invalid("backed length beyond the source size"));
         }
+        Ok(rec)
+    }
+
+    /// Decode and check what can be checked without the source record.
+    pub fn decode_alone(bytes: &[u8]) -> Result<StateRecord, RecordError> {
+        let rec: StateRecord = postcard::from_bytes(unseal(MAGIC_STATE, bytes)?)
+            .map_err(|e| RecordError::Decode(e.to_string()))?;
         let Some(present) = RangeSet::from_pairs(rec.present.pairs()) else {
             return Err(RecordError::Invalid("empty or reversed present range"));
         };
@@ -162,6 +169,17 @@ impl StateRecord {
     /// Bytes present out of those that come from the source.
     pub fn present_bytes(&self) -> u64 {
         self.present.covered(self.backed_len)
+    }
+}
+
+/// Whether the file behind `fd` is a stub whose state record says every byte from the source
+/// is present: records are written only after the bytes are synced, and a complete file never
+/// needs a fetch again. One xattr read, for the event path; anything else (no record, a corrupt
+/// one, not a stub at all) says no and is left to the engine, which decides and logs why.
+pub fn complete_on_disk(fd: BorrowedFd<'_>) -> bool {
+    match crate::sys::fs::fgetxattr(fd, XATTR_STATE) {
+        Ok(Some(raw)) => StateRecord::decode_alone(&raw).is_ok_and(|s| s.is_complete()),
+        _ => false,
     }
 }
 

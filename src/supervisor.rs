@@ -21,9 +21,12 @@ use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
 use crate::event::{respond_to_group, MASK};
+use crate::metrics::Metrics;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, REPLY_LEN};
+use crate::record::complete_on_disk;
 use crate::store::Store;
-use crate::sys::fanotify::{DenyErrno, Group, Verdict};
+use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_PRE_ACCESS};
+use crate::sys::shm::Shared;
 use crate::sys::{fs as sysfs, ipc, mount};
 use crate::worker::WorkerOptions;
 
@@ -43,7 +46,6 @@ impl Default for ServeOptions {
                 fetch_timeout: Duration::from_secs(30),
                 flush_interval: Duration::from_millis(500),
                 drain: Duration::from_secs(2),
-                continue_metrics: false,
                 fetch_user: "nobody".into(),
             },
             event_deadline: Duration::from_secs(45),
@@ -68,6 +70,13 @@ fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error
         _ => anyhow::anyhow!("{what}: {e}"),
     }
 }
+
+/// How long the supervisor polls without sleeping after its last event (see `serve`).
+///
+/// Only after events it answered itself (complete files): then the next one most likely is too,
+/// and the program that raised it is waiting on a round trip that a sleep-wakeup would double.
+/// While the worker is fetching, the supervisor sleeps and leaves the CPU to it.
+const SPIN: Duration = Duration::from_micros(200);
 
 /// An event read from the kernel and not answered yet.
 struct Held {
@@ -97,11 +106,12 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
 
     let mountpoint = prepare_mountpoint(mountpoint, &tree)?;
     let store_root = store_root.canonicalize()?;
-    let spawn =
-        |restart: bool| spawn_worker(&store_root, &mountpoint, &group, &opts.worker, restart);
+    let metrics =
+        Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
+    let spawn = || spawn_worker(&store_root, &mountpoint, &group, &metrics, &opts.worker);
     // The first worker must come up before anything is exposed: a broken backend or store is an
     // error at start, not at the first read.
-    let mut worker = spawn(false)?;
+    let mut worker = spawn()?;
     wait_ready(&mut worker)?;
     let exposure = Exposure::attach(&group, &tree, &mountpoint)?;
 
@@ -120,6 +130,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut raw = Vec::with_capacity(256);
     let mut drain_until: Option<Instant> = None;
     let mut restarts: Vec<Instant> = Vec::new();
+    let mut answered_at = Instant::now();
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             // No new path leads to the stubs from here on; files still open are served for the
@@ -130,7 +141,17 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
-        let ready = ipc::poll_readable(&[group.as_fd(), worker.sock.as_fd()], 200)?;
+        let fds = [group.as_fd(), worker.sock.as_fd()];
+        let mut ready = ipc::poll_readable(&fds, 0)?;
+        // Stay awake briefly after an event: a program walking a tree opens the next file within
+        // microseconds, and waking a sleeping process costs more than the event itself.
+        while !ready.contains(&true) && answered_at.elapsed() < SPIN {
+            std::thread::yield_now();
+            ready = ipc::poll_readable(&fds, 0)?;
+        }
+        if !ready.contains(&true) {
+            ready = ipc::poll_readable(&fds, 200)?;
+        }
         if ready[0] {
             raw.clear();
             match group.read_events(&mut buf, &mut raw) {
@@ -149,6 +170,22 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     range: r.range,
                 };
                 next_id += 1;
+                // Complete files (the whole tree, once hydrated) are answered here, without a
+                // round trip through the worker: this is what every file costs after a restart
+                // or once the kernel has evicted its ignore mark.
+                if complete_on_disk(fd.as_fd()) {
+                    let kind = if r.mask & FAN_PRE_ACCESS != 0 {
+                        &metrics.events_pre_access
+                    } else {
+                        &metrics.events_open
+                    };
+                    Metrics::add(kind, 1);
+                    Metrics::add(&metrics.allowed, 1);
+                    Metrics::add(&metrics.ignore_marks, 1);
+                    respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
+                    answered_at = Instant::now();
+                    continue;
+                }
                 if worker.ready {
                     // A failed send means the worker is dying: its EOF is handled below and
                     // the event is resent to the next one.
@@ -204,7 +241,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                         std::thread::sleep(Duration::from_millis(200));
                     }
                     worker = loop {
-                        match spawn(true) {
+                        match spawn() {
                             Ok(w) => break w,
                             Err(e) => {
                                 error!("cannot start a worker: {e:#}");
@@ -240,6 +277,8 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     }
     shutdown_worker(&mut worker, &group, &mut held);
     deny_all(&group, &mut held, DenyErrno::Io);
+    // With what this process counted after the worker's last write.
+    metrics.write(&store.metrics_path());
     info!("stopped");
     Ok(())
 }
@@ -327,8 +366,8 @@ fn spawn_worker(
     store_root: &Path,
     mountpoint: &Path,
     group: &Group,
+    metrics: &Shared<Metrics>,
     opts: &WorkerOptions,
-    restart: bool,
 ) -> anyhow::Result<WorkerProc> {
     let (mine, theirs) = ipc::seqpacket_pair()?;
     let exe = std::env::current_exe().context("cannot find the hsm executable")?;
@@ -348,10 +387,7 @@ fn spawn_worker(
         .arg(&opts.fetch_user)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    if restart {
-        cmd.arg("--continue-metrics");
-    }
-    let child = ipc::spawn_with_fds(cmd, &[theirs.as_fd(), group.as_fd()])
+    let child = ipc::spawn_with_fds(cmd, &[theirs.as_fd(), group.as_fd(), metrics.fd()])
         .context("cannot start the worker process")?;
     drop(theirs);
     let _ = std::fs::write(store_root.join(".hsm/worker.pid"), child.id().to_string());

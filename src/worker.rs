@@ -26,11 +26,14 @@ use crate::metrics::Metrics;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN};
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
+use crate::sys::shm::Shared;
 use crate::sys::{fs as sysfs, ipc, mount};
 
 /// The fd numbers the supervisor installs in the worker.
 pub const SOCKET_FD: i32 = 3;
 pub const GROUP_FD: i32 = 4;
+/// The daemon's counters, shared with the supervisor (`sys::shm`).
+pub const METRICS_FD: i32 = 5;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -39,8 +42,6 @@ pub struct WorkerOptions {
     pub fetch_timeout: Duration,
     pub flush_interval: Duration,
     pub drain: Duration,
-    /// Continue the counters of the worker this one replaces.
-    pub continue_metrics: bool,
     /// The unprivileged user remote backends run as (in their own process).
     pub fetch_user: String,
 }
@@ -99,18 +100,20 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
     }
+    let metrics = Shared::<Metrics>::from_fd(
+        ipc::take_inherited(METRICS_FD).context("worker started without the shared counters")?,
+    )
+    .context("cannot map the shared counters")?;
     let store = Store::open(store_root)?;
     let backend = open_backend(&store, &opts.fetch_user)?;
     let engine = Arc::new(Engine::new(
         backend,
+        metrics,
         opts.readahead,
         opts.fetch_timeout,
         store.digest_dir(),
         xfs_tree(&store),
     ));
-    if opts.continue_metrics {
-        engine.metrics.restore(&store.metrics_path());
-    }
     Metrics::add(&engine.metrics.worker_starts, 1);
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
     // thread until its chunks are written, so fewer threads would cap the chunks in flight.
@@ -219,7 +222,18 @@ fn receive_from_supervisor(
             return false;
         }
         let Some(fd) = fd else {
-            error!("event {} arrived without its fd", msg.id);
+            // Out of fds (the kernel drops a passed fd it cannot install): let the supervisor,
+            // which still holds the event, fail this access now rather than at its deadline.
+            error!(
+                "event {} arrived without its fd (out of open files?); denied with EAGAIN",
+                msg.id
+            );
+            let reply = ReplyMsg {
+                id: msg.id,
+                verdict: Verdict::Deny(DenyErrno::Again),
+                ignore: false,
+            };
+            let _ = ipc::send(sock.as_fd(), &reply.encode(), None);
             continue;
         };
         let ev = PendingEvent::new(

@@ -223,6 +223,17 @@ pub fn fs_space(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     ))
 }
 
+/// The soft limit on open files (RLIMIT_NOFILE) of this process.
+pub fn open_files_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: writes the struct passed.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok(lim.rlim_cur as u64)
+}
+
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: stat is plain old data; fstat fills it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };

@@ -8,6 +8,7 @@ pub mod fs;
 pub mod ipc;
 pub mod mount;
 pub mod privilege;
+pub mod shm;
 
 use std::io;
 

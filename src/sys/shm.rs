@@ -1,0 +1,132 @@
+//! A value shared between the serve processes through a memfd mapping.
+//!
+//! The daemon's counters live here: the supervisor creates the mapping and every worker it starts
+//! maps the same pages, so both processes add to one set of counters and a restarted worker
+//! carries on from where its predecessor stopped, with nothing to save or restore.
+
+use std::ffi::CStr;
+use std::io;
+use std::ops::Deref;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+use super::cvt;
+
+/// Types that may live in shared memory: `#[repr(C)]`, made of atomics only (so any process may
+/// change them at any time), and valid when every byte is zero (a fresh memfd).
+///
+/// # Safety
+/// Implement only for types that meet all three conditions.
+pub unsafe trait Shareable: Sync {}
+
+pub struct Shared<T: Shareable> {
+    ptr: NonNull<T>,
+    fd: OwnedFd,
+}
+
+// SAFETY: `T` is `Sync` and made of atomics; the mapping lives as long as the value.
+unsafe impl<T: Shareable> Send for Shared<T> {}
+unsafe impl<T: Shareable> Sync for Shared<T> {}
+
+impl<T: Shareable> Shared<T> {
+    /// A new zeroed value, in a memfd named `name` (shown in `/proc/PID/maps`).
+    pub fn create(name: &CStr) -> io::Result<Shared<T>> {
+        // SAFETY: a valid C string; the new fd is owned at once.
+        let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = std::mem::size_of::<T>() as libc::off_t;
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+        Self::map(fd)
+    }
+
+    /// Map the value another process created (see [`Shared::create`]).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Shared<T>> {
+        let st = super::fs::fstat(fd.as_fd())?;
+        if (st.st_size as usize) < std::mem::size_of::<T>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "shared memory smaller than expected (a different hsm version?)",
+            ));
+        }
+        Self::map(fd)
+    }
+
+    fn map(fd: OwnedFd) -> io::Result<Shared<T>> {
+        // SAFETY: a fresh shared mapping of a file at least size_of::<T>() long.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                std::mem::size_of::<T>(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<T>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Shared { ptr, fd })
+    }
+
+    /// The memfd, to hand to another process.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl<T: Shareable> Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: mapped, aligned (page-aligned), valid for any bytes (`Shareable`), and only
+        // shared references are ever made.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T: Shareable> Drop for Shared<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, with no references outliving `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<T>()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[repr(C)]
+    struct Two {
+        a: AtomicU64,
+        b: AtomicU64,
+    }
+    unsafe impl Shareable for Two {}
+
+    #[test]
+    fn two_mappings_see_one_value() {
+        let first = Shared::<Two>::create(c"hsm-test").unwrap();
+        assert_eq!(first.a.load(Ordering::Relaxed), 0, "a fresh value is zero");
+        let dup = first.fd().try_clone_to_owned().unwrap();
+        let second = Shared::<Two>::from_fd(dup).unwrap();
+        first.a.fetch_add(3, Ordering::Relaxed);
+        second.b.fetch_add(5, Ordering::Relaxed);
+        assert_eq!(second.a.load(Ordering::Relaxed), 3);
+        assert_eq!(first.b.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn a_too_small_file_is_refused() {
+        let small = Shared::<AtomicPair>::create(c"hsm-test").unwrap();
+        let dup = small.fd().try_clone_to_owned().unwrap();
+        assert!(Shared::<Big>::from_fd(dup).is_err());
+    }
+
+    #[repr(C)]
+    struct AtomicPair(AtomicU64);
+    unsafe impl Shareable for AtomicPair {}
+    #[repr(C)]
+    struct Big([AtomicU64; 1024]);
+    unsafe impl Shareable for Big {}
+}
