@@ -1583,3 +1583,48 @@ fn stress_many_reader_processes_thousands_of_files_bounded_memory() {
     );
     assert_eq!(get(&m, "denied"), 0, "{what}: {m}");
 }
+
+/// A walk over many more files than the daemon may hold open: every file it serves is cached
+/// with its fds, and a tree walk outruns the periodic flush. With 256 open files allowed, 3,000
+/// files read by `tar` must all come out whole (this hit EMFILE in the worker, then EIO and a
+/// 45 s EAGAIN, before the cache was bounded by the limit).
+#[test]
+fn a_tree_walk_over_more_files_than_the_open_files_limit() {
+    if !require_root() {
+        return;
+    }
+    for fs_kind in ["xfs", "ext4"] {
+        let mut fx = Fixture::new(fs_kind, "1G");
+        let mut files = Vec::new();
+        for i in 0..3000u64 {
+            let rel = format!("d{}/f{i}", i % 30);
+            let data = fx.write_source(&rel, 200 + (i as usize * 37) % 9000, i);
+            files.push((rel, data));
+        }
+        fx.populate(&[]);
+        fx.serve_with_open_files(&[], 256);
+        let out = Command::new("tar")
+            .args(["-cf", "-", "-C"])
+            .arg(fx.at(""))
+            .arg(".")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{fs_kind}: tar over 3,000 files with 256 open files allowed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (rel, data) in &files {
+            assert_bytes_eq(
+                &fs::read(fx.at(rel)).unwrap(),
+                data,
+                &format!("{fs_kind} {rel}"),
+            );
+        }
+        let m = fx.stop();
+        assert_eq!(get(&m, "denied"), 0, "{fs_kind}: {m}");
+        assert_eq!(get(&m, "files_completed"), 3000, "{fs_kind}: {m}");
+    }
+}

@@ -171,21 +171,47 @@ impl Daemon {
     /// after `limit`, so a hung daemon cannot hang the test (its pending events are then allowed
     /// by the kernel and the test's byte comparisons fail instead).
     pub fn start(store: &Path, mountpoint: &Path, extra: &[&str], limit: Duration) -> Daemon {
+        Daemon::start_with_open_files(store, mountpoint, extra, limit, None)
+    }
+
+    /// [`Daemon::start`], with RLIMIT_NOFILE (soft and hard) set to `open_files` for the daemon.
+    pub fn start_with_open_files(
+        store: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        limit: Duration,
+        open_files: Option<u64>,
+    ) -> Daemon {
         // Outside the store's filesystem, so that a full disk cannot swallow the daemon's log.
         let stderr_log =
             std::env::temp_dir().join(format!("hsm-serve-{}.log", rand::random::<u64>()));
         let log = std::fs::File::create(&stderr_log).unwrap();
-        let mut child = Command::new(HSM)
-            .arg("serve")
+        let mut cmd = Command::new(HSM);
+        cmd.arg("serve")
             .arg(store)
             .arg(mountpoint)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn hsm serve");
+            .stderr(log);
+        if let Some(n) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn hsm serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -364,6 +390,18 @@ impl Fixture {
             &self.view,
             extra,
             Duration::from_secs(600),
+        ));
+    }
+
+    /// [`Fixture::serve`] with the daemon's open-files limit set to `n`.
+    pub fn serve_with_open_files(&mut self, extra: &[&str], n: u64) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon = Some(Daemon::start_with_open_files(
+            &self.store,
+            &self.view,
+            extra,
+            Duration::from_secs(600),
+            Some(n),
         ));
     }
 
