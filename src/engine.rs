@@ -151,6 +151,63 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_else(|_| "<unknown>".into())
 }
 
+/// What serving one access takes.
+struct Plan {
+    /// The range to make present (empty: nothing).
+    start: u64,
+    end: u64,
+    /// The reader goes on where it was: fetch ahead of it.
+    sequential: bool,
+    complete: bool,
+}
+
+/// Work out what `need` takes for a file of `size` bytes now, and note the access in `s`.
+fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need) -> Plan {
+    let chunk = entry.source.chunk_size as u64;
+    s.last_access = Instant::now();
+    // A file shorter than the part we know is backed was truncated locally: what lies beyond is
+    // the user's, never the source's again.
+    if size < s.record.backed_len {
+        s.record.backed_len = size;
+        s.record.present.truncate(size);
+        s.record.modified = true;
+        s.dirty = true;
+    }
+    let backed = s.record.backed_len;
+    let mut follows = true;
+    let (start, end) = match need {
+        Need::Whole | Need::Range { count: 0, .. } => (0, backed),
+        Need::Open if entry.source.kind == StubKind::Sparse => (0, backed),
+        Need::Open => (0, 0),
+        Need::Range { offset, count } => {
+            let request_end = offset.saturating_add(count).min(backed);
+            follows = offset == 0 || offset.abs_diff(s.last_request_end) < chunk;
+            s.last_request_end = request_end;
+            // A reader that goes on from where it was gets whole chunks (and readahead); an
+            // access elsewhere, only the pieces around it, unless chunks must be checked whole
+            // against their digests.
+            let piece = if follows || entry.digests.is_some() {
+                chunk
+            } else {
+                RANDOM_PIECE.min(chunk)
+            };
+            (offset / piece * piece, request_end.div_ceil(piece) * piece)
+        }
+    };
+    let end = end.min(backed);
+    let start = start.min(end);
+    let sequential = follows && start > 0 && start <= s.last_end && s.last_end < end;
+    if end > start {
+        s.last_end = s.last_end.max(end).min(backed);
+    }
+    Plan {
+        start,
+        end,
+        sequential,
+        complete: s.record.is_complete(),
+    }
+}
+
 /// Releases chunk claims when dropped, even if the fetch panicked.
 struct Claims<'a> {
     entry: &'a Entry,
@@ -250,54 +307,14 @@ impl Engine {
         let Some(entry) = self.entry(&st, fd)? else {
             return Ok(Served::Complete);
         };
-        let size = st.st_size as u64;
-        let chunk = entry.source.chunk_size as u64;
-        let (start, end, sequential) = {
-            let mut s = lock(&entry.state);
-            s.last_access = Instant::now();
-            // A file shorter than the part we know is backed was truncated locally: what lies
-            // beyond is the user's, never the source's again.
-            if size < s.record.backed_len {
-                s.record.backed_len = size;
-                s.record.present.truncate(size);
-                s.record.modified = true;
-                s.dirty = true;
-            }
-            let backed = s.record.backed_len;
-            let mut follows = true;
-            let (start, end) = match need {
-                Need::Whole | Need::Range { count: 0, .. } => (0, backed),
-                Need::Open if entry.source.kind == StubKind::Sparse => (0, backed),
-                Need::Open => (0, 0),
-                Need::Range { offset, count } => {
-                    let request_end = offset.saturating_add(count).min(backed);
-                    follows = offset == 0 || offset.abs_diff(s.last_request_end) < chunk;
-                    s.last_request_end = request_end;
-                    // A reader that goes on from where it was gets whole chunks (and readahead);
-                    // an access elsewhere, only the pieces around it, unless chunks must be
-                    // checked whole against their digests.
-                    let piece = if follows || entry.digests.is_some() {
-                        chunk
-                    } else {
-                        RANDOM_PIECE.min(chunk)
-                    };
-                    (offset / piece * piece, request_end.div_ceil(piece) * piece)
-                }
-            };
-            let end = end.min(backed);
-            let sequential = follows && start > 0 && start <= s.last_end && s.last_end < end;
-            if end > start {
-                s.last_end = s.last_end.max(end).min(backed);
-            }
-            if s.record.is_complete() {
-                return Ok(Served::Complete);
-            }
-            (start, end, sequential)
-        };
-        if start < end {
-            self.fill(&entry, fd, start, end, false)?;
-            if sequential && self.readahead > 0 {
-                self.schedule_readahead(&entry, end, end.saturating_add(self.readahead));
+        let plan = plan(&entry, &mut lock(&entry.state), st.st_size as u64, need);
+        if plan.complete {
+            return Ok(Served::Complete);
+        }
+        if plan.start < plan.end {
+            self.fill(&entry, fd, plan.start, plan.end, false)?;
+            if plan.sequential && self.readahead > 0 {
+                self.schedule_readahead(&entry, plan.end, plan.end.saturating_add(self.readahead));
             }
         }
         let s = lock(&entry.state);
@@ -306,6 +323,39 @@ impl Engine {
         } else {
             Ok(Served::Present)
         }
+    }
+
+    /// Serve `need` at once if that takes no fetch, no record load and no wait: the file is
+    /// cached and what it needs is present. `None` (nothing changed): call [`Engine::serve`].
+    /// This is what lets a sequential reader that readahead keeps ahead of be answered without
+    /// a hand-off to another thread.
+    pub fn serve_if_present(&self, fd: BorrowedFd<'_>, need: Need) -> Option<io::Result<Served>> {
+        let st = match sysfs::fstat(fd) {
+            Ok(st) => st,
+            Err(e) => return Some(Err(e)),
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Some(Ok(Served::Complete));
+        }
+        let entry = lock(&self.files).get(&(st.st_dev, st.st_ino)).cloned()?;
+        let mut s = lock(&entry.state);
+        let cursor = (s.last_end, s.last_request_end);
+        let plan = plan(&entry, &mut s, st.st_size as u64, need);
+        let present = plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty();
+        if !present {
+            (s.last_end, s.last_request_end) = cursor;
+            return None;
+        }
+        let complete = s.record.is_complete();
+        drop(s);
+        if plan.sequential && self.readahead > 0 && !complete {
+            self.schedule_readahead(&entry, plan.end, plan.end.saturating_add(self.readahead));
+        }
+        Some(Ok(if complete {
+            Served::Complete
+        } else {
+            Served::Present
+        }))
     }
 
     fn schedule_readahead(&self, entry: &Arc<Entry>, start: u64, end: u64) {

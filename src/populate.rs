@@ -610,6 +610,8 @@ impl<'a> Walk<'a> {
             kind,
             digests,
         };
+        // Root's alone until its record, owner and mode are set: populating a store that a
+        // daemon serves, a user who opened the stub before its record would get a plain file.
         let create = || {
             sysfs::openat(
                 dst,

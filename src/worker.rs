@@ -299,18 +299,38 @@ fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<Pen
     if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
         // Answered inline: the plain open event of this exec comes only after this answer.
         note_exec_open(ctx, ev);
-    } else {
-        // A send fails only when the threads are gone; the event is then denied by its Drop.
-        let _ = tx.send(ev);
+        return;
     }
+    if ev.mask & FAN_PRE_ACCESS != 0 {
+        // Present already (readahead got there first): answered here, without a thread hand-off.
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ctx.engine.serve_if_present(ev.as_fd(), range_need(&ev))
+        }));
+        let served = match served {
+            Ok(None) => None,
+            Ok(Some(result)) => Some(Ok(result)),
+            Err(_) => Some(Err(())),
+        };
+        if let Some(result) = served {
+            Metrics::add(&ctx.engine.metrics.events_pre_access, 1);
+            answer(ctx, ev, result);
+            return;
+        }
+    }
+    // A send fails only when the threads are gone; the event is then denied by its Drop.
+    let _ = tx.send(ev);
+}
+
+fn range_need(ev: &PendingEvent) -> Need {
+    let (offset, count) = ev.range.unwrap_or((0, 0));
+    Need::Range { offset, count }
 }
 
 fn handle(ctx: &Ctx, ev: PendingEvent) {
     let metrics = &ctx.engine.metrics;
     let need = if ev.mask & FAN_PRE_ACCESS != 0 {
         Metrics::add(&metrics.events_pre_access, 1);
-        let (offset, count) = ev.range.unwrap_or((0, 0));
-        Need::Range { offset, count }
+        range_need(&ev)
     } else {
         Metrics::add(&metrics.events_open, 1);
         if is_exec_open(ctx, &ev) {
@@ -325,6 +345,12 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ctx.engine.serve(ev.as_fd(), need)
     }));
+    answer(ctx, ev, result.map_err(|_| ()));
+}
+
+/// Answer an event with what serving it gave (`Err(())`: the fetch panicked).
+fn answer(ctx: &Ctx, ev: PendingEvent, result: Result<std::io::Result<Served>, ()>) {
+    let metrics = &ctx.engine.metrics;
     match result {
         Ok(Ok(served)) => {
             let ignore = served == Served::Complete;
