@@ -151,6 +151,26 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_else(|_| "<unknown>".into())
 }
 
+/// The largest state record written, within what every filesystem here takes as one xattr value
+/// (ext4: a block, less its headers). A file read at random in many places has more present
+/// ranges than that holds: its record then keeps the longest ranges and forgets the others,
+/// which are fetched again after a restart (claiming less is safe; claiming more never is).
+const MAX_RECORD_BYTES: usize = 3072;
+
+fn bounded_encoding(record: &StateRecord) -> Vec<u8> {
+    let mut bytes = record.encode();
+    let mut keep = record.present.pairs().len();
+    while bytes.len() > MAX_RECORD_BYTES && keep > 0 {
+        keep = keep * 3 / 4;
+        let shorter = StateRecord {
+            present: record.present.longest(keep),
+            ..record.clone()
+        };
+        bytes = shorter.encode();
+    }
+    bytes
+}
+
 /// What serving one access takes.
 struct Plan {
     /// The range to make present (empty: nothing).
@@ -663,7 +683,7 @@ impl Engine {
         }
         let mut written = 0;
         for (e, snapshot) in &dirty {
-            match sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &snapshot.encode()) {
+            match sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &bounded_encoding(snapshot)) {
                 Ok(()) => written += 1,
                 Err(err) => {
                     // The record lags the data: a restart refetches, nothing is lost.
@@ -703,5 +723,41 @@ impl Engine {
 
     pub fn cached_files(&self) -> usize {
         lock(&self.files).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ranges::RangeSet;
+
+    #[test]
+    fn a_record_of_many_ranges_is_cut_to_its_longest_ranges() {
+        let mut present = RangeSet::new();
+        for i in 0..20_000u64 {
+            // Every other 16 KiB piece, a few of them longer.
+            present.insert(i * 32768, i * 32768 + 16384 + (i % 97 == 0) as u64 * 8192);
+        }
+        let record = StateRecord {
+            backed_len: 20_000 * 32768,
+            present: present.clone(),
+            modified: false,
+        };
+        let bytes = bounded_encoding(&record);
+        assert!(bytes.len() <= MAX_RECORD_BYTES, "{} bytes", bytes.len());
+        let kept = StateRecord::decode_alone(&bytes).unwrap();
+        assert!(!kept.present.is_empty());
+        for &(s, e) in kept.present.pairs() {
+            assert!(present.contains(s, e), "claims {s}..{e}, never present");
+        }
+        // The longest ranges (24 KiB) are among those kept.
+        assert!(kept.present.contains(0, 24576));
+
+        let few = StateRecord {
+            backed_len: 100,
+            present: RangeSet::from_pairs(&[(0, 10), (20, 30)]).unwrap(),
+            modified: true,
+        };
+        assert_eq!(bounded_encoding(&few), few.encode());
     }
 }

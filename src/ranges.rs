@@ -98,6 +98,15 @@ impl RangeSet {
             .map(|&(s, e)| e.min(limit).saturating_sub(s))
             .sum()
     }
+
+    /// The `n` longest ranges (a subset: it claims less, never more).
+    pub fn longest(&self, n: usize) -> RangeSet {
+        let mut by_len = self.ranges.clone();
+        by_len.sort_by_key(|&(s, e)| std::cmp::Reverse(e - s));
+        by_len.truncate(n);
+        by_len.sort_unstable();
+        RangeSet { ranges: by_len }
+    }
 }
 
 #[cfg(test)]
@@ -120,6 +129,12 @@ mod tests {
         assert_eq!(r.pairs(), &[(10, 40), (50, 55)]);
         assert_eq!(r.covered(u64::MAX), 35);
         assert!(RangeSet::from_pairs(&[(5, 5)]).is_none());
+        let mut many = RangeSet::new();
+        for (s, e) in [(0, 2), (10, 15), (20, 21), (30, 34)] {
+            many.insert(s, e);
+        }
+        assert_eq!(many.longest(2).pairs(), &[(10, 15), (30, 34)]);
+        assert_eq!(many.longest(9).pairs(), many.pairs());
     }
 
     proptest! {
