@@ -22,6 +22,7 @@ import resource
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def parse_args():
         help="comma-separated workloads: seq,rand,tar,grep,exec,build,populate (default all)",
     )
     p.add_argument("--no-rclone", action="store_true", help="skip the rclone columns")
+    p.add_argument("--no-http", action="store_true", help="skip the hsm-over-HTTP (nginx) column")
     p.add_argument("--no-build", action="store_true", help="use the existing release binary")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the work dir's logs")
@@ -82,6 +84,7 @@ def parse_args():
         populate_args=os.environ.get("HSM_POPULATE_ARGS", "").split(),
         serve_args=os.environ.get("HSM_SERVE_ARGS", "").split(),
         rclone=not a.no_rclone and os.environ.get("BENCH_RCLONE", "1") != "0",
+        http=not a.no_http,
         only=(a.only.split(",") if a.only else None),
         json=a.json,
         keep_logs=a.keep_logs,
@@ -437,6 +440,8 @@ class Bench:
         self.populates = []  # dicts
         self.notes = []
         self.rclone_reason = None
+        self.http_reason = None  # why there is no "hsm cold http" column
+        self.http_base = None
         self.fds = {}  # workload -> open fds of the worker at the end of a cold run (max)
         self.failed = {}  # workload -> error
         self.noise = []  # per measurement: did it start in a quiet window (others' I/O)?
@@ -464,6 +469,60 @@ class Bench:
         self.benchio = os.path.join(self.work, "benchio")
         sh(["gcc", "-O2", "-o", self.benchio, os.path.join(HERE, "benchio.c")])
         self.gen_data()
+        self.http_setup()
+
+    def http_setup(self):
+        """nginx on a loopback port serving the source fs, and a manifest per source tree: the
+        same rows with hsm's remote backend path (object_store over HTTP, reads in the
+        unprivileged fetcher process), against a real web server."""
+        if not self.cfg.http:
+            self.http_reason = "skipped (--no-http)"
+        elif not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+            self.http_reason = "nginx is not installed (apt-get install nginx-light)"
+        if self.http_reason:
+            log(f"http column: {self.http_reason}")
+            return
+        d = os.path.join(self.work, "nginx")
+        os.makedirs(os.path.join(d, "tmp"))
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            port = s_.getsockname()[1]
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"""daemon off; master_process off; worker_processes 1;
+pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off; sendfile on; keepalive_requests 100000;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  default_type application/octet-stream;
+  server {{ listen 127.0.0.1:{port}; root {self.srcfs}; }}
+}}
+"""
+            )
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        p = subprocess.Popen(
+            [nginx, "-c", conf, "-p", d],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.logs, "nginx.log"), "w"),
+            start_new_session=True,
+        )  # fmt: skip
+        CLEANUP.push(f"stop nginx {p.pid}", lambda: kill_pid(p.pid, "nginx"))
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.http_reason = "nginx did not start (see logs/nginx.log)"
+            log(f"http column: {self.http_reason}")
+            return
+        self.http_base = f"http://127.0.0.1:{port}"
+        for src in sorted(self.needed_sources() - {"pop"}):
+            with open(os.path.join(self.work, f"manifest-{src}.jsonl"), "w") as f:
+                subprocess.run([self.cfg.hsm, "manifest", f"{self.srcfs}/{src}"], stdout=f, check=True)
 
     def gen_data(self):
         cfg = self.cfg
@@ -591,11 +650,11 @@ class Bench:
 
     # ---- hsm ---------------------------------------------------------------------------------
 
-    def populate(self, src, store, tag):
+    def populate(self, src, store, tag, extra=()):
         shutil.rmtree(store, ignore_errors=True)
         tfile = os.path.join(self.logs, f"time-{tag}.txt")
         cmd = ["/usr/bin/time", "-v", "-o", tfile, self.cfg.hsm, "populate", src, store]
-        cmd += self.cfg.populate_args
+        cmd += self.cfg.populate_args + list(extra)
         with open(os.path.join(self.logs, f"populate-{tag}.log"), "w") as errf:
             r = subprocess.run(cmd, stdout=errf, stderr=errf, timeout=self.cfg.timeout)
         if r.returncode != 0:
@@ -752,6 +811,20 @@ class Bench:
             self.counters[name + " (hydrated)"] = d.metrics()
             self.record(name, "hsm hydrated", v, c, hwm)
             log(f"  run {i + 1}: hsm hydrated {v:.3f}s")
+            if self.http_base:
+                # hsm cold over HTTP: the same stubs, fetched from nginx
+                manifest = os.path.join(self.work, f"manifest-{w['src']}.jsonl")
+                url = f"{self.http_base}/{w['src']}/"
+                self.populate(url, st_cold, f"{name}-http-{i}", ["--manifest", manifest])
+                d = self.serve(st_cold, f"{name}-http-{i}")
+                try:
+                    v, c = self.measure(w, self.mnt_hsm)
+                    hwm = d.hwm()
+                finally:
+                    d.stop_and_forget()
+                self.counters[name + " (http)"] = d.metrics()
+                self.record(name, "hsm cold http", v, c, hwm)
+                log(f"  run {i + 1}: hsm cold http {v:.3f}s")
             if rclone_ok:
                 # rclone cold: empty cache
                 shutil.rmtree(cache_cold, ignore_errors=True)
@@ -858,7 +931,7 @@ class Bench:
 
     def report(self):
         cfg = self.cfg
-        cols = ["native", "hsm cold", "hsm hydrated", "rclone cold", "rclone warm"]
+        cols = ["native", "hsm cold", "hsm hydrated", "hsm cold http", "rclone cold", "rclone warm"]
         med = {w: {c: statistics.median(v) for c, v in cols_.items()} for w, cols_ in self.results.items()}
         lines = []
         lines.append(
@@ -868,6 +941,8 @@ class Bench:
         )
         if self.rclone_reason:
             lines.append(f"rclone: {self.rclone_reason}")
+        if self.http_reason:
+            lines.append(f"hsm cold http: {self.http_reason}")
         if self.noise:
             loud = sum(1 for q in self.noise if not q)
             lines.append(
@@ -876,8 +951,9 @@ class Bench:
                 f"average at the end {os.getloadavg()[0]:.1f} (the machine may be shared)"
             )
         lines.append("")
-        hdr = ["workload", "native", "hsm cold", "hsm hydrated", "rclone cold", "rclone warm",
-               "cold/native", "hydrated/native", "rclone cold/native", "hsm RSS MiB sup/worker"]  # fmt: skip
+        hdr = ["workload", "native", "hsm cold", "hsm hydrated", "hsm cold http", "rclone cold",
+               "rclone warm", "cold/native", "hydrated/native", "http cold/native",
+               "rclone cold/native", "hsm RSS MiB sup/worker"]  # fmt: skip
         rows = []
         labels = {w["name"]: w["label"] for w in self.workloads()}
         for w in [x["name"] for x in self.workloads()]:
@@ -896,7 +972,8 @@ class Bench:
             sup = max(hw.get("hsm cold", (0, 0))[0], hw.get("hsm hydrated", (0, 0))[0])
             wk = max(hw.get("hsm cold", (0, 0))[1], hw.get("hsm hydrated", (0, 0))[1])
             rows.append([labels[w]] + [f(c) for c in cols]
-                        + [ratio("hsm cold"), ratio("hsm hydrated"), ratio("rclone cold"),
+                        + [ratio("hsm cold"), ratio("hsm hydrated"), ratio("hsm cold http"),
+                           ratio("rclone cold"),
                            f"{sup / 1024:.1f} / {wk / 1024:.1f}"])  # fmt: skip
         lines += md_table(hdr, rows)
         # warm diagnostic
