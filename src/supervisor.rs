@@ -1,9 +1,10 @@
 //! `hsm serve`: the supervisor process.
 //!
 //! It owns what must not die with a fetch: the fanotify group, the mount that exposes the tree,
-//! and every event not yet answered. It does no file or network I/O of its own: it reads events,
-//! passes each (with its fd) to the worker process, and writes the worker's answers back to the
-//! kernel. When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
+//! and every event not yet answered. It fetches nothing: it reads events, answers those on
+//! complete files itself (their state record, one xattr, says so: no round trip to the worker for
+//! a hydrated tree), passes every other one (with its fd) to the worker process, and writes the
+//! worker's answers back to the kernel. When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
 //! and sends it every event still unanswered: readers wait a little longer and then get the right
 //! bytes. The worker holds a duplicate of the group fd, so if the supervisor itself dies the
 //! group survives and the worker unmounts the tree (see `worker`).
