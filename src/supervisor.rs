@@ -4,7 +4,7 @@
 //! and every event not yet answered. It fetches nothing: it reads events, answers those on
 //! complete files itself (their state record, one xattr, says so: no round trip to the worker for
 //! a hydrated tree), passes every other one (with its fd) to the worker process, and writes the
-//! worker's answers back to the kernel. When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
+//! worker's answers back to the kernel. It polls briefly before sleeping (see `SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
 //! and sends it every event still unanswered: readers wait a little longer and then get the right
 //! bytes. The worker holds a duplicate of the group fd, so if the supervisor itself dies the
 //! group survives and the worker unmounts the tree (see `worker`).
@@ -72,11 +72,11 @@ fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error
     }
 }
 
-/// How long the supervisor polls without sleeping after its last event (see `serve`).
-///
-/// Only after events it answered itself (complete files): then the next one most likely is too,
-/// and the program that raised it is waiting on a round trip that a sleep-wakeup would double.
-/// While the worker is fetching, the supervisor sleeps and leaves the CPU to it.
+/// How long the supervisor polls without sleeping after its last event (see `serve`): the
+/// worker's answer, or the next event of a program walking a tree or reading a file, comes
+/// within microseconds, and waking a sleeping process on it costs more than the event itself
+/// (cold tar of 12,000 files 3.0 s -> 2.0-2.4 s, cold 1 GiB read 0.9-1.1 s -> 0.7-0.8 s here).
+/// It yields between polls, so runnable threads (the worker's) go first; idle, it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
 /// An event read from the kernel and not answered yet.
@@ -131,7 +131,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut raw = Vec::with_capacity(256);
     let mut drain_until: Option<Instant> = None;
     let mut restarts: Vec<Instant> = Vec::new();
-    let mut answered_at = Instant::now();
+    let mut busy_at = Instant::now();
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             // No new path leads to the stubs from here on; files still open are served for the
@@ -144,14 +144,16 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         }
         let fds = [group.as_fd(), worker.sock.as_fd()];
         let mut ready = ipc::poll_readable(&fds, 0)?;
-        // Stay awake briefly after an event: a program walking a tree opens the next file within
-        // microseconds, and waking a sleeping process costs more than the event itself.
-        while !ready.contains(&true) && answered_at.elapsed() < SPIN {
+        // Stay awake briefly after an event or an answer (see `SPIN`).
+        while !ready.contains(&true) && busy_at.elapsed() < SPIN {
             std::thread::yield_now();
             ready = ipc::poll_readable(&fds, 0)?;
         }
         if !ready.contains(&true) {
             ready = ipc::poll_readable(&fds, 200)?;
+        }
+        if ready.contains(&true) {
+            busy_at = Instant::now();
         }
         if ready[0] {
             raw.clear();
@@ -184,7 +186,6 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     Metrics::add(&metrics.allowed, 1);
                     Metrics::add(&metrics.ignore_marks, 1);
                     respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
-                    answered_at = Instant::now();
                     continue;
                 }
                 if worker.ready {
