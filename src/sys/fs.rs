@@ -231,7 +231,7 @@ pub fn open_files_limit() -> io::Result<u64> {
     };
     // SAFETY: writes the struct passed.
     cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
