@@ -20,7 +20,6 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Snapshot {
                 Snapshot { $($name: self.$name.load(Relaxed),)* }
             }
-
         }
     };
 }

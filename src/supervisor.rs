@@ -4,10 +4,11 @@
 //! and every event not yet answered. It fetches nothing: it reads events, answers those on
 //! complete files itself (their state record, one xattr, says so: no round trip to the worker for
 //! a hydrated tree), passes every other one (with its fd) to the worker process, and writes the
-//! worker's answers back to the kernel. It polls briefly before sleeping (see `SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another
-//! and sends it every event still unanswered: readers wait a little longer and then get the right
-//! bytes. The worker holds a duplicate of the group fd, so if the supervisor itself dies the
-//! group survives and the worker unmounts the tree (see `worker`).
+//! worker's answers back to the kernel. It polls briefly before sleeping (see `SPIN`). When the
+//! worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another and sends it
+//! every event still unanswered: readers wait a little longer and then get the right bytes. The
+//! worker holds a duplicate of the group fd, so if the supervisor itself dies the group survives
+//! and the worker unmounts the tree (see `worker`).
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
