@@ -650,18 +650,20 @@ impl Engine {
 
     /// Persist the state of changed files: first `syncfs` so the data is on disk, then the records
     /// that describe it. A record is written once its file has gone quiet (a record write moves
-    /// the file's ctime, which `tar` reports as "file changed as we read it"), or after
-    /// `MAX_RECORD_LAG` whatever happens; `force` writes them all. Returns the records written.
+    /// the file's ctime, which `tar` reports as "file changed as we read it"), after
+    /// `MAX_RECORD_LAG` whatever happens, or at once when more files are cached than the open-files
+    /// limit allows; `force` writes them all. Returns the records written.
     pub fn flush(&self, force: bool) -> usize {
         let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
-        // Every cached file holds fds: with too many, complete files are recorded (and so
-        // evicted) without waiting for them to go quiet.
+        // Every cached file holds fds: with too many, records are written without waiting for
+        // their files to go quiet, so that idle entries can be evicted (a record write moves the
+        // ctime: under pressure, bounded fds come first).
         let pressure = entries.len() > self.max_cached;
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
             let due = force
-                || (pressure && s.record.is_complete())
+                || pressure
                 || s.last_access.elapsed() >= QUIET_BEFORE_RECORD
                 || s.dirty_since.is_some_and(|t| t.elapsed() >= MAX_RECORD_LAG);
             if s.dirty && due {
