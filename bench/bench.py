@@ -751,6 +751,21 @@ http {{
         self.noise.append(wait_quiet(self.cfg.quiet_wait))
         return w["run"](root)
 
+    def measure_hsm(self, w, store, tag, col, counters_key):
+        """Serve `store`, run the workload through the mount once, stop; record it as `col`."""
+        name = w["name"]
+        d = self.serve(store, tag)
+        try:
+            v, c = self.measure(w, self.mnt_hsm)
+            hwm = d.hwm()
+            if col == "hsm cold":
+                self.fds[name] = max(self.fds.get(name, 0), d.fds() or 0)
+        finally:
+            d.stop_and_forget()
+        self.counters[counters_key] = d.metrics()
+        self.record(name, col, v, c, hwm)
+        return v, hwm
+
     def run_workload(self, w):
         cfg = self.cfg
         name, src = w["name"], f"{self.srcfs}/{w['src']}"
@@ -791,39 +806,16 @@ http {{
             pop = self.populate(src, st_cold, f"{name}-cold-{i}")
             if w["src"] == "small" and name == "tar":
                 self.populates.append(dict(tree="small", files=self.count(src), **pop))
-            d = self.serve(st_cold, f"{name}-cold-{i}")
-            try:
-                v, c = self.measure(w, self.mnt_hsm)
-                hwm = d.hwm()
-                self.fds[name] = max(self.fds.get(name, 0), d.fds() or 0)
-            finally:
-                d.stop_and_forget()
-            self.counters[name] = d.metrics()
-            self.record(name, "hsm cold", v, c, hwm)
+            v, hwm = self.measure_hsm(w, st_cold, f"{name}-cold-{i}", "hsm cold", name)
             log(f"  run {i + 1}: hsm cold {v:.3f}s  (daemon HWM sup {hwm[0]} KiB, worker {hwm[1]} KiB)")
-            # hsm hydrated
-            d = self.serve(st_hyd, f"{name}-hyd-{i}")
-            try:
-                v, c = self.measure(w, self.mnt_hsm)
-                hwm = d.hwm()
-            finally:
-                d.stop_and_forget()
-            self.counters[name + " (hydrated)"] = d.metrics()
-            self.record(name, "hsm hydrated", v, c, hwm)
+            v, _ = self.measure_hsm(w, st_hyd, f"{name}-hyd-{i}", "hsm hydrated", name + " (hydrated)")
             log(f"  run {i + 1}: hsm hydrated {v:.3f}s")
             if self.http_base:
                 # hsm cold over HTTP: the same stubs, fetched from nginx
                 manifest = os.path.join(self.work, f"manifest-{w['src']}.jsonl")
                 url = f"{self.http_base}/{w['src']}/"
                 self.populate(url, st_cold, f"{name}-http-{i}", ["--manifest", manifest])
-                d = self.serve(st_cold, f"{name}-http-{i}")
-                try:
-                    v, c = self.measure(w, self.mnt_hsm)
-                    hwm = d.hwm()
-                finally:
-                    d.stop_and_forget()
-                self.counters[name + " (http)"] = d.metrics()
-                self.record(name, "hsm cold http", v, c, hwm)
+                v, _ = self.measure_hsm(w, st_cold, f"{name}-http-{i}", "hsm cold http", name + " (http)")
                 log(f"  run {i + 1}: hsm cold http {v:.3f}s")
             if rclone_ok:
                 # rclone cold: empty cache

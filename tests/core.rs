@@ -218,37 +218,6 @@ fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) {
     );
 }
 
-/// Is `p` a mount point in our mount namespace?
-fn is_mounted(p: &Path) -> bool {
-    let want = p.as_os_str().as_bytes();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| {
-            l.split(' ')
-                .nth(4)
-                .is_some_and(|mp| unescape_mountinfo(mp) == want)
-        })
-}
-
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 /// A refused command must fail, quickly, and leave nothing mounted at `view`.
 fn refused(cmd: &mut Command, view: Option<&Path>) -> String {
     let mut bounded = Command::new("timeout");
@@ -1268,13 +1237,10 @@ fn after_a_stop_no_path_under_mountpoint_leads_to_stubs() {
             "{fs_kind}: exit {status} after signal {sig}: {log}"
         );
 
-        let mut under_view = false;
-        for l in fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
-            if let Some(mp) = l.split(' ').nth(4) {
-                under_view |=
-                    Path::new(OsStr::from_bytes(&unescape_mountinfo(mp))).starts_with(&fx.view);
-            }
-        }
+        let under_view = hsm::sys::mount::mount_points()
+            .unwrap()
+            .iter()
+            .any(|mp| mp.starts_with(&fx.view));
         assert!(
             !under_view,
             "{fs_kind}: a mount is left at or under MOUNTPOINT"

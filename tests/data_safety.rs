@@ -216,17 +216,27 @@ fn all_zero(got: &[u8]) -> bool {
     got.iter().all(|&b| b == 0)
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let want = p.as_os_str().as_bytes();
-    fs::read("/proc/self/mountinfo")
-        .map(|m| {
-            m.split(|&b| b == b'\n').any(|line| {
-                line.split(|&b| b == b' ')
-                    .nth(4)
-                    .is_some_and(|mp| mp == want)
-            })
-        })
-        .unwrap_or(false)
+/// Every file of `want` reads as its bytes there, and again after the daemon restarts.
+fn assert_files_before_and_after_restart(
+    fx: &mut Fixture,
+    want: &std::collections::BTreeMap<&str, Vec<u8>>,
+    fs_kind: &str,
+) {
+    for (rel, w) in want {
+        assert_bytes_eq(
+            &read_path(&fx.at(rel)).unwrap(),
+            w,
+            &format!("{fs_kind} {rel}"),
+        );
+    }
+    restart(fx);
+    for (rel, w) in want {
+        assert_bytes_eq(
+            &read_path(&fx.at(rel)).unwrap(),
+            w,
+            &format!("{fs_kind} {rel} after a restart"),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,21 +423,7 @@ fn open_with_o_trunc_then_a_write_holds_exactly_what_was_written() {
         trunc("t4").write_all_at(&long, 0).unwrap();
         want.insert("t4", long);
 
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel}"),
-            );
-        }
-        restart(&mut fx);
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel} after a restart"),
-            );
-        }
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
     }
 }
 
@@ -487,21 +483,7 @@ fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part() {
         w.resize(2 * MIB, 0);
         want.insert("d", w);
 
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel}"),
-            );
-        }
-        restart(&mut fx);
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel} after a restart"),
-            );
-        }
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
     }
 }
 
@@ -542,21 +524,7 @@ fn an_append_to_a_stub_follows_the_source_content() {
         w.extend_from_slice(b"appended\n");
         want.insert("c", w);
 
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel}"),
-            );
-        }
-        restart(&mut fx);
-        for (rel, w) in &want {
-            assert_bytes_eq(
-                &read_path(&fx.at(rel)).unwrap(),
-                w,
-                &format!("{fs_kind} {rel} after a restart"),
-            );
-        }
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
     }
 }
 

@@ -67,34 +67,6 @@ fn get(m: &Value, key: &str) -> u64 {
     m[key].as_u64().unwrap_or(0)
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let want = p.as_os_str().as_bytes();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| {
-            l.split(' ')
-                .nth(4)
-                .is_some_and(|mp| unescape_mountinfo(mp) == want)
-        })
-}
-
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
 /// Is `pid` alive (not gone, not a zombie)?
 fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

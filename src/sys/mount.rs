@@ -88,13 +88,18 @@ pub fn bind_self_private(dir: &Path) -> io::Result<()> {
 
 /// Is anything mounted exactly at `dir` (a canonical path)?
 pub fn is_mount_point(dir: &Path) -> io::Result<bool> {
+    Ok(mount_points()?.iter().any(|mp| mp == dir))
+}
+
+/// Every mount point in this mount namespace, from `/proc/self/mountinfo`.
+pub fn mount_points() -> io::Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::ffi::OsStringExt;
     let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let want = dir.as_os_str().as_encoded_bytes();
-    Ok(info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|mp| unescape_mountinfo(mp) == want)
-    }))
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| std::ffi::OsString::from_vec(unescape_mountinfo(mp)).into())
+        .collect())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

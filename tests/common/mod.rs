@@ -514,3 +514,8 @@ pub fn metric(m: &serde_json::Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("metric {key} missing in {m}"))
 }
+
+/// Is `p` a mount point in our mount namespace?
+pub fn is_mounted(p: &Path) -> bool {
+    hsm::sys::mount::is_mount_point(p).expect("read /proc/self/mountinfo")
+}
