@@ -345,6 +345,24 @@ impl Engine {
         }
     }
 
+    /// Fetch what an open of the stub behind `fd` would, unless it is present already (a
+    /// directory prefetch, see [`crate::prefetch`]). Returns whether anything was fetched.
+    pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        let st = sysfs::fstat(fd)?;
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(false);
+        };
+        let plan = {
+            let mut s = lock(&entry.state);
+            let plan = plan(&entry, &mut s, st.st_size as u64, Need::Open);
+            if plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty() {
+                return Ok(false);
+            }
+            plan
+        };
+        self.fill(&entry, fd, plan.start, plan.end, true)
+    }
+
     /// Serve `need` at once if that takes no fetch, no record load and no wait: the file is
     /// cached and what it needs is present. `None` (nothing changed): call [`Engine::serve`].
     /// This is what lets a sequential reader that readahead keeps ahead of be answered without
@@ -457,7 +475,8 @@ impl Engine {
         Ok(Some(entry))
     }
 
-    /// Make `[start, end)` present, fetching each missing chunk once.
+    /// Make `[start, end)` present, fetching each missing chunk once. Returns whether this call
+    /// fetched anything itself. `readahead`: leave pieces that others are fetching to them.
     fn fill(
         &self,
         entry: &Arc<Entry>,
@@ -465,14 +484,15 @@ impl Engine {
         start: u64,
         end: u64,
         readahead: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let chunk = entry.source.chunk_size as u64;
+        let mut fetched = false;
         loop {
             let mut s = lock(&entry.state);
             let end = end.min(s.record.backed_len);
             let gaps = s.record.present.gaps(start, end);
             if gaps.is_empty() {
-                return Ok(());
+                return Ok(fetched);
             }
             // Claim every missing piece not already being fetched; wait for the others.
             let mut mine: Vec<(u64, u64, u64)> = Vec::new();
@@ -489,7 +509,7 @@ impl Engine {
             }
             if mine.is_empty() {
                 if readahead {
-                    return Ok(()); // someone else is on it
+                    return Ok(fetched); // someone else is on it
                 }
                 let _ = entry
                     .changed
@@ -548,6 +568,7 @@ impl Engine {
                     let lo = (ps - fetched_from) as usize;
                     let hi = (pe - fetched_from) as usize;
                     self.write_piece(entry, fd, ps, pe, &buf[lo..hi])?;
+                    fetched = true;
                     if readahead {
                         Metrics::add(&self.metrics.readahead_bytes, pe - ps);
                     }

@@ -6,6 +6,7 @@
 //! - [`store`]: the store's layout and configuration.
 //! - [`backend`]: where content lives.
 //! - [`engine`]: fetching missing ranges into stubs, once, and remembering them.
+//! - [`prefetch`]: fetching ahead of a walk through a directory of small files.
 //! - [`event`]: owning and answering events exactly once.
 //! - [`supervisor`], [`worker`], [`protocol`]: `hsm serve`, split so that a fetch can crash
 //!   without losing or mis-answering an event.
@@ -20,6 +21,7 @@ pub mod event;
 pub mod manifest;
 pub mod metrics;
 pub mod populate;
+pub mod prefetch;
 pub mod protocol;
 pub mod ranges;
 pub mod record;

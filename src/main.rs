@@ -74,6 +74,11 @@ enum Command {
         /// Bytes fetched ahead of a sequential reader.
         #[arg(long, default_value_t = 8 << 20)]
         readahead: u64,
+        /// Files fetched ahead of a walk through a directory (tar, grep -r, a build): once 3
+        /// different stubs of a directory are opened within 2 s, up to this many of its other
+        /// small files (64 MiB at most) are fetched in the background. 0: only what is read.
+        #[arg(long, default_value_t = 256)]
+        dir_prefetch: usize,
         /// Seconds a backend read may take before the access fails with EAGAIN.
         #[arg(long, default_value_t = 30.0)]
         fetch_timeout: f64,
@@ -93,6 +98,8 @@ enum Command {
         threads: usize,
         #[arg(long)]
         readahead: u64,
+        #[arg(long)]
+        dir_prefetch: usize,
         #[arg(long)]
         fetch_timeout: f64,
         #[arg(long)]
@@ -182,11 +189,13 @@ fn main() -> ExitCode {
             mountpoint,
             workers,
             readahead,
+            dir_prefetch,
             fetch_timeout,
             drain,
             fetch_user,
         } => {
             let mut opts = ServeOptions::default();
+            opts.worker.dir_prefetch = dir_prefetch;
             opts.worker.fetch_user = fetch_user;
             opts.worker.threads = workers;
             opts.worker.readahead = readahead;
@@ -200,6 +209,7 @@ fn main() -> ExitCode {
             mountpoint,
             threads,
             readahead,
+            dir_prefetch,
             fetch_timeout,
             drain,
             fetch_user,
@@ -209,6 +219,7 @@ fn main() -> ExitCode {
             WorkerOptions {
                 threads,
                 readahead,
+                dir_prefetch,
                 fetch_timeout: secs(fetch_timeout),
                 flush_interval: Duration::from_millis(500),
                 drain: secs(drain),

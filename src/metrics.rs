@@ -36,6 +36,7 @@ counters! {
     ignore_marks: "Ignore marks placed on complete or unmanaged files.",
     records_written: "State records persisted.",
     worker_starts: "Worker processes started (more than one: a worker died and was replaced).",
+    prefetched_files: "Files fetched in the background because their directory was being walked.",
 }
 
 // SAFETY: `#[repr(C)]`, atomics only, and all-zero is the default.

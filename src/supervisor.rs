@@ -45,6 +45,7 @@ impl Default for ServeOptions {
             worker: WorkerOptions {
                 threads: 16,
                 readahead: 8 << 20,
+                dir_prefetch: 256,
                 fetch_timeout: Duration::from_secs(30),
                 flush_interval: Duration::from_millis(500),
                 drain: Duration::from_secs(2),
@@ -379,6 +380,8 @@ fn spawn_worker(
         .arg(opts.threads.to_string())
         .arg("--readahead")
         .arg(opts.readahead.to_string())
+        .arg("--dir-prefetch")
+        .arg(opts.dir_prefetch.to_string())
         .arg("--fetch-timeout")
         .arg(opts.fetch_timeout.as_secs_f64().to_string())
         .arg("--drain")

@@ -23,6 +23,7 @@ use tracing::{error, warn};
 use crate::engine::{Engine, Need, Served};
 use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorResponder};
 use crate::metrics::Metrics;
+use crate::prefetch::DirPrefetch;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN};
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
@@ -39,6 +40,8 @@ pub const METRICS_FD: i32 = 5;
 pub struct WorkerOptions {
     pub threads: usize,
     pub readahead: u64,
+    /// Files per window of a directory prefetch (0: off; see `prefetch`).
+    pub dir_prefetch: usize,
     pub fetch_timeout: Duration,
     pub flush_interval: Duration,
     pub drain: Duration,
@@ -88,6 +91,7 @@ type ExecOpens = Mutex<HashMap<(i32, u64, u64), Instant>>;
 struct Ctx {
     engine: Arc<Engine>,
     exec_opens: ExecOpens,
+    prefetch: Option<Arc<DirPrefetch>>,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -118,9 +122,12 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
     // thread until its chunks are written, so fewer threads would cap the chunks in flight.
     engine.start_readahead(8);
+    let prefetch = store_tree(&store)
+        .and_then(|tree| DirPrefetch::start(engine.clone(), tree, mountpoint, opts.dir_prefetch));
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),
+        prefetch,
     });
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
@@ -184,12 +191,17 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     Ok(())
 }
 
-/// On xfs, the store's tree (an unmarked path) for reopening stubs for invisible I/O.
+/// The store's tree, an unmarked path: opening stubs through it raises no event.
+fn store_tree(store: &Store) -> Option<OwnedFd> {
+    std::fs::File::open(store.tree()).ok().map(OwnedFd::from)
+}
+
+/// On xfs, the store's tree for reopening stubs for invisible I/O.
 fn xfs_tree(store: &Store) -> Option<OwnedFd> {
     if store.config.fs != crate::sys::fs::FsKind::Xfs {
         return None;
     }
-    std::fs::File::open(store.tree()).ok().map(OwnedFd::from)
+    store_tree(store)
 }
 
 /// Receive events until the supervisor says stop (returns false) or disappears (returns true).
@@ -301,21 +313,28 @@ fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<Pen
         note_exec_open(ctx, ev);
         return;
     }
-    if ev.mask & FAN_PRE_ACCESS != 0 {
-        // Present already (readahead got there first): answered here, without a thread hand-off.
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            ctx.engine.serve_if_present(ev.as_fd(), range_need(&ev))
-        }));
-        let served = match served {
-            Ok(None) => None,
-            Ok(Some(result)) => Some(Ok(result)),
-            Err(_) => Some(Err(())),
-        };
-        if let Some(result) = served {
+    // Present already (readahead or a directory prefetch got there first): answered here,
+    // without a thread hand-off.
+    let access = ev.mask & FAN_PRE_ACCESS != 0;
+    let need = if access { range_need(&ev) } else { Need::Open };
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.engine.serve_if_present(ev.as_fd(), need)
+    }));
+    let served = match served {
+        Ok(None) => None,
+        Ok(Some(result)) => Some(Ok(result)),
+        Err(_) => Some(Err(())),
+    };
+    if let Some(result) = served {
+        if access {
             Metrics::add(&ctx.engine.metrics.events_pre_access, 1);
-            answer(ctx, ev, result);
-            return;
+        } else {
+            Metrics::add(&ctx.engine.metrics.events_open, 1);
+            // The plain open that follows an exec's: nothing left to tell apart.
+            is_exec_open(ctx, &ev);
         }
+        answer(ctx, ev, result);
+        return;
     }
     // A send fails only when the threads are gone; the event is then denied by its Drop.
     let _ = tx.send(ev);
@@ -345,6 +364,10 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ctx.engine.serve(ev.as_fd(), need)
     }));
+    if let (Some(p), Need::Open, Ok(Ok(_))) = (&ctx.prefetch, need, &result) {
+        // After the fill: a window never races this open for its own file.
+        p.note_open(ev.as_fd());
+    }
     answer(ctx, ev, result.map_err(|_| ()));
 }
 

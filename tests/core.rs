@@ -791,6 +791,142 @@ fn a_tree_of_3000_small_files_reads_back() {
     }
 }
 
+/// Wait (10 s at most) until the daemon's counter `key` reaches `want`; its last value.
+fn wait_for_metric(fx: &Fixture, key: &str, want: u64) -> serde_json::Value {
+    let end = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = fx.settled_metrics();
+        if metric(&m, key) >= want || Instant::now() > end {
+            return m;
+        }
+    }
+}
+
+/// Directory prefetch (issue 7): three cold opens in one directory fetch its other small files in
+/// the background, each byte once, and what was fetched reads back as the source; one or two
+/// opens fetch only what they read; the per-window budget holds; `--dir-prefetch 0` turns it off.
+#[test]
+fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
+    if !require_root() {
+        return;
+    }
+    for fs_kind in ["ext4", "xfs"] {
+        let mut fx = Fixture::new(fs_kind, "512M");
+        let mut sizes: HashMap<String, usize> = HashMap::new();
+        let mut data: HashMap<String, Vec<u8>> = HashMap::new();
+        for dir in ["walk", "few", "budget", "off"] {
+            for i in 0..40usize {
+                let rel = format!("{dir}/f{i:02}");
+                let bytes = fx.write_source(&rel, 3000 + i * 1000, i as u64 + 7);
+                sizes.insert(rel.clone(), bytes.len());
+                data.insert(rel, bytes);
+            }
+        }
+        // A subdirectory is not walked by its parent's prefetch.
+        let sub = fx.write_source("walk/sub/inner", 5000, 99);
+        fx.populate(&[]);
+        let read = |fx: &Fixture, rel: &str| {
+            let got = fs::read(fx.at(rel)).unwrap();
+            assert_bytes_eq(&got, &data[rel], &format!("{fs_kind}: {rel}"));
+        };
+        let sum = |dir: &str| -> u64 {
+            (0..40)
+                .map(|i| sizes[&format!("{dir}/f{i:02}")] as u64)
+                .sum()
+        };
+
+        fx.serve(&["--dir-prefetch", "10"]);
+        // Two files of a directory: what they hold, nothing more.
+        read(&fx, "few/f00");
+        read(&fx, "few/f01");
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let m = fx.settled_metrics();
+        let two = (sizes["few/f00"] + sizes["few/f01"]) as u64;
+        assert_eq!(metric(&m, "prefetched_files"), 0, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "fetched_bytes"), two, "{fs_kind}: {m}");
+        // A walk with a window of 10: three opens, then the rest of the directory's first 10
+        // files (in listing order), nothing more.
+        for i in 0..3 {
+            read(&fx, &format!("budget/f{i:02}"));
+        }
+        let window: Vec<String> = fs::read_dir(fx.store.join("tree/budget"))
+            .unwrap()
+            .map(|e| format!("budget/{}", e.unwrap().file_name().to_string_lossy()))
+            .take(10)
+            .collect();
+        let opened: Vec<String> = (0..3).map(|i| format!("budget/f{i:02}")).collect();
+        let ahead: Vec<&String> = window.iter().filter(|r| !opened.contains(r)).collect();
+        let want = ahead.len() as u64;
+        let m = wait_for_metric(&fx, "prefetched_files", want);
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        let m2 = fx.settled_metrics();
+        assert_eq!(metric(&m, "prefetched_files"), want, "{fs_kind}: {m}");
+        assert_eq!(metric(&m2, "prefetched_files"), want, "{fs_kind}: {m2}");
+        let want_bytes: u64 = opened
+            .iter()
+            .chain(ahead.iter().copied())
+            .map(|r| sizes[r] as u64)
+            .sum();
+        assert_eq!(
+            metric(&m2, "fetched_bytes") - two,
+            want_bytes,
+            "{fs_kind}: a window of 10 fetched other files than the directory's first 10: {m2}"
+        );
+        // Every file of the directory reads back right, prefetched or not, each byte fetched once.
+        for i in 0..40 {
+            read(&fx, &format!("budget/f{i:02}"));
+        }
+        let m = fx.stop();
+        assert_eq!(
+            metric(&m, "fetched_bytes"),
+            two + sum("budget"),
+            "{fs_kind}: {m}"
+        );
+        assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
+
+        // The default window covers a directory of 40 files: the walk finds them all present.
+        fx.serve(&[]);
+        for i in 0..3 {
+            read(&fx, &format!("walk/f{i:02}"));
+        }
+        let before = wait_for_metric(&fx, "prefetched_files", 37);
+        assert_eq!(
+            metric(&before, "prefetched_files"),
+            37,
+            "{fs_kind}: {before}"
+        );
+        let reads_before = metric(&before, "backend_reads");
+        for i in 0..40 {
+            read(&fx, &format!("walk/f{i:02}"));
+        }
+        let after = fx.settled_metrics();
+        assert_eq!(
+            metric(&after, "backend_reads"),
+            reads_before,
+            "{fs_kind}: the walk fetched files the prefetch had made present: {after}"
+        );
+        let got = fs::read(fx.at("walk/sub/inner")).unwrap();
+        assert_bytes_eq(&got, &sub, &format!("{fs_kind}: walk/sub/inner"));
+        let m = fx.stop();
+        assert_eq!(
+            metric(&m, "fetched_bytes"),
+            sum("walk") + sub.len() as u64,
+            "{fs_kind}: {m}"
+        );
+
+        // Off.
+        fx.serve(&["--dir-prefetch", "0"]);
+        for i in 0..5 {
+            read(&fx, &format!("off/f{i:02}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let m = fx.stop();
+        let five: u64 = (0..5).map(|i| sizes[&format!("off/f{i:02}")] as u64).sum();
+        assert_eq!(metric(&m, "prefetched_files"), 0, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "fetched_bytes"), five, "{fs_kind}: {m}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sizes, names, symlinks, modes, owners, times
 // ---------------------------------------------------------------------------------------------

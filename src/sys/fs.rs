@@ -53,6 +53,16 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: i32) -> io::Result<
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Open the file an `O_PATH` fd names, anew with `flags` (through `/proc/self/fd`): the same
+/// inode, whatever its name points at now.
+pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+    let path = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+    // SAFETY: `path` is NUL-terminated.
+    let fd = cvt_retry(|| unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: open returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)` for a single path component.
 pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
     // SAFETY: `name` is NUL-terminated.

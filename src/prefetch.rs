@@ -1,0 +1,334 @@
+//! Directory prefetch: fetch the small files of a directory that a tree walk is reading through.
+//!
+//! A walk (`tar`, `grep -r`, a build reading its sources) opens the files of a directory one after
+//! another, and each open of a stub waits for its own fetch: on a cold tree the walk goes at one
+//! source round trip per file, with the source idle while the reader works. Once a directory has
+//! had cold opens of [`TRIGGER_OPENS`] different files within [`TRIGGER_WINDOW`], the other stubs
+//! of it that an open would fetch whole are fetched in the background, several at a time, up to a
+//! budget of files and [`BUDGET_BYTES`]; the walk then finds them present. A program that opens
+//! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
+//! If the walk goes on past the budget, its next cold opens start the next window.
+//!
+//! Stubs are reached through the store's own tree, which carries no mark (opening them raises no
+//! event), with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and first as `O_PATH`: only a
+//! regular file is then reopened for writing, so a FIFO or device node put in the tree is never
+//! opened. The fill itself is the engine's, with every check an event's fill has.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use crate::engine::Engine;
+use crate::sys::fs as sysfs;
+
+/// Cold opens of different files of one directory that make it a walk.
+pub const TRIGGER_OPENS: usize = 3;
+/// ...within this long of the first of them.
+pub const TRIGGER_WINDOW: Duration = Duration::from_secs(2);
+/// Bytes fetched ahead per window, at most (files too big for what is left are skipped).
+pub const BUDGET_BYTES: u64 = 64 << 20;
+/// Files fetched at once.
+const THREADS: usize = 8;
+/// Directories remembered; older ones are forgotten beyond this.
+const MAX_DIRS: usize = 4096;
+
+/// What the walk detector knows of one directory.
+#[derive(Default)]
+struct DirSeen {
+    /// Names (hashed) of the files opened cold since `since`.
+    opened: Vec<u64>,
+    since: Option<Instant>,
+    /// Candidates already handed out, in listing order: the next window starts after them.
+    queued: usize,
+}
+
+/// The kernel-independent half: decides when a directory is being walked. Tested alone.
+#[derive(Default)]
+pub struct WalkDetector {
+    dirs: HashMap<Vec<u8>, DirSeen>,
+}
+
+impl WalkDetector {
+    /// Note a cold open of `name` in `dir` at `now`. `Some(skip)`: start a window of this
+    /// directory, after its first `skip` candidates.
+    pub fn opened(&mut self, dir: &[u8], name: &[u8], now: Instant) -> Option<usize> {
+        if self.dirs.len() >= MAX_DIRS && !self.dirs.contains_key(dir) {
+            self.dirs.retain(|_, d| {
+                d.since
+                    .is_some_and(|t| now.duration_since(t) < TRIGGER_WINDOW)
+            });
+            if self.dirs.len() >= MAX_DIRS {
+                self.dirs.clear();
+            }
+        }
+        let d = self.dirs.entry(dir.to_vec()).or_default();
+        if d.since
+            .is_none_or(|t| now.duration_since(t) >= TRIGGER_WINDOW)
+        {
+            d.opened.clear();
+            d.since = Some(now);
+        }
+        let h = name_hash(name);
+        if !d.opened.contains(&h) {
+            d.opened.push(h);
+        }
+        if d.opened.len() < TRIGGER_OPENS {
+            return None;
+        }
+        d.opened.clear();
+        d.since = None;
+        Some(d.queued)
+    }
+
+    /// A window of `dir` handed out `n` more candidates.
+    pub fn queued(&mut self, dir: &[u8], n: usize) {
+        if let Some(d) = self.dirs.get_mut(dir) {
+            d.queued += n;
+        }
+    }
+}
+
+fn name_hash(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
+
+/// Split a path relative to the tree into its directory and name (`b""` for the tree's root).
+fn split(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&b""[..], rel),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Window {
+    dir: Vec<u8>,
+    skip: usize,
+}
+
+pub struct DirPrefetch {
+    engine: Arc<Engine>,
+    tree: OwnedFd,
+    /// The exposed tree as event fds' paths show it, with a trailing `/`.
+    mountpoint: Vec<u8>,
+    /// Files per window.
+    files: usize,
+    detector: Mutex<WalkDetector>,
+    windows: crossbeam_channel::Sender<Window>,
+    jobs: crossbeam_channel::Sender<Vec<u8>>,
+}
+
+impl DirPrefetch {
+    /// Start prefetching into the stubs of `tree` (the store's tree, unmarked), exposed at
+    /// `mountpoint`, `files` files per window. `None` when `files` is 0 (off).
+    pub fn start(
+        engine: Arc<Engine>,
+        tree: OwnedFd,
+        mountpoint: &Path,
+        files: usize,
+    ) -> Option<Arc<DirPrefetch>> {
+        if files == 0 {
+            return None;
+        }
+        let mut mp = mountpoint.as_os_str().as_bytes().to_vec();
+        if !mp.ends_with(b"/") {
+            mp.push(b'/');
+        }
+        let (windows, windows_rx) = crossbeam_channel::unbounded::<Window>();
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+        let me = Arc::new(DirPrefetch {
+            engine,
+            tree,
+            mountpoint: mp,
+            files,
+            detector: Mutex::new(WalkDetector::default()),
+            windows,
+            jobs,
+        });
+        // Threads hold weak references: they end when the prefetcher is dropped.
+        let weak = Arc::downgrade(&me);
+        std::thread::spawn(move || {
+            for w in windows_rx {
+                let Some(me) = weak.upgrade() else { return };
+                me.list(&w);
+            }
+        });
+        for _ in 0..THREADS {
+            let weak = Arc::downgrade(&me);
+            let rx = jobs_rx.clone();
+            std::thread::spawn(move || {
+                for rel in rx {
+                    let Some(me) = weak.upgrade() else { return };
+                    // A panic in one fill costs that file's prefetch, never the thread.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.fetch(&rel)));
+                }
+            });
+        }
+        Some(me)
+    }
+
+    /// A cold open of the stub behind `fd` (an event's fd) reached the worker.
+    pub fn note_open(&self, fd: BorrowedFd<'_>) {
+        let Ok(path) = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        )) else {
+            return;
+        };
+        let Some(rel) = path
+            .as_os_str()
+            .as_bytes()
+            .strip_prefix(&self.mountpoint[..])
+        else {
+            return;
+        };
+        if rel.ends_with(b" (deleted)") {
+            return;
+        }
+        let (dir, name) = split(rel);
+        let window = lock(&self.detector).opened(dir, name, Instant::now());
+        if let Some(skip) = window {
+            let _ = self.windows.send(Window {
+                dir: dir.to_vec(),
+                skip,
+            });
+        }
+    }
+
+    /// List a directory and hand out its next window of candidates: regular files, not empty,
+    /// within the byte budget.
+    fn list(&self, w: &Window) {
+        let dir = match sysfs::open_beneath(
+            self.tree.as_fd(),
+            &w.dir,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(dir = %String::from_utf8_lossy(&w.dir), "prefetch: cannot open directory: {e}");
+                return;
+            }
+        };
+        let Ok(entries) = std::fs::read_dir(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&dir)
+        )) else {
+            return;
+        };
+        let (mut seen, mut handed, mut bytes) = (0usize, 0usize, 0u64);
+        for entry in entries.flatten() {
+            if handed >= self.files {
+                break;
+            }
+            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if size == 0 {
+                continue;
+            }
+            seen += 1;
+            if seen <= w.skip {
+                continue;
+            }
+            handed += 1;
+            if bytes + size > BUDGET_BYTES {
+                continue;
+            }
+            bytes += size;
+            let mut rel = w.dir.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(entry.file_name().as_bytes());
+            let _ = self.jobs.send(rel);
+        }
+        lock(&self.detector).queued(&w.dir, handed);
+    }
+
+    /// Fetch what an open of `rel` would, if it is a stub not yet present.
+    fn fetch(&self, rel: &[u8]) {
+        let res = (|| -> std::io::Result<bool> {
+            let path = sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_PATH)?;
+            let st = sysfs::fstat(path.as_fd())?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Ok(false);
+            }
+            let fd = sysfs::reopen(path.as_fd(), libc::O_RDWR | libc::O_NONBLOCK)?;
+            self.engine.prefetch_open(fd.as_fd())
+        })();
+        match res {
+            Ok(true) => crate::metrics::Metrics::add(&self.engine.metrics.prefetched_files, 1),
+            Ok(false) => {}
+            Err(e) => {
+                debug!(file = %String::from_utf8_lossy(rel), "prefetch failed: {e}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_a_walk_after_three_different_files_in_the_window() {
+        let mut d = WalkDetector::default();
+        let t = Instant::now();
+        assert_eq!(d.opened(b"a", b"1", t), None);
+        // The same file again is not a walk.
+        assert_eq!(d.opened(b"a", b"1", t), None);
+        // Another directory counts apart.
+        assert_eq!(d.opened(b"b", b"1", t), None);
+        assert_eq!(d.opened(b"a", b"2", t), None);
+        assert_eq!(d.opened(b"a", b"3", t), Some(0));
+        d.queued(b"a", 256);
+        // The next window starts after what the first handed out, three more cold opens later.
+        assert_eq!(d.opened(b"a", b"4", t), None);
+        assert_eq!(d.opened(b"a", b"5", t), None);
+        assert_eq!(d.opened(b"a", b"6", t), Some(256));
+    }
+
+    #[test]
+    fn opens_spread_wider_than_the_window_are_not_a_walk() {
+        let mut d = WalkDetector::default();
+        let t = Instant::now();
+        assert_eq!(d.opened(b"", b"x", t), None);
+        assert_eq!(d.opened(b"", b"y", t + TRIGGER_WINDOW / 2), None);
+        assert_eq!(d.opened(b"", b"z", t + TRIGGER_WINDOW * 2), None);
+        assert_eq!(d.opened(b"", b"w", t + TRIGGER_WINDOW * 2), None);
+        assert_eq!(d.opened(b"", b"v", t + TRIGGER_WINDOW * 2), Some(0));
+    }
+
+    #[test]
+    fn the_detector_stays_bounded() {
+        let mut d = WalkDetector::default();
+        let t = Instant::now();
+        for i in 0..(MAX_DIRS * 3) {
+            d.opened(
+                format!("d{i}").as_bytes(),
+                b"f",
+                t + TRIGGER_WINDOW * 2 * i as u32,
+            );
+        }
+        assert!(d.dirs.len() <= MAX_DIRS);
+    }
+
+    #[test]
+    fn paths_split_into_directory_and_name() {
+        assert_eq!(split(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
+        assert_eq!(split(b"c"), (&b""[..], &b"c"[..]));
+    }
+}
