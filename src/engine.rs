@@ -105,7 +105,40 @@ struct FetchJob {
     entry: Arc<Entry>,
     offset: u64,
     len: usize,
-    reply: crossbeam_channel::Sender<Result<Vec<u8>, FetchError>>,
+    /// Move the bytes through a pipe if the backend can (see [`Fetched::Piped`]).
+    splice: bool,
+    reply: crossbeam_channel::Sender<Result<Fetched, FetchError>>,
+}
+
+/// The bytes of one backend read.
+enum Fetched {
+    Bytes(Vec<u8>),
+    /// Still in a pipe, as references to the source's pages (a local source): written into
+    /// the stub with one copy, where `pread` + `pwrite` make two and need a buffer.
+    Piped(OwnedFd),
+}
+
+/// Pieces at least this long go through a pipe when the backend can splice.
+const SPLICE_MIN: usize = 64 << 10;
+
+impl Fetched {
+    fn read(
+        backend: &dyn Backend,
+        job: &FetchJob,
+    ) -> Result<Fetched, FetchError> {
+        if job.splice {
+            if let Ok(pipe) = sysfs::pipe_with_capacity(job.len) {
+                let moved =
+                    backend.splice_range(&job.entry.source, job.offset, job.len, pipe.write.as_fd());
+                if let Some(res) = moved {
+                    return res.map(|()| Fetched::Piped(pipe.read));
+                }
+            }
+        }
+        let mut buf = vec![0u8; job.len];
+        backend.read_range(&job.entry.source, job.offset, &mut buf)?;
+        Ok(Fetched::Bytes(buf))
+    }
 }
 
 /// What an access away from where the file was last read fetches (aligned), instead of whole
@@ -228,6 +261,13 @@ fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need) -> Plan {
     }
 }
 
+/// Fetched bytes on their way into a stub.
+enum Piece<'a> {
+    Bytes(&'a [u8]),
+    /// Exactly the piece, in a pipe (never for a suspect file: its bytes must be compared).
+    Pipe(BorrowedFd<'a>),
+}
+
 /// Releases chunk claims when dropped, even if the fetch panicked.
 struct Claims<'a> {
     entry: &'a Entry,
@@ -260,15 +300,12 @@ impl Engine {
             let backend = backend.clone();
             std::thread::spawn(move || {
                 for job in rx {
-                    let mut buf = vec![0u8; job.len];
                     let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        backend.read_range(&job.entry.source, job.offset, &mut buf)
+                        Fetched::read(&*backend, &job)
                     }));
-                    let res = match res {
-                        Ok(Ok(())) => Ok(buf),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(FetchError::Io(io::Error::other("backend read panicked"))),
-                    };
+                    let res = res.unwrap_or_else(|_| {
+                        Err(FetchError::Io(io::Error::other("backend read panicked")))
+                    });
                     // The requester may have given up (timeout): then the bytes are dropped.
                     let _ = job.reply.send(res);
                 }
@@ -486,13 +523,13 @@ impl Engine {
         readahead: bool,
     ) -> io::Result<bool> {
         let chunk = entry.source.chunk_size as u64;
-        let mut fetched = false;
+        let mut wrote = false;
         loop {
             let mut s = lock(&entry.state);
             let end = end.min(s.record.backed_len);
             let gaps = s.record.present.gaps(start, end);
             if gaps.is_empty() {
-                return Ok(fetched);
+                return Ok(wrote);
             }
             // Claim every missing piece not already being fetched; wait for the others.
             let mut mine: Vec<(u64, u64, u64)> = Vec::new();
@@ -509,7 +546,7 @@ impl Engine {
             }
             if mine.is_empty() {
                 if readahead {
-                    return Ok(fetched); // someone else is on it
+                    return Ok(wrote); // someone else is on it
                 }
                 let _ = entry
                     .changed
@@ -530,8 +567,8 @@ impl Engine {
                     .collect();
                 for (&(c, ps, pe), (reply, fetched_from)) in window.iter().zip(replies) {
                     let wait = deadline.saturating_duration_since(std::time::Instant::now());
-                    let buf = match reply.recv_timeout(wait) {
-                        Ok(Ok(buf)) => buf,
+                    let fetched = match reply.recv_timeout(wait) {
+                        Ok(Ok(fetched)) => fetched,
                         Ok(Err(e)) => {
                             warn!(
                                 file = %fd_path(fd),
@@ -551,24 +588,30 @@ impl Engine {
                             return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                         }
                     };
-                    if let Some(digests) = &entry.digests {
-                        let ok = digests
-                            .get(c as usize)
-                            .is_some_and(|d| *d == crate::digest::chunk_digest(&buf));
-                        if !ok {
-                            warn!(
-                                file = %fd_path(fd),
-                                range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
-                                source = %self.backend.describe(),
-                                "fetched bytes do not match the recorded digest; nothing written"
-                            );
-                            return Err(io::Error::from_raw_os_error(libc::EIO));
+                    let piece = match &fetched {
+                        Fetched::Piped(pipe) => Piece::Pipe(pipe.as_fd()),
+                        Fetched::Bytes(buf) => {
+                            if let Some(digests) = &entry.digests {
+                                let ok = digests
+                                    .get(c as usize)
+                                    .is_some_and(|d| *d == crate::digest::chunk_digest(buf));
+                                if !ok {
+                                    warn!(
+                                        file = %fd_path(fd),
+                                        range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
+                                        source = %self.backend.describe(),
+                                        "fetched bytes do not match the recorded digest; nothing written"
+                                    );
+                                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                                }
+                            }
+                            let lo = (ps - fetched_from) as usize;
+                            let hi = (pe - fetched_from) as usize;
+                            Piece::Bytes(&buf[lo..hi])
                         }
-                    }
-                    let lo = (ps - fetched_from) as usize;
-                    let hi = (pe - fetched_from) as usize;
-                    self.write_piece(entry, fd, ps, pe, &buf[lo..hi])?;
-                    fetched = true;
+                    };
+                    self.write_piece(entry, fd, ps, pe, piece)?;
+                    wrote = true;
                     if readahead {
                         Metrics::add(&self.metrics.readahead_bytes, pe - ps);
                     }
@@ -585,10 +628,7 @@ impl Engine {
         c: u64,
         ps: u64,
         pe: u64,
-    ) -> (
-        crossbeam_channel::Receiver<Result<Vec<u8>, FetchError>>,
-        u64,
-    ) {
+    ) -> (crossbeam_channel::Receiver<Result<Fetched, FetchError>>, u64) {
         let chunk = entry.source.chunk_size as u64;
         let (from, to) = if entry.digests.is_some() {
             (c * chunk, ((c + 1) * chunk).min(entry.source.size))
@@ -597,10 +637,14 @@ impl Engine {
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         Metrics::add(&self.metrics.backend_reads, 1);
+        let len = (to - from) as usize;
+        // Bytes that must be looked at (digests, a file of unknown history) stay in memory.
+        let splice = len >= SPLICE_MIN && entry.digests.is_none() && !lock(&entry.state).suspect;
         let _ = self.fetch_tx.send(FetchJob {
             entry: entry.clone(),
             offset: from,
-            len: (to - from) as usize,
+            len,
+            splice,
             reply: tx,
         });
         (rx, from)
@@ -613,23 +657,24 @@ impl Engine {
         fd: BorrowedFd<'_>,
         ps: u64,
         pe: u64,
-        buf: &[u8],
+        piece: Piece<'_>,
     ) -> io::Result<()> {
         // The file may have been truncated while we fetched: never write past its end.
         let st = sysfs::fstat(fd)?;
         let size = st.st_size as u64;
         let pe_now = pe.min(size);
         let suspect = lock(&entry.state).suspect;
-        if pe_now > ps
-            && !(suspect && self.keep_local_bytes(fd, ps, &buf[..(pe_now - ps) as usize])?)
-        {
-            match &entry.invisible {
-                Some(w) => sysfs::pwrite_all(w.as_fd(), &buf[..(pe_now - ps) as usize], ps)?,
-                None => {
-                    sysfs::pwrite_all(fd, &buf[..(pe_now - ps) as usize], ps)?;
-                    // Writing through the fd moved the mtime; the file still is the source's.
-                    let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
-                }
+        if pe_now > ps {
+            let n = (pe_now - ps) as usize;
+            let dst = entry.invisible.as_ref().map_or(fd, |w| w.as_fd());
+            let written = match piece {
+                Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => false,
+                Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true)?,
+                Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true)?,
+            };
+            if written && entry.invisible.is_none() {
+                // Writing through the fd moved the mtime; the file still is the source's.
+                let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
             }
         }
         Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));

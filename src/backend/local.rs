@@ -107,13 +107,9 @@ fn classify(e: std::io::Error) -> FetchError {
     }
 }
 
-impl Backend for LocalBackend {
-    fn read_range(
-        &self,
-        obj: &SourceRecord,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), FetchError> {
+impl LocalBackend {
+    /// Open the object, proving it is still the file populate recorded.
+    fn open_unchanged(&self, obj: &SourceRecord) -> Result<OwnedFd, FetchError> {
         let fd = self.open_object(&obj.key)?;
         let st = sysfs::fstat(fd.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -126,15 +122,41 @@ impl Backend for LocalBackend {
                 st.st_size, mtime.0, mtime.1, obj.size, obj.mtime.0, obj.mtime.1
             )));
         }
+        Ok(fd)
+    }
+}
+
+fn short_unless_all(offset: u64, want: usize, got: usize) -> Result<(), FetchError> {
+    if got != want {
+        return Err(FetchError::Short { offset, want, got });
+    }
+    Ok(())
+}
+
+impl Backend for LocalBackend {
+    fn read_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), FetchError> {
+        let fd = self.open_unchanged(obj)?;
         let got = sysfs::pread_full(fd.as_fd(), buf, offset)?;
-        if got != buf.len() {
-            return Err(FetchError::Short {
-                offset,
-                want: buf.len(),
-                got,
-            });
-        }
-        Ok(())
+        short_unless_all(offset, buf.len(), got)
+    }
+
+    fn splice_range(
+        &self,
+        obj: &SourceRecord,
+        offset: u64,
+        len: usize,
+        pipe: std::os::fd::BorrowedFd<'_>,
+    ) -> Option<Result<(), FetchError>> {
+        Some((|| {
+            let fd = self.open_unchanged(obj)?;
+            let got = sysfs::splice_into_pipe(fd.as_fd(), offset, pipe, len)?;
+            short_unless_all(offset, len, got)
+        })())
     }
 
     fn describe(&self) -> String {

@@ -58,6 +58,19 @@ pub trait Backend: Send + Sync {
     fn read_range(&self, obj: &SourceRecord, offset: u64, buf: &mut [u8])
         -> Result<(), FetchError>;
 
+    /// Move the object's `len` bytes at `offset` into `pipe` (the write end of a pipe with room
+    /// for them) without copying them through memory. `None`: this backend cannot, use
+    /// [`Backend::read_range`].
+    fn splice_range(
+        &self,
+        _obj: &SourceRecord,
+        _offset: u64,
+        _len: usize,
+        _pipe: std::os::fd::BorrowedFd<'_>,
+    ) -> Option<Result<(), FetchError>> {
+        None
+    }
+
     /// A description safe to log: never credentials.
     fn describe(&self) -> String;
 

@@ -416,6 +416,93 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Re
     Ok(())
 }
 
+/// A pipe with room for `capacity` bytes at least. `splice` moves file pages through a pipe by
+/// reference: a fill from a local source then copies its bytes once (into the stub's page cache)
+/// instead of twice (into our memory, then out of it).
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+}
+
+pub fn pipe_with_capacity(capacity: usize) -> io::Result<Pipe> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    let pipe = unsafe {
+        Pipe {
+            read: OwnedFd::from_raw_fd(fds[0]),
+            write: OwnedFd::from_raw_fd(fds[1]),
+        }
+    };
+    let want = libc::c_int::try_from(capacity).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain fcntl on an fd we own.
+    let got = cvt(unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) })?;
+    if (got as usize) < capacity {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    Ok(pipe)
+}
+
+/// Move up to `len` bytes of `src` at `offset` into the pipe `pipe_write`, which must have room
+/// for them. Returns how many were moved: fewer only at end of file.
+pub fn splice_into_pipe(
+    src: BorrowedFd<'_>,
+    offset: u64,
+    pipe_write: BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < len {
+        let mut off = (offset + done as u64) as libc::loff_t;
+        // SAFETY: `off` is a valid loff_t; the fds are open; no pointer outlives the call.
+        let n = cvt_retry(|| unsafe {
+            libc::splice(
+                src.as_raw_fd(),
+                &mut off,
+                pipe_write.as_raw_fd(),
+                std::ptr::null_mut(),
+                len - done,
+                libc::SPLICE_F_MOVE,
+            )
+        })? as usize;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Move exactly `len` bytes from the pipe `pipe_read` into `dst` at `offset`.
+pub fn splice_from_pipe(
+    pipe_read: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let mut off = (offset + done as u64) as libc::loff_t;
+        // SAFETY: as in `splice_into_pipe`.
+        let n = cvt_retry(|| unsafe {
+            libc::splice(
+                pipe_read.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                &mut off,
+                len - done,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        })? as usize;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Read up to `buf.len()` bytes at `offset`, stopping early only at end of file.
 pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
