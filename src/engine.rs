@@ -39,6 +39,15 @@ pub enum Need {
     Open,
 }
 
+/// What [`Engine::prefetch_open`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetched {
+    /// This call fetched something.
+    pub fetched: bool,
+    /// The file is complete (or not a stub): its events can be silenced.
+    pub complete: bool,
+}
+
 /// The result of a served access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
@@ -122,14 +131,15 @@ enum Fetched {
 const SPLICE_MIN: usize = 64 << 10;
 
 impl Fetched {
-    fn read(
-        backend: &dyn Backend,
-        job: &FetchJob,
-    ) -> Result<Fetched, FetchError> {
+    fn read(backend: &dyn Backend, job: &FetchJob) -> Result<Fetched, FetchError> {
         if job.splice {
             if let Ok(pipe) = sysfs::pipe_with_capacity(job.len) {
-                let moved =
-                    backend.splice_range(&job.entry.source, job.offset, job.len, pipe.write.as_fd());
+                let moved = backend.splice_range(
+                    &job.entry.source,
+                    job.offset,
+                    job.len,
+                    pipe.write.as_fd(),
+                );
                 if let Some(res) = moved {
                     return res.map(|()| Fetched::Piped(pipe.read));
                 }
@@ -383,21 +393,28 @@ impl Engine {
     }
 
     /// Fetch what an open of the stub behind `fd` would, unless it is present already (a
-    /// directory prefetch, see [`crate::prefetch`]). Returns whether anything was fetched.
-    pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+    /// directory prefetch, see [`crate::prefetch`]).
+    pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<Prefetched> {
         let st = sysfs::fstat(fd)?;
+        let not_a_stub = Prefetched {
+            fetched: false,
+            complete: true,
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(not_a_stub);
+        }
         let Some(entry) = self.entry(&st, fd)? else {
-            return Ok(false);
+            return Ok(not_a_stub);
         };
-        let plan = {
-            let mut s = lock(&entry.state);
-            let plan = plan(&entry, &mut s, st.st_size as u64, Need::Open);
-            if plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty() {
-                return Ok(false);
-            }
-            plan
-        };
-        self.fill(&entry, fd, plan.start, plan.end, true)
+        let plan = plan(
+            &entry,
+            &mut lock(&entry.state),
+            st.st_size as u64,
+            Need::Open,
+        );
+        let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
+        let complete = lock(&entry.state).record.is_complete();
+        Ok(Prefetched { fetched, complete })
     }
 
     /// Serve `need` at once if that takes no fetch, no record load and no wait: the file is
@@ -628,7 +645,10 @@ impl Engine {
         c: u64,
         ps: u64,
         pe: u64,
-    ) -> (crossbeam_channel::Receiver<Result<Fetched, FetchError>>, u64) {
+    ) -> (
+        crossbeam_channel::Receiver<Result<Fetched, FetchError>>,
+        u64,
+    ) {
         let chunk = entry.source.chunk_size as u64;
         let (from, to) = if entry.digests.is_some() {
             (c * chunk, ((c + 1) * chunk).min(entry.source.size))

@@ -648,7 +648,12 @@ impl<'a> Walk<'a> {
         }
         sysfs::fsetxattr(file.as_fd(), XATTR_SOURCE, &record.encode())
             .context("cannot write the stub's record (trusted.* xattrs need root)")?;
-        sysfs::chown(file.as_fd(), None, m.uid, m.gid)?;
+        // A chown is a journal transaction even when nothing changes; a new file often has its
+        // owner already (root's trees populated by root), and an fstat costs next to nothing.
+        let made = sysfs::fstat(file.as_fd())?;
+        if (made.st_uid, made.st_gid) != (m.uid, m.gid) {
+            sysfs::chown(file.as_fd(), None, m.uid, m.gid)?;
+        }
         sysfs::fchmod(file.as_fd(), m.mode & 0o7777)?;
         sysfs::set_times(file.as_fd(), None, m.atime, m.mtime)?;
         self.counters.files.fetch_add(1, Relaxed);

@@ -12,7 +12,9 @@
 //! Stubs are reached through the store's own tree, which carries no mark (opening them raises no
 //! event), with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and first as `O_PATH`: only a
 //! regular file is then reopened for writing, so a FIFO or device node put in the tree is never
-//! opened. The fill itself is the engine's, with every check an event's fill has.
+//! opened. The fill itself is the engine's, with every check an event's fill has. A file that is
+//! complete afterwards gets its ignore mark at once, as an event's answer would give it: the
+//! walk's open of it then raises no event at all.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -24,6 +26,8 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::engine::Engine;
+use crate::event::MASK;
+use crate::sys::fanotify::Group;
 use crate::sys::fs as sysfs;
 
 /// Cold opens of different files of one directory that make it a walk.
@@ -32,8 +36,11 @@ pub const TRIGGER_OPENS: usize = 3;
 pub const TRIGGER_WINDOW: Duration = Duration::from_secs(2);
 /// Bytes fetched ahead per window, at most (files too big for what is left are skipped).
 pub const BUDGET_BYTES: u64 = 64 << 20;
-/// Files fetched at once.
+/// Files fetched at once, at most: one per 1,024 files the process may open (each fetch holds a
+/// few fds, and events must never run short of them).
 const THREADS: usize = 8;
+/// After running out of fds, prefetch nothing for this long (the events need them).
+const STARVED_PAUSE: Duration = Duration::from_secs(1);
 /// Directories remembered; older ones are forgotten beyond this.
 const MAX_DIRS: usize = 4096;
 
@@ -119,12 +126,16 @@ struct Window {
 
 pub struct DirPrefetch {
     engine: Arc<Engine>,
+    /// For the ignore marks of the files made complete.
+    group: Arc<Group>,
     tree: OwnedFd,
     /// The exposed tree as event fds' paths show it, with a trailing `/`.
     mountpoint: Vec<u8>,
     /// Files per window.
     files: usize,
     detector: Mutex<WalkDetector>,
+    /// Out of fds: jobs are dropped until then.
+    starved_until: Mutex<Option<Instant>>,
     windows: crossbeam_channel::Sender<Window>,
     jobs: crossbeam_channel::Sender<Vec<u8>>,
 }
@@ -134,6 +145,7 @@ impl DirPrefetch {
     /// `mountpoint`, `files` files per window. `None` when `files` is 0 (off).
     pub fn start(
         engine: Arc<Engine>,
+        group: Arc<Group>,
         tree: OwnedFd,
         mountpoint: &Path,
         files: usize,
@@ -149,10 +161,12 @@ impl DirPrefetch {
         let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let me = Arc::new(DirPrefetch {
             engine,
+            group,
             tree,
             mountpoint: mp,
             files,
             detector: Mutex::new(WalkDetector::default()),
+            starved_until: Mutex::new(None),
             windows,
             jobs,
         });
@@ -164,7 +178,8 @@ impl DirPrefetch {
                 me.list(&w);
             }
         });
-        for _ in 0..THREADS {
+        let files_limit = sysfs::open_files_limit().unwrap_or(1024) as usize;
+        for _ in 0..(files_limit / 1024).clamp(1, THREADS) {
             let weak = Arc::downgrade(&me);
             let rx = jobs_rx.clone();
             std::thread::spawn(move || {
@@ -260,20 +275,31 @@ impl DirPrefetch {
 
     /// Fetch what an open of `rel` would, if it is a stub not yet present.
     fn fetch(&self, rel: &[u8]) {
-        let res = (|| -> std::io::Result<bool> {
+        use crate::metrics::Metrics;
+        if lock(&self.starved_until).is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let res = (|| -> std::io::Result<()> {
             let path = sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_PATH)?;
             let st = sysfs::fstat(path.as_fd())?;
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                return Ok(false);
+                return Ok(());
             }
             let fd = sysfs::reopen(path.as_fd(), libc::O_RDWR | libc::O_NONBLOCK)?;
-            self.engine.prefetch_open(fd.as_fd())
+            let done = self.engine.prefetch_open(fd.as_fd())?;
+            if done.fetched {
+                Metrics::add(&self.engine.metrics.prefetched_files, 1);
+            }
+            if done.complete {
+                self.group.ignore_inode(fd.as_fd(), MASK)?;
+                Metrics::add(&self.engine.metrics.ignore_marks, 1);
+            }
+            Ok(())
         })();
-        match res {
-            Ok(true) => crate::metrics::Metrics::add(&self.engine.metrics.prefetched_files, 1),
-            Ok(false) => {}
-            Err(e) => {
-                debug!(file = %String::from_utf8_lossy(rel), "prefetch failed: {e}")
+        if let Err(e) = res {
+            debug!(file = %String::from_utf8_lossy(rel), "prefetch failed: {e}");
+            if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                *lock(&self.starved_until) = Some(Instant::now() + STARVED_PAUSE);
             }
         }
     }

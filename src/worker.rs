@@ -122,8 +122,15 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
     // thread until its chunks are written, so fewer threads would cap the chunks in flight.
     engine.start_readahead(8);
-    let prefetch = store_tree(&store)
-        .and_then(|tree| DirPrefetch::start(engine.clone(), tree, mountpoint, opts.dir_prefetch));
+    let prefetch = store_tree(&store).and_then(|tree| {
+        DirPrefetch::start(
+            engine.clone(),
+            group.clone(),
+            tree,
+            mountpoint,
+            opts.dir_prefetch,
+        )
+    });
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),

@@ -905,6 +905,12 @@ fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
             reads_before,
             "{fs_kind}: the walk fetched files the prefetch had made present: {after}"
         );
+        // Files made complete ahead got their ignore marks then: the walk raised no event.
+        assert_eq!(
+            metric(&after, "events_open") + metric(&after, "events_pre_access"),
+            metric(&before, "events_open") + metric(&before, "events_pre_access"),
+            "{fs_kind}: {before} -> {after}"
+        );
         let got = fs::read(fx.at("walk/sub/inner")).unwrap();
         assert_bytes_eq(&got, &sub, &format!("{fs_kind}: walk/sub/inner"));
         let m = fx.stop();

@@ -915,7 +915,8 @@ fn a_file_changed_locally_is_modified_and_never_refetched_over() {
         let r = fx.write_source("read", BIG, 63);
         let u = fx.write_source("untouched", BIG, 64);
         fx.populate(&[]);
-        fx.serve(&[]);
+        // "untouched" stays a stub: no directory prefetch after the three opens below.
+        fx.serve(&["--dir-prefetch", "0"]);
         assert_eq!(kind_of(&fx.at("written")), expected_kind(fs_kind, BIG));
 
         let mut want_w = w.clone();

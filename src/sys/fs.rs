@@ -435,7 +435,8 @@ pub fn pipe_with_capacity(capacity: usize) -> io::Result<Pipe> {
             write: OwnedFd::from_raw_fd(fds[1]),
         }
     };
-    let want = libc::c_int::try_from(capacity).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let want =
+        libc::c_int::try_from(capacity).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: plain fcntl on an fd we own.
     let got = cvt(unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) })?;
     if (got as usize) < capacity {
