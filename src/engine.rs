@@ -809,6 +809,24 @@ impl Engine {
         });
     }
 
+    /// Wait (up to `timeout`) until the file cache has room for one more entry. Work that can
+    /// wait (a directory prefetch) asks first: its entries come faster than a pressure flush
+    /// evicts them, and their fds would then be missing for events.
+    pub fn wait_for_room(&self, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            if lock(&self.files).len() < self.max_cached {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            // The flusher and the events' pressure flushes make the room; a flush from here
+            // too would hold every entry while it runs, so that theirs could evict none.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn cached_files(&self) -> usize {
         lock(&self.files).len()
     }

@@ -5,7 +5,9 @@
 //! source round trip per file, with the source idle while the reader works. Once a directory has
 //! had cold opens of [`TRIGGER_OPENS`] different files within [`TRIGGER_WINDOW`], the other stubs
 //! of it that an open would fetch whole are fetched in the background, several at a time, up to a
-//! budget of files and [`BUDGET_BYTES`]; the walk then finds them present. A program that opens
+//! budget of files and [`BUDGET_BYTES`]; the walk then finds them present. Opens of complete files
+//! whose ignore mark is gone (a hydrated tree after a restart or cache eviction) count too: their
+//! directory's complete files then get their marks ahead of the walk. A program that opens
 //! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
 //! If the walk goes on past the budget, its next cold opens start the next window.
 //!
@@ -39,6 +41,8 @@ pub const BUDGET_BYTES: u64 = 64 << 20;
 /// Files fetched at once, at most: one per 1,024 files the process may open (each fetch holds a
 /// few fds, and events must never run short of them).
 const THREADS: usize = 8;
+/// How long a fetch waits for room in the engine's file cache before it is dropped.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// After running out of fds, prefetch nothing for this long (the events need them).
 const STARVED_PAUSE: Duration = Duration::from_secs(1);
 /// Directories remembered; older ones are forgotten beyond this.
@@ -194,7 +198,8 @@ impl DirPrefetch {
         Some(me)
     }
 
-    /// A cold open of the stub behind `fd` (an event's fd) reached the worker.
+    /// An open of the file behind `fd` (an event's fd) raised an event: a stub's, served by the
+    /// worker, or a complete file's, answered by the supervisor (which passes it on as a note).
     pub fn note_open(&self, fd: BorrowedFd<'_>) {
         let Ok(path) = std::fs::read_link(format!(
             "/proc/self/fd/{}",
@@ -276,7 +281,9 @@ impl DirPrefetch {
     /// Fetch what an open of `rel` would, if it is a stub not yet present.
     fn fetch(&self, rel: &[u8]) {
         use crate::metrics::Metrics;
-        if lock(&self.starved_until).is_some_and(|t| Instant::now() < t) {
+        if lock(&self.starved_until).is_some_and(|t| Instant::now() < t)
+            || !self.engine.wait_for_room(ROOM_WAIT)
+        {
             return;
         }
         let res = (|| -> std::io::Result<()> {
@@ -286,11 +293,15 @@ impl DirPrefetch {
                 return Ok(());
             }
             let fd = sysfs::reopen(path.as_fd(), libc::O_RDWR | libc::O_NONBLOCK)?;
-            let done = self.engine.prefetch_open(fd.as_fd())?;
-            if done.fetched {
-                Metrics::add(&self.engine.metrics.prefetched_files, 1);
-            }
-            if done.complete {
+            // Complete on disk (a hydrated tree after a restart): only the mark is missing.
+            let complete = crate::record::complete_on_disk(fd.as_fd()) || {
+                let done = self.engine.prefetch_open(fd.as_fd())?;
+                if done.fetched {
+                    Metrics::add(&self.engine.metrics.prefetched_files, 1);
+                }
+                done.complete
+            };
+            if complete {
                 self.group.ignore_inode(fd.as_fd(), MASK)?;
                 Metrics::add(&self.engine.metrics.ignore_marks, 1);
             }

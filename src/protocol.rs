@@ -28,6 +28,10 @@ pub struct ReplyMsg {
 
 /// The id of control messages: "ready" from the worker, "shut down" from the supervisor.
 pub const CONTROL_ID: u64 = u64::MAX;
+/// The id of notes, supervisor → worker, never answered: "the supervisor answered this open of a
+/// complete file itself" (with the file's fd), so that the worker sees walks through hydrated
+/// directories too (see `prefetch`).
+pub const NOTE_ID: u64 = u64::MAX - 1;
 
 pub const EVENT_LEN: usize = 41;
 pub const REPLY_LEN: usize = 13;

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::event::{respond_to_group, MASK};
 use crate::metrics::Metrics;
-use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, REPLY_LEN};
+use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, NOTE_ID, REPLY_LEN};
 use crate::record::complete_on_disk;
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_PRE_ACCESS};
@@ -134,6 +134,8 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut drain_until: Option<Instant> = None;
     let mut restarts: Vec<Instant> = Vec::new();
     let mut busy_at = Instant::now();
+    // The worker's directory prefetch wants to hear of opens answered here.
+    let notes = opts.worker.dir_prefetch > 0;
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             // No new path leads to the stubs from here on; files still open are served for the
@@ -185,6 +187,12 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     Metrics::add(&metrics.allowed, 1);
                     Metrics::add(&metrics.ignore_marks, 1);
                     respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
+                    if notes && worker.ready {
+                        // After the answer; dropped rather than waited for if the worker lags.
+                        let note = EventMsg { id: NOTE_ID, ..msg };
+                        let _ =
+                            ipc::try_send(worker.sock.as_fd(), &note.encode(), Some(fd.as_fd()));
+                    }
                     continue;
                 }
                 if worker.ready {

@@ -24,7 +24,7 @@ use crate::engine::{Engine, Need, Served};
 use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorResponder};
 use crate::metrics::Metrics;
 use crate::prefetch::DirPrefetch;
-use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN};
+use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
 use crate::sys::shm::Shared;
@@ -240,6 +240,13 @@ fn receive_from_supervisor(
         if msg.id == CONTROL_ID {
             return false;
         }
+        if msg.id == NOTE_ID {
+            // Never answered: the supervisor did (see `NOTE_ID`).
+            if let (Some(p), Some(fd)) = (&ctx.prefetch, fd) {
+                p.note_open(fd.as_fd());
+            }
+            continue;
+        }
         let Some(fd) = fd else {
             // Out of fds (the kernel drops a passed fd it cannot install): let the supervisor,
             // which still holds the event, fail this access now rather than at its deadline.
@@ -392,7 +399,10 @@ fn answer(ctx: &Ctx, ev: PendingEvent, result: Result<std::io::Result<Served>, (
         }
         Ok(Err(e)) => {
             Metrics::add(&metrics.denied, 1);
-            ev.answer(Verdict::Deny(DenyErrno::for_error(&e)), false);
+            let errno = DenyErrno::for_error(&e);
+            // Fetch failures were logged where they happened, with their range and source.
+            warn!(file = %crate::engine::fd_path(ev.as_fd()), "access denied with {errno:?}: {e}");
+            ev.answer(Verdict::Deny(errno), false);
         }
         Err(_) => {
             Metrics::add(&metrics.denied, 1);

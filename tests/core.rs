@@ -920,6 +920,27 @@ fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
             "{fs_kind}: {m}"
         );
 
+        // Hydrated, after a restart with nothing cached (no ignore mark left): three opens, and
+        // the directory's other complete files get their marks ahead of the walk.
+        fx.fs.remount();
+        fx.serve(&[]);
+        for i in 0..3 {
+            read(&fx, &format!("walk/f{i:02}"));
+        }
+        let before = wait_for_metric(&fx, "ignore_marks", 43);
+        assert!(metric(&before, "ignore_marks") >= 43, "{fs_kind}: {before}");
+        assert_eq!(metric(&before, "events_open"), 3, "{fs_kind}: {before}");
+        for i in 0..40 {
+            read(&fx, &format!("walk/f{i:02}"));
+        }
+        let m = fx.stop();
+        assert_eq!(
+            metric(&m, "events_open"),
+            3,
+            "{fs_kind}: the hydrated walk raised events: {m}"
+        );
+        assert_eq!(metric(&m, "fetched_bytes"), 0, "{fs_kind}: {m}");
+
         // Off.
         fx.serve(&["--dir-prefetch", "0"]);
         for i in 0..5 {

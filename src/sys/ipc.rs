@@ -35,6 +35,20 @@ fn pair(kind: i32) -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Send one message, with `fd` attached when given.
 pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    send_flags(sock, msg, fd, 0)
+}
+
+/// [`send`], but fail with `WouldBlock` rather than wait for room in the socket.
+pub fn try_send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    send_flags(sock, msg, fd, libc::MSG_DONTWAIT)
+}
+
+fn send_flags(
+    sock: BorrowedFd<'_>,
+    msg: &[u8],
+    fd: Option<BorrowedFd<'_>>,
+    flags: i32,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: msg.as_ptr() as *mut libc::c_void,
         iov_len: msg.len(),
@@ -61,7 +75,8 @@ pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io:
         }
     }
     // SAFETY: `hdr` is fully initialised above.
-    let n = cvt_retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL) })?;
+    let n =
+        cvt_retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL | flags) })?;
     if n as usize != msg.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
