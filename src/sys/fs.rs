@@ -453,26 +453,14 @@ pub fn splice_into_pipe(
     pipe_write: BorrowedFd<'_>,
     len: usize,
 ) -> io::Result<usize> {
-    let mut done = 0;
-    while done < len {
-        let mut off = (offset + done as u64) as libc::loff_t;
-        // SAFETY: `off` is a valid loff_t; the fds are open; no pointer outlives the call.
-        let n = cvt_retry(|| unsafe {
-            libc::splice(
-                src.as_raw_fd(),
-                &mut off,
-                pipe_write.as_raw_fd(),
-                std::ptr::null_mut(),
-                len - done,
-                libc::SPLICE_F_MOVE,
-            )
-        })? as usize;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    Ok(done)
+    splice_all(
+        src,
+        Some(offset),
+        pipe_write,
+        None,
+        len,
+        libc::SPLICE_F_MOVE,
+    )
 }
 
 /// Move exactly `len` bytes from the pipe `pipe_read` into `dst` at `offset`.
@@ -482,26 +470,41 @@ pub fn splice_from_pipe(
     offset: u64,
     len: usize,
 ) -> io::Result<()> {
+    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    if splice_all(pipe_read, None, dst, Some(offset), len, flags)? < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// `splice` until `len` bytes have moved or the input ends; a `None` offset is a pipe's side.
+fn splice_all(
+    from: BorrowedFd<'_>,
+    from_offset: Option<u64>,
+    to: BorrowedFd<'_>,
+    to_offset: Option<u64>,
+    len: usize,
+    flags: libc::c_uint,
+) -> io::Result<usize> {
     let mut done = 0;
     while done < len {
-        let mut off = (offset + done as u64) as libc::loff_t;
-        // SAFETY: as in `splice_into_pipe`.
+        let mut from_off = from_offset.map(|o| (o + done as u64) as libc::loff_t);
+        let mut to_off = to_offset.map(|o| (o + done as u64) as libc::loff_t);
+        let ptr = |o: &mut Option<libc::loff_t>| {
+            o.as_mut()
+                .map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t)
+        };
+        let (fp, tp) = (ptr(&mut from_off), ptr(&mut to_off));
+        // SAFETY: the offset pointers are null or point at live locals; the fds are open.
         let n = cvt_retry(|| unsafe {
-            libc::splice(
-                pipe_read.as_raw_fd(),
-                std::ptr::null_mut(),
-                dst.as_raw_fd(),
-                &mut off,
-                len - done,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
+            libc::splice(from.as_raw_fd(), fp, to.as_raw_fd(), tp, len - done, flags)
         })? as usize;
         if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            break;
         }
         done += n;
     }
-    Ok(())
+    Ok(done)
 }
 
 /// Read up to `buf.len()` bytes at `offset`, stopping early only at end of file.
@@ -622,4 +625,40 @@ pub fn xfs_reopen_invisible(dir: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Re
     })?;
     // SAFETY: a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn bytes_spliced_through_a_pipe_land_at_the_offset_asked() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut src = tempfile::tempfile().unwrap();
+        src.write_all(&data).unwrap();
+        let dst = tempfile::tempfile().unwrap();
+        let pipe = pipe_with_capacity(256 << 10).unwrap();
+        let moved = splice_into_pipe(src.as_fd(), 1000, pipe.write.as_fd(), 200_000).unwrap();
+        assert_eq!(moved, 200_000);
+        splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 5000, 200_000).unwrap();
+        let mut got = vec![0u8; 200_000];
+        assert_eq!(pread_full(dst.as_fd(), &mut got, 5000).unwrap(), 200_000);
+        assert!(got == data[1000..201_000], "spliced bytes differ");
+
+        // Past the end of the source: fewer bytes, and asking the pipe for more fails.
+        let pipe = pipe_with_capacity(256 << 10).unwrap();
+        let moved = splice_into_pipe(src.as_fd(), 250_000, pipe.write.as_fd(), 100_000).unwrap();
+        assert_eq!(moved, 50_000);
+        drop(pipe.write);
+        let err = splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 0, 100_000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_pipe_too_small_for_a_piece_is_refused() {
+        // Beyond what an unprivileged pipe may hold, and far beyond what root needs here.
+        assert!(pipe_with_capacity(1 << 40).is_err());
+    }
 }
