@@ -31,7 +31,7 @@ counters! {
     denied: "Events denied with an errno.",
     backend_reads: "Range reads issued to the backend.",
     fetched_bytes: "Bytes fetched from the backend and written into stubs.",
-    readahead_bytes: "Of those, bytes fetched ahead of the reader.",
+    readahead_bytes: "Of those, bytes fetched ahead of the reader (sequential readahead, directory prefetch).",
     files_completed: "Files that became complete while the daemon ran.",
     ignore_marks: "Ignore marks placed on complete or unmanaged files.",
     records_written: "State records persisted.",

@@ -32,7 +32,8 @@ use crate::event::MASK;
 use crate::sys::fanotify::Group;
 use crate::sys::fs as sysfs;
 
-/// Cold opens of different files of one directory that make it a walk.
+/// Opens of different files of one directory that raised an event (stubs, or complete files
+/// whose ignore mark is gone) and that make it a walk.
 pub const TRIGGER_OPENS: usize = 3;
 /// ...within this long of the first of them.
 pub const TRIGGER_WINDOW: Duration = Duration::from_secs(2);
@@ -51,33 +52,55 @@ const MAX_DIRS: usize = 4096;
 /// What the walk detector knows of one directory.
 #[derive(Default)]
 struct DirSeen {
-    /// Names (hashed) of the files opened cold since `since`.
+    /// Names (hashed) of the files whose opens raised an event since `since`.
     opened: Vec<u64>,
     since: Option<Instant>,
-    /// Candidates already handed out, in listing order: the next window starts after them.
-    queued: usize,
+    /// Candidates given to windows so far, in listing order: the next window starts after them.
+    /// Counted when a window starts, so that opens arriving while it is listed (a reader that
+    /// outruns it) start the next window, never the same one again.
+    reserved: usize,
+    /// Every candidate was handed out: opens here start nothing until then.
+    exhausted_until: Option<Instant>,
 }
 
+/// After a directory's last window, its opens start nothing for this long.
+const EXHAUSTED_PAUSE: Duration = Duration::from_secs(30);
+
 /// The kernel-independent half: decides when a directory is being walked. Tested alone.
-#[derive(Default)]
 pub struct WalkDetector {
+    /// Candidates per window.
+    window: usize,
     dirs: HashMap<Vec<u8>, DirSeen>,
 }
 
 impl WalkDetector {
-    /// Note a cold open of `name` in `dir` at `now`. `Some(skip)`: start a window of this
-    /// directory, after its first `skip` candidates.
+    pub fn new(window: usize) -> WalkDetector {
+        WalkDetector {
+            window,
+            dirs: HashMap::new(),
+        }
+    }
+
+    /// Note an open of `name` in `dir` at `now` that raised an event. `Some(skip)`: start a
+    /// window of this directory, after its first `skip` candidates.
     pub fn opened(&mut self, dir: &[u8], name: &[u8], now: Instant) -> Option<usize> {
         if self.dirs.len() >= MAX_DIRS && !self.dirs.contains_key(dir) {
             self.dirs.retain(|_, d| {
                 d.since
                     .is_some_and(|t| now.duration_since(t) < TRIGGER_WINDOW)
+                    || d.exhausted_until.is_some_and(|t| now < t)
             });
             if self.dirs.len() >= MAX_DIRS {
                 self.dirs.clear();
             }
         }
         let d = self.dirs.entry(dir.to_vec()).or_default();
+        match d.exhausted_until {
+            Some(t) if now < t => return None,
+            // A while later: a new walk starts from the top.
+            Some(_) => *d = DirSeen::default(),
+            None => {}
+        }
         if d.since
             .is_none_or(|t| now.duration_since(t) >= TRIGGER_WINDOW)
         {
@@ -93,13 +116,15 @@ impl WalkDetector {
         }
         d.opened.clear();
         d.since = None;
-        Some(d.queued)
+        let skip = d.reserved;
+        d.reserved += self.window;
+        Some(skip)
     }
 
-    /// A window of `dir` handed out `n` more candidates.
-    pub fn queued(&mut self, dir: &[u8], n: usize) {
+    /// The window of `dir` that started after `skip` candidates found the end of the directory.
+    pub fn exhausted(&mut self, dir: &[u8], now: Instant) {
         if let Some(d) = self.dirs.get_mut(dir) {
-            d.queued += n;
+            d.exhausted_until = Some(now + EXHAUSTED_PAUSE);
         }
     }
 }
@@ -169,7 +194,7 @@ impl DirPrefetch {
             tree,
             mountpoint: mp,
             files,
-            detector: Mutex::new(WalkDetector::default()),
+            detector: Mutex::new(WalkDetector::new(files)),
             starved_until: Mutex::new(None),
             windows,
             jobs,
@@ -247,24 +272,25 @@ impl DirPrefetch {
         )) else {
             return;
         };
+        // Candidates are counted by the listing's file type alone (no stat), so that every
+        // window of a directory counts them alike.
         let (mut seen, mut handed, mut bytes) = (0usize, 0usize, 0u64);
+        let mut at_end = true;
         for entry in entries.flatten() {
-            if handed >= self.files {
-                break;
-            }
             if !entry.file_type().is_ok_and(|t| t.is_file()) {
-                continue;
-            }
-            let size = entry.metadata().map_or(0, |m| m.len());
-            if size == 0 {
                 continue;
             }
             seen += 1;
             if seen <= w.skip {
                 continue;
             }
+            if handed >= self.files {
+                at_end = false;
+                break;
+            }
             handed += 1;
-            if bytes + size > BUDGET_BYTES {
+            let size = entry.metadata().map_or(0, |m| m.len());
+            if size == 0 || bytes + size > BUDGET_BYTES {
                 continue;
             }
             bytes += size;
@@ -275,7 +301,9 @@ impl DirPrefetch {
             rel.extend_from_slice(entry.file_name().as_bytes());
             let _ = self.jobs.send(rel);
         }
-        lock(&self.detector).queued(&w.dir, handed);
+        if at_end {
+            lock(&self.detector).exhausted(&w.dir, Instant::now());
+        }
     }
 
     /// Fetch what an open of `rel` would, if it is a stub not yet present.
@@ -322,7 +350,7 @@ mod tests {
 
     #[test]
     fn a_directory_is_a_walk_after_three_different_files_in_the_window() {
-        let mut d = WalkDetector::default();
+        let mut d = WalkDetector::new(256);
         let t = Instant::now();
         assert_eq!(d.opened(b"a", b"1", t), None);
         // The same file again is not a walk.
@@ -331,16 +359,37 @@ mod tests {
         assert_eq!(d.opened(b"b", b"1", t), None);
         assert_eq!(d.opened(b"a", b"2", t), None);
         assert_eq!(d.opened(b"a", b"3", t), Some(0));
-        d.queued(b"a", 256);
-        // The next window starts after what the first handed out, three more cold opens later.
+        // Three more opens (the walk outran the window, or it is still being listed): the next
+        // window, never the same one again.
         assert_eq!(d.opened(b"a", b"4", t), None);
         assert_eq!(d.opened(b"a", b"5", t), None);
         assert_eq!(d.opened(b"a", b"6", t), Some(256));
+        assert_eq!(d.opened(b"a", b"7", t), None);
+        assert_eq!(d.opened(b"a", b"8", t), None);
+        assert_eq!(d.opened(b"a", b"9", t), Some(512));
+    }
+
+    #[test]
+    fn a_directory_listed_to_its_end_starts_nothing_for_a_while_then_again_from_the_top() {
+        let mut d = WalkDetector::new(10);
+        let t = Instant::now();
+        for n in [b"1", b"2"] {
+            assert_eq!(d.opened(b"a", n, t), None);
+        }
+        assert_eq!(d.opened(b"a", b"3", t), Some(0));
+        d.exhausted(b"a", t);
+        for n in [b"4", b"5", b"6", b"7"] {
+            assert_eq!(d.opened(b"a", n, t + Duration::from_secs(1)), None);
+        }
+        let later = t + EXHAUSTED_PAUSE + Duration::from_secs(1);
+        assert_eq!(d.opened(b"a", b"1", later), None);
+        assert_eq!(d.opened(b"a", b"2", later), None);
+        assert_eq!(d.opened(b"a", b"3", later), Some(0));
     }
 
     #[test]
     fn opens_spread_wider_than_the_window_are_not_a_walk() {
-        let mut d = WalkDetector::default();
+        let mut d = WalkDetector::new(256);
         let t = Instant::now();
         assert_eq!(d.opened(b"", b"x", t), None);
         assert_eq!(d.opened(b"", b"y", t + TRIGGER_WINDOW / 2), None);
@@ -351,7 +400,7 @@ mod tests {
 
     #[test]
     fn the_detector_stays_bounded() {
-        let mut d = WalkDetector::default();
+        let mut d = WalkDetector::new(256);
         let t = Instant::now();
         for i in 0..(MAX_DIRS * 3) {
             d.opened(

@@ -400,7 +400,7 @@ fn answer(ctx: &Ctx, ev: PendingEvent, result: Result<std::io::Result<Served>, (
         Ok(Err(e)) => {
             Metrics::add(&metrics.denied, 1);
             let errno = DenyErrno::for_error(&e);
-            // Fetch failures were logged where they happened, with their range and source.
+            // Never silent; a failed fetch also has its own line, with its range and source.
             warn!(file = %crate::engine::fd_path(ev.as_fd()), "access denied with {errno:?}: {e}");
             ev.answer(Verdict::Deny(errno), false);
         }
