@@ -46,6 +46,15 @@ const THREADS: usize = 8;
 const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// After running out of fds, prefetch nothing for this long (the events need them).
 const STARVED_PAUSE: Duration = Duration::from_secs(1);
+/// Below this many open files allowed, no prefetch: under 256 fds it still took the fds that
+/// events needed (EMFILE, then EIO, in the fd-limit tar test under load).
+pub const MIN_OPEN_FILES: u64 = 4096;
+
+/// Whether a daemon with `files` per window runs a directory prefetch here.
+pub fn enabled(files: usize) -> bool {
+    files > 0 && sysfs::open_files_limit().is_ok_and(|n| n >= MIN_OPEN_FILES)
+}
+
 /// Directories remembered; older ones are forgotten beyond this.
 const MAX_DIRS: usize = 4096;
 
@@ -171,7 +180,7 @@ pub struct DirPrefetch {
 
 impl DirPrefetch {
     /// Start prefetching into the stubs of `tree` (the store's tree, unmarked), exposed at
-    /// `mountpoint`, `files` files per window. `None` when `files` is 0 (off).
+    /// `mountpoint`, `files` files per window. `None` when it is off (see [`enabled`]).
     pub fn start(
         engine: Arc<Engine>,
         group: Arc<Group>,
@@ -179,7 +188,7 @@ impl DirPrefetch {
         mountpoint: &Path,
         files: usize,
     ) -> Option<Arc<DirPrefetch>> {
-        if files == 0 {
+        if !enabled(files) {
             return None;
         }
         let mut mp = mountpoint.as_os_str().as_bytes().to_vec();

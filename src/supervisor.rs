@@ -135,7 +135,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut restarts: Vec<Instant> = Vec::new();
     let mut busy_at = Instant::now();
     // The worker's directory prefetch wants to hear of opens answered here.
-    let notes = opts.worker.dir_prefetch > 0;
+    let notes = crate::prefetch::enabled(opts.worker.dir_prefetch);
     loop {
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
             // No new path leads to the stubs from here on; files still open are served for the
