@@ -8,12 +8,20 @@
  *   benchio firstout CMD [ARG...]    fork+exec CMD with stdout on a pipe; prints the seconds from
  *                                    just before fork to the first byte of its output, then waits
  *                                    for it (its exit status must be 0)
+ *   benchio mkstubs SRC DST THREADS  the floor under `hsm populate`: for every regular file of the
+ *                                    tree SRC, the same system calls a stub costs (lstat of the
+ *                                    source, create in DST, ftruncate, one trusted.* xattr, fchmod,
+ *                                    futimens), directories spread over THREADS threads, and no
+ *                                    other work; prints seconds and the file count
  *
  * Every timer starts before open(2) / fork(2), so the open (FAN_OPEN_PERM) is part of the figure.
  * Output: one line, "SECONDS [EXTRA]". Exit status 1 on any error (with a message on stderr).
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
+#include <sys/xattr.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -142,12 +150,138 @@ static int firstout(char **argv)
     return 0;
 }
 
+/* mkstubs: the directories of the tree (made in DST on the way), then their files on threads. */
+struct dirlist {
+    char **paths; /* relative to SRC, "" for the root */
+    size_t len, cap;
+    size_t next; /* next directory a thread takes */
+    pthread_mutex_t lock;
+    int src, dst;
+    long files;
+    int failed;
+};
+
+static void dl_push(struct dirlist *dl, const char *rel)
+{
+    if (dl->len == dl->cap) {
+        dl->cap = dl->cap ? dl->cap * 2 : 256;
+        dl->paths = realloc(dl->paths, dl->cap * sizeof(char *));
+        if (!dl->paths)
+            exit(die("realloc"));
+    }
+    dl->paths[dl->len++] = strdup(rel);
+}
+
+static int collect_dirs(struct dirlist *dl, const char *rel)
+{
+    int fd = openat(dl->src, *rel ? rel : ".", O_RDONLY | O_DIRECTORY);
+    if (fd < 0)
+        return die(rel);
+    DIR *d = fdopendir(fd);
+    if (!d)
+        return die("fdopendir");
+    dl_push(dl, rel);
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_type != DT_DIR || !strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        char sub[4096];
+        snprintf(sub, sizeof sub, "%s%s%s", rel, *rel ? "/" : "", e->d_name);
+        if (mkdirat(dl->dst, sub, 0700) && errno != EEXIST)
+            return die(sub);
+        if (collect_dirs(dl, sub))
+            return 1;
+    }
+    closedir(d);
+    return 0;
+}
+
+static void *stub_files(void *arg)
+{
+    struct dirlist *dl = arg;
+    static const char record[64] = "a source record of about the size hsm writes for a stub";
+    long made = 0;
+    for (;;) {
+        pthread_mutex_lock(&dl->lock);
+        size_t i = dl->next++;
+        pthread_mutex_unlock(&dl->lock);
+        if (i >= dl->len)
+            break;
+        const char *rel = dl->paths[i];
+        int sfd = openat(dl->src, *rel ? rel : ".", O_RDONLY | O_DIRECTORY);
+        int dfd = openat(dl->dst, *rel ? rel : ".", O_RDONLY | O_DIRECTORY);
+        DIR *d = sfd >= 0 ? fdopendir(sfd) : NULL;
+        if (!d || dfd < 0) {
+            dl->failed = die(rel);
+            break;
+        }
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (e->d_type != DT_REG)
+                continue;
+            struct stat st;
+            if (fstatat(sfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW)) {
+                dl->failed = die(e->d_name);
+                continue;
+            }
+            int fd = openat(dfd, e->d_name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+            struct timespec times[2] = {st.st_atim, st.st_mtim};
+            if (fd < 0 || ftruncate(fd, st.st_size) ||
+                fsetxattr(fd, "trusted.benchio", record, sizeof record, 0) ||
+                fchmod(fd, st.st_mode & 07777) || futimens(fd, times)) {
+                dl->failed = die(e->d_name);
+            }
+            if (fd >= 0)
+                close(fd);
+            made++;
+        }
+        closedir(d);
+        close(dfd);
+    }
+    pthread_mutex_lock(&dl->lock);
+    dl->files += made;
+    pthread_mutex_unlock(&dl->lock);
+    return NULL;
+}
+
+static int mkstubs(const char *src, const char *dst, int threads)
+{
+    double t0 = now();
+    struct dirlist dl = {.lock = PTHREAD_MUTEX_INITIALIZER};
+    dl.src = open(src, O_RDONLY | O_DIRECTORY);
+    if (dl.src < 0)
+        return die(src);
+    if (mkdir(dst, 0700) && errno != EEXIST)
+        return die(dst);
+    dl.dst = open(dst, O_RDONLY | O_DIRECTORY);
+    if (dl.dst < 0)
+        return die(dst);
+    if (collect_dirs(&dl, ""))
+        return 1;
+    if (threads < 1)
+        threads = 1;
+    pthread_t t[64];
+    if (threads > 64)
+        threads = 64;
+    for (int i = 0; i < threads; i++)
+        if (pthread_create(&t[i], NULL, stub_files, &dl))
+            return die("pthread_create");
+    for (int i = 0; i < threads; i++)
+        pthread_join(t[i], NULL);
+    if (dl.failed)
+        return 1;
+    printf("%.6f %ld\n", now() - t0, dl.files);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 3 && !strcmp(argv[1], "seq"))
         return seq(argv[2], argc >= 4 ? strtoul(argv[3], 0, 0) : 128 * 1024);
     if (argc == 5 && !strcmp(argv[1], "rand"))
         return rnd(argv[2], strtol(argv[3], 0, 0), strtoull(argv[4], 0, 0));
+    if (argc == 5 && !strcmp(argv[1], "mkstubs"))
+        return mkstubs(argv[2], argv[3], atoi(argv[4]));
     if (argc >= 3 && !strcmp(argv[1], "firstout"))
         return firstout(argv + 2);
     fprintf(stderr, "usage: benchio seq FILE [BLOCK] | rand FILE COUNT SEED | firstout CMD [ARG...]\n");

@@ -121,7 +121,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the whole thing working on a throw-away loop-mounted filesystem.
     /// Check the present chunks of stubs against the digests recorded by `populate --digests`.
     Verify {
         paths: Vec<PathBuf>,
@@ -129,6 +128,7 @@ enum Command {
         #[arg(long)]
         store: Option<PathBuf>,
     },
+    /// Show the whole thing working on a throw-away loop-mounted filesystem.
     Demo {
         /// Filesystem for the demo image.
         #[arg(long, default_value = "xfs")]
