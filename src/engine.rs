@@ -95,7 +95,7 @@ pub struct Engine {
     backend: Arc<dyn Backend>,
     /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
     /// deadline: the reader gets EAGAIN after `fetch_timeout`.
-    fetch_tx: crate::channel::Sender<FetchJob>,
+    fetch_tx: crossbeam_channel::Sender<FetchJob>,
     fetch_timeout: Duration,
     digest_dir: PathBuf,
     /// xfs: the store's tree, on its own unmarked mount, to reopen stubs for invisible I/O.
@@ -108,7 +108,7 @@ pub struct Engine {
     pub metrics: Shared<Metrics>,
     /// How far ahead of a sequential reader to fetch.
     readahead: u64,
-    readahead_tx: Mutex<Option<crate::channel::Sender<Readahead>>>,
+    readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
 }
 
 struct FetchJob {
@@ -117,7 +117,7 @@ struct FetchJob {
     len: usize,
     /// Move the bytes through a pipe if the backend can (see [`Fetched::Piped`]).
     splice: bool,
-    reply: crate::channel::Sender<Result<Fetched, FetchError>>,
+    reply: crossbeam_channel::Sender<Result<Fetched, FetchError>>,
 }
 
 /// The bytes of one backend read.
@@ -305,7 +305,7 @@ impl Engine {
         digest_dir: PathBuf,
         xfs_tree: Option<OwnedFd>,
     ) -> Engine {
-        let (fetch_tx, fetch_rx) = crate::channel::unbounded::<FetchJob>();
+        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
         for _ in 0..FETCH_THREADS {
             let rx = fetch_rx.clone();
             let backend = backend.clone();
@@ -339,7 +339,7 @@ impl Engine {
 
     /// Start `threads` background threads that fetch ahead of sequential readers.
     pub fn start_readahead(self: &Arc<Self>, threads: usize) {
-        let (tx, rx) = crate::channel::bounded::<Readahead>(64);
+        let (tx, rx) = crossbeam_channel::bounded::<Readahead>(64);
         *lock(&self.readahead_tx) = Some(tx);
         for _ in 0..threads {
             let rx = rx.clone();
@@ -647,7 +647,7 @@ impl Engine {
         ps: u64,
         pe: u64,
     ) -> (
-        crate::channel::Receiver<Result<Fetched, FetchError>>,
+        crossbeam_channel::Receiver<Result<Fetched, FetchError>>,
         u64,
     ) {
         let chunk = entry.source.chunk_size as u64;
@@ -656,7 +656,7 @@ impl Engine {
         } else {
             (ps, pe)
         };
-        let (tx, rx) = crate::channel::bounded(1);
+        let (tx, rx) = crossbeam_channel::bounded(1);
         Metrics::add(&self.metrics.backend_reads, 1);
         let len = (to - from) as usize;
         // Bytes that must be looked at (digests, a file of unknown history) stay in memory.

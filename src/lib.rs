@@ -14,7 +14,6 @@
 //! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
 
 pub mod backend;
-pub mod channel;
 pub mod demo;
 pub mod digest;
 pub mod engine;

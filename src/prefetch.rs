@@ -174,8 +174,8 @@ pub struct DirPrefetch {
     detector: Mutex<WalkDetector>,
     /// Out of fds: jobs are dropped until then.
     starved_until: Mutex<Option<Instant>>,
-    windows: crate::channel::Sender<Window>,
-    jobs: crate::channel::Sender<Vec<u8>>,
+    windows: crossbeam_channel::Sender<Window>,
+    jobs: crossbeam_channel::Sender<Vec<u8>>,
 }
 
 impl DirPrefetch {
@@ -195,8 +195,8 @@ impl DirPrefetch {
         if !mp.ends_with(b"/") {
             mp.push(b'/');
         }
-        let (windows, windows_rx) = crate::channel::unbounded::<Window>();
-        let (jobs, jobs_rx) = crate::channel::unbounded::<Vec<u8>>();
+        let (windows, windows_rx) = crossbeam_channel::unbounded::<Window>();
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
         let me = Arc::new(DirPrefetch {
             engine,
             group,

@@ -142,7 +142,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         lost: Mutex::new(false),
     });
 
-    let (tx, rx) = crate::channel::unbounded::<PendingEvent>();
+    let (tx, rx) = crossbeam_channel::unbounded::<PendingEvent>();
     let threads: Vec<_> = (0..opts.threads.max(1))
         .map(|_| {
             let rx = rx.clone();
@@ -216,7 +216,7 @@ fn receive_from_supervisor(
     ctx: &Arc<Ctx>,
     sock: &OwnedFd,
     responder: &Arc<SupervisorResponder>,
-    tx: &crate::channel::Sender<PendingEvent>,
+    tx: &crossbeam_channel::Sender<PendingEvent>,
 ) -> bool {
     let mut buf = [0u8; 64];
     loop {
@@ -281,7 +281,7 @@ fn receive_from_supervisor(
 fn serve_group_directly(
     ctx: &Arc<Ctx>,
     group: &Arc<Group>,
-    tx: &crate::channel::Sender<PendingEvent>,
+    tx: &crossbeam_channel::Sender<PendingEvent>,
     until: Instant,
 ) {
     let responder: Arc<dyn Respond> = Arc::new(GroupResponder(group.clone()));
@@ -321,7 +321,7 @@ fn serve_group_directly(
     }
 }
 
-fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crate::channel::Sender<PendingEvent>) {
+fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<PendingEvent>) {
     if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
         // Answered inline: the plain open event of this exec comes only after this answer.
         note_exec_open(ctx, ev);

@@ -104,7 +104,7 @@ fn decode_reply(
 }
 
 /// Replies not yet claimed, by request id: `(status, payload)`.
-type Waiters = Mutex<HashMap<u64, crate::channel::Sender<(u8, Vec<u8>)>>>;
+type Waiters = Mutex<HashMap<u64, crossbeam_channel::Sender<(u8, Vec<u8>)>>>;
 
 /// The worker's side: a `Backend` whose reads are done by the fetcher process.
 pub struct IsolatedBackend {
@@ -167,7 +167,7 @@ impl Backend for IsolatedBackend {
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crate::channel::bounded(1);
+        let (tx, rx) = crossbeam_channel::bounded(1);
         self.waiters
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -231,7 +231,7 @@ pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
     };
     let mut reader = stream.try_clone()?;
     let writer = Arc::new(Mutex::new(stream));
-    let (tx, rx) = crate::channel::bounded::<Vec<u8>>(64);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
     for _ in 0..32 {
         let rx = rx.clone();
         let backend = backend.clone();
