@@ -752,7 +752,7 @@ impl Engine {
             let mut s = lock(&e.state);
             // A file being filled is not quiet, however long ago its access came: a `syncfs`
             // in the middle of a big fill writes back what it has just written and stalls it
-            // (a 1 GiB read took 3-4 s instead of 0.7).
+            // (one 256 MiB read of a cold file: a 2.8 s `syncfs` half way through its fill).
             let quiet = s.in_flight.is_empty() && s.last_access.elapsed() >= QUIET_BEFORE_RECORD;
             let due = force
                 || pressure
@@ -843,8 +843,8 @@ mod tests {
     use super::*;
     use crate::ranges::RangeSet;
 
-    /// A source whose reads take `slow` from `slow_from` on, `fast` before: a fill can be caught
-    /// with some pieces written and others in flight.
+    /// A source whose reads at `slow_from` and beyond take `slow` (the others no time): a fill
+    /// can be caught with some pieces written and others in flight.
     struct SlowSource {
         slow_from: u64,
         slow: Duration,
