@@ -212,7 +212,7 @@ static void *stub_files(void *arg)
         int dfd = openat(dl->dst, *rel ? rel : ".", O_RDONLY | O_DIRECTORY);
         DIR *d = sfd >= 0 ? fdopendir(sfd) : NULL;
         if (!d || dfd < 0) {
-            dl->failed = die(rel);
+            __atomic_store_n(&dl->failed, die(rel), __ATOMIC_RELAXED);
             break;
         }
         struct dirent *e;
@@ -221,7 +221,7 @@ static void *stub_files(void *arg)
                 continue;
             struct stat st;
             if (fstatat(sfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW)) {
-                dl->failed = die(e->d_name);
+                __atomic_store_n(&dl->failed, die(e->d_name), __ATOMIC_RELAXED);
                 continue;
             }
             int fd = openat(dfd, e->d_name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
@@ -229,7 +229,7 @@ static void *stub_files(void *arg)
             if (fd < 0 || ftruncate(fd, st.st_size) ||
                 fsetxattr(fd, "trusted.benchio", record, sizeof record, 0) ||
                 fchmod(fd, st.st_mode & 07777) || futimens(fd, times)) {
-                dl->failed = die(e->d_name);
+                __atomic_store_n(&dl->failed, die(e->d_name), __ATOMIC_RELAXED);
             }
             if (fd >= 0)
                 close(fd);

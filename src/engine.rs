@@ -937,11 +937,19 @@ mod tests {
         assert_eq!(filler.join().unwrap().unwrap(), Served::Complete);
         std::thread::sleep(QUIET_BEFORE_RECORD + Duration::from_millis(100));
         assert_eq!(engine.flush(false), 1, "not recorded once quiet");
-        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE).unwrap().unwrap();
+        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE)
+            .unwrap()
+            .unwrap();
         assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
         let mut back = vec![0u8; 2 << 20];
-        assert_eq!(sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(), back.len());
-        assert!(back.iter().enumerate().all(|(i, &b)| b == source_byte(i as u64)));
+        assert_eq!(
+            sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(),
+            back.len()
+        );
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == source_byte(i as u64)));
     }
 
     #[test]

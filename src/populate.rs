@@ -167,7 +167,7 @@ pub fn populate(
     store_root: &Path,
     opts: &PopulateOptions,
 ) -> anyhow::Result<PopulateReport> {
-    if opts.chunk_size == 0 || opts.chunk_size % 4096 != 0 {
+    if opts.chunk_size == 0 || !opts.chunk_size.is_multiple_of(4096) {
         bail!("--chunk-size must be a positive multiple of 4096");
     }
     if scheme_of(source) != Scheme::Local {

@@ -107,7 +107,7 @@ impl SourceRecord {
     pub fn decode(bytes: &[u8]) -> Result<SourceRecord, RecordError> {
         let rec: SourceRecord = postcard::from_bytes(unseal(MAGIC_SOURCE, bytes)?)
             .map_err(|e| RecordError::Decode(e.to_string()))?;
-        if rec.chunk_size == 0 || rec.chunk_size % 4096 != 0 {
+        if rec.chunk_size == 0 || !rec.chunk_size.is_multiple_of(4096) {
             return Err(RecordError::Invalid("chunk size is not a multiple of 4096"));
         }
         if rec.key.is_empty() {

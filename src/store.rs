@@ -174,7 +174,7 @@ impl Store {
                 config.version
             );
         }
-        if config.chunk_size == 0 || config.chunk_size % 4096 != 0 {
+        if config.chunk_size == 0 || !config.chunk_size.is_multiple_of(4096) {
             bail!(
                 "store chunk size {} is not a multiple of 4096",
                 config.chunk_size

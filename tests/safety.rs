@@ -253,7 +253,7 @@ fn log_summary(log: &str) -> BTreeMap<String, usize> {
             continue;
         };
         // "TIME LEVEL target: message field=value ..."
-        let msg = plain.splitn(2, ": ").nth(1).unwrap_or(&plain);
+        let msg = plain.split_once(": ").map(|x| x.1).unwrap_or(&plain);
         let msg: Vec<&str> = msg.split(' ').take_while(|w| !w.contains('=')).collect();
         *out.entry(format!("{level} {}", msg.join(" "))).or_default() += 1;
     }
@@ -1496,7 +1496,7 @@ fn stress_many_reader_processes_thousands_of_files_bounded_memory() {
         files: files.clone(),
         secs: SECS,
         seed: 5,
-        max_len: 1 * MIB,
+        max_len: MIB,
         whole_percent: 30,
         big_from: 4 * MIB,
         big_percent: 5,

@@ -83,7 +83,7 @@ pub fn check_source_record(data: &[u8]) {
 
 pub fn check_valid_source(rec: &SourceRecord) {
     assert!(
-        rec.chunk_size >= 4096 && rec.chunk_size % 4096 == 0,
+        rec.chunk_size >= 4096 && rec.chunk_size.is_multiple_of(4096),
         "accepted chunk size {}",
         rec.chunk_size
     );
