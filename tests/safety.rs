@@ -1565,9 +1565,11 @@ fn a_tree_walk_over_more_files_than_the_open_files_limit() {
     if !require_root() {
         return;
     }
-    // Directory prefetch is off below 4,096 fds (at 256 and at 2,048 its entries and fds starved
-    // the events: EMFILE, then EIO for the walk).
-    for (fs_kind, open_files) in [("xfs", 256), ("ext4", 256), ("xfs", 2048)] {
+    // Directory prefetch is off below `MIN_OPEN_FILES` (at 256 and at 2,048 its entries and fds
+    // starved the events: EMFILE, then EIO for the walk); at that limit it runs with the fewest
+    // fds it is ever given, so the walk is checked there too.
+    let prefetch_from = hsm::prefetch::MIN_OPEN_FILES;
+    for (fs_kind, open_files) in [("xfs", 256), ("ext4", 256), ("xfs", prefetch_from)] {
         let mut fx = Fixture::new(fs_kind, "1G");
         let mut files = Vec::new();
         for i in 0..3000u64 {
@@ -1596,7 +1598,10 @@ fn a_tree_walk_over_more_files_than_the_open_files_limit() {
                 Err(e) => {
                     let log = fx.daemon.as_mut().map(|d| d.stop_log()).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    panic!("{fs_kind} {open_files} fds: {rel}: {e}; daemon log (last lines first):\n{}", tail.join("\n"));
+                    panic!(
+                        "{fs_kind} {open_files} fds: {rel}: {e}; daemon log (last lines first):\n{}",
+                        tail.join("\n")
+                    );
                 }
             };
             assert_bytes_eq(&got, data, &format!("{fs_kind} {rel}"));
@@ -1604,5 +1609,10 @@ fn a_tree_walk_over_more_files_than_the_open_files_limit() {
         let m = fx.stop();
         assert_eq!(get(&m, "denied"), 0, "{fs_kind}: {m}");
         assert_eq!(get(&m, "files_completed"), 3000, "{fs_kind}: {m}");
+        assert_eq!(
+            get(&m, "prefetched_files") > 0,
+            open_files >= prefetch_from,
+            "{fs_kind} {open_files} fds: directory prefetch on exactly from {prefetch_from} fds: {m}"
+        );
     }
 }
