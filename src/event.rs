@@ -3,12 +3,11 @@
 //! The kernel keeps an unanswered permission event pending forever, and allows it (stub zeros!)
 //! when the group dies. So every event is wrapped at once in a `PendingEvent`: `answer` consumes
 //! it, and if it is dropped unanswered (an early return, an error, a panic in a fetch) `Drop`
-//! denies it with EIO. Where the answer goes is the `Respond` implementation: straight to the
-//! fanotify group, or to the supervisor that holds it, falling back to the group if the supervisor
-//! is gone.
+//! denies it with EIO. The answer always goes straight to the fanotify group; the `Respond`
+//! implementation says who else must hear of it (the supervisor, which holds the event).
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::warn;
 
@@ -65,26 +64,26 @@ pub fn respond_to_group(
     }
 }
 
-/// Answer through the supervisor; if it is gone, answer the group directly by the supervisor's
-/// fd number (the kernel matches responses by that number, whichever process writes them).
+/// Answer the group directly, by the supervisor's fd number (the kernel matches responses by that
+/// number, whichever process writes them), then tell the supervisor, which holds the event, that
+/// it may let go of it. The reader goes on without waiting for the supervisor to wake, and the
+/// supervisor keeps the event's fd open until it hears of the answer: the number cannot be
+/// reused by a newer event before that, so this answer can never reach another event.
 pub struct SupervisorResponder {
     pub sock: OwnedFd,
     pub group: Arc<Group>,
-    pub lost: Mutex<bool>,
 }
 
 impl Respond for SupervisorResponder {
     fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
+        respond_to_group(&self.group, ev.fd_num, file, verdict, ignore);
         let msg = ReplyMsg {
             id: ev.id,
             verdict,
             ignore,
         };
-        if ipc::send(self.sock.as_fd(), &msg.encode(), None).is_ok() {
-            return;
-        }
-        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        respond_to_group(&self.group, ev.fd_num, file, verdict, ignore);
+        // If the supervisor is gone, the worker finds out from its socket.
+        let _ = ipc::send(self.sock.as_fd(), &msg.encode(), None);
     }
 }
 

@@ -1,8 +1,10 @@
 //! Messages between the supervisor (holds the fanotify group) and the worker (fetches).
 //!
 //! Fixed-size little-endian records over a `SOCK_SEQPACKET` socket; the event's fd travels beside
-//! the message as `SCM_RIGHTS`. Every event carries a supervisor-assigned id, so a late reply from
-//! a worker that was replaced can never answer a newer event that reused the same fd number.
+//! the message as `SCM_RIGHTS`. The worker answers the kernel itself (by the supervisor's fd
+//! number) and then replies, so that the supervisor can close its copy of the event's fd: until
+//! then that number cannot be reused, so no answer ever reaches a newer event. Every event
+//! carries a supervisor-assigned id, which is what a reply names (fd numbers are reused).
 
 use crate::sys::fanotify::Verdict;
 
@@ -17,7 +19,8 @@ pub struct EventMsg {
     pub range: Option<(u64, u64)>,
 }
 
-/// Worker → supervisor: the answer to event `id`.
+/// Worker → supervisor: the worker has answered event `id` (to the group itself); the supervisor
+/// may close the event's fd. `verdict` and `ignore` say what the answer was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyMsg {
     pub id: u64,

@@ -3,10 +3,13 @@
 //! It owns what must not die with a fetch: the fanotify group, the mount that exposes the tree,
 //! and every event not yet answered. It fetches nothing: it reads events, answers those on
 //! complete files itself (their state record, one xattr, says so: no round trip to the worker for
-//! a hydrated tree), passes every other one (with its fd) to the worker process, and writes the
-//! worker's answers back to the kernel. It polls briefly before sleeping (see `SPIN`). When the
-//! worker dies (a crash, `kill -9`, an OOM kill), the supervisor starts another and sends it
-//! every event still unanswered: readers wait a little longer and then get the right bytes. The
+//! a hydrated tree), and passes every other one (with its fd) to the worker process. The worker
+//! answers the kernel itself, so that a reader never waits for the supervisor to wake, and then
+//! replies; the supervisor holds the event (and its fd number) until that reply. It polls briefly
+//! before sleeping (see `SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the
+//! supervisor starts another and sends it every event it still holds: readers wait a little
+//! longer and then get the right bytes (an event answered just before the crash is answered
+//! twice, and the kernel ignores the second answer: its fd number was still held). The
 //! worker holds a duplicate of the group fd, so if the supervisor itself dies the group survives
 //! and the worker unmounts the tree (see `worker`).
 
@@ -75,13 +78,14 @@ fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error
 }
 
 /// How long the supervisor polls without sleeping after its last event (see `serve`): the
-/// worker's answer, or the next event of a program walking a tree or reading a file, comes
+/// worker's reply, or the next event of a program walking a tree or reading a file, comes
 /// within microseconds, and waking a sleeping process on it costs more than the event itself
 /// (cold tar of 12,000 files 3.0 s -> 2.0-2.4 s, cold 1 GiB read 0.9-1.1 s -> 0.7-0.8 s here).
 /// It yields between polls, so runnable threads (the worker's) go first; idle, it sleeps.
 const SPIN: Duration = Duration::from_micros(200);
 
-/// An event read from the kernel and not answered yet.
+/// An event read from the kernel that the worker has not let go of yet (it answers the kernel
+/// itself, then replies). Its fd stays open until then, so that its number is not reused.
 struct Held {
     fd: OwnedFd,
     msg: EventMsg,
@@ -128,6 +132,9 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let _ = std::io::stdout().flush();
 
     let mut held: HashMap<u64, Held> = HashMap::new();
+    // Denied here at the deadline, but still the worker's: kept open until it lets go of them
+    // too (or dies), so that its late answer cannot reach a newer event with the same fd number.
+    let mut denied_late: HashMap<u64, Held> = HashMap::new();
     let mut next_id: u64 = 1;
     let mut buf = vec![0u8; 64 * 1024];
     let mut raw = Vec::with_capacity(256);
@@ -219,15 +226,9 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                         resend_all(&worker, &held);
                     }
                     Some(reply) => {
-                        if let Some(h) = held.remove(&reply.id) {
-                            respond_to_group(
-                                &group,
-                                h.msg.fd_num,
-                                h.fd.as_fd(),
-                                reply.verdict,
-                                reply.ignore,
-                            );
-                        }
+                        // Answered by the worker already: close our copy.
+                        held.remove(&reply.id);
+                        denied_late.remove(&reply.id);
                     }
                     None => {
                         error!("malformed reply from the worker ({n} bytes, expected {REPLY_LEN})")
@@ -237,6 +238,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     // The worker is gone: reap it, start another, resend what it held.
                     let status = reap(&mut worker.child);
                     warn!(status = %status, held = held.len(), "worker died; starting another");
+                    denied_late.clear();
                     restarts.retain(|t| t.elapsed() < Duration::from_secs(10));
                     restarts.push(Instant::now());
                     if restarts.len() > 5 {
@@ -281,10 +283,11 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     Verdict::Deny(DenyErrno::Again),
                     false,
                 );
+                denied_late.insert(id, h);
             }
         }
     }
-    shutdown_worker(&mut worker, &group, &mut held);
+    shutdown_worker(&mut worker, &mut held);
     deny_all(&group, &mut held, DenyErrno::Io);
     // With what this process counted after the worker's last write.
     metrics.write(&store.metrics_path());
@@ -313,8 +316,8 @@ fn deny_all(group: &Group, held: &mut HashMap<u64, Held>, errno: DenyErrno) {
     }
 }
 
-/// Ask the worker to finish what it holds and exit; collect its last answers.
-fn shutdown_worker(worker: &mut WorkerProc, group: &Group, held: &mut HashMap<u64, Held>) {
+/// Ask the worker to finish what it holds and exit; let go of what it answers meanwhile.
+fn shutdown_worker(worker: &mut WorkerProc, held: &mut HashMap<u64, Held>) {
     let bye = EventMsg {
         id: CONTROL_ID,
         fd_num: -1,
@@ -333,15 +336,7 @@ fn shutdown_worker(worker: &mut WorkerProc, group: &Group, held: &mut HashMap<u6
         match ipc::recv(worker.sock.as_fd(), &mut rbuf) {
             Ok((n, _)) if n > 0 => {
                 if let Some(reply) = ReplyMsg::decode(&rbuf[..n]) {
-                    if let Some(h) = held.remove(&reply.id) {
-                        respond_to_group(
-                            group,
-                            h.msg.fd_num,
-                            h.fd.as_fd(),
-                            reply.verdict,
-                            reply.ignore,
-                        );
-                    }
+                    held.remove(&reply.id);
                 }
             }
             _ => break,

@@ -1,8 +1,9 @@
 //! The worker process of `hsm serve`: it runs the fetch engine.
 //!
-//! It receives events (and their fds) from the supervisor, serves them on a pool of threads and
-//! sends each answer back. It can be killed at any moment: the supervisor still holds every event
-//! it sent, and resends them to the next worker. Nothing it wrote is trusted after a restart unless
+//! It receives events (and their fds) from the supervisor, serves them on a pool of threads,
+//! answers each to the kernel and then tells the supervisor. It can be killed at any moment: the
+//! supervisor still holds every event it has not heard back about, and resends them to the next
+//! worker. Nothing it wrote is trusted after a restart unless
 //! its record says so, and records are written only after the data is synced.
 //!
 //! It also holds a duplicate of the fanotify group fd, so that if the *supervisor* dies the group
@@ -139,7 +140,6 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
         group: group.clone(),
-        lost: Mutex::new(false),
     });
 
     let (tx, rx) = crossbeam_channel::unbounded::<PendingEvent>();
@@ -254,9 +254,13 @@ fn receive_from_supervisor(
                 "event {} arrived without its fd (out of open files?); denied with EAGAIN",
                 msg.id
             );
+            let verdict = Verdict::Deny(DenyErrno::Again);
+            if let Err(e) = responder.group.respond(msg.fd_num, verdict) {
+                warn!("fanotify response failed: {e}");
+            }
             let reply = ReplyMsg {
                 id: msg.id,
-                verdict: Verdict::Deny(DenyErrno::Again),
+                verdict,
                 ignore: false,
             };
             let _ = ipc::send(sock.as_fd(), &reply.encode(), None);
