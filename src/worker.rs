@@ -3,8 +3,8 @@
 //! It receives events (and their fds) from the supervisor, serves them on a pool of threads,
 //! answers each to the kernel and then tells the supervisor. It can be killed at any moment: the
 //! supervisor still holds every event it has not heard back about, and resends them to the next
-//! worker. Nothing it wrote is trusted after a restart unless
-//! its record says so, and records are written only after the data is synced.
+//! worker. Nothing it wrote is trusted after a restart unless its record says so, and records are
+//! written only after the data is synced.
 //!
 //! It also holds a duplicate of the fanotify group fd, so that if the *supervisor* dies the group
 //! (and the events pending in it) survive: the worker then unmounts the exposed tree, so no new
