@@ -56,8 +56,14 @@ pub fn respond_to_group(
             warn!("ignore mark failed: {e}");
         }
     }
+    answer_group(group, fd_num, verdict);
+}
+
+/// Answer the event with fd number `fd_num` in the supervisor.
+pub fn answer_group(group: &Group, fd_num: RawFd, verdict: Verdict) {
     if let Err(e) = group.respond(fd_num, verdict) {
-        // ENOENT: the kernel no longer waits for it (the reader was killed). Nothing to do.
+        // ENOENT: the kernel no longer waits for it (the reader was killed, or it was answered
+        // already: see `SupervisorResponder`). Nothing to do.
         if e.raw_os_error() != Some(libc::ENOENT) {
             warn!("fanotify response failed: {e}");
         }

@@ -255,9 +255,7 @@ fn receive_from_supervisor(
                 msg.id
             );
             let verdict = Verdict::Deny(DenyErrno::Again);
-            if let Err(e) = responder.group.respond(msg.fd_num, verdict) {
-                warn!("fanotify response failed: {e}");
-            }
+            crate::event::answer_group(&responder.group, msg.fd_num, verdict);
             let reply = ReplyMsg {
                 id: msg.id,
                 verdict,

@@ -1208,6 +1208,92 @@ fn a_hung_backend_fails_reads_with_eagain_in_bounded_time_and_recovers() {
     drop(fuse);
 }
 
+/// Continues a stopped process when dropped, so that a failing assertion never leaves it stopped.
+struct Stopped(i32);
+
+impl Stopped {
+    fn stop(pid: i32) -> Stopped {
+        // SAFETY: plain syscall on a pid checked to be our daemon's worker.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// The worker answers the kernel itself, by the supervisor's fd number for the event. When the
+/// supervisor gives up on an event at its deadline (EAGAIN), the worker may still answer it
+/// later: the supervisor must keep that event's fd open until then, or a newer event gets the
+/// same number and the late answer lets that newer read through before its bytes are fetched
+/// (the reader would get the stub's zeros). Checked with a stopped worker: a read of a present
+/// range is denied at the deadline, a read of another file's missing range is then waiting when
+/// the worker goes on.
+#[test]
+fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
+    if !require_root() {
+        return;
+    }
+    let what = "late answer";
+    let mut fx = Fixture::new("xfs", "1G");
+    // Cloned stubs (4 MiB and more on xfs): an open fetches nothing, each read raises its event.
+    let first = fx.write_source("first", 8 * MIB as usize, 11);
+    let second = fx.write_source("second", 8 * MIB as usize, 12);
+    fx.populate(&[]);
+    // The supervisor's deadline is the fetch timeout + 15 s.
+    fx.serve(&["--fetch-timeout", "1"]);
+    let sup = fx.daemon.as_ref().unwrap().pid() as i32;
+    let worker = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    let first_f = File::open(fx.at("first")).unwrap();
+    let second_f = File::open(fx.at("second")).unwrap();
+    // Present already, so that the worker answers the old event at once when it goes on (on
+    // the thread that receives it), ahead of the newer one, which needs a fetch.
+    assert_bytes_eq(
+        &read_range(&first_f, 0, 4096).unwrap(),
+        &first[..4096],
+        what,
+    );
+
+    let stopped = Stopped::stop(worker);
+    let f = first_f.try_clone().unwrap();
+    let denied = bounded(Duration::from_secs(40), move || read_range(&f, 0, 4096))
+        .unwrap_or_else(|| panic!("{what}: a read with the worker stopped was not denied in 40 s"));
+    assert_eq!(
+        denied.0.as_ref().err().and_then(|e| e.raw_os_error()),
+        Some(libc::EAGAIN),
+        "{what}: a read the worker never answered: {:?} after {:?}",
+        denied.0.as_ref().map(|b| b.len()),
+        denied.1
+    );
+
+    let f = second_f.try_clone().unwrap();
+    let newer = std::thread::spawn(move || read_range(&f, 0, 4096));
+    // Let the supervisor read the newer event and pass it on, behind the old one.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(stopped);
+    let got = newer
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{what}: the newer read failed: {e}"));
+    assert_bytes_eq(&got, &second[..4096], &format!("{what}: the newer read"));
+    assert_bytes_eq(
+        &read_range(&first_f, 0, 4096).unwrap(),
+        &first[..4096],
+        &format!("{what}: the denied file, read again"),
+    );
+    drop((first_f, second_f));
+    let m = fx.stop();
+    assert_eq!(
+        get(&m, "denied"),
+        0,
+        "{what}: the worker denied something: {m}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Disk full while filling
 // ---------------------------------------------------------------------------------------------
