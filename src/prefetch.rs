@@ -9,7 +9,10 @@
 //! whose ignore mark is gone (a hydrated tree after a restart or cache eviction) count too: their
 //! directory's complete files then get their marks ahead of the walk. A program that opens
 //! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
-//! If the walk goes on past the budget, its next cold opens start the next window.
+//! If the walk goes on past the budget, its next cold opens start the next window. Once every
+//! window of a directory is handed out, its opens start nothing for [`EXHAUSTED_PAUSE`], except
+//! the events of complete files after the walk: their marks went with their inodes (memory
+//! pressure, `drop_caches`), and the next walk would otherwise raise an event at every open.
 //!
 //! Stubs are reached through the store's own tree, which carries no mark (opening them raises no
 //! event), with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and first as `O_PATH`: only a
@@ -68,11 +71,13 @@ struct DirSeen {
     /// Counted when a window starts, so that opens arriving while it is listed (a reader that
     /// outruns it) start the next window, never the same one again.
     reserved: usize,
-    /// Every candidate was handed out: opens here start nothing until then.
-    exhausted_until: Option<Instant>,
+    /// When every candidate had been handed out: opens here start nothing for
+    /// [`EXHAUSTED_PAUSE`] after it, unless the marks were lost since (see `opened`).
+    exhausted_at: Option<Instant>,
 }
 
-/// After a directory's last window, its opens start nothing for this long.
+/// After a directory's last window, its opens start nothing for this long (a long walk does not
+/// list the directory again and again).
 const EXHAUSTED_PAUSE: Duration = Duration::from_secs(30);
 
 /// The kernel-independent half: decides when a directory is being walked. Tested alone.
@@ -90,22 +95,33 @@ impl WalkDetector {
         }
     }
 
-    /// Note an open of `name` in `dir` at `now` that raised an event. `Some(skip)`: start a
-    /// window of this directory, after its first `skip` candidates.
-    pub fn opened(&mut self, dir: &[u8], name: &[u8], now: Instant) -> Option<usize> {
+    /// Note an open of `name` in `dir` at `now` that raised an event; `complete`: of a complete
+    /// file (its ignore mark was lost). `Some(skip)`: start a window of this directory, after its
+    /// first `skip` candidates.
+    pub fn opened(
+        &mut self,
+        dir: &[u8],
+        name: &[u8],
+        complete: bool,
+        now: Instant,
+    ) -> Option<usize> {
         if self.dirs.len() >= MAX_DIRS && !self.dirs.contains_key(dir) {
             self.dirs.retain(|_, d| {
                 d.since
                     .is_some_and(|t| now.duration_since(t) < TRIGGER_WINDOW)
-                    || d.exhausted_until.is_some_and(|t| now < t)
+                    || d.exhausted_at.is_some_and(|t| now < t + EXHAUSTED_PAUSE)
             });
             if self.dirs.len() >= MAX_DIRS {
                 self.dirs.clear();
             }
         }
         let d = self.dirs.entry(dir.to_vec()).or_default();
-        match d.exhausted_until {
-            Some(t) if now < t => return None,
+        match d.exhausted_at {
+            // The windows gave every complete file its mark, so a complete file's event after
+            // the walk is over means the marks went (evicted with their inodes): a new walk,
+            // which gets its marks placed again like the first.
+            Some(t) if complete && now >= t + TRIGGER_WINDOW => *d = DirSeen::default(),
+            Some(t) if now < t + EXHAUSTED_PAUSE => return None,
             // A while later: a new walk starts from the top.
             Some(_) => *d = DirSeen::default(),
             None => {}
@@ -133,7 +149,7 @@ impl WalkDetector {
     /// The window of `dir` that started after `skip` candidates found the end of the directory.
     pub fn exhausted(&mut self, dir: &[u8], now: Instant) {
         if let Some(d) = self.dirs.get_mut(dir) {
-            d.exhausted_until = Some(now + EXHAUSTED_PAUSE);
+            d.exhausted_at = Some(now);
         }
     }
 }
@@ -233,8 +249,9 @@ impl DirPrefetch {
     }
 
     /// An open of the file behind `fd` (an event's fd) raised an event: a stub's, served by the
-    /// worker, or a complete file's, answered by the supervisor (which passes it on as a note).
-    pub fn note_open(&self, fd: BorrowedFd<'_>) {
+    /// worker, or (`complete`) a complete file's, answered by the supervisor (which passes it on
+    /// as a note).
+    pub fn note_open(&self, fd: BorrowedFd<'_>, complete: bool) {
         let Ok(path) = std::fs::read_link(format!(
             "/proc/self/fd/{}",
             std::os::fd::AsRawFd::as_raw_fd(&fd)
@@ -252,7 +269,7 @@ impl DirPrefetch {
             return;
         }
         let (dir, name) = split(rel);
-        let window = lock(&self.detector).opened(dir, name, Instant::now());
+        let window = lock(&self.detector).opened(dir, name, complete, Instant::now());
         if let Some(skip) = window {
             let _ = self.windows.send(Window {
                 dir: dir.to_vec(),
@@ -361,21 +378,21 @@ mod tests {
     fn a_directory_is_a_walk_after_three_different_files_in_the_window() {
         let mut d = WalkDetector::new(256);
         let t = Instant::now();
-        assert_eq!(d.opened(b"a", b"1", t), None);
+        assert_eq!(d.opened(b"a", b"1", false, t), None);
         // The same file again is not a walk.
-        assert_eq!(d.opened(b"a", b"1", t), None);
+        assert_eq!(d.opened(b"a", b"1", false, t), None);
         // Another directory counts apart.
-        assert_eq!(d.opened(b"b", b"1", t), None);
-        assert_eq!(d.opened(b"a", b"2", t), None);
-        assert_eq!(d.opened(b"a", b"3", t), Some(0));
+        assert_eq!(d.opened(b"b", b"1", false, t), None);
+        assert_eq!(d.opened(b"a", b"2", false, t), None);
+        assert_eq!(d.opened(b"a", b"3", false, t), Some(0));
         // Three more opens (the walk outran the window, or it is still being listed): the next
         // window, never the same one again.
-        assert_eq!(d.opened(b"a", b"4", t), None);
-        assert_eq!(d.opened(b"a", b"5", t), None);
-        assert_eq!(d.opened(b"a", b"6", t), Some(256));
-        assert_eq!(d.opened(b"a", b"7", t), None);
-        assert_eq!(d.opened(b"a", b"8", t), None);
-        assert_eq!(d.opened(b"a", b"9", t), Some(512));
+        assert_eq!(d.opened(b"a", b"4", false, t), None);
+        assert_eq!(d.opened(b"a", b"5", false, t), None);
+        assert_eq!(d.opened(b"a", b"6", false, t), Some(256));
+        assert_eq!(d.opened(b"a", b"7", false, t), None);
+        assert_eq!(d.opened(b"a", b"8", false, t), None);
+        assert_eq!(d.opened(b"a", b"9", false, t), Some(512));
     }
 
     #[test]
@@ -383,28 +400,58 @@ mod tests {
         let mut d = WalkDetector::new(10);
         let t = Instant::now();
         for n in [b"1", b"2"] {
-            assert_eq!(d.opened(b"a", n, t), None);
+            assert_eq!(d.opened(b"a", n, false, t), None);
         }
-        assert_eq!(d.opened(b"a", b"3", t), Some(0));
+        assert_eq!(d.opened(b"a", b"3", false, t), Some(0));
         d.exhausted(b"a", t);
         for n in [b"4", b"5", b"6", b"7"] {
-            assert_eq!(d.opened(b"a", n, t + Duration::from_secs(1)), None);
+            assert_eq!(d.opened(b"a", n, false, t + Duration::from_secs(1)), None);
         }
         let later = t + EXHAUSTED_PAUSE + Duration::from_secs(1);
-        assert_eq!(d.opened(b"a", b"1", later), None);
-        assert_eq!(d.opened(b"a", b"2", later), None);
-        assert_eq!(d.opened(b"a", b"3", later), Some(0));
+        assert_eq!(d.opened(b"a", b"1", false, later), None);
+        assert_eq!(d.opened(b"a", b"2", false, later), None);
+        assert_eq!(d.opened(b"a", b"3", false, later), Some(0));
+    }
+
+    #[test]
+    fn complete_files_that_lost_their_marks_after_a_walk_start_a_new_one() {
+        let mut d = WalkDetector::new(10);
+        let t = Instant::now();
+        for n in [b"1", b"2"] {
+            assert_eq!(d.opened(b"a", n, false, t), None);
+        }
+        assert_eq!(d.opened(b"a", b"3", false, t), Some(0));
+        d.exhausted(b"a", t);
+        // While that walk may still be going on, complete files count no more than stubs.
+        let during = t + TRIGGER_WINDOW / 2;
+        for n in [b"4", b"5", b"6"] {
+            assert_eq!(d.opened(b"a", n, true, during), None);
+        }
+        // After it, within the pause: stubs still start nothing...
+        let after = t + TRIGGER_WINDOW * 3;
+        for n in [b"7", b"8", b"9"] {
+            assert_eq!(d.opened(b"a", n, false, after), None);
+        }
+        // ...but complete files whose events came back (marks evicted) are a new walk, from the
+        // top, and once it is listed to its end the pause holds it again.
+        assert_eq!(d.opened(b"a", b"1", true, after), None);
+        assert_eq!(d.opened(b"a", b"2", true, after), None);
+        assert_eq!(d.opened(b"a", b"3", true, after), Some(0));
+        d.exhausted(b"a", after);
+        for n in [b"4", b"5", b"6"] {
+            assert_eq!(d.opened(b"a", n, true, after), None);
+        }
     }
 
     #[test]
     fn opens_spread_wider_than_the_window_are_not_a_walk() {
         let mut d = WalkDetector::new(256);
         let t = Instant::now();
-        assert_eq!(d.opened(b"", b"x", t), None);
-        assert_eq!(d.opened(b"", b"y", t + TRIGGER_WINDOW / 2), None);
-        assert_eq!(d.opened(b"", b"z", t + TRIGGER_WINDOW * 2), None);
-        assert_eq!(d.opened(b"", b"w", t + TRIGGER_WINDOW * 2), None);
-        assert_eq!(d.opened(b"", b"v", t + TRIGGER_WINDOW * 2), Some(0));
+        assert_eq!(d.opened(b"", b"x", false, t), None);
+        assert_eq!(d.opened(b"", b"y", false, t + TRIGGER_WINDOW / 2), None);
+        assert_eq!(d.opened(b"", b"z", false, t + TRIGGER_WINDOW * 2), None);
+        assert_eq!(d.opened(b"", b"w", false, t + TRIGGER_WINDOW * 2), None);
+        assert_eq!(d.opened(b"", b"v", false, t + TRIGGER_WINDOW * 2), Some(0));
     }
 
     #[test]
@@ -415,6 +462,7 @@ mod tests {
             d.opened(
                 format!("d{i}").as_bytes(),
                 b"f",
+                false,
                 t + TRIGGER_WINDOW * 2 * i as u32,
             );
         }

@@ -243,7 +243,7 @@ fn receive_from_supervisor(
         if msg.id == NOTE_ID {
             // Never answered: the supervisor did (see `NOTE_ID`).
             if let (Some(p), Some(fd)) = (&ctx.prefetch, fd) {
-                p.note_open(fd.as_fd());
+                p.note_open(fd.as_fd(), true);
             }
             continue;
         }
@@ -382,7 +382,7 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
     }));
     if let (Some(p), Need::Open, Ok(Ok(_))) = (&ctx.prefetch, need, &result) {
         // After the fill: a window never races this open for its own file.
-        p.note_open(ev.as_fd());
+        p.note_open(ev.as_fd(), false);
     }
     answer(ctx, ev, result.map_err(|_| ()));
 }
