@@ -95,7 +95,7 @@ pub struct Engine {
     backend: Arc<dyn Backend>,
     /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
     /// deadline: the reader gets EAGAIN after `fetch_timeout`.
-    fetch_tx: crossbeam_channel::Sender<FetchJob>,
+    fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
     fetch_timeout: Duration,
     digest_dir: PathBuf,
     /// xfs: the store's tree, on its own unmarked mount, to reopen stubs for invisible I/O.
@@ -117,7 +117,28 @@ struct FetchJob {
     len: usize,
     /// Move the bytes through a pipe if the backend can (see [`Fetched::Piped`]).
     splice: bool,
-    reply: crossbeam_channel::Sender<Result<Fetched, FetchError>>,
+}
+
+type FetchReply = crossbeam_channel::Sender<Result<Fetched, FetchError>>;
+
+/// A backend read that [`Engine::submit`] started.
+enum Started {
+    /// Read on the calling thread (the backend's reads cannot stall).
+    Done(Result<Fetched, FetchError>),
+    /// On a fetch thread: the answer comes here, or the caller gives up at its deadline.
+    Queued(crossbeam_channel::Receiver<Result<Fetched, FetchError>>),
+}
+
+impl Started {
+    fn wait(
+        self,
+        timeout: Duration,
+    ) -> Result<Result<Fetched, FetchError>, crossbeam_channel::RecvTimeoutError> {
+        match self {
+            Started::Done(res) => Ok(res),
+            Started::Queued(rx) => rx.recv_timeout(timeout),
+        }
+    }
 }
 
 /// The bytes of one backend read.
@@ -149,6 +170,12 @@ impl Fetched {
         let mut buf = vec![0u8; job.len];
         backend.read_range(&job.entry.source, job.offset, &mut buf)?;
         Ok(Fetched::Bytes(buf))
+    }
+
+    /// [`Fetched::read`], with a panic in the backend turned into this read's error.
+    fn read_guarded(backend: &dyn Backend, job: &FetchJob) -> Result<Fetched, FetchError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fetched::read(backend, job)))
+            .unwrap_or_else(|_| Err(FetchError::Io(io::Error::other("backend read panicked"))))
     }
 }
 
@@ -305,20 +332,14 @@ impl Engine {
         digest_dir: PathBuf,
         xfs_tree: Option<OwnedFd>,
     ) -> Engine {
-        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<FetchJob>();
+        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
         for _ in 0..FETCH_THREADS {
             let rx = fetch_rx.clone();
             let backend = backend.clone();
             std::thread::spawn(move || {
-                for job in rx {
-                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        Fetched::read(&*backend, &job)
-                    }));
-                    let res = res.unwrap_or_else(|_| {
-                        Err(FetchError::Io(io::Error::other("backend read panicked")))
-                    });
+                for (job, reply) in rx {
                     // The requester may have given up (timeout): then the bytes are dropped.
-                    let _ = job.reply.send(res);
+                    let _ = reply.send(Fetched::read_guarded(&*backend, &job));
                 }
             });
         }
@@ -579,13 +600,16 @@ impl Engine {
             };
             for window in mine.chunks(FETCH_WINDOW) {
                 let deadline = std::time::Instant::now() + self.fetch_timeout;
-                let replies: Vec<_> = window
+                // One piece (a random access, a reader's first chunk) from a source that cannot
+                // stall: read it here rather than wake a fetch thread and wait for it.
+                let here = window.len() == 1 && !self.backend.reads_may_stall();
+                let started: Vec<_> = window
                     .iter()
-                    .map(|&(c, ps, pe)| self.submit(entry, c, ps, pe))
+                    .map(|&(c, ps, pe)| self.submit(entry, c, ps, pe, here))
                     .collect();
-                for (&(c, ps, pe), (reply, fetched_from)) in window.iter().zip(replies) {
+                for (&(c, ps, pe), (started, fetched_from)) in window.iter().zip(started) {
                     let wait = deadline.saturating_duration_since(std::time::Instant::now());
-                    let fetched = match reply.recv_timeout(wait) {
+                    let fetched = match started.wait(wait) {
                         Ok(Ok(fetched)) => fetched,
                         Ok(Err(e)) => {
                             warn!(
@@ -639,36 +663,34 @@ impl Engine {
     }
 
     /// Start the backend read for piece `[ps, pe)` of chunk `c`: the whole chunk when it must be
-    /// checked against its digest. Returns where the read starts.
-    fn submit(
-        &self,
-        entry: &Arc<Entry>,
-        c: u64,
-        ps: u64,
-        pe: u64,
-    ) -> (
-        crossbeam_channel::Receiver<Result<Fetched, FetchError>>,
-        u64,
-    ) {
+    /// checked against its digest; on this thread if `here`, else on a fetch thread. Returns
+    /// where the read starts.
+    fn submit(&self, entry: &Arc<Entry>, c: u64, ps: u64, pe: u64, here: bool) -> (Started, u64) {
         let chunk = entry.source.chunk_size as u64;
         let (from, to) = if entry.digests.is_some() {
             (c * chunk, ((c + 1) * chunk).min(entry.source.size))
         } else {
             (ps, pe)
         };
-        let (tx, rx) = crossbeam_channel::bounded(1);
         Metrics::add(&self.metrics.backend_reads, 1);
         let len = (to - from) as usize;
         // Bytes that must be looked at (digests, a file of unknown history) stay in memory.
         let splice = len >= SPLICE_MIN && entry.digests.is_none() && !lock(&entry.state).suspect;
-        let _ = self.fetch_tx.send(FetchJob {
+        let job = FetchJob {
             entry: entry.clone(),
             offset: from,
             len,
             splice,
-            reply: tx,
-        });
-        (rx, from)
+        };
+        if here {
+            return (
+                Started::Done(Fetched::read_guarded(&*self.backend, &job)),
+                from,
+            );
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.fetch_tx.send((job, tx));
+        (Started::Queued(rx), from)
     }
 
     /// Write fetched bytes `[ps, pe)` through `fd` and mark them present.

@@ -79,7 +79,8 @@ enum Command {
         /// small files (64 MiB at most) are fetched in the background. 0: only what is read.
         #[arg(long, default_value_t = 256)]
         dir_prefetch: usize,
-        /// Seconds a backend read may take before the access fails with EAGAIN.
+        /// Seconds a backend read may take before the access fails with EAGAIN (a local-disk
+        /// source: 15 s more, when the supervisor denies what the worker has not answered).
         #[arg(long, default_value_t = 30.0)]
         fetch_timeout: f64,
         /// Seconds to keep serving already-open files after a stop is asked for.

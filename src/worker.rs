@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::engine::{Engine, Need, Served};
 use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorResponder};
@@ -111,6 +111,11 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     .context("cannot map the shared counters")?;
     let store = Store::open(store_root)?;
     let backend = open_backend(&store, &opts.fetch_user)?;
+    if !backend.reads_may_stall() {
+        info!(
+            "the source is on local disks: a missing piece is read by the thread serving its event"
+        );
+    }
     let engine = Arc::new(Engine::new(
         backend,
         metrics,

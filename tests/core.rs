@@ -943,7 +943,7 @@ fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
         // daemon sees a second walk, within the 30 s in which the directory's windows start
         // nothing after its last one: the marks are placed ahead of it again.
         std::thread::sleep(std::time::Duration::from_millis(2500));
-        sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+        drop_caches();
         for i in 0..3 {
             read(&fx, &format!("walk/f{i:02}"));
         }
@@ -1331,11 +1331,21 @@ fn reread(fx: &Fixture, files: &[(&str, &Vec<u8>)], what: &str) {
     }
 }
 
+/// Held (shared) by tests that count on the ignore marks they placed staying: `drop_caches`
+/// evicts every inode, and its marks, of every test running beside it.
+static MARKS_KEPT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn drop_caches() {
+    let _alone = MARKS_KEPT.write().unwrap_or_else(|p| p.into_inner());
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+}
+
 #[test]
 fn complete_files_raise_no_more_events() {
     if !require_root() {
         return;
     }
+    let _marks = MARKS_KEPT.read().unwrap_or_else(|p| p.into_inner());
     const EVENTS: [&str; 2] = ["events_pre_access", "events_open"];
     for fs_kind in FILESYSTEMS {
         let mut fx = Fixture::new(fs_kind, "1G");

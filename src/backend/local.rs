@@ -19,6 +19,8 @@ pub struct LocalBackend {
     /// The root directory, held open: renaming it or a component above it changes nothing;
     /// reopened by name only when it was removed.
     root_fd: RwLock<OwnedFd>,
+    /// See [`Backend::reads_may_stall`]: the root, or a mount beneath it, is not a local disk's.
+    may_stall: bool,
 }
 
 /// Accept `/abs/path` or `file:///abs/path`.
@@ -45,10 +47,17 @@ impl LocalBackend {
             bail!("source {} is not a directory", root.display());
         }
         let root_uid = sysfs::fstat(fd.as_fd())?.st_uid;
+        let may_stall = !sysfs::fs_kind(fd.as_fd())?.is_local_disk() || {
+            // Unreadable mountinfo: assume the worst, which costs speed, not correctness.
+            let canonical = std::fs::canonicalize(root)?;
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .map_or(true, |info| network_mount_beneath(&info, &canonical))
+        };
         Ok(LocalBackend {
             root_uid,
             root: root.to_path_buf(),
             root_fd: RwLock::new(fd),
+            may_stall,
         })
     }
 
@@ -97,6 +106,58 @@ impl LocalBackend {
 /// Has the directory behind `root` been removed?
 fn root_deleted(root: &OwnedFd) -> bool {
     sysfs::fstat(root.as_fd()).map_or(true, |st| st.st_nlink == 0)
+}
+
+/// Filesystems whose reads are served by a local device or memory (mountinfo's names).
+const LOCAL_DISK_FS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "bcachefs", "zfs",
+    "squashfs", "erofs",
+];
+
+/// Is anything mounted at or beneath `root` (canonical) that is not a local disk's filesystem?
+/// `mountinfo` is `/proc/self/mountinfo`: field 5 is the mount point (spaces and backslashes
+/// escaped as octal), the filesystem type follows the ` - ` separator.
+fn network_mount_beneath(mountinfo: &str, root: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let root = root.as_os_str().as_bytes();
+    mountinfo.lines().any(|line| {
+        let Some((fields, rest)) = line.split_once(" - ") else {
+            return false;
+        };
+        let Some(point) = fields.split(' ').nth(4) else {
+            return false;
+        };
+        let point = unescape_octal(point);
+        let beneath = point
+            .strip_prefix(root)
+            .is_some_and(|tail| tail.is_empty() || tail[0] == b'/' || root == b"/");
+        let fstype = rest.split(' ').next().unwrap_or("");
+        beneath && point != root && !LOCAL_DISK_FS.contains(&fstype)
+    })
+}
+
+/// mountinfo's `\ooo` escapes back to bytes.
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let value = d.iter().fold(0u16, |v, c| v * 8 + u16::from(c - b'0'));
+                out.push(value as u8);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn classify(e: std::io::Error) -> FetchError {
@@ -159,7 +220,46 @@ impl Backend for LocalBackend {
         })())
     }
 
+    fn reads_may_stall(&self) -> bool {
+        self.may_stall
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:26 / /srv/data rw,relatime shared:5 - xfs /dev/loop0 rw
+31 30 0:27 / /srv/data/scratch rw shared:6 - tmpfs tmpfs rw
+40 22 0:40 / /srv/data2 rw shared:9 - nfs4 server:/export rw
+41 22 0:41 / /srv/my\\040files/archive rw shared:10 - fuse.rclone remote: rw
+";
+
+    #[test]
+    fn a_network_or_fuse_mount_beneath_the_root_makes_reads_stall_prone() {
+        let stalls = |root: &str| network_mount_beneath(MOUNTINFO, Path::new(root));
+        // Local disks and memory beneath: no.
+        assert!(!stalls("/srv/data"));
+        assert!(!stalls("/srv/data/scratch"));
+        // /srv/data2 is a sibling that shares a prefix, not beneath /srv/data; beneath /srv it is.
+        assert!(stalls("/srv"));
+        assert!(stalls("/"));
+        // The root's own mount is judged by its statfs magic, not here.
+        assert!(!stalls("/srv/data2"));
+        // Mount points with escaped spaces.
+        assert!(stalls("/srv/my files"));
+        assert!(!stalls("/srv/my"));
+    }
+
+    #[test]
+    fn octal_escapes_decode_and_other_backslashes_stay() {
+        assert_eq!(unescape_octal("a\\040b\\134c"), b"a b\\c");
+        assert_eq!(unescape_octal("x\\9y\\"), b"x\\9y\\");
     }
 }

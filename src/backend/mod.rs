@@ -71,6 +71,15 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Whether one read may block far past `--fetch-timeout` where nothing can interrupt it: a
+    /// remote server, a network or FUSE filesystem. The engine runs such reads on its fetch
+    /// threads and stops waiting at the timeout, so that a hung source costs a thread, never a
+    /// reader's deadline. A read that cannot stall so (a local disk) runs on the thread serving
+    /// the event: one thread hand-off less on every miss.
+    fn reads_may_stall(&self) -> bool {
+        true
+    }
+
     /// A description safe to log: never credentials.
     fn describe(&self) -> String;
 

@@ -197,6 +197,23 @@ pub enum FsKind {
 }
 
 impl FsKind {
+    /// Reads served by a local device or memory, never by a server that may stop answering.
+    pub fn is_local_disk(self) -> bool {
+        match self {
+            FsKind::Ext4 | FsKind::Xfs | FsKind::Btrfs | FsKind::Tmpfs => true,
+            // f2fs, bcachefs, zfs, squashfs, erofs, ramfs.
+            FsKind::Other(m) => [
+                0xF2F5_2010,
+                0xCA45_1A4E,
+                0x2FC1_2FC1,
+                0x7371_7368,
+                0xE0F5_E1E2,
+                0x8584_58F6,
+            ]
+            .contains(&m),
+        }
+    }
+
     pub fn name(self) -> String {
         match self {
             FsKind::Ext4 => "ext4".into(),
