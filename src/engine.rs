@@ -179,10 +179,6 @@ impl Fetched {
     }
 }
 
-/// What an access away from where the file was last read fetches (aligned), instead of whole
-/// chunks: random readers of big files should not pay for a chunk per page they touch.
-const RANDOM_PIECE: u64 = 64 << 10;
-
 /// Backend reads in flight at once for one request (each up to a chunk in memory).
 const FETCH_WINDOW: usize = 8;
 const FETCH_THREADS: usize = 32;
@@ -253,7 +249,9 @@ struct Plan {
 }
 
 /// Work out what `need` takes for a file of `size` bytes now, and note the access in `s`.
-fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need) -> Plan {
+/// `random_piece`: what an access away from where the file was last read fetches (aligned),
+/// instead of whole chunks: random readers of big files should not pay for a chunk per page.
+fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need, random_piece: u64) -> Plan {
     let chunk = entry.source.chunk_size as u64;
     s.last_access = Instant::now();
     // A file shorter than the part we know is backed was truncated locally: what lies beyond is
@@ -280,7 +278,7 @@ fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need) -> Plan {
             let piece = if follows || entry.digests.is_some() {
                 chunk
             } else {
-                RANDOM_PIECE.min(chunk)
+                random_piece.min(chunk)
             };
             (offset / piece * piece, request_end.div_ceil(piece) * piece)
         }
@@ -396,7 +394,14 @@ impl Engine {
         let Some(entry) = self.entry(&st, fd)? else {
             return Ok(Served::Complete);
         };
-        let plan = plan(&entry, &mut lock(&entry.state), st.st_size as u64, need);
+        let piece = self.backend.random_piece();
+        let plan = plan(
+            &entry,
+            &mut lock(&entry.state),
+            st.st_size as u64,
+            need,
+            piece,
+        );
         if plan.complete {
             return Ok(Served::Complete);
         }
@@ -433,6 +438,7 @@ impl Engine {
             &mut lock(&entry.state),
             st.st_size as u64,
             Need::Open,
+            self.backend.random_piece(),
         );
         let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
         let complete = lock(&entry.state).record.is_complete();
@@ -454,7 +460,13 @@ impl Engine {
         let entry = lock(&self.files).get(&(st.st_dev, st.st_ino)).cloned()?;
         let mut s = lock(&entry.state);
         let cursor = (s.last_end, s.last_request_end);
-        let plan = plan(&entry, &mut s, st.st_size as u64, need);
+        let plan = plan(
+            &entry,
+            &mut s,
+            st.st_size as u64,
+            need,
+            self.backend.random_piece(),
+        );
         let present = plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty();
         if !present {
             (s.last_end, s.last_request_end) = cursor;

@@ -224,6 +224,11 @@ impl Backend for LocalBackend {
         self.may_stall
     }
 
+    fn random_piece(&self) -> u64 {
+        // 2,000 cold random 4 KiB reads here: 64 KiB pieces 0.79 s, 32 KiB 0.59 s, 16 KiB 0.58 s.
+        16 << 10
+    }
+
     fn describe(&self) -> String {
         format!("file://{}", self.root.display())
     }

@@ -80,6 +80,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// What a read away from where a file was last read fetches around the bytes asked for
+    /// (aligned): a request to a remote source costs more than its bytes, a read from a local
+    /// disk mostly its bytes.
+    fn random_piece(&self) -> u64 {
+        64 << 10
+    }
+
     /// A description safe to log: never credentials.
     fn describe(&self) -> String;
 
