@@ -5,6 +5,14 @@
  *                                    what cat and cp use); prints seconds and bytes
  *   benchio rand FILE COUNT SEED     COUNT 4 KiB preads at 4 KiB-aligned offsets drawn from a
  *                                    fixed-seed xorshift64*; prints seconds and a checksum
+ *   benchio copyseq SRC DST          the floor under a cold `seq` through any daemon that copies:
+ *                                    for each 1 MiB of SRC, splice it into DST (a new file of
+ *                                    SRC's size) through a pipe, then read it back from DST in
+ *                                    128 KiB reads; one thread, no events; prints seconds and the
+ *                                    bytes read back
+ *   benchio copyrand SRC DST COUNT SEED  the same for `rand`: before each 4 KiB pread of DST, copy
+ *                                    that page from SRC (pread + pwrite); prints seconds and the
+ *                                    checksum, which must equal `rand`'s on SRC
  *   benchio firstout CMD [ARG...]    fork+exec CMD with stdout on a pipe; prints the seconds from
  *                                    just before fork to the first byte of its output, then waits
  *                                    for it (its exit status must be 0)
@@ -108,6 +116,99 @@ static int rnd(const char *path, long count, uint64_t seed)
             sum += (unsigned char)buf[j];
     }
     close(fd);
+    double t1 = now();
+    printf("%.6f %llu\n", t1 - t0, (unsigned long long)sum);
+    return 0;
+}
+
+/* Open SRC for reading and create DST (truncated, sparse, SRC's size) for the copy floors. */
+static int open_copy(const char *src, const char *dst, int *s, int *d, off_t *size)
+{
+    struct stat st;
+    *s = open(src, O_RDONLY);
+    if (*s < 0 || fstat(*s, &st) < 0)
+        return die(src);
+    *d = open(dst, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (*d < 0 || ftruncate(*d, st.st_size) < 0)
+        return die(dst);
+    *size = st.st_size;
+    return 0;
+}
+
+/* splice until len bytes moved; a NULL offset is the pipe's side */
+static int splice_all(int from, off_t *from_off, int to, off_t *to_off, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = splice(from, from_off, to, to_off, len, SPLICE_F_MOVE);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? die("splice") : (errno = EIO, die("splice: short source"));
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int copyseq(const char *src, const char *dst)
+{
+    const size_t chunk = 1 << 20, block = 128 * 1024;
+    char *buf = malloc(block);
+    int p[2], s, d;
+    off_t size;
+    if (!buf)
+        return die("malloc");
+    double t0 = now();
+    if (open_copy(src, dst, &s, &d, &size))
+        return 1;
+    if (pipe2(p, O_CLOEXEC) < 0 || fcntl(p[1], F_SETPIPE_SZ, (int)chunk) < 0)
+        return die("pipe");
+    unsigned long long total = 0;
+    for (off_t off = 0; off < size; off += (off_t)chunk) {
+        size_t n = (size_t)(size - off) < chunk ? (size_t)(size - off) : chunk;
+        off_t in = off, out = off;
+        if (splice_all(s, &in, p[1], NULL, n) || splice_all(p[0], NULL, d, &out, n))
+            return 1;
+        for (size_t r = 0; r < n; r += block) {
+            ssize_t got = pread(d, buf, block, off + (off_t)r);
+            if (got <= 0)
+                return die("pread");
+            total += (unsigned long long)got;
+        }
+    }
+    close(s);
+    close(d);
+    double t1 = now();
+    printf("%.6f %llu\n", t1 - t0, total);
+    return 0;
+}
+
+static int copyrand(const char *src, const char *dst, long count, uint64_t seed)
+{
+    char buf[4096];
+    uint64_t state = seed ? seed : 1;
+    int s, d;
+    off_t size;
+    double t0 = now();
+    if (open_copy(src, dst, &s, &d, &size))
+        return 1;
+    uint64_t pages = (uint64_t)size / 4096;
+    if (pages == 0) {
+        errno = EINVAL;
+        return die("file smaller than 4 KiB");
+    }
+    uint64_t sum = 0;
+    for (long i = 0; i < count; i++) {
+        off_t off = (off_t)(xorshift(&state) % pages) * 4096;
+        if (pread(s, buf, sizeof buf, off) != (ssize_t)sizeof buf ||
+            pwrite(d, buf, sizeof buf, off) != (ssize_t)sizeof buf)
+            return die("copy");
+        if (pread(d, buf, sizeof buf, off) != (ssize_t)sizeof buf)
+            return die("pread");
+        for (int j = 0; j < 4096; j += 512)
+            sum += (unsigned char)buf[j];
+    }
+    close(s);
+    close(d);
     double t1 = now();
     printf("%.6f %llu\n", t1 - t0, (unsigned long long)sum);
     return 0;
@@ -282,6 +383,10 @@ int main(int argc, char **argv)
         return rnd(argv[2], strtol(argv[3], 0, 0), strtoull(argv[4], 0, 0));
     if (argc == 5 && !strcmp(argv[1], "mkstubs"))
         return mkstubs(argv[2], argv[3], atoi(argv[4]));
+    if (argc == 4 && !strcmp(argv[1], "copyseq"))
+        return copyseq(argv[2], argv[3]);
+    if (argc == 6 && !strcmp(argv[1], "copyrand"))
+        return copyrand(argv[2], argv[3], strtol(argv[4], 0, 0), strtoull(argv[5], 0, 0));
     if (argc >= 3 && !strcmp(argv[1], "firstout"))
         return firstout(argv + 2);
     fprintf(stderr, "usage: benchio seq FILE [BLOCK] | rand FILE COUNT SEED | firstout CMD [ARG...]\n");

@@ -610,65 +610,74 @@ impl Engine {
                 entry,
                 chunks: mine.iter().map(|m| m.0).collect(),
             };
-            for window in mine.chunks(FETCH_WINDOW) {
-                let deadline = std::time::Instant::now() + self.fetch_timeout;
-                // One piece (a random access, a reader's first chunk) from a source that cannot
-                // stall: read it here rather than wake a fetch thread and wait for it.
-                let here = window.len() == 1 && !self.backend.reads_may_stall();
-                let started: Vec<_> = window
-                    .iter()
-                    .map(|&(c, ps, pe)| self.submit(entry, c, ps, pe, here))
-                    .collect();
-                for (&(c, ps, pe), (started, fetched_from)) in window.iter().zip(started) {
-                    let wait = deadline.saturating_duration_since(std::time::Instant::now());
-                    let fetched = match started.wait(wait) {
-                        Ok(Ok(fetched)) => fetched,
-                        Ok(Err(e)) => {
-                            warn!(
-                                file = %fd_path(fd),
-                                range = %format!("{ps}..{pe}"),
-                                source = %self.backend.describe(),
-                                "fetch failed: {e}"
-                            );
-                            return Err(e.as_io());
-                        }
-                        Err(_) => {
-                            warn!(
-                                file = %fd_path(fd),
-                                range = %format!("{ps}..{pe}"),
-                                source = %self.backend.describe(),
-                                "fetch timed out after {:?}", self.fetch_timeout
-                            );
-                            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
-                        }
+            // One piece (a random access, a reader's first chunk) from a source that cannot
+            // stall: read it here rather than wake a fetch thread and wait for it. More: keep
+            // FETCH_WINDOW reads in flight, the next one started as each is written, so the
+            // source is read while this thread copies into the stub.
+            let here = mine.len() == 1 && !self.backend.reads_may_stall();
+            let mut todo = mine.iter();
+            let mut in_flight = std::collections::VecDeque::with_capacity(FETCH_WINDOW);
+            loop {
+                while in_flight.len() < FETCH_WINDOW {
+                    let Some(&(c, ps, pe)) = todo.next() else {
+                        break;
                     };
-                    let piece = match &fetched {
-                        Fetched::Piped(pipe) => Piece::Pipe(pipe.as_fd()),
-                        Fetched::Bytes(buf) => {
-                            if let Some(digests) = &entry.digests {
-                                let ok = digests
-                                    .get(c as usize)
-                                    .is_some_and(|d| *d == crate::digest::chunk_digest(buf));
-                                if !ok {
-                                    warn!(
-                                        file = %fd_path(fd),
-                                        range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
-                                        source = %self.backend.describe(),
-                                        "fetched bytes do not match the recorded digest; nothing written"
-                                    );
-                                    return Err(io::Error::from_raw_os_error(libc::EIO));
-                                }
-                            }
-                            let lo = (ps - fetched_from) as usize;
-                            let hi = (pe - fetched_from) as usize;
-                            Piece::Bytes(&buf[lo..hi])
-                        }
-                    };
-                    self.write_piece(entry, fd, ps, pe, piece)?;
-                    wrote = true;
-                    if readahead {
-                        Metrics::add(&self.metrics.readahead_bytes, pe - ps);
+                    let (started, from) = self.submit(entry, c, ps, pe, here);
+                    let deadline = std::time::Instant::now() + self.fetch_timeout;
+                    in_flight.push_back((c, ps, pe, started, from, deadline));
+                }
+                let Some((c, ps, pe, started, fetched_from, deadline)) = in_flight.pop_front()
+                else {
+                    break;
+                };
+                let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                let fetched = match started.wait(wait) {
+                    Ok(Ok(fetched)) => fetched,
+                    Ok(Err(e)) => {
+                        warn!(
+                            file = %fd_path(fd),
+                            range = %format!("{ps}..{pe}"),
+                            source = %self.backend.describe(),
+                            "fetch failed: {e}"
+                        );
+                        return Err(e.as_io());
                     }
+                    Err(_) => {
+                        warn!(
+                            file = %fd_path(fd),
+                            range = %format!("{ps}..{pe}"),
+                            source = %self.backend.describe(),
+                            "fetch timed out after {:?}", self.fetch_timeout
+                        );
+                        return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                    }
+                };
+                let piece = match &fetched {
+                    Fetched::Piped(pipe) => Piece::Pipe(pipe.as_fd()),
+                    Fetched::Bytes(buf) => {
+                        if let Some(digests) = &entry.digests {
+                            let ok = digests
+                                .get(c as usize)
+                                .is_some_and(|d| *d == crate::digest::chunk_digest(buf));
+                            if !ok {
+                                warn!(
+                                    file = %fd_path(fd),
+                                    range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
+                                    source = %self.backend.describe(),
+                                    "fetched bytes do not match the recorded digest; nothing written"
+                                );
+                                return Err(io::Error::from_raw_os_error(libc::EIO));
+                            }
+                        }
+                        let lo = (ps - fetched_from) as usize;
+                        let hi = (pe - fetched_from) as usize;
+                        Piece::Bytes(&buf[lo..hi])
+                    }
+                };
+                self.write_piece(entry, fd, ps, pe, piece)?;
+                wrote = true;
+                if readahead {
+                    Metrics::add(&self.metrics.readahead_bytes, pe - ps);
                 }
             }
         }
