@@ -23,6 +23,7 @@ use tracing::{debug, warn};
 use crate::backend::{Backend, FetchError};
 use crate::digest::Digest;
 use crate::metrics::Metrics;
+use crate::published::{FileId, PublishedRanges};
 use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
 use crate::sys::fs as sysfs;
 use crate::sys::shm::Shared;
@@ -69,6 +70,8 @@ struct Entry {
     invisible: Option<OwnedFd>,
     state: Mutex<EntryState>,
     changed: Condvar,
+    /// For [`PublishedRanges`]; `None`: nothing is published for this file.
+    id: Option<FileId>,
 }
 
 struct EntryState {
@@ -106,6 +109,8 @@ pub struct Engine {
     /// One pressure flush at a time (see `entry`).
     pressure_flush: std::sync::atomic::AtomicBool,
     pub metrics: Shared<Metrics>,
+    /// Where present ranges are published for the supervisor (see [`crate::published`]).
+    published: Option<Shared<PublishedRanges>>,
     /// How far ahead of a sequential reader to fetch.
     readahead: u64,
     readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
@@ -325,6 +330,7 @@ impl Engine {
     pub fn new(
         backend: Arc<dyn Backend>,
         metrics: Shared<Metrics>,
+        published: Option<Shared<PublishedRanges>>,
         readahead: u64,
         fetch_timeout: Duration,
         digest_dir: PathBuf,
@@ -351,6 +357,7 @@ impl Engine {
             max_cached: cache_limit(),
             pressure_flush: std::sync::atomic::AtomicBool::new(false),
             metrics,
+            published,
             readahead,
             readahead_tx: Mutex::new(None),
         }
@@ -443,6 +450,12 @@ impl Engine {
         let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
         let complete = lock(&entry.state).record.is_complete();
         Ok(Prefetched { fetched, complete })
+    }
+
+    /// An access the supervisor allowed from a published range: note it as a served one, so
+    /// that a sequential reader's readahead goes on.
+    pub fn note_access(&self, fd: BorrowedFd<'_>, need: Need) {
+        let _ = self.serve_if_present(fd, need);
     }
 
     /// Serve `need` at once if that takes no fetch, no record load and no wait: the file is
@@ -544,6 +557,7 @@ impl Engine {
                 suspect,
             }),
             changed: Condvar::new(),
+            id: FileId::of(fd),
         });
         let mut files = lock(&self.files);
         let entry = files.entry(key).or_insert(entry).clone();
@@ -750,6 +764,12 @@ impl Engine {
         }
         let backed = s.record.backed_len;
         s.record.present.insert(ps, pe_now.min(backed));
+        // Written: the supervisor may answer accesses inside this range from now on.
+        if let (Some(table), Some(id), Some((start, end))) =
+            (&self.published, &entry.id, s.record.present.range_at(ps))
+        {
+            table.publish(id, start, end);
+        }
         s.last_access = Instant::now();
         s.dirty = true;
         s.dirty_since.get_or_insert_with(Instant::now);
@@ -953,6 +973,7 @@ mod tests {
                 slow: Duration::from_millis(2500),
             }),
             metrics,
+            None,
             0,
             Duration::from_secs(20),
             dir.path().join("digests"),

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod populate;
 pub mod prefetch;
 pub mod protocol;
+pub mod published;
 pub mod ranges;
 pub mod record;
 pub mod status;

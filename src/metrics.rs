@@ -37,6 +37,7 @@ counters! {
     records_written: "State records persisted.",
     worker_starts: "Worker processes started (more than one: a worker died and was replaced).",
     prefetched_files: "Files fetched in the background because their directory was being walked.",
+    answered_published: "Of the pre-content events, those the supervisor answered from a range the worker had published.",
 }
 
 // SAFETY: `#[repr(C)]`, atomics only, and all-zero is the default.

@@ -99,6 +99,12 @@ impl RangeSet {
             .sum()
     }
 
+    /// The range holding byte `offset`, if any.
+    pub fn range_at(&self, offset: u64) -> Option<(u64, u64)> {
+        let i = self.ranges.partition_point(|&(_, e)| e <= offset);
+        self.ranges.get(i).copied().filter(|&(s, _)| s <= offset)
+    }
+
     /// The `n` longest ranges (a subset: it claims less, never more).
     pub fn longest(&self, n: usize) -> RangeSet {
         let mut by_len = self.ranges.clone();

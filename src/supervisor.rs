@@ -14,7 +14,7 @@
 //! and the worker unmounts the tree (see `worker`).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 use crate::event::{respond_to_group, MASK};
 use crate::metrics::Metrics;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, NOTE_ID, REPLY_LEN};
+use crate::published::{FileId, PublishedRanges};
 use crate::record::complete_on_disk;
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_PRE_ACCESS};
@@ -115,7 +116,12 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let store_root = store_root.canonicalize()?;
     let metrics =
         Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
-    let spawn = || spawn_worker(&store_root, &mountpoint, &group, &metrics, &opts.worker);
+    let published = Shared::<PublishedRanges>::create(c"hsm-published")
+        .context("cannot create the published ranges")?;
+    let spawn = || {
+        let shared = [metrics.fd(), published.fd()];
+        spawn_worker(&store_root, &mountpoint, &group, shared, &opts.worker)
+    };
     // The first worker must come up before anything is exposed: a broken backend or store is an
     // error at start, not at the first read.
     let mut worker = spawn()?;
@@ -201,6 +207,28 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                             ipc::try_send(worker.sock.as_fd(), &note.encode(), Some(fd.as_fd()));
                     }
                     continue;
+                }
+                // Accesses inside a range the worker has written and published: answered here,
+                // the worker told after the answer (it keeps the readahead going). This is most
+                // of a sequential reader's events.
+                if let (true, Some((offset, count))) = (r.mask & FAN_PRE_ACCESS != 0, r.range) {
+                    let inside = FileId::of(fd.as_fd())
+                        .is_some_and(|id| published.covers(&id, offset, count));
+                    if inside {
+                        Metrics::add(&metrics.events_pre_access, 1);
+                        Metrics::add(&metrics.allowed, 1);
+                        Metrics::add(&metrics.answered_published, 1);
+                        respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, false);
+                        if worker.ready {
+                            let note = EventMsg { id: NOTE_ID, ..msg };
+                            let _ = ipc::try_send(
+                                worker.sock.as_fd(),
+                                &note.encode(),
+                                Some(fd.as_fd()),
+                            );
+                        }
+                        continue;
+                    }
                 }
                 if worker.ready {
                     // A failed send means the worker is dying: its EOF is handled below and
@@ -370,7 +398,7 @@ fn spawn_worker(
     store_root: &Path,
     mountpoint: &Path,
     group: &Group,
-    metrics: &Shared<Metrics>,
+    shared: [BorrowedFd<'_>; 2],
     opts: &WorkerOptions,
 ) -> anyhow::Result<WorkerProc> {
     let (mine, theirs) = ipc::seqpacket_pair()?;
@@ -393,8 +421,9 @@ fn spawn_worker(
         .arg(&opts.fetch_user)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    let child = ipc::spawn_with_fds(cmd, &[theirs.as_fd(), group.as_fd(), metrics.fd()])
-        .context("cannot start the worker process")?;
+    // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD.
+    let fds = [theirs.as_fd(), group.as_fd(), shared[0], shared[1]];
+    let child = ipc::spawn_with_fds(cmd, &fds).context("cannot start the worker process")?;
     drop(theirs);
     let _ = std::fs::write(store_root.join(".hsm/worker.pid"), child.id().to_string());
     Ok(WorkerProc {

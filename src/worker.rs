@@ -26,6 +26,7 @@ use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorRes
 use crate::metrics::Metrics;
 use crate::prefetch::DirPrefetch;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
+use crate::published::PublishedRanges;
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
 use crate::sys::shm::Shared;
@@ -36,6 +37,8 @@ pub const SOCKET_FD: i32 = 3;
 pub const GROUP_FD: i32 = 4;
 /// The daemon's counters, shared with the supervisor (`sys::shm`).
 pub const METRICS_FD: i32 = 5;
+/// The table where present ranges are published for the supervisor (`crate::published`).
+pub const PUBLISHED_FD: i32 = 6;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -109,6 +112,10 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         ipc::take_inherited(METRICS_FD).context("worker started without the shared counters")?,
     )
     .context("cannot map the shared counters")?;
+    let published = Shared::<PublishedRanges>::from_fd(
+        ipc::take_inherited(PUBLISHED_FD).context("worker started without the published ranges")?,
+    )
+    .context("cannot map the published ranges")?;
     let store = Store::open(store_root)?;
     let backend = open_backend(&store, &opts.fetch_user)?;
     if !backend.reads_may_stall() {
@@ -119,6 +126,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let engine = Arc::new(Engine::new(
         backend,
         metrics,
+        Some(published),
         opts.readahead,
         opts.fetch_timeout,
         store.digest_dir(),
@@ -247,8 +255,19 @@ fn receive_from_supervisor(
         }
         if msg.id == NOTE_ID {
             // Never answered: the supervisor did (see `NOTE_ID`).
-            if let (Some(p), Some(fd)) = (&ctx.prefetch, fd) {
-                p.note_open(fd.as_fd(), true);
+            match fd {
+                // An access inside a published range: the readahead goes on from it.
+                Some(fd) if msg.mask & FAN_PRE_ACCESS != 0 => {
+                    let (offset, count) = msg.range.unwrap_or((0, 0));
+                    ctx.engine
+                        .note_access(fd.as_fd(), Need::Range { offset, count });
+                }
+                Some(fd) => {
+                    if let Some(p) = &ctx.prefetch {
+                        p.note_open(fd.as_fd(), true);
+                    }
+                }
+                None => {}
             }
             continue;
         }

@@ -11,7 +11,7 @@ use common::*;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -672,6 +672,53 @@ fn big_bytes(off: u64, len: usize) -> Vec<u8> {
     }
     let s = (off - first * 8) as usize;
     v[s..s + len].to_vec()
+}
+
+/// A sequential reader, kept ahead of by readahead, is answered by the supervisor from the ranges
+/// the worker published: most of its events never reach the worker, every byte is the source's,
+/// and a second file read at the same time (another slot, or the same one taken over) too.
+#[test]
+fn a_sequential_reader_is_answered_from_published_ranges() {
+    if !require_root() {
+        return;
+    }
+    const SIZE: usize = 48 * MIB;
+    for fs_kind in ["xfs", "btrfs"] {
+        let mut fx = Fixture::new(fs_kind, "1G");
+        let a = fx.write_source("a", SIZE, 21);
+        let b = fx.write_source("b", SIZE, 22);
+        fx.populate(&[]);
+        fx.serve(&[]);
+        let (at_a, at_b) = (fx.at("a"), fx.at("b"));
+        let read_all = |path: &std::path::Path| {
+            let mut f = File::open(path).unwrap();
+            let mut got = Vec::with_capacity(SIZE);
+            let mut buf = vec![0u8; 128 * KIB];
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        };
+        std::thread::scope(|s| {
+            let other = s.spawn(|| read_all(&at_b));
+            assert_bytes_eq(&read_all(&at_a), &a, &format!("{fs_kind}: a"));
+            assert_bytes_eq(&other.join().unwrap(), &b, &format!("{fs_kind}: b"));
+        });
+        let m = fx.stop();
+        let events = metric(&m, "events_pre_access");
+        let published = metric(&m, "answered_published");
+        assert!(events >= 2 * (SIZE / (128 * KIB)) as u64 - 4, "{fs_kind}: {m}");
+        assert!(
+            published * 2 > events,
+            "{fs_kind}: fewer than half the accesses were answered from published ranges: {m}"
+        );
+        assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
+        assert_eq!(metric(&m, "fetched_bytes"), 2 * SIZE as u64, "{fs_kind}: {m}");
+    }
 }
 
 #[test]

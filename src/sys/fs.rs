@@ -261,6 +261,28 @@ pub fn open_files_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Device, inode number and birth time (ns) of the file behind `fd`; `None` where the
+/// filesystem keeps no birth time.
+pub fn inode_incarnation(fd: BorrowedFd<'_>) -> io::Result<Option<(u64, u64, u64)>> {
+    // SAFETY: statx is plain old data; statx fills it.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    cvt(unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_INO | libc::STATX_BTIME,
+            &mut stx,
+        )
+    })?;
+    if stx.stx_mask & libc::STATX_BTIME == 0 {
+        return Ok(None);
+    }
+    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    let btime = stx.stx_btime.tv_sec as u64 * 1_000_000_000 + stx.stx_btime.tv_nsec as u64;
+    Ok(Some((dev, stx.stx_ino, btime)))
+}
+
 pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
     // SAFETY: stat is plain old data; fstat fills it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
