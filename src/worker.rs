@@ -259,8 +259,11 @@ fn receive_from_supervisor(
                 // An access inside a published range: the readahead goes on from it.
                 Some(fd) if msg.mask & FAN_PRE_ACCESS != 0 => {
                     let (offset, count) = msg.range.unwrap_or((0, 0));
-                    ctx.engine
-                        .note_access(fd.as_fd(), Need::Range { offset, count });
+                    // As in `dispatch`: a panic here must not take the receiving thread.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        ctx.engine
+                            .note_access(fd.as_fd(), Need::Range { offset, count })
+                    }));
                 }
                 Some(fd) => {
                     if let Some(p) = &ctx.prefetch {

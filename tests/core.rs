@@ -711,13 +711,20 @@ fn a_sequential_reader_is_answered_from_published_ranges() {
         let m = fx.stop();
         let events = metric(&m, "events_pre_access");
         let published = metric(&m, "answered_published");
-        assert!(events >= 2 * (SIZE / (128 * KIB)) as u64 - 4, "{fs_kind}: {m}");
+        assert!(
+            events >= 2 * (SIZE / (128 * KIB)) as u64 - 4,
+            "{fs_kind}: {m}"
+        );
         assert!(
             published * 2 > events,
             "{fs_kind}: fewer than half the accesses were answered from published ranges: {m}"
         );
         assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
-        assert_eq!(metric(&m, "fetched_bytes"), 2 * SIZE as u64, "{fs_kind}: {m}");
+        assert_eq!(
+            metric(&m, "fetched_bytes"),
+            2 * SIZE as u64,
+            "{fs_kind}: {m}"
+        );
     }
 }
 

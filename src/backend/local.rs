@@ -114,7 +114,8 @@ const LOCAL_DISK_FS: &[&str] = &[
     "squashfs", "erofs",
 ];
 
-/// Is anything mounted at or beneath `root` (canonical) that is not a local disk's filesystem?
+/// Is anything mounted beneath `root` (canonical) that is not a local disk's filesystem? (The
+/// root's own filesystem is judged by its `statfs` magic.)
 /// `mountinfo` is `/proc/self/mountinfo`: field 5 is the mount point (spaces and backslashes
 /// escaped as octal), the filesystem type follows the ` - ` separator.
 fn network_mount_beneath(mountinfo: &str, root: &Path) -> bool {
@@ -130,9 +131,9 @@ fn network_mount_beneath(mountinfo: &str, root: &Path) -> bool {
         let point = unescape_octal(point);
         let beneath = point
             .strip_prefix(root)
-            .is_some_and(|tail| tail.is_empty() || tail[0] == b'/' || root == b"/");
+            .is_some_and(|tail| tail.first() == Some(&b'/') || (root == b"/" && !tail.is_empty()));
         let fstype = rest.split(' ').next().unwrap_or("");
-        beneath && point != root && !LOCAL_DISK_FS.contains(&fstype)
+        beneath && !LOCAL_DISK_FS.contains(&fstype)
     })
 }
 

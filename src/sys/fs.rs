@@ -279,7 +279,10 @@ pub fn inode_incarnation(fd: BorrowedFd<'_>) -> io::Result<Option<(u64, u64, u64
         return Ok(None);
     }
     let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
-    let btime = stx.stx_btime.tv_sec as u64 * 1_000_000_000 + stx.stx_btime.tv_nsec as u64;
+    // An identity, not a time: wrapping is harmless.
+    let btime = (stx.stx_btime.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(u64::from(stx.stx_btime.tv_nsec));
     Ok(Some((dev, stx.stx_ino, btime)))
 }
 
