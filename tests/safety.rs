@@ -1231,8 +1231,8 @@ impl Drop for Stopped {
 /// later: the supervisor must keep that event's fd open until then, or a newer event gets the
 /// same number and the late answer lets that newer read through before its bytes are fetched
 /// (the reader would get the stub's zeros). Checked with a stopped worker: a read of a present
-/// range is denied at the deadline, a read of another file's missing range is then waiting when
-/// the worker goes on.
+/// range (not the one published for the supervisor) is denied at the deadline, a read of another
+/// file's missing range is then waiting when the worker goes on.
 #[test]
 fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
     if !require_root() {
@@ -1251,10 +1251,18 @@ fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
     let first_f = File::open(fx.at("first")).unwrap();
     let second_f = File::open(fx.at("second")).unwrap();
     // Present already, so that the worker answers the old event at once when it goes on (on
-    // the thread that receives it), ahead of the newer one, which needs a fetch.
+    // the thread that receives it), ahead of the newer one, which needs a fetch. Then a read
+    // elsewhere, so that the range the worker publishes for the supervisor (the last one it
+    // wrote) is not this one: the supervisor would answer the old event itself.
     assert_bytes_eq(
         &read_range(&first_f, 0, 4096).unwrap(),
         &first[..4096],
+        what,
+    );
+    let elsewhere = 6 * MIB as usize;
+    assert_bytes_eq(
+        &read_range(&first_f, elsewhere as u64, elsewhere as u64 + 4096).unwrap(),
+        &first[elsewhere..elsewhere + 4096],
         what,
     );
 
