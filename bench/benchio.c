@@ -90,37 +90,6 @@ static uint64_t xorshift(uint64_t *s)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
-static int rnd(const char *path, long count, uint64_t seed)
-{
-    char buf[4096];
-    uint64_t state = seed ? seed : 1;
-    double t0 = now();
-    int fd = open(path, O_RDONLY);
-    if (fd < 0)
-        return die(path);
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        return die("fstat");
-    uint64_t pages = (uint64_t)st.st_size / 4096;
-    if (pages == 0) {
-        errno = EINVAL;
-        return die("file smaller than 4 KiB");
-    }
-    uint64_t sum = 0;
-    for (long i = 0; i < count; i++) {
-        off_t off = (off_t)(xorshift(&state) % pages) * 4096;
-        ssize_t n = pread(fd, buf, sizeof buf, off);
-        if (n != (ssize_t)sizeof buf)
-            return die("pread");
-        for (int j = 0; j < 4096; j += 512)
-            sum += (unsigned char)buf[j];
-    }
-    close(fd);
-    double t1 = now();
-    printf("%.6f %llu\n", t1 - t0, (unsigned long long)sum);
-    return 0;
-}
-
 /* Open SRC for reading and create DST (truncated, sparse, SRC's size) for the copy floors. */
 static int open_copy(const char *src, const char *dst, int *s, int *d, off_t *size)
 {
@@ -182,15 +151,25 @@ static int copyseq(const char *src, const char *dst)
     return 0;
 }
 
-static int copyrand(const char *src, const char *dst, long count, uint64_t seed)
+/* `rand` (src NULL: COUNT 4 KiB preads of path) and `copyrand` (each page copied from src into
+ * path, a new file of src's size, before it is read back). */
+static int rnd(const char *src, const char *path, long count, uint64_t seed)
 {
     char buf[4096];
     uint64_t state = seed ? seed : 1;
-    int s, d;
+    int s = -1, fd;
     off_t size;
     double t0 = now();
-    if (open_copy(src, dst, &s, &d, &size))
-        return 1;
+    if (src) {
+        if (open_copy(src, path, &s, &fd, &size))
+            return 1;
+    } else {
+        struct stat st;
+        fd = open(path, O_RDONLY);
+        if (fd < 0 || fstat(fd, &st) < 0)
+            return die(path);
+        size = st.st_size;
+    }
     uint64_t pages = (uint64_t)size / 4096;
     if (pages == 0) {
         errno = EINVAL;
@@ -199,16 +178,17 @@ static int copyrand(const char *src, const char *dst, long count, uint64_t seed)
     uint64_t sum = 0;
     for (long i = 0; i < count; i++) {
         off_t off = (off_t)(xorshift(&state) % pages) * 4096;
-        if (pread(s, buf, sizeof buf, off) != (ssize_t)sizeof buf ||
-            pwrite(d, buf, sizeof buf, off) != (ssize_t)sizeof buf)
+        if (src && (pread(s, buf, sizeof buf, off) != (ssize_t)sizeof buf ||
+                    pwrite(fd, buf, sizeof buf, off) != (ssize_t)sizeof buf))
             return die("copy");
-        if (pread(d, buf, sizeof buf, off) != (ssize_t)sizeof buf)
+        if (pread(fd, buf, sizeof buf, off) != (ssize_t)sizeof buf)
             return die("pread");
         for (int j = 0; j < 4096; j += 512)
             sum += (unsigned char)buf[j];
     }
-    close(s);
-    close(d);
+    if (src)
+        close(s);
+    close(fd);
     double t1 = now();
     printf("%.6f %llu\n", t1 - t0, (unsigned long long)sum);
     return 0;
@@ -380,13 +360,13 @@ int main(int argc, char **argv)
     if (argc >= 3 && !strcmp(argv[1], "seq"))
         return seq(argv[2], argc >= 4 ? strtoul(argv[3], 0, 0) : 128 * 1024);
     if (argc == 5 && !strcmp(argv[1], "rand"))
-        return rnd(argv[2], strtol(argv[3], 0, 0), strtoull(argv[4], 0, 0));
+        return rnd(NULL, argv[2], strtol(argv[3], 0, 0), strtoull(argv[4], 0, 0));
     if (argc == 5 && !strcmp(argv[1], "mkstubs"))
         return mkstubs(argv[2], argv[3], atoi(argv[4]));
     if (argc == 4 && !strcmp(argv[1], "copyseq"))
         return copyseq(argv[2], argv[3]);
     if (argc == 6 && !strcmp(argv[1], "copyrand"))
-        return copyrand(argv[2], argv[3], strtol(argv[4], 0, 0), strtoull(argv[5], 0, 0));
+        return rnd(argv[2], argv[3], strtol(argv[4], 0, 0), strtoull(argv[5], 0, 0));
     if (argc >= 3 && !strcmp(argv[1], "firstout"))
         return firstout(argv + 2);
     fprintf(stderr, "usage: benchio seq FILE [BLOCK] | rand FILE COUNT SEED | firstout CMD [ARG...]\n");

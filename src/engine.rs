@@ -401,13 +401,12 @@ impl Engine {
         let Some(entry) = self.entry(&st, fd)? else {
             return Ok(Served::Complete);
         };
-        let piece = self.backend.random_piece();
         let plan = plan(
             &entry,
             &mut lock(&entry.state),
             st.st_size as u64,
             need,
-            piece,
+            self.backend.random_piece(),
         );
         if plan.complete {
             return Ok(Served::Complete);
