@@ -711,10 +711,9 @@ fn a_sequential_reader_is_answered_from_published_ranges() {
         let m = fx.stop();
         let events = metric(&m, "events_pre_access");
         let published = metric(&m, "answered_published");
-        assert!(
-            events >= 2 * (SIZE / (128 * KIB)) as u64 - 4,
-            "{fs_kind}: {m}"
-        );
+        // Not one event per read: once readahead has completed a file (8 MiB ahead of its
+        // reader), its ignore mark silences the reads that are left.
+        assert!(published > 200, "{fs_kind}: {m}");
         assert!(
             published * 2 > events,
             "{fs_kind}: fewer than half the accesses were answered from published ranges: {m}"
