@@ -184,12 +184,17 @@ mod tests {
                         let start = (i * 7 + k) % 1000 * (1 << 20);
                         t.publish(&a, start, start + 4096 * k);
                         i += 1;
+                        (0..64).for_each(|_| std::hint::spin_loop()); // the worker writes between
                     }
                 })
             })
             .collect();
-        let mut seen = 0;
-        for _ in 0..500_000 {
+        // Read until many whole writes were seen (on 2 busy cores the slot can be mid-write for
+        // a whole time slice), bounded in time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let (mut reads, mut seen) = (0u64, 0u64);
+        while (reads < 500_000 || seen < 10_000) && std::time::Instant::now() < deadline {
+            reads += 1;
             if let Some((start, end)) = t.range(&a) {
                 seen += 1;
                 assert_eq!(start % (1 << 20), 0, "torn: ({start}, {end})");
@@ -203,6 +208,6 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        assert!(seen > 0, "the reader never saw a whole write");
+        assert!(seen >= 10_000, "the reader saw only {seen} whole writes in {reads} reads");
     }
 }
