@@ -208,6 +208,9 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
-        assert!(seen >= 10_000, "the reader saw only {seen} whole writes in {reads} reads");
+        assert!(
+            seen >= 10_000,
+            "the reader saw only {seen} whole writes in {reads} reads"
+        );
     }
 }

@@ -727,6 +727,95 @@ fn a_sequential_reader_is_answered_from_published_ranges() {
     }
 }
 
+/// Pages of `path` in the page cache.
+fn resident_pages(path: &Path) -> usize {
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared map of the whole file, unmapped below; `vec` has one byte per
+    // page of it.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+/// Write back and drop `path`'s pages from the page cache.
+fn evict_from_cache(path: &Path) {
+    let f = File::open(path).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain fadvise on an open fd.
+    assert_eq!(
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
+        0
+    );
+}
+
+#[test]
+fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() {
+    if !require_root() {
+        return;
+    }
+    const SIZE: usize = 24 * MIB + 123;
+    // The source on the test's disk (ext4 or xfs, direct I/O): what a reader fetches lands in
+    // the stub's page cache only, not in the source's as well.
+    let mut fx = Fixture::new("xfs", "1G");
+    let want = fx.write_source("big", SIZE, 31);
+    fx.populate(&[]);
+    evict_from_cache(&fx.src("big"));
+    assert!(
+        resident_pages(&fx.src("big")) < 16,
+        "the source was not evicted"
+    );
+    fx.serve(&[]);
+    assert_bytes_eq(
+        &fs::read(fx.at("big")).unwrap(),
+        &want,
+        "read through the view",
+    );
+    let m = fx.stop();
+    assert_eq!(metric(&m, "fetched_bytes"), SIZE as u64, "{m}");
+    // Only the unaligned tail (and what a first small read took) goes through the source's cache.
+    let resident = resident_pages(&fx.src("big"));
+    assert!(
+        resident <= 64,
+        "{resident} of {} source pages were cached by the fetch",
+        SIZE / 4096
+    );
+
+    // The source on ramfs, which has no direct I/O: the same reads go through its page cache.
+    let mut fx = Fixture::new("xfs", "1G");
+    fs::remove_dir(&fx.source).unwrap();
+    fs::create_dir(&fx.source).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "ramfs", "hsm-test"])
+        .arg(&fx.source));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _ramfs = Unmount(fx.source.clone());
+    let want = fx.write_source("big", SIZE, 32);
+    fx.populate(&[]);
+    fx.serve(&[]);
+    assert_bytes_eq(&fs::read(fx.at("big")).unwrap(), &want, "ramfs source");
+    let m = fx.stop();
+    assert_eq!(metric(&m, "denied"), 0, "{m}");
+}
+
 #[test]
 fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
     if !require_root() {

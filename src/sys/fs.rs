@@ -487,6 +487,29 @@ pub fn pipe_with_capacity(capacity: usize) -> io::Result<Pipe> {
     Ok(pipe)
 }
 
+/// Turn `O_DIRECT` on or off for reads and writes through `fd` (`EINVAL` where its filesystem
+/// has no direct I/O).
+pub fn set_direct(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    // SAFETY: plain fcntl calls on a borrowed fd.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) })?;
+    Ok(())
+}
+
+/// Bytes waiting in the pipe that `end` (either end) belongs to.
+pub fn pipe_pending(end: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer.
+    cvt(unsafe { libc::ioctl(end.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n as usize)
+}
+
 /// Move up to `len` bytes of `src` at `offset` into the pipe `pipe_write`, which must have room
 /// for them. Returns how many were moved: fewer only at end of file.
 pub fn splice_into_pipe(
