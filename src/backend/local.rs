@@ -223,8 +223,8 @@ impl Backend for LocalBackend {
             // a source read through it would take as much memory again (and its allocation
             // time: a cold 1 GiB read 1.8 s -> 1.35 s here). Where the filesystem or the
             // alignment says no, the read goes through the page cache as before.
-            let direct = offset % DIRECT_ALIGN == 0
-                && len as u64 % DIRECT_ALIGN == 0
+            let direct = offset.is_multiple_of(DIRECT_ALIGN)
+                && (len as u64).is_multiple_of(DIRECT_ALIGN)
                 && sysfs::set_direct(fd.as_fd(), true).is_ok();
             let got = match sysfs::splice_into_pipe(fd.as_fd(), offset, pipe, len) {
                 Err(e)
