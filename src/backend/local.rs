@@ -246,8 +246,10 @@ impl Backend for LocalBackend {
     }
 
     fn random_piece(&self) -> u64 {
-        // 2,000 cold random 4 KiB reads here: 64 KiB pieces 0.79 s, 32 KiB 0.59 s, 16 KiB 0.58 s.
-        16 << 10
+        // A disk is paid by the byte, not by the request: read what the kernel asks for, as it
+        // would natively (a random 4 KiB `pread` reads 4 KiB). 2,000 cold random 4 KiB reads
+        // here: 64 KiB pieces 0.79 s, 16 KiB 0.52 s, 4 KiB 0.38 s (native 0.31 s).
+        4 << 10
     }
 
     fn describe(&self) -> String {
