@@ -6,7 +6,7 @@
 //! a hydrated tree), and passes every other one (with its fd) to the worker process. The worker
 //! answers the kernel itself, so that a reader never waits for the supervisor to wake, and then
 //! replies; the supervisor holds the event (and its fd number) until that reply. It polls briefly
-//! before sleeping (see `SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the
+//! before sleeping (see `ipc::SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the
 //! supervisor starts another and sends it every event it still holds: readers wait a little
 //! longer and then get the right bytes (an event answered just before the crash is answered
 //! twice, and the kernel ignores the second answer: its fd number was still held). The
@@ -77,13 +77,6 @@ fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error
         _ => anyhow::anyhow!("{what}: {e}"),
     }
 }
-
-/// How long the supervisor polls without sleeping after its last event (see `serve`): the
-/// worker's reply, or the next event of a program walking a tree or reading a file, comes
-/// within microseconds, and waking a sleeping process on it costs more than the event itself
-/// (cold tar of 12,000 files 3.0 s -> 2.0-2.4 s, cold 1 GiB read 0.9-1.1 s -> 0.7-0.8 s here).
-/// It yields between polls, so runnable threads (the worker's) go first; idle, it sleeps.
-const SPIN: Duration = Duration::from_micros(200);
 
 /// An event read from the kernel that the worker has not let go of yet (it answers the kernel
 /// itself, then replies). Its fd stays open until then, so that its number is not reused.
@@ -160,15 +153,8 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
             break;
         }
         let fds = [group.as_fd(), worker.sock.as_fd()];
-        let mut ready = ipc::poll_readable(&fds, 0)?;
-        // Stay awake briefly after an event or an answer (see `SPIN`).
-        while !ready.contains(&true) && busy_at.elapsed() < SPIN {
-            std::thread::yield_now();
-            ready = ipc::poll_readable(&fds, 0)?;
-        }
-        if !ready.contains(&true) {
-            ready = ipc::poll_readable(&fds, 200)?;
-        }
+        // Awake briefly after an event or an answer (see `ipc::SPIN`).
+        let ready = ipc::poll_readable_spinning(&fds, busy_at, 200)?;
         if ready.contains(&true) {
             busy_at = Instant::now();
         }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,8 @@ struct Ctx {
     engine: Arc<Engine>,
     exec_opens: ExecOpens,
     prefetch: Option<Arc<DirPrefetch>>,
+    /// Events handed to the handler threads and not yet answered.
+    handed_off: AtomicUsize,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -149,6 +151,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),
         prefetch,
+        handed_off: AtomicUsize::new(0),
     });
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
@@ -163,6 +166,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
             std::thread::spawn(move || {
                 for ev in rx {
                     handle(&ctx, ev);
+                    ctx.handed_off.fetch_sub(1, Ordering::Relaxed);
                 }
             })
         })
@@ -232,8 +236,13 @@ fn receive_from_supervisor(
     tx: &crossbeam_channel::Sender<PendingEvent>,
 ) -> bool {
     let mut buf = [0u8; 64];
+    let mut busy_at = Instant::now();
     loop {
-        let (n, fd) = match ipc::recv(sock.as_fd(), &mut buf) {
+        // Awake briefly after a message (see `ipc::SPIN`): the next event comes soon.
+        let received = ipc::poll_readable_spinning(&[sock.as_fd()], busy_at, -1)
+            .and_then(|_| ipc::recv(sock.as_fd(), &mut buf));
+        busy_at = Instant::now();
+        let (n, fd) = match received {
             Ok(x) => x,
             Err(e) => {
                 error!("receiving from the supervisor failed: {e}");
@@ -302,7 +311,11 @@ fn receive_from_supervisor(
             msg.range,
             responder.clone() as Arc<dyn Respond>,
         );
-        dispatch(ctx, ev, tx);
+        // The only event being served: a small fill is done here rather than handed to a
+        // thread (with others in flight it would hold them up).
+        let alone = ctx.handed_off.load(Ordering::Relaxed) == 0
+            && ipc::poll_readable(&[sock.as_fd()], 0).is_ok_and(|r| !r[0]);
+        dispatch(ctx, ev, tx, alone);
     }
 }
 
@@ -345,23 +358,36 @@ fn serve_group_directly(
                 r.range,
                 responder.clone(),
             );
-            dispatch(ctx, ev, tx);
+            dispatch(ctx, ev, tx, false);
         }
     }
 }
 
-fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<PendingEvent>) {
+/// `alone`: no other event is waiting or being served, so this one may take a small fill from a
+/// local disk here (see [`Engine::serve_if_present`]): one thread hand-off less on a lone random
+/// reader's every access (2,000 cold random 4 KiB reads, 6 interleaved runs: 0.49 s -> 0.32 s,
+/// native 0.33 s; four readers at once no slower), and nothing waits behind it. The price: a
+/// local read that hangs holds up the events that come after it until the supervisor's
+/// deadline, not only its own (see README, on the supervisor's deadline).
+fn dispatch(
+    ctx: &Arc<Ctx>,
+    ev: PendingEvent,
+    tx: &crossbeam_channel::Sender<PendingEvent>,
+    alone: bool,
+) {
     if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
         // Answered inline: the plain open event of this exec comes only after this answer.
         note_exec_open(ctx, ev);
         return;
     }
-    // Present already (readahead or a directory prefetch got there first): answered here,
-    // without a thread hand-off.
+    // Present already (readahead or a directory prefetch got there first), or a small fill:
+    // answered here, without a thread hand-off.
     let access = ev.mask & FAN_PRE_ACCESS != 0;
     let need = if access { range_need(&ev) } else { Need::Open };
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        ctx.engine.serve_if_present(ev.as_fd(), need)
+        // Opens go to a thread: after their fill they tell the directory prefetch.
+        ctx.engine
+            .serve_if_present(ev.as_fd(), need, alone && access)
     }));
     let served = match served {
         Ok(None) => None,
@@ -380,7 +406,10 @@ fn dispatch(ctx: &Arc<Ctx>, ev: PendingEvent, tx: &crossbeam_channel::Sender<Pen
         return;
     }
     // A send fails only when the threads are gone; the event is then denied by its Drop.
-    let _ = tx.send(ev);
+    ctx.handed_off.fetch_add(1, Ordering::Relaxed);
+    if tx.send(ev).is_err() {
+        ctx.handed_off.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn range_need(ev: &PendingEvent) -> Need {
