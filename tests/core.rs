@@ -796,8 +796,6 @@ fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() 
 
     // The source on ramfs, which has no direct I/O: the same reads go through its page cache.
     let mut fx = Fixture::new("xfs", "1G");
-    fs::remove_dir(&fx.source).unwrap();
-    fs::create_dir(&fx.source).unwrap();
     run(Command::new("mount")
         .args(["-t", "ramfs", "hsm-test"])
         .arg(&fx.source));
@@ -809,6 +807,15 @@ fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() 
     }
     let _ramfs = Unmount(fx.source.clone());
     let want = fx.write_source("big", SIZE, 32);
+    let direct = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(fx.src("big"));
+    assert_eq!(
+        direct.err().and_then(|e| e.raw_os_error()),
+        Some(libc::EINVAL),
+        "ramfs was expected to refuse O_DIRECT"
+    );
     fx.populate(&[]);
     fx.serve(&[]);
     assert_bytes_eq(&fs::read(fx.at("big")).unwrap(), &want, "ramfs source");
