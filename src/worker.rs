@@ -313,7 +313,8 @@ fn receive_from_supervisor(
         );
         // The only event being served: a small fill is done here rather than handed to a
         // thread (with others in flight it would hold them up).
-        let alone = ctx.handed_off.load(Ordering::Relaxed) == 0
+        let alone = msg.mask & FAN_PRE_ACCESS != 0
+            && ctx.handed_off.load(Ordering::Relaxed) == 0
             && ipc::poll_readable(&[sock.as_fd()], 0).is_ok_and(|r| !r[0]);
         dispatch(ctx, ev, tx, alone);
     }
