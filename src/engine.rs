@@ -454,19 +454,20 @@ impl Engine {
     /// An access the supervisor allowed from a published range: note it as a served one, so
     /// that a sequential reader's readahead goes on.
     pub fn note_access(&self, fd: BorrowedFd<'_>, need: Need) {
-        let _ = self.serve_if_present(fd, need, false);
+        let _ = self.serve_if_present(fd, need, &|| false);
     }
 
     /// Serve `need` at once if that takes no record load and no wait: the file is cached and
-    /// what it needs is present, or (`small_fill`) missing but one random piece from a source
-    /// that does not stall (a local disk: one short read). `None` (nothing changed): call
+    /// what it needs is present, or missing but one random piece from a source that does not
+    /// stall (a local disk: one short read) and `small_fill()`, asked only then, allows it.
+    /// `None` (nothing changed): call
     /// [`Engine::serve`]. This is what lets a sequential reader that readahead keeps ahead of,
     /// and a random reader of a local source, be answered without a hand-off to another thread.
     pub fn serve_if_present(
         &self,
         fd: BorrowedFd<'_>,
         need: Need,
-        small_fill: bool,
+        small_fill: &dyn Fn() -> bool,
     ) -> Option<io::Result<Served>> {
         let st = match sysfs::fstat(fd) {
             Ok(st) => st,
@@ -488,7 +489,7 @@ impl Engine {
         let present = plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty();
         if !present {
             let small = plan.end - plan.start <= self.backend.random_piece();
-            if !(small_fill && small && !self.backend.reads_may_stall()) {
+            if !(small && !self.backend.reads_may_stall() && small_fill()) {
                 (s.last_end, s.last_request_end) = cursor;
                 return None;
             }

@@ -312,11 +312,12 @@ fn receive_from_supervisor(
             responder.clone() as Arc<dyn Respond>,
         );
         // The only event being served: a small fill is done here rather than handed to a
-        // thread (with others in flight it would hold them up).
-        let alone = msg.mask & FAN_PRE_ACCESS != 0
-            && ctx.handed_off.load(Ordering::Relaxed) == 0
-            && ipc::poll_readable(&[sock.as_fd()], 0).is_ok_and(|r| !r[0]);
-        dispatch(ctx, ev, tx, alone);
+        // thread (with others in flight it would hold them up). Asked only for a fill.
+        let alone = || {
+            ctx.handed_off.load(Ordering::Relaxed) == 0
+                && ipc::poll_readable(&[sock.as_fd()], 0).is_ok_and(|r| !r[0])
+        };
+        dispatch(ctx, ev, tx, &alone);
     }
 }
 
@@ -359,12 +360,12 @@ fn serve_group_directly(
                 r.range,
                 responder.clone(),
             );
-            dispatch(ctx, ev, tx, false);
+            dispatch(ctx, ev, tx, &|| false);
         }
     }
 }
 
-/// `alone`: no other event is waiting or being served, so this one may take a small fill from a
+/// `alone()`: no other event is waiting or being served, so this one may take a small fill from a
 /// local disk here (see [`Engine::serve_if_present`]): one thread hand-off less on a lone random
 /// reader's every access (2,000 cold random 4 KiB reads, 6 interleaved runs: 0.49 s -> 0.32 s,
 /// native 0.33 s; four readers at once no slower), and nothing waits behind it. The price: a
@@ -374,7 +375,7 @@ fn dispatch(
     ctx: &Arc<Ctx>,
     ev: PendingEvent,
     tx: &crossbeam_channel::Sender<PendingEvent>,
-    alone: bool,
+    alone: &dyn Fn() -> bool,
 ) {
     if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
         // Answered inline: the plain open event of this exec comes only after this answer.
@@ -387,8 +388,8 @@ fn dispatch(
     let need = if access { range_need(&ev) } else { Need::Open };
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Opens go to a thread: after their fill they tell the directory prefetch.
-        ctx.engine
-            .serve_if_present(ev.as_fd(), need, alone && access)
+        let small_fill = || access && alone();
+        ctx.engine.serve_if_present(ev.as_fd(), need, &small_fill)
     }));
     let served = match served {
         Ok(None) => None,
