@@ -992,6 +992,28 @@ http {{
                            ratio("rclone cold"),
                            f"{sup / 1024:.1f} / {wk / 1024:.1f}"])  # fmt: skip
         lines += md_table(hdr, rows)
+        # Spread: run i measures native, cold and hydrated back to back, so its ratios are paired;
+        # native's own max/min says how far apart two runs of the same thing land. A target
+        # closer to 1.00x than that spread cannot be judged from one run of the table.
+        srows = []
+        for w in [x["name"] for x in self.workloads()]:
+            r = self.results.get(w, {})
+            nat = r.get("native", [])
+            if len(nat) < 2:
+                continue
+
+            def paired(c):
+                v = r.get(c, [])
+                return " ".join(f"{a / n:.2f}" for a, n in zip(v, nat)) if v else "n/a"
+
+            srows.append([labels[w], f"{max(nat) / min(nat):.3f}", paired("hsm cold"),
+                          paired("hsm hydrated")])  # fmt: skip
+        if srows:
+            lines.append("")
+            lines.append("spread: native's slowest run over its fastest, and each run's ratios to the native")
+            lines.append("run measured just before it (a target closer to 1.00x than native's spread is within noise):")
+            lines += md_table(["workload", "native max/min", "cold/native per run",
+                               "hydrated/native per run"], srows)  # fmt: skip
         # warm diagnostic
         wrows = []
         for w in [x["name"] for x in self.workloads()]:
