@@ -1129,7 +1129,7 @@ http {{
             out.append(f"  [{'met' if ok else 'MISSED'}] {desc}")
 
         def noise(w, x):
-            # A miss by less than native's own run-to-run spread is not told apart from noise.
+            # A ratio within native's own run-to-run spread of 1.00x is not told apart from noise.
             nat = self.results.get(w, {}).get("native", [])
             s = max(nat) / min(nat) if len(nat) > 1 else None
             return f"; native's own runs spread {s:.2f}x: within noise" if s and x <= s else ""

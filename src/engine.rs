@@ -1080,7 +1080,7 @@ mod tests {
             dir.path().join("digests"),
             None,
         );
-        let mut read_for = |offset: u64| {
+        let read_for = |offset: u64| {
             let before = source.read.load(Ordering::Relaxed);
             let need = Need::Range {
                 offset,
