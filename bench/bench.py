@@ -1132,7 +1132,7 @@ http {{
             # A ratio within native's own run-to-run spread of 1.00x is not told apart from noise.
             nat = self.results.get(w, {}).get("native", [])
             s = max(nat) / min(nat) if len(nat) > 1 else None
-            return f"; native's own runs spread {s:.2f}x: within noise" if s and x <= s else ""
+            return f"; native's own runs spread {s:.2f}x: within noise" if s and max(x, 1 / x) <= s else ""
 
         def r(w, c):
             m = med.get(w, {})
