@@ -279,8 +279,7 @@ fn plan(entry: &Entry, s: &mut EntryState, size: u64, need: Need, random_piece: 
             // requests in flight arrive a little out of order. A chunk's distance was too wide: a
             // random reader of a 1 GiB file landed that close once in 500 reads and paid a whole
             // chunk for a page (2,000 cold 4 KiB reads: 12.3 MB read for 8.2 MB asked).
-            follows = offset == 0
-                || offset.abs_diff(s.last_request_end) <= count.max(random_piece);
+            follows = offset == 0 || offset.abs_diff(s.last_request_end) <= count.max(random_piece);
             s.last_request_end = request_end;
             // A reader that goes on from where it was gets whole chunks (and readahead); an
             // access elsewhere, only the pieces around it, unless chunks must be checked whole
@@ -924,13 +923,16 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::ranges::RangeSet;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-    /// A source whose reads at `slow_from` and beyond take `slow` (the others no time): a fill
-    /// can be caught with some pieces written and others in flight.
+    /// A source whose reads at `slow_from` and beyond take `slow` (the others no time), so that a
+    /// fill can be caught with some pieces written and others in flight; it counts the bytes read
+    /// from it, and fetches 4 KiB random pieces like a local disk.
+    #[derive(Default)]
     struct SlowSource {
         slow_from: u64,
         slow: Duration,
+        read: AtomicU64,
     }
 
     fn source_byte(offset: u64) -> u8 {
@@ -947,10 +949,15 @@ mod tests {
             if offset >= self.slow_from {
                 std::thread::sleep(self.slow);
             }
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = source_byte(offset + i as u64);
             }
             Ok(())
+        }
+
+        fn random_piece(&self) -> u64 {
+            4 << 10
         }
 
         fn describe(&self) -> String {
@@ -991,6 +998,7 @@ mod tests {
             Arc::new(SlowSource {
                 slow_from: 1 << 20,
                 slow: Duration::from_millis(2500),
+                ..Default::default()
             }),
             metrics,
             None,
@@ -1036,40 +1044,14 @@ mod tests {
             .all(|(i, &b)| b == source_byte(i as u64)));
     }
 
-    /// A source that counts the bytes read from it, in 4 KiB random pieces like a local disk.
-    #[derive(Default)]
-    struct CountingSource {
-        read: std::sync::atomic::AtomicU64,
-    }
-
-    impl Backend for CountingSource {
-        fn read_range(
-            &self,
-            _obj: &SourceRecord,
-            offset: u64,
-            buf: &mut [u8],
-        ) -> Result<(), FetchError> {
-            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = source_byte(offset + i as u64);
-            }
-            Ok(())
-        }
-
-        fn random_piece(&self) -> u64 {
-            4 << 10
-        }
-
-        fn describe(&self) -> String {
-            "counting test source".into()
-        }
-    }
-
     #[test]
     fn a_read_near_the_last_one_is_random_and_only_one_that_goes_on_gets_a_chunk() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let file = stub_file(dir.path(), 64 << 20);
-        let source = Arc::new(CountingSource::default());
+        let source = Arc::new(SlowSource {
+            slow_from: u64::MAX,
+            ..Default::default()
+        });
         let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-near").unwrap();
         let engine = Engine::new(
             source.clone(),
@@ -1098,10 +1080,18 @@ mod tests {
         let mib = 1u64 << 20;
         assert_eq!(read_for(8 * mib), 4096, "a random read fetches its page");
         // 256 KiB past the last read: still a random reader's page, not a chunk.
-        assert_eq!(read_for(8 * mib + (256 << 10)), 4096, "a near read fetched more");
+        assert_eq!(
+            read_for(8 * mib + (256 << 10)),
+            4096,
+            "a near read fetched more"
+        );
         // Going on from the last read: its whole chunk, but for the two pages present.
         let next = 8 * mib + (256 << 10) + 4096;
-        assert_eq!(read_for(next), mib - 2 * 4096, "a read that goes on got no chunk");
+        assert_eq!(
+            read_for(next),
+            mib - 2 * 4096,
+            "a read that goes on got no chunk"
+        );
     }
 
     #[test]
