@@ -7,7 +7,8 @@
 //! of it that an open would fetch whole are fetched in the background, several at a time, up to a
 //! budget of files and [`BUDGET_BYTES`]; the walk then finds them present. Opens of complete files
 //! whose ignore mark is gone (a hydrated tree after a restart or cache eviction) count too: their
-//! directory's complete files then get their marks ahead of the walk. A program that opens
+//! directory's complete files then get their marks ahead of the walk, and their bytes are read
+//! into the page cache ahead of it, as a fetch puts a stub's there. A program that opens
 //! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
 //! If the walk goes on past the budget, its next cold opens start the next window. Once every
 //! window of a directory is handed out, its opens start nothing for [`EXHAUSTED_PAUSE`], except
@@ -348,7 +349,8 @@ impl DirPrefetch {
             }
             let fd = sysfs::reopen(path.as_fd(), libc::O_RDWR | libc::O_NONBLOCK)?;
             // Complete on disk (a hydrated tree after a restart): only the mark is missing.
-            let complete = crate::record::complete_on_disk(fd.as_fd()) || {
+            let on_disk = crate::record::complete_on_disk(fd.as_fd());
+            let complete = on_disk || {
                 let done = self.engine.prefetch_open(fd.as_fd())?;
                 if done.fetched {
                     Metrics::add(&self.engine.metrics.prefetched_files, 1);
@@ -358,6 +360,11 @@ impl DirPrefetch {
             if complete {
                 self.group.ignore_inode(fd.as_fd(), MASK)?;
                 Metrics::add(&self.engine.metrics.ignore_marks, 1);
+            }
+            if on_disk {
+                // The walk reads it next: its bytes are read in ahead, as a fetch puts a stub's
+                // there, while the walk is busy with the files before it.
+                let _ = sysfs::will_need(fd.as_fd(), 0, st.st_size as u64);
             }
             Ok(())
         })();

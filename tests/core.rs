@@ -1079,6 +1079,25 @@ fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
         let before = wait_for_metric(&fx, "ignore_marks", 43);
         assert!(metric(&before, "ignore_marks") >= 43, "{fs_kind}: {before}");
         assert_eq!(metric(&before, "events_open"), 3, "{fs_kind}: {before}");
+        // ...and their bytes are read in ahead of it (the remount left none cached).
+        let end = Instant::now() + std::time::Duration::from_secs(10);
+        let uncached = || -> Vec<String> {
+            (3..40)
+                .map(|i| format!("walk/f{i:02}"))
+                .filter(|rel| {
+                    let path = fx.store.join("tree").join(rel);
+                    resident_pages(&path) < sizes[rel].div_ceil(4096)
+                })
+                .collect()
+        };
+        while !uncached().is_empty() && Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(
+            uncached(),
+            Vec::<String>::new(),
+            "{fs_kind}: files of the window not read ahead of the walk"
+        );
         for i in 0..40 {
             read(&fx, &format!("walk/f{i:02}"));
         }

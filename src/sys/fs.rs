@@ -502,6 +502,25 @@ pub fn set_direct(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Start reading `len` bytes of `fd` at `offset` into the page cache, without waiting for them
+/// (`POSIX_FADV_WILLNEED`).
+pub fn will_need(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let (offset, len) = (offset.min(i64::MAX as u64), len.min(i64::MAX as u64));
+    // SAFETY: posix_fadvise takes a borrowed fd and integers; it returns an errno, not -1.
+    let r = unsafe {
+        libc::posix_fadvise(
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
 /// Bytes waiting in the pipe that `end` (either end) belongs to.
 pub fn pipe_pending(end: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
