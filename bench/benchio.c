@@ -16,6 +16,9 @@
  *   benchio firstout CMD [ARG...]    fork+exec CMD with stdout on a pipe; prints the seconds from
  *                                    just before fork to the first byte of its output, then waits
  *                                    for it (its exit status must be 0)
+ *   benchio touch MIB                write one byte per page of MIB MiB of fresh memory, twice; prints
+ *                                    the seconds of each pass (in a VM whose host takes freed memory
+ *                                    back, the first pass pays for every page)
  *   benchio mkstubs SRC DST THREADS  the floor under `hsm populate`: for every regular file of the
  *                                    tree SRC, the same system calls a stub costs (lstat of the
  *                                    source, create in DST, ftruncate, one trusted.* xattr, fchmod,
@@ -35,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -355,6 +359,23 @@ static int mkstubs(const char *src, const char *dst, int threads)
     return 0;
 }
 
+static int touch(size_t mib)
+{
+    size_t size = mib << 20;
+    volatile char *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        return die("mmap");
+    double pass[2];
+    for (int p = 0; p < 2; p++) {
+        double t0 = now();
+        for (size_t o = 0; o < size; o += 4096)
+            m[o] = (char)p;
+        pass[p] = now() - t0;
+    }
+    printf("%.6f %.6f\n", pass[0], pass[1]);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc >= 3 && !strcmp(argv[1], "seq"))
@@ -369,6 +390,8 @@ int main(int argc, char **argv)
         return rnd(argv[2], argv[3], strtol(argv[4], 0, 0), strtoull(argv[5], 0, 0));
     if (argc >= 3 && !strcmp(argv[1], "firstout"))
         return firstout(argv + 2);
+    if (argc == 3 && !strcmp(argv[1], "touch"))
+        return touch(strtoul(argv[2], 0, 0));
     fprintf(stderr, "usage: benchio seq FILE [BLOCK] | rand FILE COUNT SEED | firstout CMD [ARG...]\n");
     return 2;
 }
