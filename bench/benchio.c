@@ -392,6 +392,7 @@ int main(int argc, char **argv)
         return firstout(argv + 2);
     if (argc == 3 && !strcmp(argv[1], "touch"))
         return touch(strtoul(argv[2], 0, 0));
-    fprintf(stderr, "usage: benchio seq FILE [BLOCK] | rand FILE COUNT SEED | firstout CMD [ARG...]\n");
+    fprintf(stderr, "usage: benchio seq|rand|copyseq|copyrand|firstout|touch|mkstubs ARGS... "
+                    "(see the comment at the top of benchio.c)\n");
     return 2;
 }

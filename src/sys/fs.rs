@@ -741,6 +741,17 @@ mod tests {
     }
 
     #[test]
+    fn read_ahead_is_asked_of_files_and_its_errno_comes_back() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 64 << 10]).unwrap();
+        will_need(f.as_fd(), 0, 64 << 10).unwrap();
+        // posix_fadvise returns the errno itself: a pipe has no page cache to read into.
+        let pipe = pipe_with_capacity(4096).unwrap();
+        let err = will_need(pipe.read.as_fd(), 0, 4096).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESPIPE));
+    }
+
+    #[test]
     fn a_pipe_too_small_for_a_piece_is_refused() {
         // Beyond what an unprivileged pipe may hold, and far beyond what root needs here.
         assert!(pipe_with_capacity(1 << 40).is_err());
