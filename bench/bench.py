@@ -972,6 +972,12 @@ http {{
 
     # ---- report ------------------------------------------------------------------------------
 
+    def native_spread(self, w):
+        """Native's slowest run of workload `w` over its fastest (None under two runs): how far
+        apart two runs of the same thing land on this machine."""
+        nat = self.results.get(w, {}).get("native", [])
+        return max(nat) / min(nat) if len(nat) > 1 else None
+
     def report(self):
         cfg = self.cfg
         cols = ["native", "hsm cold", "hsm hydrated", "hsm cold http", "rclone cold", "rclone warm"]
@@ -1036,16 +1042,17 @@ http {{
         # closer to 1.00x than that spread cannot be judged from one run of the table.
         srows = []
         for w in [x["name"] for x in self.workloads()]:
-            r = self.results.get(w, {})
-            nat = r.get("native", [])
-            if len(nat) < 2:
+            spread = self.native_spread(w)
+            if spread is None:
                 continue
+            r = self.results[w]
+            nat = r["native"]
 
             def paired(c):
                 v = r.get(c, [])
                 return " ".join(f"{a / n:.2f}" for a, n in zip(v, nat)) if v else "n/a"
 
-            srows.append([labels[w], f"{max(nat) / min(nat):.3f}", paired("hsm cold"),
+            srows.append([labels[w], f"{spread:.3f}", paired("hsm cold"),
                           paired("hsm hydrated")])  # fmt: skip
         if srows:
             lines.append("")
@@ -1169,8 +1176,7 @@ http {{
 
         def noise(w, x):
             # A ratio within native's own run-to-run spread of 1.00x is not told apart from noise.
-            nat = self.results.get(w, {}).get("native", [])
-            s = max(nat) / min(nat) if len(nat) > 1 else None
+            s = self.native_spread(w)
             return f"; native's own runs spread {s:.2f}x: within noise" if s and max(x, 1 / x) <= s else ""
 
         def r(w, c):
