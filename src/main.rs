@@ -108,6 +108,17 @@ enum Command {
         #[arg(long)]
         fetch_user: String,
     },
+    /// The process that keeps a store's stubs failing closed (never read as zeros) through every
+    /// mount while no `hsm serve` runs. `hsm serve` starts it; it exits when the store's
+    /// filesystem is unmounted, or with --stop.
+    Guard {
+        /// The store (the directory given to `hsm serve`).
+        store: PathBuf,
+        /// Ask the running guard to exit (refused while hsm serve runs). Stubs reached through
+        /// leftover mounts are then no longer guarded.
+        #[arg(long)]
+        stop: bool,
+    },
     /// The unprivileged process that reads remote sources for `hsm serve` (started by it).
     #[command(hide = true)]
     ServeFetcher {
@@ -230,6 +241,12 @@ fn main() -> ExitCode {
         Command::ServeFetcher { source, user } => hsm::sys::ipc::take_inherited(3)
             .map_err(anyhow::Error::from)
             .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &user)),
+        Command::Guard { store, stop: false } => hsm::guard::run(&store),
+        Command::Guard { store, stop: true } => hsm::guard::stop(&store).map(|running| {
+            if !running {
+                eprintln!("hsm: no guard runs for {}", store.display());
+            }
+        }),
         Command::Status { paths, json } => hsm::status::run(&paths, json),
         Command::Verify { paths, store } => hsm::verify::run(&paths, store.as_deref()),
         Command::Demo { fs } => hsm::demo::run(&fs),

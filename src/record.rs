@@ -183,6 +183,13 @@ pub fn complete_on_disk(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Whether the file behind `fd` is a stub (has a source record). A file of the store's
+/// filesystem without one is the user's own, or the store's internals: no fetch concerns it. An
+/// error reading the xattr says yes, so that the engine decides and logs why.
+pub fn is_stub(fd: BorrowedFd<'_>) -> bool {
+    !matches!(crate::sys::fs::fgetxattr(fd, XATTR_SOURCE), Ok(None))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

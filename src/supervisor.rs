@@ -14,7 +14,7 @@
 //! and the worker unmounts the tree (see `worker`).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +26,7 @@ use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
 use crate::event::{respond_to_group, MASK};
+use crate::guard::{self, PrivateView, EVENT_FD_LIMIT};
 use crate::metrics::Metrics;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, NOTE_ID, REPLY_LEN};
 use crate::published::{FileId, PublishedRanges};
@@ -96,36 +97,60 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     if !sysfs::has_cap_sys_admin() {
         bail!("hsm serve needs CAP_SYS_ADMIN to watch pre-content events: run it as root");
     }
-    let store = Store::open(store_root)?;
+    let store_root = store_root
+        .canonicalize()
+        .with_context(|| format!("cannot find the store {}", store_root.display()))?;
+    // Checked through the plain path first, for messages that name it. If a guard holds the
+    // store's group, it (or the daemon already serving) answers these opens.
+    let store = Store::open(&store_root)?;
     store.check_private()?;
     let tree = store.tree();
-    let group = Group::new().map_err(|e| explain_fanotify(e, "fanotify_init", &tree))?;
-    group
+    // A throw-away group, so that a kernel or filesystem without pre-content events fails here,
+    // before a guard is started.
+    Group::new()
+        .map_err(|e| explain_fanotify(e, "fanotify_init", &tree))?
         .probe_pre_content(&tree)
         .map_err(|e| explain_fanotify(e, "pre-content mark", &tree))?;
+    let attachment = guard::attach_daemon(&store_root)?;
+    let group = attachment.group;
+    // From here on, the daemon reads and writes the store only through its private view, which
+    // the group ignores: with the filesystem marked, any other path would wait on this process.
+    let view = PrivateView::new(&group, &store_root)?;
+    group
+        .mark_filesystem(view.as_fd(), MASK)
+        .map_err(|e| explain_fanotify(e, "fanotify filesystem mark", &tree))?;
+    let _ = std::fs::write(
+        view.root().join(".hsm/guard.pid"),
+        attachment.guard_pid.to_string(),
+    );
     raise_fd_limit();
 
     let mountpoint = prepare_mountpoint(mountpoint, &tree)?;
-    let store_root = store_root.canonicalize()?;
     let metrics =
         Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
     let published = Shared::<PublishedRanges>::create(c"hsm-published")
         .context("cannot create the published ranges")?;
     let spawn = || {
-        let shared = [metrics.fd(), published.fd()];
-        spawn_worker(&store_root, &mountpoint, &group, shared, &opts.worker)
+        let inherited = [
+            metrics.fd(),
+            published.fd(),
+            view.as_fd(),
+            attachment.conn.as_fd(),
+        ];
+        spawn_worker(&store_root, &mountpoint, &group, inherited, &opts.worker)
     };
     // The first worker must come up before anything is exposed: a broken backend or store is an
     // error at start, not at the first read.
     let mut worker = spawn()?;
     wait_ready(&mut worker)?;
-    let exposure = Exposure::attach(&group, &tree, &mountpoint)?;
+    let exposure = Exposure::attach(&tree, &mountpoint)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    info!(store = %store.root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
+    let store = Store::open(view.root())?;
+    info!(store = %store_root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
     println!("ready");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -192,6 +217,14 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                         let _ =
                             ipc::try_send(worker.sock.as_fd(), &note.encode(), Some(fd.as_fd()));
                     }
+                    continue;
+                }
+                // Files that are not stubs (the filesystem mark covers every file of it): allowed
+                // and silenced at their first event.
+                if !crate::record::is_stub(fd.as_fd()) {
+                    Metrics::add(&metrics.allowed, 1);
+                    Metrics::add(&metrics.ignore_marks, 1);
+                    respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
                     continue;
                 }
                 // Accesses inside a range the worker has written and published: answered here,
@@ -384,7 +417,7 @@ fn spawn_worker(
     store_root: &Path,
     mountpoint: &Path,
     group: &Group,
-    shared: [BorrowedFd<'_>; 2],
+    inherited: [BorrowedFd<'_>; 4],
     opts: &WorkerOptions,
 ) -> anyhow::Result<WorkerProc> {
     let (mine, theirs) = ipc::seqpacket_pair()?;
@@ -407,11 +440,22 @@ fn spawn_worker(
         .arg(&opts.fetch_user)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD.
-    let fds = [theirs.as_fd(), group.as_fd(), shared[0], shared[1]];
+    // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD, VIEW_FD, GUARD_FD.
+    let [metrics, published, view, guard_conn] = inherited;
+    let fds = [
+        theirs.as_fd(),
+        group.as_fd(),
+        metrics,
+        published,
+        view,
+        guard_conn,
+    ];
     let child = ipc::spawn_with_fds(cmd, &fds).context("cannot start the worker process")?;
     drop(theirs);
-    let _ = std::fs::write(store_root.join(".hsm/worker.pid"), child.id().to_string());
+    let _ = std::fs::write(
+        format!("/proc/self/fd/{}/.hsm/worker.pid", view.as_raw_fd()),
+        child.id().to_string(),
+    );
     Ok(WorkerProc {
         child,
         sock: mine,
@@ -440,10 +484,13 @@ fn wait_ready(worker: &mut WorkerProc) -> anyhow::Result<()> {
 fn raise_fd_limit() {
     // Every held event and every cached file holds an fd (two on xfs): allow as many as the
     // kernel does (fs.nr_open), not the login default. The worker inherits the limit.
+    // Capped at EVENT_FD_LIMIT: every event fd number stays below it, so that the guard can
+    // clear what a dead daemon left unanswered (see `guard`).
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(EVENT_FD_LIMIT as libc::rlim_t);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -454,11 +501,18 @@ fn raise_fd_limit() {
             return;
         }
         let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max.max(nr_open),
-            rlim_max: lim.rlim_max.max(nr_open),
+            rlim_cur: lim
+                .rlim_max
+                .max(nr_open)
+                .min(EVENT_FD_LIMIT as libc::rlim_t),
+            rlim_max: lim
+                .rlim_max
+                .max(nr_open)
+                .min(EVENT_FD_LIMIT as libc::rlim_t),
         };
         if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            lim.rlim_cur = lim.rlim_max;
+            lim.rlim_cur = lim.rlim_max.min(EVENT_FD_LIMIT as libc::rlim_t);
+            lim.rlim_max = lim.rlim_cur;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
@@ -491,19 +545,17 @@ fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<PathBuf>
     bail!("could not clear the mounts stacked at {}", mp.display())
 }
 
-/// The tree mounted at MOUNTPOINT, marked before it became reachable.
+/// The tree mounted at MOUNTPOINT (the filesystem was marked before it became reachable).
 struct Exposure {
     mountpoint: PathBuf,
     attached: AtomicBool,
 }
 
 impl Exposure {
-    fn attach(group: &Group, tree: &Path, mountpoint: &Path) -> anyhow::Result<Exposure> {
+    fn attach(tree: &Path, mountpoint: &Path) -> anyhow::Result<Exposure> {
+        // No mark of its own: the filesystem mark covers it, as every other mount.
         let clone =
             mount::clone_tree(tree).context("cannot clone the store's tree for mounting")?;
-        group
-            .mark_mount(clone.as_fd(), MASK)
-            .map_err(|e| explain_fanotify(e, "fanotify mount mark", tree))?;
         mount::bind_self_private(mountpoint)
             .with_context(|| format!("cannot prepare mount point {}", mountpoint.display()))?;
         let exposure = Exposure {

@@ -6,10 +6,11 @@
 //! worker. Nothing it wrote is trusted after a restart unless its record says so, and records are
 //! written only after the data is synced.
 //!
-//! It also holds a duplicate of the fanotify group fd, so that if the *supervisor* dies the group
-//! (and the events pending in it) survive: the worker then unmounts the exposed tree, so no new
-//! path leads to stubs, answers what it holds directly to the group, serves files still open for
-//! the drain period, and exits.
+//! It holds a duplicate of the fanotify group fd (it answers the kernel itself) and of the
+//! supervisor's connection to the store's guard: if the *supervisor* dies, the worker answers
+//! what it holds and exits, and the guard, which sees the connection close only then, takes
+//! over the group (see `guard`). All its reads and writes of the store go through the daemon's
+//! private view, which raises no event.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,7 +23,8 @@ use anyhow::Context;
 use tracing::{error, info, warn};
 
 use crate::engine::{Engine, Need, Served};
-use crate::event::{EventId, GroupResponder, PendingEvent, Respond, SupervisorResponder};
+use crate::event::{EventId, PendingEvent, Respond, SupervisorResponder};
+use crate::guard::PrivateView;
 use crate::metrics::Metrics;
 use crate::prefetch::DirPrefetch;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
@@ -30,7 +32,7 @@ use crate::published::PublishedRanges;
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
 use crate::sys::shm::Shared;
-use crate::sys::{fs as sysfs, ipc, mount};
+use crate::sys::{fs as sysfs, ipc};
 
 /// The fd numbers the supervisor installs in the worker.
 pub const SOCKET_FD: i32 = 3;
@@ -39,6 +41,11 @@ pub const GROUP_FD: i32 = 4;
 pub const METRICS_FD: i32 = 5;
 /// The table where present ranges are published for the supervisor (`crate::published`).
 pub const PUBLISHED_FD: i32 = 6;
+/// The daemon's private view of the store (`guard::PrivateView`): all the worker's store I/O.
+pub const VIEW_FD: i32 = 7;
+/// The daemon's connection to the store's guard: held open here too, so that the guard takes
+/// over only once both processes are gone.
+pub const GUARD_FD: i32 = 8;
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -118,7 +125,13 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         ipc::take_inherited(PUBLISHED_FD).context("worker started without the published ranges")?,
     )
     .context("cannot map the published ranges")?;
-    let store = Store::open(store_root)?;
+    let view = PrivateView::from_fd(
+        ipc::take_inherited(VIEW_FD).context("worker started without the store's view")?,
+    );
+    let _guard_conn =
+        ipc::take_inherited(GUARD_FD).context("worker started without the guard connection")?;
+    let store = Store::open(view.root())
+        .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     let backend = open_backend(&store, &opts.fetch_user)?;
     if !backend.reads_may_stall() {
         info!(
@@ -194,15 +207,13 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     };
     ipc::send(sock.as_fd(), &ready.encode(), None).context("supervisor gone at start")?;
 
-    let supervisor_lost = receive_from_supervisor(&ctx, &sock, &responder, &tx);
-    if supervisor_lost {
-        warn!("the supervisor is gone: unmounting the tree and serving files still open for the drain period");
-        for _ in 0..2 {
-            let _ = mount::detach(mountpoint);
-        }
-        serve_group_directly(&ctx, &group, &tx, Instant::now() + opts.drain);
+    if receive_from_supervisor(&ctx, &sock, &responder, &tx) {
+        // Not read from the group here: events the supervisor read and did not pass on are
+        // still owed under its fd numbers, and a new event given one of them would take its
+        // answer. What was passed on is answered below; then, with both processes gone, the
+        // guard clears the rest and answers events until a daemon attaches again.
+        warn!("the supervisor is gone: answering the events held here, then exiting");
     }
-
     drop(tx);
     for t in threads {
         let _ = t.join();
@@ -318,50 +329,6 @@ fn receive_from_supervisor(
                 && ipc::poll_readable(&[sock.as_fd()], 0).is_ok_and(|r| !r[0])
         };
         dispatch(ctx, ev, tx, &alone);
-    }
-}
-
-/// After the supervisor died: read the group ourselves until `until`.
-fn serve_group_directly(
-    ctx: &Arc<Ctx>,
-    group: &Arc<Group>,
-    tx: &crossbeam_channel::Sender<PendingEvent>,
-    until: Instant,
-) {
-    let responder: Arc<dyn Respond> = Arc::new(GroupResponder(group.clone()));
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut raw = Vec::new();
-    while Instant::now() < until {
-        match ipc::poll_readable(&[group.as_fd()], 200) {
-            Ok(r) if r[0] => {}
-            _ => continue,
-        }
-        raw.clear();
-        if let Err(e) = group.read_events(&mut buf, &mut raw) {
-            error!("reading fanotify events failed: {e}");
-            continue;
-        }
-        for r in raw.drain(..) {
-            if r.fd < 0 {
-                continue;
-            }
-            // SAFETY-free: ownership of r.fd is taken by the sys layer.
-            let Ok(fd) = crate::sys::fanotify::own_event_fd(r.fd) else {
-                continue;
-            };
-            let ev = PendingEvent::new(
-                fd,
-                EventId {
-                    id: 0,
-                    fd_num: r.fd,
-                },
-                r.mask,
-                r.pid,
-                r.range,
-                responder.clone(),
-            );
-            dispatch(ctx, ev, tx, &|| false);
-        }
     }
 }
 

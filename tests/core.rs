@@ -1546,8 +1546,19 @@ fn complete_files_raise_no_more_events() {
             assert_eq!(metric(&b, k), metric(&c, k), "{fs_kind}: {k} at stop: {c}");
         }
 
-        // A new daemon has no ignore marks (as when the kernel evicts one): the first access
+        // The guard holds the group, and with it the ignore marks, across a restart: a new
+        // daemon sees no event for complete files.
+        fx.serve(&[]);
+        reread(&fx, &files, fs_kind);
+        let r = fx.stop();
+        for k in EVENTS {
+            assert_eq!(metric(&r, k), 0, "{fs_kind}: {k} after a restart: {r}");
+        }
+
+        // After a remount no mark is left (as when the kernel evicts one): the first access
         // finds the file complete and marks it again, fetching nothing.
+        stop_guard(&fx.store);
+        fx.fs.remount_retrying();
         fx.serve(&[]);
         reread(&fx, &files, fs_kind);
         let d = fx.settled_metrics();

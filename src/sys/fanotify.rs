@@ -30,6 +30,7 @@ pub const FAN_UNLIMITED_QUEUE: u32 = 0x10;
 pub const FAN_MARK_ADD: u32 = 0x01;
 pub const FAN_MARK_REMOVE: u32 = 0x02;
 pub const FAN_MARK_MOUNT: u32 = 0x10;
+pub const FAN_MARK_FILESYSTEM: u32 = 0x100;
 pub const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
 pub const FAN_MARK_EVICTABLE: u32 = 0x200;
 pub const FAN_MARK_IGNORE: u32 = 0x400;
@@ -255,6 +256,36 @@ impl Group {
     /// `open_tree` returns.
     pub fn mark_mount(&self, mount_fd: BorrowedFd<'_>, mask: u64) -> io::Result<()> {
         self.mark_at(FAN_MARK_ADD | FAN_MARK_MOUNT, mask, mount_fd, Some(c"."))
+    }
+
+    /// Watch every file of the filesystem that `fd` is on, through every mount of it: bind mounts,
+    /// copies in other mount namespaces, overlayfs's private clones of its layers, the store's own
+    /// path. A mount mark alone covers one mount, and every other mount read stub zeros.
+    pub fn mark_filesystem(&self, fd: BorrowedFd<'_>, mask: u64) -> io::Result<()> {
+        self.mark_at(FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, fd, Some(c"."))
+    }
+
+    /// Silence `mask` for every file reached through the mount `mount_fd` refers to (an
+    /// `open_tree` clone only the daemon holds): the daemon's own reads and writes of the store
+    /// then raise no event, so it never waits on itself.
+    pub fn ignore_mount(&self, mount_fd: BorrowedFd<'_>, mask: u64) -> io::Result<()> {
+        self.mark_at(
+            FAN_MARK_ADD | FAN_MARK_MOUNT | FAN_MARK_IGNORE | FAN_MARK_IGNORED_SURV_MODIFY,
+            mask,
+            mount_fd,
+            Some(c"."),
+        )
+    }
+
+    /// Answer with `verdict` every event read but not answered by a process that is gone, by
+    /// writing a response for each fd number below `limit`. The kernel matches a response by fd
+    /// number alone, so such leftovers would otherwise take the answers meant for newer events
+    /// that get the same numbers. Call it before reading anything from the group. Returns how
+    /// many events it answered. About 0.3 s per million numbers.
+    pub fn answer_leftovers(&self, limit: RawFd, verdict: Verdict) -> usize {
+        (0..limit)
+            .filter(|&fd| self.respond(fd, verdict).is_ok())
+            .count()
     }
 
     /// Silence `mask` for the inode behind `file` through every mount. Evictable: the kernel may drop

@@ -221,3 +221,139 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<
         .map(|x| x.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
         .collect())
 }
+
+/// The `sockaddr_un` of an abstract socket (no file in any filesystem: it pins no mount, so the
+/// filesystem it names can still be unmounted) and its length.
+fn abstract_addr(name: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = name.as_bytes();
+    if bytes.len() + 1 > addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket name too long",
+        ));
+    }
+    // sun_path[0] stays NUL: the abstract namespace.
+    for (i, b) in bytes.iter().enumerate() {
+        addr.sun_path[i + 1] = *b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + bytes.len();
+    Ok((addr, len as libc::socklen_t))
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Listen on the abstract `SOCK_SEQPACKET` socket `name`. `AddrInUse` when another process does.
+pub fn listen_abstract(name: &str) -> io::Result<OwnedFd> {
+    let (addr, len) = abstract_addr(name)?;
+    let sock = seqpacket_socket()?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    // SAFETY: plain syscall.
+    cvt(unsafe { libc::listen(sock.as_raw_fd(), 64) })?;
+    Ok(sock)
+}
+
+/// Connect to the abstract `SOCK_SEQPACKET` socket `name`.
+pub fn connect_abstract(name: &str) -> io::Result<OwnedFd> {
+    let (addr, len) = abstract_addr(name)?;
+    let sock = seqpacket_socket()?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt_retry(|| unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
+    Ok(sock)
+}
+
+/// Accept one connection on a listening socket.
+pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: NULL address pointers are allowed.
+    let fd = cvt_retry(|| unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: accept4 returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The (pid, uid) of the process at the other end of a connected unix socket, as of connect.
+pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid ucred of `len` bytes.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid))
+}
+
+/// Move `fd` to a number of at least `min` (close-on-exec), closing the original: for fds that
+/// must stay clear of the low numbers an event's fd could take.
+pub fn move_above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on an open fd returns a new fd that nothing else owns.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn abstract_socket_passes_an_fd_and_names_its_peer() {
+        let name = format!("hsm-test-{}-{}", std::process::id(), line!());
+        let listener = listen_abstract(&name).unwrap();
+        assert_eq!(
+            listen_abstract(&name).unwrap_err().kind(),
+            io::ErrorKind::AddrInUse
+        );
+        let client = connect_abstract(&name).unwrap();
+        let server = accept(listener.as_fd()).unwrap();
+        let (pid, uid) = peer_credentials(server.as_fd()).unwrap();
+        assert_eq!(pid, std::process::id() as i32);
+        // SAFETY: plain syscall.
+        assert_eq!(uid, unsafe { libc::geteuid() });
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        send(server.as_fd(), b"G", Some(file.as_fd())).unwrap();
+        let mut buf = [0u8; 4];
+        let (n, fd) = recv(client.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"G");
+        assert!(fd.is_some());
+        drop(server);
+        assert_eq!(recv(client.as_fd(), &mut buf).unwrap().0, 0);
+        assert!(connect_abstract(&format!("{name}-absent")).is_err());
+    }
+}

@@ -336,6 +336,43 @@ impl Drop for Daemon {
     }
 }
 
+/// The pid of the store's guard process (`hsm guard`), if `hsm serve` started one.
+pub fn guard_pid(store: &Path) -> Option<i32> {
+    std::fs::read_to_string(store.join(".hsm/guard.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` is `hsm guard` of `store` (so that a recycled pid is never signalled).
+fn is_guard_of(pid: i32, store: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.get(1) == Some(&&b"guard"[..])
+        && args.get(2).is_some_and(|a| {
+            Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a)) == store
+        })
+}
+
+/// End the store's guard (SIGTERM by pid), waiting up to 10 s for it to go. After this, stubs
+/// reached through leftover mounts are no longer guarded: for teardown.
+pub fn stop_guard(store: &Path) {
+    let Some(pid) = guard_pid(store) else { return };
+    let store = store.canonicalize().unwrap_or_else(|_| store.to_path_buf());
+    if !is_guard_of(pid, &store) {
+        return;
+    }
+    // SAFETY: signalling a process we checked is this store's guard.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    while is_guard_of(pid, &store) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Source tree, store on a loop filesystem, and a mount point: the usual test setup.
 /// Field order matters: the daemon goes first, then the filesystem, then the scratch dir.
 pub struct Fixture {
@@ -346,6 +383,14 @@ pub struct Fixture {
     pub view: PathBuf,
     pub fs: LoopFs,
     pub scratch: Scratch,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // The daemon first, then its guard, then (by field order) the filesystem.
+        self.daemon.take();
+        stop_guard(&self.store);
+    }
 }
 
 impl Fixture {
@@ -498,10 +543,15 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
     );
 }
 
-/// Skip (pass with a note) when not root: these tests need loop mounts and CAP_SYS_ADMIN.
+/// Skip (pass with a note) when not root: these tests need loop mounts and CAP_SYS_ADMIN. Under
+/// CI (`CI=true`) a test that cannot run fails instead: it never passes silently there.
 pub fn require_root() -> bool {
     // SAFETY: trivial syscall.
     if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "this test needs root (loop mounts, CAP_SYS_ADMIN) and CI=true is set"
+        );
         eprintln!("skipped: needs root");
         return false;
     }
@@ -518,4 +568,19 @@ pub fn metric(m: &serde_json::Value, key: &str) -> u64 {
 /// Is `p` a mount point in our mount namespace?
 pub fn is_mounted(p: &Path) -> bool {
     hsm::sys::mount::is_mount_point(p).expect("read /proc/self/mountinfo")
+}
+
+/// Open a stub for its raw bytes (unfilled ranges as the stub holds them), raising no event and
+/// needing no daemon: through a private view of the store (see `hsm::guard::open_for_tool`).
+pub fn raw_open(p: &Path, write: bool) -> std::fs::File {
+    hsm::guard::open_for_tool(p, std::fs::File::options().read(true).write(write))
+        .unwrap_or_else(|e| panic!("raw open of {}: {e}", p.display()))
+}
+
+/// A stub's raw bytes (see [`raw_open`]).
+pub fn raw_read(p: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = Vec::new();
+    raw_open(p, false).read_to_end(&mut v).unwrap();
+    v
 }
