@@ -101,6 +101,8 @@ pub struct Attachment {
 pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
     let name = socket_name(store_root)
         .with_context(|| format!("cannot stat the store {}", store_root.display()))?;
+    // Owned (and closed, when a guard still runs) whatever happens next.
+    let mut stored = ipc::take_listen_fd(FDSTORE_NAME);
     let mut started = false;
     for _ in 0..50 {
         match ipc::connect_abstract(&name) {
@@ -129,8 +131,12 @@ pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
                     Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
                 ) && !started =>
             {
-                match start_guard(store_root, &name) {
-                    Ok(()) => started = true,
+                match start_guard(store_root, &name, stored.take()) {
+                    // Connect at once: the new guard leaves queued events to us.
+                    Ok(()) => {
+                        started = true;
+                        continue;
+                    }
                     // Another `hsm serve` started one at the same moment: connect to it.
                     Err(e) if is_addr_in_use(&e) => {}
                     Err(e) => return Err(e),
@@ -149,17 +155,41 @@ fn is_addr_in_use(e: &anyhow::Error) -> bool {
         .is_some_and(|e| e.kind() == io::ErrorKind::AddrInUse)
 }
 
-/// Start `hsm guard STORE` with a new group and the listening socket already bound, so that a
-/// connection made right after this returns is queued for it.
-fn start_guard(store_root: &Path, name: &str) -> anyhow::Result<()> {
+/// The name of the group in systemd's file-descriptor store.
+pub const FDSTORE_NAME: &str = "hsm-group";
+
+/// Start `hsm guard STORE` with the listening socket already bound, so that a connection made
+/// right after this returns is queued for it, and with the group systemd kept in its fd store
+/// (`stored`), or else a new one. A stored group kept every mark while no process read it
+/// (readers waited); what a dead daemon read and left unanswered is cleared first.
+fn start_guard(store_root: &Path, name: &str, stored: Option<OwnedFd>) -> anyhow::Result<()> {
     let listener = ipc::listen_abstract(name)?;
-    let group = Group::new()?;
+    let group = match stored {
+        Some(fd) => {
+            let group = Group::from_fd(fd);
+            let cleared = group.answer_leftovers(EVENT_FD_LIMIT, Verdict::Deny(DenyErrno::Io));
+            info!(
+                denied = cleared,
+                "took the store's group back from the service manager's fd store"
+            );
+            group
+        }
+        None => Group::new()?,
+    };
     let exe = std::env::current_exe().context("cannot find the hsm executable")?;
     let mut cmd = Command::new(exe);
+    // Its log goes where `hsm serve`'s goes (a terminal, the journal), but never into a pipe:
+    // whoever reads that pipe would wait for the guard's end too.
+    let stderr = if ipc::is_pipe(io::stderr().as_fd()) {
+        Stdio::null()
+    } else {
+        Stdio::inherit()
+    };
     cmd.arg("guard")
         .arg(store_root)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(stderr)
         // Its own process group: a Ctrl-C meant for `hsm serve` must not end the guard.
         .process_group(0);
     let child = ipc::spawn_with_fds(cmd, &[listener.as_fd(), group.as_fd()])
@@ -292,6 +322,7 @@ pub fn decide_unserved(
     mask: u64,
     range: Option<(u64, u64)>,
     size: u64,
+    for_kernel_reader: bool,
 ) -> Unserved {
     let Some(source) = source else {
         return Unserved::AllowAndIgnore;
@@ -326,14 +357,16 @@ pub fn decide_unserved(
     }
     // An open. A stub fetched whole on open is sparse: once open, copy tools that trust
     // SEEK_DATA would copy its holes as zeros without a read. Stubs filled range by range raise
-    // an event for every range read, which is decided above.
+    // an event for every range read, which is decided above, unless the opener hands the file
+    // to a kernel reader that raises none (a loop device).
     match source.kind {
+        _ if for_kernel_reader => Unserved::Deny,
         StubKind::Sparse => Unserved::Deny,
         StubKind::Cloned | StubKind::SparseLazy => Unserved::Allow,
     }
 }
 
-fn decide_event(fd: BorrowedFd<'_>, mask: u64, range: Option<(u64, u64)>) -> Unserved {
+fn decide_event(fd: BorrowedFd<'_>, mask: u64, pid: i32, range: Option<(u64, u64)>) -> Unserved {
     let source = match sysfs::fgetxattr(fd, XATTR_SOURCE) {
         Ok(v) => v,
         Err(_) => return Unserved::Deny,
@@ -349,7 +382,27 @@ fn decide_event(fd: BorrowedFd<'_>, mask: u64, range: Option<(u64, u64)>) -> Uns
         Ok(st) => st.st_size as u64,
         Err(_) => return Unserved::Deny,
     };
-    decide_unserved(source.as_deref(), state.as_deref(), mask, range, size)
+    let for_kernel_reader =
+        mask & FAN_PRE_ACCESS == 0 && crate::worker::hands_files_to_the_kernel(pid);
+    decide_unserved(
+        source.as_deref(),
+        state.as_deref(),
+        mask,
+        range,
+        size,
+        for_kernel_reader,
+    )
+}
+
+/// How long a new guard leaves the group unread for the `hsm serve` that started it to attach:
+/// events already queued (kept by systemd's fd store while no process read them) are then
+/// served by the daemon, with the right bytes, rather than denied.
+const FIRST_ATTACH_WAIT: Duration = Duration::from_secs(10);
+
+/// The daemon attached to the guard: its connection and the supervisor's pid.
+struct Attached {
+    conn: OwnedFd,
+    pid: u32,
 }
 
 /// `hsm guard STORE`: started by `hsm serve` (fd 3: the listening socket, fd 4: the group).
@@ -357,19 +410,19 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
     let listener = ipc::take_inherited(LISTENER_FD)
         .context("hsm guard is started by hsm serve, not by hand")?;
     let group = Group::from_fd(ipc::take_inherited(GROUP_FD).context("no fanotify group")?);
+    // Nothing else of its parent's: it outlives it.
+    ipc::close_fds_from(GROUP_FD + 1);
     let dev = mount::mount_device_of(&store_root.canonicalize()?)?
         .context("cannot find the store's filesystem in /proc/self/mountinfo")?;
     // Hold nothing on the store's filesystem, so that it can be unmounted.
     std::env::set_current_dir("/")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
-        // Only an explicit SIGTERM or SIGKILL (or `hsm serve --stop-guard`) ends the guard.
+        // Only SIGTERM, SIGKILL or `hsm guard --stop` end the guard.
         signal_hook::flag::register(sig, std::sync::Arc::new(Default::default()))?;
     }
     info!(store = %store_root.display(), pid = std::process::id(), "guarding the store");
-    let me = std::process::id();
-    let mut daemon: Option<(OwnedFd, u32)> = None;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut raw = Vec::new();
+    let mut daemon: Option<Attached> = None;
+    let mut first_attach_until = Some(Instant::now() + FIRST_ATTACH_WAIT);
     let mut checked = Instant::now();
     let mut denied: u64 = 0;
     loop {
@@ -381,101 +434,138 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        let second = match &daemon {
-            Some((conn, _)) => conn.as_fd(),
-            None => group.as_fd(),
+        if first_attach_until.is_some_and(|t| Instant::now() >= t) {
+            first_attach_until = None;
+        }
+        // Reads the group only while no daemon is attached (and not during the first wait).
+        let second = match (&daemon, first_attach_until) {
+            (Some(d), _) => Some(d.conn.as_fd()),
+            (None, None) => Some(group.as_fd()),
+            (None, Some(_)) => None,
         };
-        let ready = ipc::poll_readable(&[listener.as_fd(), second], 2_000)?;
-        if ready[1] {
-            if let Some((conn, pid)) = &daemon {
-                let mut b = [0u8; 8];
-                if !matches!(ipc::recv(conn.as_fd(), &mut b), Ok((n, _)) if n > 0) {
-                    // Both daemon processes are gone (or closed the connection when stopping).
-                    let cleared =
-                        group.answer_leftovers(EVENT_FD_LIMIT, Verdict::Deny(DenyErrno::Io));
-                    if cleared > 0 {
-                        warn!(
-                            daemon = pid,
-                            denied = cleared,
-                            "hsm serve ended with accesses unanswered: denied them with EIO"
-                        );
-                    }
-                    info!(
-                        daemon = pid,
-                        "no daemon serves the store: the guard answers its events"
-                    );
-                    daemon = None;
-                }
-            } else {
-                raw.clear();
-                if let Err(e) = group.read_events(&mut buf, &mut raw) {
-                    error!("reading fanotify events failed: {e}");
-                }
-                for r in raw.drain(..) {
-                    let Ok(fd) = own_event_fd(r.fd) else { continue };
-                    let decision = decide_event(fd.as_fd(), r.mask, r.range);
-                    let (verdict, ignore) = match decision {
-                        Unserved::AllowAndIgnore => (Verdict::Allow, true),
-                        Unserved::Allow => (Verdict::Allow, false),
-                        Unserved::Deny => (Verdict::Deny(DenyErrno::Io), false),
-                    };
-                    if decision == Unserved::Deny {
-                        denied += 1;
-                        if denied <= 10 || denied.is_power_of_two() {
-                            warn!(
-                                pid = r.pid,
-                                denied,
-                                "no daemon serves the store: an access to bytes not present was denied with EIO (start hsm serve)"
-                            );
-                        }
-                    }
-                    crate::event::respond_to_group(&group, r.fd, fd.as_fd(), verdict, ignore);
-                }
-            }
-        }
+        let fds: Vec<BorrowedFd<'_>> = std::iter::once(listener.as_fd()).chain(second).collect();
+        let ready = ipc::poll_readable(&fds, 500)?;
+        // Connections first: a daemon that is attaching takes the queued events.
         if ready[0] {
-            let Ok(conn) = ipc::accept(listener.as_fd()) else {
-                continue;
-            };
-            let Ok((pid, uid)) = ipc::peer_credentials(conn.as_fd()) else {
-                continue;
-            };
-            if uid != 0 {
-                warn!(pid, uid, "refused a connection from a non-root process");
-                continue;
+            match handle_request(&listener, &group, &mut daemon) {
+                Ok(Flow::Quit) => return Ok(()),
+                Ok(Flow::Attached) => first_attach_until = None,
+                Ok(Flow::Continue) | Err(_) => {}
             }
-            if !ipc::poll_readable(&[conn.as_fd()], 1_000).is_ok_and(|r| r[0]) {
-                continue;
-            }
+            continue;
+        }
+        if !ready.get(1).copied().unwrap_or(false) {
+            continue;
+        }
+        if let Some(d) = &daemon {
             let mut b = [0u8; 8];
-            let req = match ipc::recv(conn.as_fd(), &mut b) {
-                Ok((1, _)) => b[0],
-                _ => continue,
-            };
-            match (req, &daemon) {
-                (REQ_SERVE, Some((_, attached))) | (REQ_QUIT, Some((_, attached))) => {
-                    let _ = ipc::send(conn.as_fd(), &reply(REP_BUSY, *attached), None);
-                }
-                (REQ_SERVE, None) => {
-                    if ipc::send(conn.as_fd(), &reply(REP_GROUP, me), Some(group.as_fd())).is_ok() {
-                        info!(
-                            daemon = pid,
-                            "hsm serve attached: it answers the store's events"
-                        );
-                        daemon = Some((conn, pid as u32));
-                    }
-                }
-                (REQ_GROUP, _) => {
-                    let _ = ipc::send(conn.as_fd(), &reply(REP_GROUP, me), Some(group.as_fd()));
-                }
-                (REQ_QUIT, None) => {
-                    let _ = ipc::send(conn.as_fd(), &reply(REP_BYE, me), None);
-                    info!("asked to exit: stubs reached through leftover mounts are no longer guarded");
-                    return Ok(());
-                }
-                _ => {}
+            if matches!(ipc::recv(d.conn.as_fd(), &mut b), Ok((n, _)) if n > 0) {
+                continue;
+            }
+            // Both daemon processes are gone (or closed the connection as they stopped).
+            let cleared = group.answer_leftovers(EVENT_FD_LIMIT, Verdict::Deny(DenyErrno::Io));
+            if cleared > 0 {
+                warn!(
+                    daemon = d.pid,
+                    denied = cleared,
+                    "hsm serve ended with accesses unanswered: denied them with EIO"
+                );
+            }
+            info!(
+                daemon = d.pid,
+                "no daemon serves the store: the guard answers its events"
+            );
+            daemon = None;
+        } else {
+            answer_events(&group, &mut denied);
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Attached,
+    Quit,
+}
+
+fn handle_request(
+    listener: &OwnedFd,
+    group: &Group,
+    daemon: &mut Option<Attached>,
+) -> io::Result<Flow> {
+    let me = std::process::id();
+    let conn = ipc::accept(listener.as_fd())?;
+    let (pid, uid) = ipc::peer_credentials(conn.as_fd())?;
+    if uid != 0 {
+        warn!(pid, uid, "refused a connection from a non-root process");
+        return Ok(Flow::Continue);
+    }
+    if !ipc::poll_readable(&[conn.as_fd()], 1_000)?[0] {
+        return Ok(Flow::Continue);
+    }
+    let mut b = [0u8; 8];
+    let (n, _) = ipc::recv(conn.as_fd(), &mut b)?;
+    if n != 1 {
+        return Ok(Flow::Continue);
+    }
+    match (b[0], &*daemon) {
+        (REQ_SERVE | REQ_QUIT, Some(d)) => {
+            ipc::send(conn.as_fd(), &reply(REP_BUSY, d.pid), None)?;
+        }
+        (REQ_SERVE, None) => {
+            ipc::send(conn.as_fd(), &reply(REP_GROUP, me), Some(group.as_fd()))?;
+            info!(
+                daemon = pid,
+                "hsm serve attached: it answers the store's events"
+            );
+            *daemon = Some(Attached {
+                conn,
+                pid: pid as u32,
+            });
+            return Ok(Flow::Attached);
+        }
+        (REQ_GROUP, _) => {
+            ipc::send(conn.as_fd(), &reply(REP_GROUP, me), Some(group.as_fd()))?;
+        }
+        (REQ_QUIT, None) => {
+            ipc::send(conn.as_fd(), &reply(REP_BYE, me), None)?;
+            info!("asked to exit: stubs reached through leftover mounts are no longer guarded");
+            return Ok(Flow::Quit);
+        }
+        _ => {}
+    }
+    Ok(Flow::Continue)
+}
+
+/// Read a batch of events and answer each from the file's records (see [`decide_unserved`]).
+fn answer_events(group: &Group, denied: &mut u64) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut raw = Vec::new();
+    if let Err(e) = group.read_events(&mut buf, &mut raw) {
+        error!("reading fanotify events failed: {e}");
+    }
+    for r in raw {
+        let Ok(fd) = own_event_fd(r.fd) else {
+            continue;
+        };
+        let decision = decide_event(fd.as_fd(), r.mask, r.pid, r.range);
+        let (verdict, ignore) = match decision {
+            Unserved::AllowAndIgnore => (Verdict::Allow, true),
+            Unserved::Allow => (Verdict::Allow, false),
+            Unserved::Deny => (Verdict::Deny(DenyErrno::Io), false),
+        };
+        if decision == Unserved::Deny {
+            *denied += 1;
+            if *denied <= 10 || denied.is_power_of_two() {
+                warn!(
+                    pid = r.pid,
+                    denied = *denied,
+                    "no daemon serves the store: an access to bytes not present was denied \
+                     with EIO (start hsm serve)"
+                );
             }
         }
+        crate::event::respond_to_group(group, r.fd, fd.as_fd(), verdict, ignore);
     }
 }
 
@@ -496,10 +586,21 @@ mod tests {
         }
     }
 
+    /// An event from an ordinary program (not one handing the file to a kernel reader).
+    fn d(
+        source: Option<&[u8]>,
+        state: Option<&[u8]>,
+        mask: u64,
+        range: Option<(u64, u64)>,
+        size: u64,
+    ) -> Unserved {
+        decide_unserved(source, state, mask, range, size, false)
+    }
+
     #[test]
     fn files_that_are_not_stubs_are_allowed_and_silenced() {
         assert_eq!(
-            decide_unserved(None, None, FAN_OPEN_PERM, None, 10),
+            d(None, None, FAN_OPEN_PERM, None, 10),
             Unserved::AllowAndIgnore
         );
     }
@@ -510,17 +611,12 @@ mod tests {
         let mut bad = src.clone();
         bad[5] ^= 1;
         assert_eq!(
-            decide_unserved(Some(&bad), None, FAN_OPEN_PERM, None, 8192),
+            d(Some(&bad), None, FAN_OPEN_PERM, None, 8192),
             Unserved::Deny
         );
+        let junk = Some(&b"junk"[..]);
         assert_eq!(
-            decide_unserved(
-                Some(&src),
-                Some(b"junk"),
-                FAN_PRE_ACCESS,
-                Some((0, 4096)),
-                8192
-            ),
+            d(Some(&src), junk, FAN_PRE_ACCESS, Some((0, 4096)), 8192),
             Unserved::Deny
         );
     }
@@ -532,7 +628,7 @@ mod tests {
         st.present.insert(0, 1 << 20);
         let (src, st) = (rec.encode(), st.encode());
         let at = |off, count| {
-            decide_unserved(
+            d(
                 Some(&src),
                 Some(&st),
                 FAN_PRE_ACCESS,
@@ -548,12 +644,12 @@ mod tests {
         assert_eq!(at(0, 0), Unserved::Deny);
         // A fresh stub has nothing present.
         assert_eq!(
-            decide_unserved(Some(&src), None, FAN_PRE_ACCESS, Some((0, 4096)), 3 << 20),
+            d(Some(&src), None, FAN_PRE_ACCESS, Some((0, 4096)), 3 << 20),
             Unserved::Deny
         );
         // Past the size the file has now (truncated locally): the user's own bytes.
         assert_eq!(
-            decide_unserved(
+            d(
                 Some(&src),
                 Some(&st),
                 FAN_PRE_ACCESS,
@@ -567,7 +663,7 @@ mod tests {
     #[test]
     fn opens_are_refused_only_where_holes_would_show() {
         let open = |kind| {
-            decide_unserved(
+            d(
                 Some(&source(kind, 8192).encode()),
                 None,
                 FAN_OPEN_PERM,
@@ -578,28 +674,26 @@ mod tests {
         assert_eq!(open(StubKind::Sparse), Unserved::Deny);
         assert_eq!(open(StubKind::Cloned), Unserved::Allow);
         assert_eq!(open(StubKind::SparseLazy), Unserved::Allow);
+        // Handed to a loop device, which reads without events: refused whatever the kind.
+        for kind in [StubKind::Cloned, StubKind::SparseLazy, StubKind::Sparse] {
+            let src = source(kind, 8192).encode();
+            assert_eq!(
+                decide_unserved(Some(&src), None, FAN_OPEN_PERM, None, 8192, true),
+                Unserved::Deny
+            );
+        }
         let rec = source(StubKind::Sparse, 8192);
         let mut st = rec.fresh_state();
         st.present.insert(0, 8192);
+        let (src, st) = (rec.encode(), st.encode());
         assert_eq!(
-            decide_unserved(
-                Some(&rec.encode()),
-                Some(&st.encode()),
-                FAN_OPEN_PERM,
-                None,
-                8192
-            ),
+            decide_unserved(Some(&src), Some(&st), FAN_OPEN_PERM, None, 8192, true),
             Unserved::AllowAndIgnore
         );
         // An empty file is complete.
+        let empty = source(StubKind::Sparse, 0).encode();
         assert_eq!(
-            decide_unserved(
-                Some(&source(StubKind::Sparse, 0).encode()),
-                None,
-                FAN_OPEN_PERM,
-                None,
-                0
-            ),
+            d(Some(&empty), None, FAN_OPEN_PERM, None, 0),
             Unserved::AllowAndIgnore
         );
     }

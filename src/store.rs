@@ -24,6 +24,8 @@ pub const DEFAULT_CHUNK: u32 = 1 << 20;
 /// cloned stubs filled range by range.
 pub const DEFAULT_WHOLE_BELOW: u64 = 4 << 20;
 const ZERO_POOL_LEN: u64 = 16 << 20;
+/// The configuration is written here, then renamed to `config.json`.
+const CONFIG_TMP: &str = "config.json.tmp";
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoreConfig {
@@ -111,7 +113,7 @@ impl Store {
             if !root.is_dir() {
                 bail!("STORE {} exists and is not a directory", root.display());
             }
-            if fs::read_dir(root)?.next().is_some() {
+            if fs::read_dir(root)?.next().is_some() && !Store::unfinished(root)? {
                 bail!(
                     "STORE {} is not empty and is not an hsm store; refusing to write into it",
                     root.display()
@@ -138,22 +140,66 @@ impl Store {
             root: root.to_path_buf(),
             config,
         };
-        fs::DirBuilder::new().mode(0o700).create(store.meta())?;
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(store.digest_dir())?;
-        fs::DirBuilder::new().mode(0o755).create(store.tree())?;
+        // A populate killed while it made the store left some of these (see `unfinished`).
+        let mkdir = |path: PathBuf, mode: u32| match fs::DirBuilder::new().mode(mode).create(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+            other => other,
+        };
+        mkdir(store.meta(), 0o700)?;
+        mkdir(store.digest_dir(), 0o700)?;
+        mkdir(store.tree(), 0o755)?;
         if kind.reflinks() {
             store.make_zero_pool()?;
         }
+        // The configuration last, whole or not at all: a store with one is complete.
+        let tmp = store.meta().join(CONFIG_TMP);
         let mut f = fs::OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
-            .open(Store::config_path(root))?;
+            .open(&tmp)?;
         f.write_all(serde_json::to_string_pretty(&store.config)?.as_bytes())?;
         f.sync_all()?;
+        fs::rename(&tmp, Store::config_path(root))?;
         Ok(store)
+    }
+
+    /// A store whose making was interrupted (populate killed before it wrote the configuration):
+    /// nothing in it but what `create` makes before the configuration, with an empty tree and no
+    /// digest list. `create` finishes it.
+    fn unfinished(root: &Path) -> anyhow::Result<bool> {
+        let names = |dir: &Path| -> std::io::Result<Vec<std::ffi::OsString>> {
+            fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect()
+        };
+        let empty_dir = |dir: &Path| -> bool {
+            fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir())
+                && names(dir).is_ok_and(|n| n.is_empty())
+        };
+        let md = fs::symlink_metadata(root)?;
+        if md.uid() != 0 {
+            return Ok(false);
+        }
+        for name in names(root)? {
+            let path = root.join(&name);
+            let ok = match name.to_str() {
+                Some("tree") => empty_dir(&path),
+                Some(".hsm") => {
+                    fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
+                        && names(&path)?.iter().all(|n| match n.to_str() {
+                            Some("digests") => empty_dir(&path.join("digests")),
+                            Some("zeros") | Some(CONFIG_TMP) => fs::symlink_metadata(path.join(n))
+                                .is_ok_and(|m| m.is_file()),
+                            _ => false,
+                        })
+                }
+                _ => false,
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub fn open(root: &Path) -> anyhow::Result<Store> {
@@ -199,21 +245,16 @@ impl Store {
 
     /// STORE must be reachable by root only: otherwise users could read stub zeros directly.
     pub fn check_private(&self) -> anyhow::Result<()> {
-        let md = fs::metadata(&self.root)?;
-        if md.uid() != 0 || md.mode() & 0o077 != 0 {
-            bail!(
-                "STORE {} is reachable by other users (owner uid {}, mode {:o}); \
-                 run `chown root: {0} && chmod 700 {0}`",
-                self.root.display(),
-                md.uid(),
-                md.mode() & 0o7777
-            );
-        }
-        Ok(())
+        Store::check_private_at(&self.root)
     }
 
     fn make_zero_pool(&self) -> anyhow::Result<()> {
         let path = self.zero_pool_path();
+        // One left by an interrupted `create` may be short: no stub was cloned from it yet.
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -245,4 +286,38 @@ pub fn clone_zeros(pool: &File, file: &File, len: u64) -> std::io::Result<()> {
         off += n;
     }
     sysfs::ftruncate(file.as_fd(), len)
+}
+
+/// Checks by path that open nothing (a stat raises no fanotify event), for `hsm serve`, which
+/// must not open the store by its path before it holds the store's group (see `supervisor`).
+impl Store {
+    /// STORE holds a store's configuration.
+    pub fn check_exists(root: &Path) -> anyhow::Result<()> {
+        let path = Store::config_path(root);
+        if !path.is_file() {
+            bail!(
+                "{} is not an hsm store (no {}); make one with `hsm populate SOURCE {}`",
+                root.display(),
+                path.display(),
+                root.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// STORE (at `root`) must be reachable by root only: otherwise users could read stub zeros
+    /// directly.
+    pub fn check_private_at(root: &Path) -> anyhow::Result<()> {
+        let md = fs::metadata(root)?;
+        if md.uid() != 0 || md.mode() & 0o077 != 0 {
+            bail!(
+                "STORE {} is reachable by other users (owner uid {}, mode {:o}); \
+                 run `chown root: {0} && chmod 700 {0}`",
+                root.display(),
+                md.uid(),
+                md.mode() & 0o7777
+            );
+        }
+        Ok(())
+    }
 }

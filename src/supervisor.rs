@@ -100,11 +100,12 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let store_root = store_root
         .canonicalize()
         .with_context(|| format!("cannot find the store {}", store_root.display()))?;
-    // Checked through the plain path first, for messages that name it. If a guard holds the
-    // store's group, it (or the daemon already serving) answers these opens.
-    let store = Store::open(&store_root)?;
-    store.check_private()?;
-    let tree = store.tree();
+    // Nothing of the store is opened by its plain path: a group kept by systemd's fd store,
+    // with its marks and no reader yet, would hold such an open until this very process reads
+    // it. Stats raise no event.
+    Store::check_exists(&store_root)?;
+    Store::check_private_at(&store_root)?;
+    let tree = store_root.join("tree");
     // A throw-away group, so that a kernel or filesystem without pre-content events fails here,
     // before a guard is started.
     Group::new()
@@ -115,7 +116,17 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let group = attachment.group;
     // From here on, the daemon reads and writes the store only through its private view, which
     // the group ignores: with the filesystem marked, any other path would wait on this process.
+    // Under systemd, the group is kept in its fd store too: if the guard is ever killed (a
+    // `systemctl kill`, an OOM kill), the marks stay and accesses wait for the next start.
+    if let Err(e) = ipc::sd_notify(
+        &format!("FDSTORE=1\nFDNAME={}", guard::FDSTORE_NAME),
+        Some(group.as_fd()),
+    ) {
+        warn!("cannot keep the group in the service manager's fd store: {e}");
+    }
     let view = PrivateView::new(&group, &store_root)?;
+    let store = Store::open(view.root())
+        .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     group
         .mark_filesystem(view.as_fd(), MASK)
         .map_err(|e| explain_fanotify(e, "fanotify filesystem mark", &tree))?;
@@ -149,9 +160,11 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let store = Store::open(view.root())?;
     info!(store = %store_root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
     println!("ready");
+    let _ = ipc::sd_notify("READY=1", None);
+    let watchdog = watchdog_interval();
+    let mut watchdog_at = Instant::now();
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
@@ -168,7 +181,13 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     // The worker's directory prefetch wants to hear of opens answered here.
     let notes = crate::prefetch::enabled(opts.worker.dir_prefetch);
     loop {
+        if watchdog.is_some_and(|every| watchdog_at.elapsed() >= every) {
+            // The loop turns at least every 200 ms while it is healthy.
+            let _ = ipc::sd_notify("WATCHDOG=1", None);
+            watchdog_at = Instant::now();
+        }
         if drain_until.is_none() && stop.load(Ordering::Relaxed) {
+            let _ = ipc::sd_notify("STOPPING=1", None);
             // No new path leads to the stubs from here on; files still open are served for the
             // drain period.
             exposure.detach();
@@ -340,6 +359,14 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     metrics.write(&store.metrics_path());
     info!("stopped");
     Ok(())
+}
+
+/// Half the service manager's watchdog period (`WATCHDOG_USEC`, for this process), if set.
+fn watchdog_interval() -> Option<Duration> {
+    let pid_ok = std::env::var("WATCHDOG_PID")
+        .map_or(true, |p| p.parse::<u32>().ok() == Some(std::process::id()));
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (pid_ok && usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 fn resend_all(worker: &WorkerProc, held: &HashMap<u64, Held>) {

@@ -352,7 +352,11 @@ fn dispatch(
     // Present already (readahead or a directory prefetch got there first), or a small fill:
     // answered here, without a thread hand-off.
     let access = ev.mask & FAN_PRE_ACCESS != 0;
-    let need = if access { range_need(&ev) } else { Need::Open };
+    let need = if access {
+        range_need(&ev)
+    } else {
+        open_need(&ev)
+    };
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Opens go to a thread: after their fill they tell the directory prefetch.
         let small_fill = || access && alone();
@@ -381,6 +385,26 @@ fn dispatch(
     }
 }
 
+/// What an open needs: a stub opened by a program that hands it to a kernel reader raising no
+/// pre-content event (see [`hands_files_to_the_kernel`]) is fetched whole before the open
+/// returns; any other open fetches what its stub kind asks for.
+fn open_need(ev: &PendingEvent) -> Need {
+    if hands_files_to_the_kernel(ev.pid) {
+        Need::Whole
+    } else {
+        Need::Open
+    }
+}
+
+/// Whether process `pid` is a program that opens a file to give it to a kernel reader that
+/// raises no pre-content event: the loop driver reads its backing file directly (`losetup`,
+/// and `mount -o loop`, which attaches the device itself). Judged by the process name at the
+/// open, which the program's own open event carries (its pid is still the opener).
+pub fn hands_files_to_the_kernel(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| matches!(comm.trim_ascii_end(), b"losetup" | b"mount"))
+}
+
 fn range_need(ev: &PendingEvent) -> Need {
     let (offset, count) = ev.range.unwrap_or((0, 0));
     Need::Range { offset, count }
@@ -399,13 +423,15 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
             ev.answer(Verdict::Allow, false);
             return;
         }
-        Need::Open
+        open_need(&ev)
     };
     // A panic in a fetch fails this access (the event's Drop denies it), never the daemon.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         ctx.engine.serve(ev.as_fd(), need)
     }));
-    if let (Some(p), Need::Open, Ok(Ok(_))) = (&ctx.prefetch, need, &result) {
+    if let (Some(p), Need::Open | Need::Whole, false, Ok(Ok(_))) =
+        (&ctx.prefetch, need, ev.mask & FAN_PRE_ACCESS != 0, &result)
+    {
         // After the fill: a window never races this open for its own file.
         p.note_open(ev.as_fd(), false);
     }

@@ -442,3 +442,130 @@ fn readers_in_flight_across_kills_and_restarts_never_see_wrong_bytes() {
     drop(bind);
     fx.stop();
 }
+
+/// `hsm serve` under a service manager, played by the test: it reports READY=1 and hands the
+/// group to the fd store. With the daemon and its guard all killed, the stored group keeps the
+/// marks: a reader waits (no zeros, no error) and, once a new serve is started with the stored
+/// group (`LISTEN_FDS`), gets the source's bytes.
+#[test]
+fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
+    if !require_root() {
+        return;
+    }
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::unix::net::UnixDatagram;
+    use std::os::unix::process::CommandExt;
+
+    let fx = Fixture::new("xfs", "2G");
+    let want = files(&fx, 4);
+    fx.populate(&[]);
+    let sock_path = fx.scratch.path.join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let log = fx.scratch.path.join("serve.log");
+
+    // Start `hsm serve`, optionally with `stored` as fd 3 named by LISTEN_FDNAMES.
+    let start = |stored: Option<&OwnedFd>| -> std::process::Child {
+        let script = format!(
+            "{} exec {HSM} serve {} {}",
+            if stored.is_some() {
+                "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=hsm-group;"
+            } else {
+                ""
+            },
+            fx.store.display(),
+            fx.view.display()
+        );
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(script)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(fd) = stored {
+            let raw = fd.as_raw_fd();
+            // SAFETY: dup2 is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::dup2(raw, 3) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.spawn().unwrap()
+    };
+    // Messages until READY=1, keeping the fd sent with FDSTORE=1.
+    let until_ready = || -> Option<OwnedFd> {
+        let mut stored = None;
+        loop {
+            let mut buf = [0u8; 512];
+            let (n, fd) = hsm::sys::ipc::recv(notify.as_fd(), &mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "no READY=1 from hsm serve within 30 s ({e}); its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if msg.contains("FDSTORE=1") {
+                assert!(msg.contains("FDNAME=hsm-group"), "{msg}");
+                stored = Some(fd.expect("FDSTORE=1 without an fd"));
+            }
+            if msg.contains("READY=1") {
+                return stored;
+            }
+        }
+    };
+
+    let mut first = start(None);
+    let stored = until_ready().expect("hsm serve did not hand its group to the fd store");
+    let bind = Bind::new(&fx.view, &fx.scratch.path.join("leftover"));
+    assert_bytes_eq(&std::fs::read(bind.0.join("sub/f0")).unwrap(), &want[0].1, "f0");
+
+    // Everything of hsm killed: only the "service manager" (this test) holds the group.
+    let guard = guard_pid(&fx.store).expect("guard.pid");
+    let worker = worker_pid(&fx);
+    for pid in [worker, guard] {
+        // SAFETY: signalling processes of our own daemon, by the pids they recorded.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let reader = {
+        let p = bind.0.join("sub/f1");
+        std::thread::spawn(move || std::fs::read(p))
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !reader.is_finished(),
+        "with the group in the fd store and no process reading it, a reader did not wait"
+    );
+
+    let mut second = start(Some(&stored));
+    assert!(until_ready().is_some(), "the restarted serve stored its group again");
+    let got = reader.join().unwrap().expect("the waiting reader failed");
+    assert_bytes_eq(&got, &want[1].1, "f1, read while no process served it");
+    for (rel, data) in &want {
+        assert_bytes_eq(&std::fs::read(bind.0.join(rel)).unwrap(), data, rel);
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = second.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = second.wait();
+    drop(bind);
+    let _ = Command::new("umount").arg("-l").arg(&fx.view).status();
+    let _ = Command::new("umount").arg("-l").arg(&fx.view).status();
+}

@@ -161,6 +161,18 @@ pub fn spawn_with_fds(mut cmd: Command, fds: &[BorrowedFd<'_>]) -> io::Result<Ch
     cmd.spawn()
 }
 
+/// Close every fd from `first` up: for a long-lived child that must not keep its parent's
+/// inherited pipes (a test harness's or a build tool's) open.
+pub fn close_fds_from(first: RawFd) {
+    // SAFETY: close_range only closes fds; callers own none above `first` that they still use.
+    unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) };
+}
+
+/// Whether `fd` is a pipe or FIFO (whose reader waits for EOF from every holder).
+pub fn is_pipe(fd: BorrowedFd<'_>) -> bool {
+    super::fs::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
 /// Take ownership of fd `n` inherited from the parent (see [`spawn_with_fds`]), checking that it
 /// is open, and make it close-on-exec again.
 pub fn take_inherited(n: RawFd) -> io::Result<OwnedFd> {
@@ -356,4 +368,61 @@ mod tests {
         assert_eq!(recv(client.as_fd(), &mut buf).unwrap().0, 0);
         assert!(connect_abstract(&format!("{name}-absent")).is_err());
     }
+}
+
+/// Send `state` to the service manager (`sd_notify`), with `fd` attached when given (for
+/// `FDSTORE=1`). `Ok(false)` when not run by one (no `NOTIFY_SOCKET`).
+pub fn sd_notify(state: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    // SAFETY: sockaddr_un is plain data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad NOTIFY_SOCKET",
+        ));
+    }
+    for (i, b) in bytes.iter().enumerate() {
+        addr.sun_path[i] = *b as libc::c_char;
+    }
+    if bytes[0] == b'@' {
+        addr.sun_path[0] = 0;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len();
+    // SAFETY: plain syscall.
+    let sock =
+        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len as libc::socklen_t,
+        )
+    })?;
+    send_flags(std::os::fd::AsFd::as_fd(&sock), state.as_bytes(), fd, 0)?;
+    Ok(true)
+}
+
+/// The fd the service manager passed under `name` (`LISTEN_FDS`, `LISTEN_FDNAMES`: its fd
+/// store, given back at a restart), owned from here on. Only for this process (`LISTEN_PID`).
+pub fn take_listen_fd(name: &str) -> Option<OwnedFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names.split(':').position(|n| n == name)? as i32;
+    if index >= count {
+        return None;
+    }
+    take_inherited(3 + index).ok()
 }
