@@ -515,6 +515,9 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
+        // The store's guard (started by serve) ends with the filesystem anyway; ended first, so
+        // that nothing of the demo outlives it.
+        let _ = crate::guard::stop(&self.mnt.join("store"));
         let quiet = |lazy: bool| {
             let mut c = Command::new("umount");
             if lazy {

@@ -223,6 +223,20 @@ pub fn group_for_tools(store_root: &Path) -> anyhow::Result<Option<Group>> {
     }
 }
 
+/// For tools that change a store (`populate` run again): a [`PrivateView`] of the store when a
+/// guard holds its group, so that the stubs they make never raise an event (an event on a file
+/// not yet a stub would have it allowed and ignore-marked for good). `None` when no guard runs
+/// or `store_root` is not a store yet.
+pub fn view_for_tools(store_root: &Path) -> anyhow::Result<Option<PrivateView>> {
+    if !store_root.join(".hsm/config.json").is_file() {
+        return Ok(None);
+    }
+    match group_for_tools(store_root)? {
+        Some(group) => Ok(Some(PrivateView::new(&group, store_root)?)),
+        None => Ok(None),
+    }
+}
+
 /// Ask the store's guard to exit: `Ok(false)` when none runs. Refused while a daemon serves the
 /// store. After this, nothing guards stubs reached through leftover mounts.
 pub fn stop(store_root: &Path) -> anyhow::Result<bool> {

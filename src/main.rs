@@ -178,23 +178,30 @@ fn main() -> ExitCode {
             endpoint,
             region,
             fetch_deadline,
-        } => hsm::populate::populate(
-            &source,
-            &store,
-            &PopulateOptions {
-                chunk_size,
-                whole_below,
-                lazy_sparse,
-                digests,
-                jobs: jobs
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-                manifest,
-                endpoint,
-                region,
-                deadline: fetch_deadline,
-            },
-        )
-        .map(|_| ()),
+        } => hsm::guard::view_for_tools(&store).and_then(|view| {
+            // Through the daemon's kind of private view when the store is guarded.
+            let store_io = view
+                .as_ref()
+                .map_or(store.clone(), |v| v.root().to_path_buf());
+            hsm::populate::populate(
+                &source,
+                &store_io,
+                &PopulateOptions {
+                    chunk_size,
+                    whole_below,
+                    lazy_sparse,
+                    digests,
+                    jobs: jobs.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(2, |n| n.get())
+                    }),
+                    manifest,
+                    endpoint,
+                    region,
+                    deadline: fetch_deadline,
+                },
+            )
+            .map(|_| ())
+        }),
         Command::Manifest { dir, digest } => hsm::manifest::run(&dir, digest),
         Command::Serve {
             store,

@@ -964,7 +964,7 @@ fn a_record_that_fails_its_check_gives_eio_and_a_log_line() {
     );
     // Nothing was fetched into them: the stubs still hold zeros, not a's, b's or c's bytes.
     for (rel, data) in [("a", &a), ("b", &b), ("c", &c)] {
-        let raw = std::fs::read(fx.stub(rel)).unwrap();
+        let raw = raw_read(&fx.stub(rel));
         assert!(
             raw.iter().all(|&x| x == 0),
             "{rel}: content was written into a stub whose record is corrupt"

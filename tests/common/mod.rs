@@ -97,8 +97,7 @@ impl LoopFs {
     /// afterwards comes from disk (as after a reboot). Needs every user of the filesystem gone
     /// (stop the daemon first).
     pub fn remount(&self) {
-        run(Command::new("umount").arg(&self.mnt));
-        self.mount_again();
+        self.remount_retrying();
     }
 
     /// `remount`, retrying the unmount for up to 10 s while the filesystem is busy (files of
