@@ -459,8 +459,19 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
         };
         let fds: Vec<BorrowedFd<'_>> = std::iter::once(listener.as_fd()).chain(second).collect();
         let ready = ipc::poll_readable(&fds, 500)?;
-        // Connections first: a daemon that is attaching takes the queued events.
+        // A daemon gone first (a new one may be knocking), then connections (a daemon that
+        // attaches takes the queued events), then events.
+        let polled_group = daemon.is_none() && first_attach_until.is_none();
+        if daemon.is_some() && ready.get(1).copied().unwrap_or(false) {
+            detach_if_gone(&group, &mut daemon);
+        }
         if ready[0] {
+            if let Some(d) = &daemon {
+                // Its end may have come since the poll.
+                if ipc::poll_readable(&[d.conn.as_fd()], 0).is_ok_and(|r| r[0]) {
+                    detach_if_gone(&group, &mut daemon);
+                }
+            }
             match handle_request(&listener, &group, &mut daemon) {
                 Ok(Flow::Quit) => return Ok(()),
                 Ok(Flow::Attached) => first_attach_until = None,
@@ -468,32 +479,36 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
             }
             continue;
         }
-        if !ready.get(1).copied().unwrap_or(false) {
-            continue;
-        }
-        if let Some(d) = &daemon {
-            let mut b = [0u8; 8];
-            if matches!(ipc::recv(d.conn.as_fd(), &mut b), Ok((n, _)) if n > 0) {
-                continue;
-            }
-            // Both daemon processes are gone (or closed the connection as they stopped).
-            let cleared = group.answer_leftovers(EVENT_FD_LIMIT, Verdict::Deny(DenyErrno::Io));
-            if cleared > 0 {
-                warn!(
-                    daemon = d.pid,
-                    denied = cleared,
-                    "hsm serve ended with accesses unanswered: denied them with EIO"
-                );
-            }
-            info!(
-                daemon = d.pid,
-                "no daemon serves the store: the guard answers its events"
-            );
-            daemon = None;
-        } else {
+        // The group was polled only when no daemon was attached (then `ready[1]` is its).
+        if polled_group && ready.get(1).copied().unwrap_or(false) {
             answer_events(&group, &mut denied);
         }
     }
+}
+
+/// The attached daemon's connection is readable: if it was closed (both daemon processes are
+/// gone, or stopped), deny what they left unanswered and let the guard answer from now on.
+fn detach_if_gone(group: &Group, daemon: &mut Option<Attached>) {
+    let Some(d) = daemon.as_ref() else {
+        return;
+    };
+    let mut b = [0u8; 8];
+    if matches!(ipc::recv(d.conn.as_fd(), &mut b), Ok((n, _)) if n > 0) {
+        return;
+    }
+    let cleared = group.answer_leftovers(EVENT_FD_LIMIT, Verdict::Deny(DenyErrno::Io));
+    if cleared > 0 {
+        warn!(
+            daemon = d.pid,
+            denied = cleared,
+            "hsm serve ended with accesses unanswered: denied them with EIO"
+        );
+    }
+    info!(
+        daemon = d.pid,
+        "no daemon serves the store: the guard answers its events"
+    );
+    *daemon = None;
 }
 
 enum Flow {
@@ -579,7 +594,16 @@ fn answer_events(group: &Group, denied: &mut u64) {
                 );
             }
         }
-        crate::event::respond_to_group(group, r.fd, fd.as_fd(), verdict, ignore);
+        if ignore {
+            if let Err(e) = group.ignore_inode(fd.as_fd(), MASK) {
+                warn!("ignore mark failed: {e}");
+            }
+        }
+        // Closed before the answer: the reader may unmount the filesystem the moment its
+        // access returns, and this fd would hold it busy. Its number cannot be reused under
+        // the answer: this process is the group's only reader, and reads nothing meanwhile.
+        drop(fd);
+        crate::event::answer_group(group, r.fd, verdict);
     }
 }
 

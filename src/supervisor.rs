@@ -136,7 +136,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     );
     raise_fd_limit();
 
-    let mountpoint = prepare_mountpoint(mountpoint, &tree)?;
+    let (mountpoint, created_mountpoint) = prepare_mountpoint(mountpoint, &tree)?;
     let metrics =
         Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
     let published = Shared::<PublishedRanges>::create(c"hsm-published")
@@ -357,6 +357,10 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     deny_all(&group, &mut held, DenyErrno::Io);
     // With what this process counted after the worker's last write.
     metrics.write(&store.metrics_path());
+    if created_mountpoint {
+        // Made by this serve: nothing of it is left behind.
+        let _ = std::fs::remove_dir(&mountpoint);
+    }
     info!("stopped");
     Ok(())
 }
@@ -545,31 +549,52 @@ fn raise_fd_limit() {
     }
 }
 
-/// Make sure MOUNTPOINT exists and nothing but a stale exposure of this very tree is mounted
-/// there (left by a daemon that was killed: it would serve zeros, so it is removed).
-fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<PathBuf> {
+/// Make MOUNTPOINT ready: an empty directory with nothing mounted on it, or a stale exposure
+/// of this very store's tree (left by a daemon that was killed) with the private self-bind under
+/// it, which is removed: this process holds the store (see `guard::attach_daemon`), so the
+/// daemon that made it is dead. Anything else there is refused, never unmounted: a user's
+/// mount, or a directory with files that the tree would hide. Returns the canonical path and
+/// whether the directory was made here (it is then removed at the stop).
+fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<(PathBuf, bool)> {
+    let created = !mountpoint.exists();
     std::fs::create_dir_all(mountpoint)
         .with_context(|| format!("cannot create mount point {}", mountpoint.display()))?;
     let mp = mountpoint.canonicalize()?;
     let tree_md = std::fs::metadata(tree)?;
+    let mut removed_exposure = false;
     for _ in 0..8 {
-        if !mount::is_mount_point(&mp)? {
-            return Ok(mp);
-        }
-        let md = std::fs::metadata(&mp)?;
+        let mounts = mount::mounts()?;
+        let Some(top) = mount::top_mount_at(&mounts, &mp) else {
+            break;
+        };
         use std::os::unix::fs::MetadataExt;
-        let ours = md.dev() == tree_md.dev() && md.ino() == tree_md.ino();
-        let empty_self_bind = std::fs::read_dir(&mp)?.next().is_none();
-        if !ours && !empty_self_bind {
+        let md = std::fs::metadata(&mp)?;
+        let exposure = md.dev() == tree_md.dev() && md.ino() == tree_md.ino();
+        let our_self_bind = removed_exposure && mount::is_self_bind(&mounts, &top);
+        if !exposure && !our_self_bind {
             bail!(
-                "{} is already a mount point of something else; unmount it or choose another",
+                "{} is a mount point of something else ({} {} on {}); hsm unmounts only its                  own mounts: unmount it or choose another mount point",
+                mp.display(),
+                top.fstype,
+                top.source,
                 mp.display()
             );
         }
-        warn!(mountpoint = %mp.display(), "removing a stale mount left by an earlier hsm serve");
+        warn!(mountpoint = %mp.display(), "removing the stale mount left by an hsm serve that died");
         mount::detach(&mp)?;
+        removed_exposure |= exposure;
     }
-    bail!("could not clear the mounts stacked at {}", mp.display())
+    if mount::top_mount_at(&mount::mounts()?, &mp).is_some() {
+        bail!("could not clear the mounts stacked at {}", mp.display());
+    }
+    let entries = std::fs::read_dir(&mp)?.count();
+    if entries > 0 {
+        bail!(
+            "{} is not empty ({entries} entries): the tree mounted there would hide them;              choose an empty directory",
+            mp.display()
+        );
+    }
+    Ok((mp, created))
 }
 
 /// The tree mounted at MOUNTPOINT (the filesystem was marked before it became reachable).

@@ -524,7 +524,11 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
     let mut first = start(None);
     let stored = until_ready().expect("hsm serve did not hand its group to the fd store");
     let bind = Bind::new(&fx.view, &fx.scratch.path.join("leftover"));
-    assert_bytes_eq(&std::fs::read(bind.0.join("sub/f0")).unwrap(), &want[0].1, "f0");
+    assert_bytes_eq(
+        &std::fs::read(bind.0.join("sub/f0")).unwrap(),
+        &want[0].1,
+        "f0",
+    );
 
     // Everything of hsm killed: only the "service manager" (this test) holds the group.
     let guard = guard_pid(&fx.store).expect("guard.pid");
@@ -548,7 +552,10 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
     );
 
     let mut second = start(Some(&stored));
-    assert!(until_ready().is_some(), "the restarted serve stored its group again");
+    assert!(
+        until_ready().is_some(),
+        "the restarted serve stored its group again"
+    );
     let got = reader.join().unwrap().expect("the waiting reader failed");
     assert_bytes_eq(&got, &want[1].1, "f1, read while no process served it");
     for (rel, data) in &want {
@@ -566,6 +573,4 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
     }
     let _ = second.wait();
     drop(bind);
-    let _ = Command::new("umount").arg("-l").arg(&fx.view).status();
-    let _ = Command::new("umount").arg("-l").arg(&fx.view).status();
 }

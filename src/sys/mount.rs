@@ -138,6 +138,67 @@ pub fn device_is_mounted(dev: &str) -> io::Result<bool> {
     Ok(info.lines().any(|l| l.split(' ').nth(2) == Some(dev)))
 }
 
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    pub id: u64,
+    pub parent: u64,
+    /// `major:minor` of the filesystem.
+    pub dev: String,
+    /// The directory of the filesystem that is mounted (`/` for a whole filesystem).
+    pub root: std::path::PathBuf,
+    pub mount_point: std::path::PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Every mount of this namespace, in mountinfo's order (a mount stacked on another comes after).
+pub fn mounts() -> io::Result<Vec<MountEntry>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
+}
+
+fn parse_mountinfo(info: &str) -> Vec<MountEntry> {
+    use std::os::unix::ffi::OsStringExt;
+    let path = |s: &str| -> std::path::PathBuf {
+        std::ffi::OsString::from_vec(unescape_mountinfo(s)).into()
+    };
+    info.lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once(" - ")?;
+            let f: Vec<&str> = head.split(' ').collect();
+            let t: Vec<&str> = tail.split(' ').collect();
+            Some(MountEntry {
+                id: f.first()?.parse().ok()?,
+                parent: f.get(1)?.parse().ok()?,
+                dev: f.get(2)?.to_string(),
+                root: path(f.get(3)?),
+                mount_point: path(f.get(4)?),
+                fstype: t.first()?.to_string(),
+                source: t.get(1).map_or(String::new(), |s| s.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// The mount on top at `dir` (canonical), if something is mounted exactly there.
+pub fn top_mount_at(mounts: &[MountEntry], dir: &Path) -> Option<MountEntry> {
+    mounts.iter().rev().find(|m| m.mount_point == dir).cloned()
+}
+
+/// Whether `m` is a bind of its own mount point onto itself (what `bind_self_private` makes):
+/// the same filesystem as the mount it sits on, rooted at the directory it covers.
+pub fn is_self_bind(mounts: &[MountEntry], m: &MountEntry) -> bool {
+    let Some(under) = mounts.iter().find(|p| p.id == m.parent) else {
+        return false;
+    };
+    let Ok(rel) = m.mount_point.strip_prefix(&under.mount_point) else {
+        return false;
+    };
+    under.dev == m.dev && m.root == under.root.join(rel)
+}
+
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
@@ -169,6 +230,21 @@ mod tests {
         assert_eq!(dev("/mnt/a b/store").as_deref(), Some("0:45"));
         assert_eq!(dev("/mnt/ab/store").as_deref(), Some("7:1"));
         assert_eq!(dev("/mnt/abc").as_deref(), Some("8:1"));
+    }
+
+    #[test]
+    fn a_self_bind_is_told_from_another_filesystem_at_the_same_place() {
+        let info = "22 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n\
+                    60 22 8:1 /srv/mp /srv/mp rw - ext4 /dev/sda1 rw\n\
+                    61 60 7:1 /store/tree /srv/mp rw - xfs /dev/loop1 rw\n\
+                    62 22 0:50 / /srv/other rw - tmpfs tmpfs rw\n";
+        let m = super::parse_mountinfo(info);
+        assert_eq!(m.len(), 4);
+        let top = super::top_mount_at(&m, std::path::Path::new("/srv/mp")).unwrap();
+        assert_eq!((top.id, top.fstype.as_str()), (61, "xfs"));
+        assert!(super::is_self_bind(&m, &m[1]));
+        assert!(!super::is_self_bind(&m, &m[2]));
+        assert!(!super::is_self_bind(&m, &m[3]));
     }
 
     #[test]
