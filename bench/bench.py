@@ -1116,8 +1116,8 @@ http {{
                              f"{el:.3f}", f"{n / el:,.0f}", f"{rss / 1024:.1f}", floor, native])  # fmt: skip
             lines += md_table(["populate", "seconds", "files/s", "peak RSS MiB",
                                "same syscalls from C s", "cp -a + sync s"], prow)  # fmt: skip
-            lines.append("(same syscalls from C: `benchio mkstubs`, per file the lstat, create, ftruncate, xattr,")
-            lines.append(" fchmod and futimens a stub needs, on as many threads as CPUs: the kernel's floor)")
+            lines.append("(same syscalls from C: `benchio mkstubs`, per file the lstat, O_TMPFILE create, ftruncate,")
+            lines.append(" xattr, fstat, futimens and linkat a stub needs, on as many threads as CPUs: the kernel's floor)")
         for w, e in self.failed.items():
             err = [x for x in e.splitlines() if x.strip()]
             lines.append(f"FAILED: {w}: {err[0][:300] if err else e}")

@@ -21,8 +21,9 @@
  *                                    back, the first pass pays for every page)
  *   benchio mkstubs SRC DST THREADS  the floor under `hsm populate`: for every regular file of the
  *                                    tree SRC, the same system calls a stub costs (lstat of the
- *                                    source, create in DST, ftruncate, one trusted.* xattr, fchmod,
- *                                    futimens), directories spread over THREADS threads, and no
+ *                                    source, an O_TMPFILE in DST, ftruncate, one trusted.* xattr,
+ *                                    fstat, fchmod if the umask changed the mode, futimens, linkat
+ *                                    to its name), directories spread over THREADS threads, and no
  *                                    other work; prints seconds and the file count
  *
  * Every timer starts before open(2) / fork(2), so the open (FAN_OPEN_PERM) is part of the figure.
@@ -309,11 +310,15 @@ static void *stub_files(void *arg)
                 __atomic_store_n(&dl->failed, die(e->d_name), __ATOMIC_RELAXED);
                 continue;
             }
-            int fd = openat(dfd, e->d_name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+            /* Unnamed until whole, as hsm makes a stub: created with its mode (no fchmod when the
+             * umask leaves it whole), then linked at its name. */
+            int fd = openat(dfd, ".", O_TMPFILE | O_WRONLY | O_CLOEXEC, st.st_mode & 0777);
             struct timespec times[2] = {st.st_atim, st.st_mtim};
+            struct stat made_st;
             if (fd < 0 || ftruncate(fd, st.st_size) ||
-                fsetxattr(fd, "trusted.benchio", record, sizeof record, 0) ||
-                fchmod(fd, st.st_mode & 07777) || futimens(fd, times)) {
+                fsetxattr(fd, "trusted.benchio", record, sizeof record, 0) || fstat(fd, &made_st) ||
+                ((made_st.st_mode & 07777) != (st.st_mode & 07777) && fchmod(fd, st.st_mode & 07777)) ||
+                futimens(fd, times) || linkat(fd, "", dfd, e->d_name, AT_EMPTY_PATH)) {
                 __atomic_store_n(&dl->failed, die(e->d_name), __ATOMIC_RELAXED);
             }
             if (fd >= 0)

@@ -5,6 +5,12 @@
 //! the source is read the same way. Directories are walked in parallel (rayon); memory holds one
 //! directory's subdirectory names per level being walked, not the tree.
 //!
+//! Every stub appears in the tree whole, with its record, owner, mode and times: it is made
+//! unnamed (`O_TMPFILE` in its directory) and only then linked at its name (`linkat`), so a
+//! populate killed at any moment leaves whole stubs or nothing, and running it again completes the
+//! tree. Where `O_TMPFILE` is refused, a stub is made under a staging name (`.hsm-staging.*`) and
+//! renamed into place; staging names an interrupted run left are removed by the next run.
+//!
 //! How a stub is made (see the README, "Stubs and copy tools"):
 //! - xfs, btrfs, files of `whole_below` bytes or more: reflinked zero blocks from the store's pool.
 //!   They read as data to `SEEK_DATA`/`FIEMAP`, so copy tools read them and each range is fetched.
@@ -17,7 +23,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context};
@@ -58,6 +64,8 @@ pub struct PopulateReport {
     pub symlinks: u64,
     pub hard_links: u64,
     pub kept_existing: u64,
+    /// Unfinished stubs under staging names, left by an interrupted populate, removed.
+    pub staging_removed: u64,
     /// Sockets, FIFOs and device nodes: not reproduced (a device node in a tree exposed to users
     /// would be a way around their permissions), listed here.
     pub skipped_special: Vec<String>,
@@ -78,6 +86,92 @@ struct Counters {
     symlinks: AtomicU64,
     hard_links: AtomicU64,
     kept: AtomicU64,
+    staging_removed: AtomicU64,
+}
+
+/// The prefix of the names stubs are made under where `O_TMPFILE` is not supported.
+pub const STAGING_PREFIX: &str = ".hsm-staging.";
+
+/// `.hsm-staging.<pid, hex>.<sequence number, hex>`.
+fn is_staging_name(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(STAGING_PREFIX.as_bytes()) else {
+        return false;
+    };
+    let hex = |p: &[u8]| !p.is_empty() && p.len() <= 16 && p.iter().all(u8::is_ascii_hexdigit);
+    let mut parts = rest.split(|&b| b == b'.');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if hex(a) && hex(b))
+}
+
+/// Testing: make stubs under staging names even where `O_TMPFILE` works.
+const STAGING_ENV: &str = "HSM_POPULATE_STAGING";
+
+/// A stub made, not yet at its name.
+struct Made {
+    file: File,
+    /// Its staging name in its directory; `None`: unnamed (`O_TMPFILE`).
+    staged: Option<CString>,
+}
+
+impl Made {
+    /// Give it `name` in `dir`, unless something is there (`EEXIST`).
+    fn publish(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr) -> std::io::Result<()> {
+        match &self.staged {
+            None => sysfs::link_fd(self.file.as_fd(), dir, name),
+            Some(staged) => sysfs::rename_noreplace(dir, staged, dir, name),
+        }
+    }
+
+    /// Drop it (an unnamed file is gone when closed; a staged one is unlinked).
+    fn discard(self, dir: BorrowedFd<'_>) {
+        if let Some(staged) = &self.staged {
+            let _ = sysfs::unlinkat(dir, staged);
+        }
+    }
+}
+
+/// Capabilities populate uses, and what for.
+const NEEDED_CAPS: [(u32, &str, &str); 5] = [
+    (
+        sysfs::CAP_SYS_ADMIN,
+        "CAP_SYS_ADMIN",
+        "write the trusted.hsm.* records",
+    ),
+    (sysfs::CAP_CHOWN, "CAP_CHOWN", "give stubs their owners"),
+    (sysfs::CAP_FOWNER, "CAP_FOWNER", "set their modes and times"),
+    (sysfs::CAP_FSETID, "CAP_FSETID", "keep set-group-ID bits"),
+    (
+        sysfs::CAP_DAC_OVERRIDE,
+        "CAP_DAC_OVERRIDE",
+        "write into the root-only store and read every source file",
+    ),
+];
+
+/// Refuse, before anything is created, to run without the privileges every stub needs: without
+/// them each stub would fail (or worse, be made without its record).
+pub fn check_privileges() -> anyhow::Result<()> {
+    let caps = sysfs::effective_caps().unwrap_or(0);
+    let missing: Vec<_> = NEEDED_CAPS
+        .iter()
+        .filter(|(bit, _, _)| caps & (1u64 << bit) == 0)
+        .collect();
+    if missing.len() == NEEDED_CAPS.len() {
+        bail!(
+            "run as root: hsm populate writes each stub's trusted.hsm.* record (CAP_SYS_ADMIN) and \
+             gives it its owner, mode and times (CAP_CHOWN, CAP_FOWNER); nothing was created. \
+             Run it as root, e.g. `sudo hsm populate SOURCE STORE`"
+        );
+    }
+    if !missing.is_empty() {
+        let what: Vec<String> = missing
+            .iter()
+            .map(|(_, name, why)| format!("{name} (to {why})"))
+            .collect();
+        bail!(
+            "run as root: hsm populate lacks {}; nothing was created",
+            what.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The first path at which a hard-linked source inode was stubbed; later names link to it.
@@ -95,6 +189,10 @@ struct Walk<'a> {
     skipped: Mutex<Vec<String>>,
     errors: Mutex<Vec<String>>,
     progress: ProgressBar,
+    /// `O_TMPFILE` works here (cleared at its first refusal: staging names from then on).
+    tmpfile: AtomicBool,
+    /// Set when the walk is over, for the thread counting the source's entries.
+    done: Arc<AtomicBool>,
 }
 
 /// BLAKE3 of each `chunk`-sized piece of the file's first `size` bytes.
@@ -167,6 +265,7 @@ pub fn populate(
     store_root: &Path,
     opts: &PopulateOptions,
 ) -> anyhow::Result<PopulateReport> {
+    check_privileges()?;
     if opts.chunk_size == 0 || !opts.chunk_size.is_multiple_of(4096) {
         bail!("--chunk-size must be a positive multiple of 4096");
     }
@@ -222,6 +321,7 @@ pub fn populate(
     )?;
     let src_root: OwnedFd = File::open(&src_path)?.into();
     let (walk, tree) = Walk::new(opts, &store, opts.digests)?;
+    walk.count_in_background(&src_path);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
         .stack_size(16 << 20)
@@ -266,6 +366,12 @@ fn print_report(r: &PopulateReport) {
         r.hard_links,
         if r.kept_existing > 0 { format!(", {} existing stubs kept", r.kept_existing) } else { String::new() }
     );
+    if r.staging_removed > 0 {
+        eprintln!(
+            "removed {} unfinished stubs left under staging names by an interrupted populate",
+            r.staging_removed
+        );
+    }
     if !r.skipped_special.is_empty() {
         eprintln!(
             "skipped {} special files (sockets, FIFOs, devices):",
@@ -289,9 +395,42 @@ fn print_report(r: &PopulateReport) {
     }
 }
 
+/// `1234567` as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The progress line: entries done and their rate (`49,968 entries/s`); with the total known,
+/// a bar, the total and an ETA.
+fn progress_style(with_total: bool) -> ProgressStyle {
+    let template = if with_total {
+        "{spinner} [{bar:30}] {human_pos} / {human_len} entries ({rate}, ETA {eta}) {msg}"
+    } else {
+        "{spinner} {human_pos} entries ({rate}) {msg}"
+    };
+    ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+        .progress_chars("=> ")
+        .with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{} entries/s", thousands(s.per_sec().round() as u64));
+            },
+        )
+}
+
 impl<'a> Walk<'a> {
     /// Count what was done, print it, and fail if any entry could not be stubbed.
     fn finish(self, skipped_keys: Vec<String>) -> anyhow::Result<PopulateReport> {
+        self.done.store(true, Relaxed);
         self.progress.finish_and_clear();
         let c = &self.counters;
         let take = |m: &Mutex<Vec<String>>| {
@@ -307,6 +446,7 @@ impl<'a> Walk<'a> {
             symlinks: c.symlinks.load(Relaxed),
             hard_links: c.hard_links.load(Relaxed),
             kept_existing: c.kept.load(Relaxed),
+            staging_removed: c.staging_removed.load(Relaxed),
             skipped_special: take(&self.skipped),
             skipped_keys,
             errors: take(&self.errors),
@@ -334,10 +474,7 @@ impl<'a> Walk<'a> {
             .with_context(|| format!("cannot open {}", store.tree().display()))?
             .into();
         let progress = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-        progress.set_style(
-            ProgressStyle::with_template("{spinner} {human_pos} entries ({per_sec}) {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
+        progress.set_style(progress_style(false));
         let walk = Walk {
             opts,
             digest_dir: digests.then(|| store.digest_dir()),
@@ -353,8 +490,99 @@ impl<'a> Walk<'a> {
             skipped: Mutex::new(Vec::new()),
             errors: Mutex::new(Vec::new()),
             progress,
+            tmpfile: AtomicBool::new(std::env::var_os(STAGING_ENV).is_none_or(|v| v != "1")),
+            done: Arc::new(AtomicBool::new(false)),
         };
         Ok((walk, tree))
+    }
+
+    /// The progress bar's total, once known: `n` entries.
+    fn set_total(&self, n: u64) {
+        self.progress.set_length(n);
+        self.progress.set_style(progress_style(true));
+    }
+
+    /// Count the source's entries in a thread of its own (names only, no `stat`), and give the
+    /// progress bar its total and an ETA once counted. Only when the bar is shown (stderr is a
+    /// terminal): otherwise the count would cost and show nothing.
+    fn count_in_background(&self, root: &Path) {
+        if self.progress.is_hidden() {
+            return;
+        }
+        let (progress, done, root) = (self.progress.clone(), self.done.clone(), root.to_path_buf());
+        let _ = std::thread::Builder::new()
+            .name("populate-count".into())
+            .spawn(move || {
+                let mut n = 0u64;
+                let mut dirs = vec![root];
+                while let Some(dir) = dirs.pop() {
+                    if done.load(Relaxed) {
+                        return;
+                    }
+                    let Ok(rd) = std::fs::read_dir(&dir) else {
+                        continue;
+                    };
+                    for e in rd.flatten() {
+                        n += 1;
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            dirs.push(e.path());
+                        }
+                    }
+                }
+                if !done.load(Relaxed) {
+                    progress.set_length(n);
+                    progress.set_style(progress_style(true));
+                }
+            });
+    }
+
+    /// Remove the unfinished stubs an interrupted populate left under staging names in `dst`:
+    /// regular files named as [`create_unnamed`](Self::create_unnamed) names them, whose names the
+    /// source does not have (`in_source` says which names it has), with no state record, and
+    /// either a source record or, killed before it was written, still root's, mode 0600, with
+    /// one link.
+    fn sweep_staging(&self, dst: BorrowedFd<'_>, rel: &[u8], in_source: impl Fn(&[u8]) -> bool) {
+        let Ok(rd) = std::fs::read_dir(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&dst)
+        )) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.as_bytes();
+            if !is_staging_name(name) || in_source(name) {
+                continue;
+            }
+            let Ok(cname) = CString::new(name) else {
+                continue;
+            };
+            let Ok(fd) = sysfs::openat(dst, &cname, libc::O_RDONLY | libc::O_NONBLOCK, 0) else {
+                continue;
+            };
+            let Ok(st) = sysfs::fstat(fd.as_fd()) else {
+                continue;
+            };
+            let ours = st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && matches!(sysfs::fgetxattr(fd.as_fd(), XATTR_STATE), Ok(None))
+                && match sysfs::fgetxattr(fd.as_fd(), XATTR_SOURCE) {
+                    Ok(Some(raw)) => SourceRecord::decode(&raw).is_ok(),
+                    Ok(None) => st.st_uid == 0 && st.st_mode & 0o7777 == 0o600 && st.st_nlink == 1,
+                    Err(_) => false,
+                };
+            drop(fd);
+            if ours {
+                match sysfs::unlinkat(dst, &cname) {
+                    Ok(()) => {
+                        self.counters.staging_removed.fetch_add(1, Relaxed);
+                    }
+                    Err(e) => self.error(
+                        &join(rel, name),
+                        format!("cannot remove an unfinished stub: {e}"),
+                    ),
+                }
+            }
+        }
     }
 
     fn error(&self, rel: &[u8], what: impl std::fmt::Display) {
@@ -444,6 +672,7 @@ impl<'a> Walk<'a> {
                 }
             }
         }
+        self.sweep_staging(dst, rel, |n| names.iter().any(|s| s.as_bytes() == n));
         let subdirs: Vec<(CString, libc::stat)> = names
             .par_iter()
             .with_min_len(64)
@@ -491,7 +720,7 @@ impl<'a> Walk<'a> {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 if sysfs::readlinkat(dst, name).ok().as_deref() == Some(&target[..]) {
-                    self.counters.kept.fetch_add(1, Relaxed);
+                    self.keep_symlink(dst, name, &Meta::of(st), rel);
                     return Ok(());
                 }
                 bail!(
@@ -503,6 +732,22 @@ impl<'a> Walk<'a> {
         self.set_meta(dst, Some(name), &Meta::of(st), rel);
         self.counters.symlinks.fetch_add(1, Relaxed);
         Ok(())
+    }
+
+    /// The same symlink is already there: keep it, and give it the owner and times a run
+    /// interrupted between making it and setting them did not.
+    fn keep_symlink(&self, dst: BorrowedFd<'_>, name: &std::ffi::CStr, m: &Meta, rel: &[u8]) {
+        self.counters.kept.fetch_add(1, Relaxed);
+        if let Ok(have) = sysfs::lstatat(dst, name) {
+            if (
+                have.st_uid,
+                have.st_gid,
+                (have.st_mtime, have.st_mtime_nsec),
+            ) != (m.uid, m.gid, m.mtime)
+            {
+                self.set_meta(dst, Some(name), m, rel);
+            }
+        }
     }
 
     fn file(
@@ -542,8 +787,10 @@ impl<'a> Walk<'a> {
             match sysfs::linkat(self.tree.as_fd(), &first, dst, name) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    self.counters.kept.fetch_add(1, Relaxed);
-                    return Ok(());
+                    if !self.relink(dst, name, &first)? {
+                        self.counters.kept.fetch_add(1, Relaxed);
+                        return Ok(());
+                    }
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -551,6 +798,39 @@ impl<'a> Walk<'a> {
             return Ok(());
         }
         self.stub_local(src, dst, name, rel, st)
+    }
+
+    /// A later name of a hard-linked source file is taken. The same inode as the first name:
+    /// keep it (`false`). A stub of its own that was never filled (made by an earlier, interrupted
+    /// run that stubbed this name first): replace it with a link to the first name (`true`).
+    /// A stub holding fetched or local content is kept; anything else is refused.
+    fn relink(
+        &self,
+        dst: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        first: &std::ffi::CStr,
+    ) -> anyhow::Result<bool> {
+        let want = sysfs::lstatat(self.tree.as_fd(), first)?;
+        let have = sysfs::lstatat(dst, name)?;
+        if (have.st_dev, have.st_ino) == (want.st_dev, want.st_ino) {
+            return Ok(false);
+        }
+        let fd = sysfs::openat(dst, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+            .context("refusing to replace an existing entry in STORE that is not a regular file")?;
+        if sysfs::fstat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            bail!("refusing to replace an existing entry in STORE that is not a regular file");
+        }
+        let Some(raw) = sysfs::fgetxattr(fd.as_fd(), XATTR_SOURCE)? else {
+            bail!("refusing to overwrite a file in STORE that is not an hsm stub");
+        };
+        SourceRecord::decode(&raw).context("existing stub has a corrupt record")?;
+        if sysfs::fgetxattr(fd.as_fd(), XATTR_STATE)?.is_some() {
+            return Ok(false);
+        }
+        drop(fd);
+        sysfs::unlinkat(dst, name)?;
+        sysfs::linkat(self.tree.as_fd(), first, dst, name)?;
+        Ok(true)
     }
 
     /// Make the stub `name` in `dst` for the source object `rel`, or keep the one already there.
@@ -610,55 +890,136 @@ impl<'a> Walk<'a> {
             kind,
             digests,
         };
-        // Root's alone until its record, owner and mode are set: populating a store that a
-        // daemon serves, a user who opened the stub before its record would get a plain file.
-        let create = || {
-            sysfs::openat(
-                dst,
-                name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                0o600,
-            )
+        // Made whole before it has a name (see the module's documentation): no path, and so no
+        // user or daemon, ever reaches a stub without its record, owner, mode and times.
+        let made = self.make(dst, &record, m)?;
+        let published = match made.publish(dst, name) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self
+                .replace_existing(dst, name, &record)
+                .and_then(|replace| {
+                    if replace {
+                        made.publish(dst, name)?;
+                    }
+                    Ok(replace)
+                }),
+            Err(e) => Err(e.into()),
         };
-        let fd = match create() {
-            Ok(fd) => fd,
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                if !self.replace_existing(dst, name, &record)? {
-                    self.counters.kept.fetch_add(1, Relaxed);
-                    return Ok(());
-                }
-                create()?
+        match published {
+            Ok(true) => {}
+            Ok(false) => {
+                made.discard(dst);
+                self.counters.kept.fetch_add(1, Relaxed);
+                return Ok(());
             }
-            Err(e) => return Err(e.into()),
-        };
-        let file = File::from(fd);
+            Err(e) => {
+                made.discard(dst);
+                return Err(e);
+            }
+        }
         match kind {
-            _ if size == 0 => {
-                self.counters.empty.fetch_add(1, Relaxed);
-            }
-            StubKind::Cloned => {
-                let pool = self.pool.as_ref().context("zero pool missing")?;
-                clone_zeros(pool, &file, size).context("cannot clone zero blocks into the stub")?;
-                self.counters.cloned.fetch_add(1, Relaxed);
-            }
-            StubKind::Sparse | StubKind::SparseLazy => {
-                sysfs::ftruncate(file.as_fd(), size)?;
-                self.counters.sparse.fetch_add(1, Relaxed);
-            }
+            _ if size == 0 => &self.counters.empty,
+            StubKind::Cloned => &self.counters.cloned,
+            StubKind::Sparse | StubKind::SparseLazy => &self.counters.sparse,
         }
-        sysfs::fsetxattr(file.as_fd(), XATTR_SOURCE, &record.encode())
-            .context("cannot write the stub's record (trusted.* xattrs need root)")?;
-        // A chown is a journal transaction even when nothing changes; a new file often has its
-        // owner already (root's trees populated by root), and an fstat costs next to nothing.
-        let made = sysfs::fstat(file.as_fd())?;
-        if (made.st_uid, made.st_gid) != (m.uid, m.gid) {
-            sysfs::chown(file.as_fd(), None, m.uid, m.gid)?;
-        }
-        sysfs::fchmod(file.as_fd(), m.mode & 0o7777)?;
-        sysfs::set_times(file.as_fd(), None, m.atime, m.mtime)?;
+        .fetch_add(1, Relaxed);
         self.counters.files.fetch_add(1, Relaxed);
         self.counters.bytes.fetch_add(size, Relaxed);
         Ok(())
+    }
+
+    /// A new file in `dir` with no name (`O_TMPFILE`), with the permission bits `mode` (less
+    /// the umask): no path reaches it before it is whole, and a mode right from the start saves
+    /// most stubs a `fchmod` (a transaction of its own). Where `O_TMPFILE` is refused, under a
+    /// fresh staging name instead, mode 0600 and root's until its owner and mode are set: a
+    /// daemon serving the tree already shows that name.
+    fn create_unnamed(&self, dir: BorrowedFd<'_>, mode: u32) -> anyhow::Result<Made> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        if self.tmpfile.load(Relaxed) {
+            match sysfs::open_tmpfile(dir, mode & 0o777) {
+                Ok(fd) => {
+                    return Ok(Made {
+                        file: fd.into(),
+                        staged: None,
+                    })
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                    ) =>
+                {
+                    self.tmpfile.store(false, Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        loop {
+            let staged = CString::new(format!(
+                "{STAGING_PREFIX}{:x}.{:x}",
+                std::process::id(),
+                SEQ.fetch_add(1, Relaxed)
+            ))?;
+            match sysfs::openat(
+                dir,
+                &staged,
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                0o600,
+            ) {
+                Ok(fd) => {
+                    return Ok(Made {
+                        file: fd.into(),
+                        staged: Some(staged),
+                    })
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A whole stub, not yet at its name: size (sparse or cloned zero blocks), record, owner,
+    /// mode, times.
+    fn make(&self, dir: BorrowedFd<'_>, record: &SourceRecord, m: &Meta) -> anyhow::Result<Made> {
+        let made = self.create_unnamed(dir, m.mode)?;
+        let file = &made.file;
+        let size = record.size;
+        let res = (|| -> anyhow::Result<()> {
+            match record.kind {
+                _ if size == 0 => {}
+                StubKind::Cloned => {
+                    let pool = self.pool.as_ref().context("zero pool missing")?;
+                    clone_zeros(pool, file, size)
+                        .context("cannot clone zero blocks into the stub")?;
+                }
+                StubKind::Sparse | StubKind::SparseLazy => {
+                    sysfs::ftruncate(file.as_fd(), size)?;
+                }
+            }
+            sysfs::fsetxattr(file.as_fd(), XATTR_SOURCE, &record.encode())
+                .context("cannot write the stub's record (trusted.* xattrs need root)")?;
+            // A chown is a journal transaction even when nothing changes; a new file often has
+            // its owner already (root's trees populated by root), and an fstat costs next to
+            // nothing.
+            let made = sysfs::fstat(file.as_fd())?;
+            let chown = (made.st_uid, made.st_gid) != (m.uid, m.gid);
+            if chown {
+                sysfs::chown(file.as_fd(), None, m.uid, m.gid)?;
+            }
+            // After the chown, which clears set-id bits.
+            if chown || made.st_mode & 0o7777 != m.mode & 0o7777 {
+                sysfs::fchmod(file.as_fd(), m.mode & 0o7777)?;
+            }
+            sysfs::set_times(file.as_fd(), None, m.atime, m.mtime)?;
+            Ok(())
+        })();
+        match res {
+            Ok(()) => Ok(made),
+            Err(e) => {
+                made.discard(dir);
+                Err(e)
+            }
+        }
     }
 
     /// An entry already at this name. Our stub of the same source file: keep it (`false`). Our
@@ -670,8 +1031,12 @@ impl<'a> Walk<'a> {
         name: &std::ffi::CStr,
         want: &SourceRecord,
     ) -> anyhow::Result<bool> {
-        let fd = sysfs::openat(dst, name, libc::O_RDONLY, 0)
+        // O_NONBLOCK: a FIFO planted at the name must not hang the walk.
+        let fd = sysfs::openat(dst, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
             .context("refusing to replace an existing entry in STORE that is not a regular file")?;
+        if sysfs::fstat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            bail!("refusing to replace an existing entry in STORE that is not a regular file");
+        }
         let Some(raw) = sysfs::fgetxattr(fd.as_fd(), XATTR_SOURCE)? else {
             bail!("refusing to overwrite a file in STORE that is not an hsm stub");
         };
@@ -1020,6 +1385,7 @@ mod remote {
             },
         )?;
         let (walk, tree) = Walk::new(opts, &store, false)?;
+        walk.set_total(plan.nodes.len() as u64);
         walk.errors
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1087,6 +1453,9 @@ mod remote {
                         return walk.error(parent.as_bytes(), format!("cannot open directory: {e}"))
                     }
                 };
+                walk.sweep_staging(pfd.as_fd(), parent.as_bytes(), |n| {
+                    entries.iter().any(|(rel, _)| split(rel).1.as_bytes() == n)
+                });
                 for (rel, node) in entries {
                     walk.progress.inc(1);
                     let res = (|| -> anyhow::Result<()> {
@@ -1100,7 +1469,7 @@ mod remote {
                                         if sysfs::readlinkat(pfd.as_fd(), &cname).ok().as_deref()
                                             == Some(target.as_bytes())
                                         {
-                                            walk.counters.kept.fetch_add(1, Relaxed);
+                                            walk.keep_symlink(pfd.as_fd(), &cname, m, rel.as_bytes());
                                             return Ok(());
                                         }
                                         bail!("refusing to replace an existing entry in STORE that is not the same symlink");
@@ -1136,5 +1505,40 @@ mod remote {
         }
         let _ = sysfs::fchmod(tree.as_fd(), DIR_MODE);
         walk.finish(std::mem::take(&mut plan.skipped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_names_are_told_from_source_names() {
+        assert!(is_staging_name(b".hsm-staging.1f2e.0"));
+        assert!(is_staging_name(b".hsm-staging.ffffffff.123abc"));
+        for name in [
+            &b".hsm-staging."[..],
+            b".hsm-staging.12",
+            b".hsm-staging.12.",
+            b".hsm-staging.12.3.4",
+            b".hsm-staging.xyz.1",
+            b".hsm-staging.notes.txt",
+            b"hsm-staging.1.2",
+            b"file.txt",
+        ] {
+            assert!(
+                !is_staging_name(name),
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
+    fn rates_have_thousands_separators_and_no_decimals() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(49_968), "49,968");
+        assert_eq!(thousands(1_234_567), "1,234,567");
     }
 }

@@ -431,6 +431,79 @@ pub fn linkat(
     Ok(())
 }
 
+/// An unnamed regular file in the directory `dir` (`O_TMPFILE`), open for writing, with
+/// permission bits `mode`: no path reaches it until [`link_fd`] gives it a name, and it vanishes
+/// if the process dies first. Filesystems without `O_TMPFILE` fail with `EOPNOTSUPP` (older
+/// kernels: `EISDIR` or `EINVAL`).
+pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: the name is NUL-terminated.
+    let fd = cvt_retry(|| unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    })?;
+    // SAFETY: openat returned a new fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Give the file open at `fd` (e.g. an [`open_tmpfile`]) the name `newname` in `newdir`, failing
+/// with `EEXIST` if the name is taken. `linkat(fd, "", AT_EMPTY_PATH)` needs CAP_DAC_READ_SEARCH;
+/// without it (`ENOENT`/`EPERM`), the same link is made through `/proc/self/fd`.
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    let direct = cvt(unsafe {
+        libc::linkat(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    });
+    match direct {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
+            let path = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
+            // SAFETY: both names are NUL-terminated.
+            cvt(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    newdir.as_raw_fd(),
+                    newname.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })?;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `renameat2(olddir, oldname, newdir, newname, RENAME_NOREPLACE)`: fails with `EEXIST` rather
+/// than replace what is at `newname`.
+pub fn rename_noreplace(
+    olddir: BorrowedFd<'_>,
+    oldname: &CStr,
+    newdir: BorrowedFd<'_>,
+    newname: &CStr,
+) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    cvt(unsafe {
+        libc::renameat2(
+            olddir.as_raw_fd(),
+            oldname.as_ptr(),
+            newdir.as_raw_fd(),
+            newname.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    })?;
+    Ok(())
+}
+
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     // SAFETY: plain syscall.
     cvt_retry(|| unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
@@ -627,7 +700,19 @@ pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Does this process have CAP_SYS_ADMIN in its effective set?
 pub fn has_cap_sys_admin() -> bool {
-    // Bit 21 of CapEff in /proc/self/status.
+    effective_caps().is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+pub const CAP_CHOWN: u32 = 0;
+pub const CAP_DAC_OVERRIDE: u32 = 1;
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_FOWNER: u32 = 3;
+pub const CAP_FSETID: u32 = 4;
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// The effective capability set of this process (CapEff in /proc/self/status), as a bit mask
+/// indexed by the `CAP_*` numbers; `None` if it cannot be read.
+pub fn effective_caps() -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -635,7 +720,6 @@ pub fn has_cap_sys_admin() -> bool {
                 .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string()))
         })
         .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
-        .is_some_and(|caps| caps & (1 << 21) != 0)
 }
 
 pub fn os(bytes: &[u8]) -> &OsStr {
