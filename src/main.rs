@@ -59,6 +59,7 @@ enum Command {
     },
     /// Print a manifest of the tree at DIR (JSON lines) for serving DIR over HTTP(S).
     Manifest {
+        /// The directory whose tree the manifest describes (the one an HTTP(S) server serves).
         dir: PathBuf,
         /// Also record each file's BLAKE3 digest (reads every file).
         #[arg(long)]
@@ -66,7 +67,9 @@ enum Command {
     },
     /// Expose STORE's tree at MOUNTPOINT and fetch content on access, until SIGINT or SIGTERM.
     Serve {
+        /// The store `hsm populate` built (the directory holding `tree` and `.hsm`).
         store: PathBuf,
+        /// Where the tree appears while this runs (an empty directory).
         mountpoint: PathBuf,
         /// Fetching threads.
         #[arg(long, default_value_t = 16)]
@@ -128,15 +131,24 @@ enum Command {
     },
     /// Show how much of each file is present: stub, partial, complete, modified.
     Status {
+        /// Files or directories under MOUNTPOINT (while `hsm serve` runs) or under STORE/tree
+        /// (STORE itself stands for its tree).
+        #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print the totals only, not a line per file (for big trees).
+        #[arg(long)]
+        summary: bool,
     },
     /// Check the present chunks of stubs against the digests recorded by `populate --digests`.
     Verify {
+        /// Files or directories under STORE/tree or under MOUNTPOINT (while `hsm serve` runs).
+        #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// The store (needed for paths under a mount point).
+        /// The store, when it cannot be found from the paths (they are found under STORE/tree
+        /// and under the mount point of a running `hsm serve`).
         #[arg(long)]
         store: Option<PathBuf>,
     },
@@ -163,6 +175,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in a file or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -254,7 +268,11 @@ fn main() -> ExitCode {
                 eprintln!("hsm: no guard runs for {}", store.display());
             }
         }),
-        Command::Status { paths, json } => hsm::status::run(&paths, json),
+        Command::Status {
+            paths,
+            json,
+            summary,
+        } => hsm::status::run(&paths, json, summary),
         Command::Verify { paths, store } => hsm::verify::run(&paths, store.as_deref()),
         Command::Demo { fs } => hsm::demo::run(&fs),
     };

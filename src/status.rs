@@ -1,8 +1,11 @@
-//! `hsm status [--json] PATH...`: how much of each file is present.
+//! `hsm status [--json] [--summary] PATH...`: how much of each file is present.
 //!
 //! PATH is a file or a directory, reached through MOUNTPOINT (while `hsm serve` runs) or through
 //! `STORE/tree`: both lead to the same inodes and the same records. Directories are walked
-//! recursively without following symlinks.
+//! recursively without following symlinks. A store's own root (STORE, or a store met on the
+//! walk) stands for its tree: its `.hsm` directory holds the store's internals, not files. When
+//! no file under PATH is a stub, a hint says what to pass instead (an empty directory is most
+//! likely a mount point no daemon serves now).
 //!
 //! Status never opens a file: it reads each file's records with `lgetxattr` and its size and mtime
 //! with `lstat`, neither of which raises a fanotify event, so asking for status fetches nothing and
@@ -31,6 +34,7 @@
 //! not there). Paths are printed with control characters, backslashes, invalid UTF-8 and
 //! bidirectional overrides escaped (`\n`, `\\`, `\xff`, `\u{202e}`), so that no file name can
 //! forge or disguise a line. `--json` prints one JSON document instead (same escaped paths).
+//! `--summary` prints the totals alone (in JSON: no `files` list), for big trees.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -184,13 +188,14 @@ pub struct Scan {
 
 #[derive(Serialize)]
 struct JsonReport<'a> {
-    files: &'a [FileStatus],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<&'a [FileStatus]>,
     totals: &'a Totals,
     errors: &'a [String],
 }
 
-/// `hsm status`.
-pub fn run(paths: &[PathBuf], json: bool) -> anyhow::Result<()> {
+/// `hsm status`. `summary`: the totals alone.
+pub fn run(paths: &[PathBuf], json: bool, summary: bool) -> anyhow::Result<()> {
     if paths.is_empty() {
         bail!("give at least one PATH: a file or directory under MOUNTPOINT or STORE/tree");
     }
@@ -199,9 +204,13 @@ pub fn run(paths: &[PathBuf], json: bool) -> anyhow::Result<()> {
     let mut broken_pipe = false;
     if json {
         let mut files = Vec::new();
-        scan = self::scan(paths, |f| files.push(f))?;
+        scan = self::scan(paths, |f| {
+            if !summary {
+                files.push(f)
+            }
+        })?;
         let doc = JsonReport {
-            files: &files,
+            files: (!summary).then_some(&files[..]),
             totals: &scan.totals,
             errors: &scan.errors,
         };
@@ -214,7 +223,7 @@ pub fn run(paths: &[PathBuf], json: bool) -> anyhow::Result<()> {
     } else {
         let mut out = io::BufWriter::new(io::stdout().lock());
         scan = self::scan(paths, |f| {
-            if !broken_pipe {
+            if !broken_pipe && !summary {
                 broken_pipe = check_write(writeln!(out, "{}", file_line(&f))).unwrap_or(true);
             }
         })?;
@@ -225,6 +234,9 @@ pub fn run(paths: &[PathBuf], json: bool) -> anyhow::Result<()> {
     }
     if broken_pipe {
         return Ok(());
+    }
+    if let Some(hint) = hint(paths, &scan.totals) {
+        eprintln!("hsm status: {hint}");
     }
     if !scan.errors.is_empty() {
         bail!(
@@ -248,12 +260,49 @@ fn check_write(res: io::Result<()>) -> io::Result<bool> {
 pub fn require_cap() -> anyhow::Result<()> {
     if !sysfs::has_cap_sys_admin() {
         bail!(
-            "hsm status reads the trusted.hsm.* extended attributes, which only a process with \
-             CAP_SYS_ADMIN can see (to others every stub would look like a plain file): run it as \
-             root, e.g. `sudo hsm status PATH`"
+            "run as root: hsm status reads the trusted.hsm.* extended attributes, which only a \
+             process with CAP_SYS_ADMIN can see (to others every stub would look like a plain \
+             file), e.g. `sudo hsm status PATH`"
         );
     }
     Ok(())
+}
+
+/// Is `dir` the root of a store (not its tree)?
+pub fn is_store_root(dir: &Path) -> bool {
+    crate::store::Store::config_path(dir).is_file() && dir.join("tree").is_dir()
+}
+
+/// What to pass instead, when nothing under `paths` is a stub.
+fn hint(paths: &[PathBuf], totals: &Totals) -> Option<String> {
+    let s = &totals.states;
+    if s.stub + s.partial + s.complete + s.modified + s.corrupt > 0 {
+        return None;
+    }
+    let shown = |p: &Path| escape_path(p.as_os_str().as_bytes());
+    let empty: Vec<String> = paths
+        .iter()
+        .filter(|p| std::fs::read_dir(p).is_ok_and(|mut rd| rd.next().is_none()))
+        .map(|p| shown(p))
+        .collect();
+    Some(if !empty.is_empty() {
+        format!(
+            "{} is an empty directory. If it is the MOUNTPOINT of `hsm serve`, no daemon serves it \
+             now: the tree appears there only while `hsm serve STORE MOUNTPOINT` runs. STORE/tree \
+             shows the stubs at any time",
+            empty.join(", ")
+        )
+    } else {
+        format!(
+            "no file under {} is an hsm stub: pass STORE/tree (the tree `hsm populate SOURCE \
+             STORE` built) or the MOUNTPOINT of a running `hsm serve`",
+            paths
+                .iter()
+                .map(|p| shown(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }
 
 /// The text line for one file: `STATE PRESENT / SIZE PATH[  [reason]]`.
@@ -284,6 +333,14 @@ pub fn scan(paths: &[PathBuf], mut each: impl FnMut(FileStatus)) -> anyhow::Resu
     };
     for p in paths {
         match std::fs::symlink_metadata(p) {
+            Ok(md) if md.is_dir() && is_store_root(p) => {
+                eprintln!(
+                    "hsm status: {} is a store: showing its tree, {}",
+                    escape_path(p.as_os_str().as_bytes()),
+                    escape_path(p.join("tree").as_os_str().as_bytes())
+                );
+                w.store(p)
+            }
             Ok(md) if md.is_dir() => w.dir(p, &md),
             Ok(md) if md.is_file() => {
                 w.note_fs(p, &md);
@@ -321,6 +378,16 @@ impl<F: FnMut(FileStatus)> Walker<'_, F> {
         }
     }
 
+    /// A store's root: its tree alone.
+    fn store(&mut self, root: &Path) {
+        let tree = root.join("tree");
+        match std::fs::symlink_metadata(&tree) {
+            Ok(md) if md.is_dir() => self.dir(&tree, &md),
+            Ok(_) => self.error(&tree, "not a directory"),
+            Err(e) => self.error(&tree, e),
+        }
+    }
+
     fn dir(&mut self, path: &Path, md: &std::fs::Metadata) {
         self.note_fs(path, md);
         let mut entries: Vec<(PathBuf, std::fs::Metadata)> = Vec::new();
@@ -344,6 +411,14 @@ impl<F: FnMut(FileStatus)> Walker<'_, F> {
             }
         }
         entries.sort_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
+        // A store met on the walk: its tree only, not its internals.
+        if entries
+            .iter()
+            .any(|(p, md)| md.is_dir() && p.file_name() == Some(std::ffi::OsStr::new(".hsm")))
+            && is_store_root(path)
+        {
+            return self.store(path);
+        }
         for (p, md) in entries {
             if md.is_dir() {
                 self.dir(&p, &md);
@@ -410,7 +485,11 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         }
         .to_string(),
     );
-    f.present_bytes = state.present_bytes();
+    // Of the file as it is now: ranges present below its size and below the length still
+    // backed by the source, and every byte beyond that length (the user's own). A file cut
+    // short locally never shows more present than its size.
+    f.present_bytes =
+        state.present.covered(state.backed_len.min(size)) + size.saturating_sub(state.backed_len);
     f.percent = percent(f.present_bytes, size);
     let mtime = (md.mtime(), md.mtime_nsec() as u32);
     f.state = if state.modified || size != source.size || mtime != source.mtime {

@@ -3,6 +3,12 @@
 //!
 //! It reads through the path given. Under the store's own tree that raises no fanotify event; under
 //! the mount point only present chunks are read, which the daemon allows without fetching.
+//!
+//! The digest lists live in the store (`STORE/.hsm/digests`). The store is found from the path:
+//! a path under `STORE/tree` has it among its ancestors; a path under the mount point of `hsm
+//! serve` is followed, through `/proc/self/mountinfo`, to the directory of its filesystem that
+//! the mount shows (`STORE/tree`) and to another mount of that filesystem that reaches STORE.
+//! `--store` names it instead. STORE itself stands for its tree.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -33,21 +39,125 @@ pub enum Verdict {
     },
 }
 
-/// Find the store that holds `path` (a path under STORE/tree), or use `store` when given.
+/// Find the store that holds `path`, or use `store` when given.
 fn digest_dir_for(path: &Path, store: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(s) = store {
         return Ok(s.join(".hsm/digests"));
     }
-    let abs = path.canonicalize()?;
-    for dir in abs.ancestors() {
-        if dir.join(".hsm/config.json").is_file() {
-            return Ok(dir.join(".hsm/digests"));
+    match find_store(path) {
+        Some(s) => Ok(s.join(".hsm/digests")),
+        None => bail!(
+            "{} is neither under a store's tree (STORE/tree) nor under the mount point of a \
+             running `hsm serve`; pass --store STORE",
+            path.display()
+        ),
+    }
+}
+
+/// The store whose tree holds `path`: a path under `STORE/tree` (or STORE itself), or under a
+/// mount of a store's tree (the mount point of `hsm serve`) when another mount of the same
+/// filesystem reaches the store.
+pub fn find_store(path: &Path) -> Option<PathBuf> {
+    let abs = path.canonicalize().ok()?;
+    if let Some(dir) = abs
+        .ancestors()
+        .find(|d| crate::store::Store::config_path(d).is_file())
+    {
+        return Some(dir.to_path_buf());
+    }
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&abs).ok()?;
+    let dev = (libc::major(md.dev()), libc::minor(md.dev()));
+    let mounts: Vec<MountInfo> = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .filter_map(MountInfo::parse)
+        .filter(|m| m.dev == dev)
+        .collect();
+    // The mount `abs` is reached through, and the path within its filesystem.
+    let mount = mounts
+        .iter()
+        .filter(|m| abs.starts_with(&m.point))
+        .max_by_key(|m| m.point.as_os_str().len())?;
+    let in_fs = mount.root.join(abs.strip_prefix(&mount.point).ok()?);
+    for tree in in_fs.ancestors() {
+        if tree.file_name() != Some(std::ffi::OsStr::new("tree")) {
+            continue;
+        }
+        let (Some(store_in_fs), Ok(below)) = (tree.parent(), in_fs.strip_prefix(tree)) else {
+            continue;
+        };
+        for other in &mounts {
+            let Ok(rel) = store_in_fs.strip_prefix(&other.root) else {
+                continue;
+            };
+            let store = other.point.join(rel);
+            if !crate::store::Store::config_path(&store).is_file() {
+                continue;
+            }
+            // The same inode through the store: not a look-alike path on another mount.
+            let same = std::fs::metadata(store.join("tree").join(below))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (md.dev(), md.ino()));
+            if same {
+                return Some(store);
+            }
         }
     }
-    bail!(
-        "{} is not inside a store's tree; pass --store STORE (paths under a mount point need it)",
-        path.display()
-    )
+    None
+}
+
+/// One line of `/proc/self/mountinfo`: the filesystem's device, the directory of it the mount
+/// shows, and where.
+struct MountInfo {
+    dev: (u32, u32),
+    root: PathBuf,
+    point: PathBuf,
+}
+
+impl MountInfo {
+    fn parse(line: &str) -> Option<MountInfo> {
+        use std::os::unix::ffi::OsStringExt;
+        let mut f = line.split(' ');
+        let (_, _, dev, root, point) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (maj, min) = dev.split_once(':')?;
+        let path = |s: &str| PathBuf::from(std::ffi::OsString::from_vec(unescape_octal(s)));
+        Some(MountInfo {
+            dev: (maj.parse().ok()?, min.parse().ok()?),
+            root: path(root),
+            point: path(point),
+        })
+    }
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b.get(i + 1..i + 4) {
+            Some(o) if b[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)) => {
+                out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Refuse to run where the records and digest lists cannot be read.
+pub fn require_cap() -> anyhow::Result<()> {
+    if !sysfs::has_cap_sys_admin() {
+        bail!(
+            "run as root: hsm verify reads the trusted.hsm.* records (CAP_SYS_ADMIN) and the \
+             digest lists in the root-only store, e.g. `sudo hsm verify PATH`"
+        );
+    }
+    Ok(())
 }
 
 pub fn verify_file(path: &Path, digest_dir: &Path) -> anyhow::Result<Verdict> {
@@ -94,15 +204,29 @@ pub fn verify_file(path: &Path, digest_dir: &Path) -> anyhow::Result<Verdict> {
 
 /// Verify every file under `paths`; returns an error if any file failed.
 pub fn run(paths: &[PathBuf], store: Option<&Path>) -> anyhow::Result<()> {
+    if paths.is_empty() {
+        bail!("give at least one PATH: a file or directory under MOUNTPOINT or STORE/tree");
+    }
+    require_cap()?;
     let mut failed = 0;
     let mut files = Vec::new();
     for p in paths {
-        collect(p, &mut files)?;
+        // STORE itself: its tree, not its internals.
+        let p = if crate::status::is_store_root(p) {
+            p.join("tree")
+        } else {
+            p.to_path_buf()
+        };
+        let digest_dir = digest_dir_for(&p, store)?;
+        let start = files.len();
+        collect(&p, &mut files)?;
+        for f in &mut files[start..] {
+            f.1 = digest_dir.clone();
+        }
     }
-    for f in &files {
-        let digest_dir = digest_dir_for(f, store)?;
+    for (f, digest_dir) in &files {
         let shown = f.display().to_string().escape_debug().to_string();
-        match verify_file(f, &digest_dir) {
+        match verify_file(f, digest_dir) {
             Ok(Verdict::Ok { chunks }) => println!("ok        {chunks} chunks verified  {shown}"),
             Ok(Verdict::NoDigests) => println!("unchecked no digests recorded  {shown}"),
             Ok(Verdict::NotAStub) => println!("local     not a stub  {shown}"),
@@ -125,7 +249,8 @@ pub fn run(paths: &[PathBuf], store: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn collect(p: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+/// Regular files under `p` (with an empty digest directory, filled in by the caller).
+fn collect(p: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> anyhow::Result<()> {
     let md =
         std::fs::symlink_metadata(p).with_context(|| format!("cannot stat {}", p.display()))?;
     if md.is_dir() {
@@ -138,7 +263,25 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
             collect(&e, out)?;
         }
     } else if md.is_file() {
-        out.push(p.to_path_buf());
+        out.push((p.to_path_buf(), PathBuf::new()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_parse() {
+        let m = MountInfo::parse(
+            "36 35 7:3 /store/tree /tmp/a\\040b/view rw,relatime shared:1 - xfs /dev/loop3 rw",
+        )
+        .unwrap();
+        assert_eq!(m.dev, (7, 3));
+        assert_eq!(m.root, Path::new("/store/tree"));
+        assert_eq!(m.point, Path::new("/tmp/a b/view"));
+        assert!(MountInfo::parse("garbage").is_none());
+        assert_eq!(unescape_octal(r"/x\134y\"), b"/x\\y\\");
+    }
 }
