@@ -269,6 +269,171 @@ fn status_partial_cloned_stub_on_xfs() {
     );
 }
 
+/// `hsm status ARGS PATHS`, asserting success: (stdout, stderr).
+fn status_with(args: &[&str], paths: &[&Path]) -> (String, String) {
+    let out = run(Command::new(HSM)
+        .arg("status")
+        .args(args)
+        .args(paths)
+        .stdin(Stdio::null()));
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Issue 26: a file rewritten shorter showed `modified 1892 / 7` (present bytes counted from the
+/// source's size); `status STORE` listed the store's `.hsm` internals as local files.
+#[test]
+fn status_present_never_exceeds_size_and_a_store_shows_its_tree() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "1G");
+    let a = fx.write_source("a.txt", 1892, 21);
+    fx.write_source("b/c.txt", 5000, 22);
+    let d = fx.write_source("d.txt", 3000, 23);
+    fx.populate(&["--digests"]);
+    fx.serve(&[]);
+    assert_bytes_eq(&std::fs::read(fx.at("a.txt")).unwrap(), &a, "a.txt");
+    assert_bytes_eq(&std::fs::read(fx.at("d.txt")).unwrap(), &d, "d.txt");
+    // Rewritten shorter through the mount, as an editor saves a file: O_TRUNC, then 7 bytes.
+    std::fs::write(fx.at("a.txt"), b"7 bytes").unwrap();
+    let m = fx.stop();
+    assert_eq!(m["denied"], 0, "{m}");
+    // Cut short where no daemon saw it: the records still say 3,000 bytes backed and present.
+    raw_open(&fx.stub("d.txt"), true).set_len(5).unwrap();
+
+    let tree = fx.store.join("tree");
+    let doc = status_json(&[&tree]);
+    check_totals(&doc);
+    for f in doc["files"].as_array().unwrap() {
+        assert!(
+            f["present_bytes"].as_u64() <= f["size"].as_u64(),
+            "present above the size: {f:#}"
+        );
+    }
+    for (name, size) in [("a.txt", 7), ("d.txt", 5)] {
+        let e = entry(&doc, name);
+        assert_eq!(e["state"], "modified", "{doc:#}");
+        assert_eq!(e["size"], size, "{doc:#}");
+        assert_eq!(e["present_bytes"], size, "{doc:#}");
+        assert_eq!(e["percent"], 100.0, "{doc:#}");
+    }
+    let text = status_text(&[&tree]);
+    for (name, size) in [("a.txt", "7"), ("d.txt", "5")] {
+        let words: Vec<&str> = line_for(&text, name).split_whitespace().take(4).collect();
+        assert_eq!(words, ["modified", size, "/", size], "{text}");
+    }
+
+    // STORE itself: its tree, said so, and nothing of .hsm.
+    let (out, err) = status_with(&["--json"], &[&fx.store]);
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    check_totals(&doc);
+    assert_eq!(doc["totals"]["files"], 3, "{doc:#}");
+    assert_eq!(doc["totals"]["states"]["local"], 0, "{doc:#}");
+    for f in doc["files"].as_array().unwrap() {
+        let p = f["path"].as_str().unwrap();
+        assert!(p.contains("/tree/") && !p.contains("/.hsm/"), "{doc:#}");
+    }
+    assert!(err.contains("is a store: showing its tree"), "{err}");
+    let (text, _) = status_with(&[], &[&fx.store]);
+    assert!(!text.contains(".hsm"), "{text}");
+
+    // --summary: the totals alone.
+    let (text, err) = status_with(&["--summary"], &[&tree]);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.starts_with("total: 3 files (1 stub, 0 partial, 0 complete, 2 modified"),
+        "{text}"
+    );
+    assert!(err.is_empty(), "{err}");
+    let (out, _) = status_with(&["--summary", "--json"], &[&tree]);
+    let sum: Value = serde_json::from_str(&out).unwrap();
+    assert!(sum.get("files").is_none(), "{sum:#}");
+    assert_eq!(sum["totals"], doc["totals"], "{sum:#}");
+}
+
+/// Issue 26: an unserved mount point or a path that holds no stub gave no hint.
+#[test]
+fn status_says_what_to_pass_for_an_unserved_or_plain_path() {
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new("ext4", "1G");
+    fx.write_source("f.txt", 100, 31);
+    fx.populate(&[]);
+    std::fs::create_dir_all(&fx.view).unwrap();
+
+    let (text, err) = status_with(&[], &[&fx.view]);
+    assert!(text.starts_with("total: 0 files"), "{text}");
+    assert!(
+        err.contains("is an empty directory") && err.contains("hsm serve STORE MOUNTPOINT"),
+        "{err}"
+    );
+    let (_, err) = status_with(&[], &[&fx.source]);
+    assert!(
+        err.contains("no file under") && err.contains("STORE/tree"),
+        "{err}"
+    );
+    let (_, err) = status_with(&[], &[&fx.store.join("tree")]);
+    assert!(err.is_empty(), "no hint where there are stubs: {err}");
+}
+
+/// Issue 26: `verify` on a path under the mount point asked for --store; STORE listed .hsm.
+#[test]
+fn verify_finds_the_store_from_the_mount_point() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let small = fx.write_source("d/small.txt", 9000, 41);
+    let big = fx.write_source("big.bin", 6 << 20, 42);
+    fx.populate(&["--digests"]);
+    fx.serve(&[]);
+    assert_bytes_eq(
+        &std::fs::read(fx.at("d/small.txt")).unwrap(),
+        &small,
+        "small",
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    std::fs::File::open(fx.at("big.bin"))
+        .unwrap()
+        .read_exact_at(&mut buf, 2 << 20)
+        .unwrap();
+    assert_bytes_eq(&buf, &big[2 << 20..3 << 20], "big.bin range");
+    std::thread::sleep(Duration::from_millis(1500)); // records are persisted every 0.5 s
+
+    for (path, want) in [
+        (fx.at("d/small.txt"), &["ok        1 chunks verified"][..]),
+        (
+            fx.view.clone(),
+            &["ok        1 chunks verified", "ok        1 chunks verified"][..],
+        ),
+    ] {
+        let out = run(Command::new(HSM)
+            .arg("verify")
+            .arg(&path)
+            .stdin(Stdio::null()));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.matches(want[0]).count(),
+            want.len(),
+            "{}: {text}",
+            path.display()
+        );
+    }
+    let m = fx.stop();
+    assert_eq!(m["denied"], 0, "{m}");
+    let out = run(Command::new(HSM)
+        .arg("verify")
+        .arg(&fx.store)
+        .stdin(Stdio::null()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(!text.contains(".hsm"), "{text}");
+}
+
 #[test]
 fn status_and_demo_refuse_without_privilege() {
     if !require_root() {
@@ -279,9 +444,16 @@ fn status_and_demo_refuse_without_privilege() {
     std::fs::set_permissions(&scratch.path, std::fs::Permissions::from_mode(0o755)).unwrap();
     let exe = scratch.path.join("hsm");
     std::fs::copy(HSM, &exe).unwrap();
-    for (args, want) in [
-        (&["status", "/tmp"][..], "CAP_SYS_ADMIN"),
-        (&["demo"][..], "must run as root"),
+    for (args, wants) in [
+        (
+            &["status", "/tmp"][..],
+            &["run as root", "CAP_SYS_ADMIN"][..],
+        ),
+        (
+            &["verify", "/tmp"][..],
+            &["run as root", "CAP_SYS_ADMIN"][..],
+        ),
+        (&["demo"][..], &["must run as root"][..]),
     ] {
         let out = Command::new("setpriv")
             .args([
@@ -297,7 +469,9 @@ fn status_and_demo_refuse_without_privilege() {
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded unprivileged");
-        assert!(err.contains(want), "{args:?}: {err}");
+        for want in wants {
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
     }
 }
 
