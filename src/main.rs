@@ -192,7 +192,7 @@ fn main() -> ExitCode {
             endpoint,
             region,
             fetch_deadline,
-        } => hsm::guard::view_for_tools(&store).and_then(|view| {
+        } => hsm::populate::store_view(&store).and_then(|view| {
             // Through the daemon's kind of private view when the store is guarded.
             let store_io = view
                 .as_ref()

@@ -174,6 +174,14 @@ pub fn check_privileges() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For `hsm populate`: the privileges checked first (before the store is looked at, or anything
+/// opened or created), then the store's private view when a guard holds its group (see
+/// [`crate::guard::view_for_tools`]).
+pub fn store_view(store_root: &Path) -> anyhow::Result<Option<crate::guard::PrivateView>> {
+    check_privileges()?;
+    crate::guard::view_for_tools(store_root)
+}
+
 /// The first path at which a hard-linked source inode was stubbed; later names link to it.
 type LinkCell = Arc<OnceLock<Option<Vec<u8>>>>;
 
