@@ -101,6 +101,7 @@ pub struct Attachment {
 pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
     let name = socket_name(store_root)
         .with_context(|| format!("cannot stat the store {}", store_root.display()))?;
+    refuse_a_second_store_on_the_filesystem(store_root, &name)?;
     // Owned (and closed, when a guard still runs) whatever happens next.
     let mut stored = ipc::take_listen_fd(FDSTORE_NAME);
     let mut started = false;
@@ -148,6 +149,31 @@ pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("cannot reach the store's guard process (hsm-guard) after starting it; see its log above")
+}
+
+/// One guarded store per filesystem: a guard answers the events of every stub of its
+/// filesystem from the records (the mark is the filesystem's), so a second store's guard would
+/// deny this store's accesses while its daemon served them. Guards are found by their socket
+/// names (`/proc/net/unix`), which carry the store's device and inode.
+fn refuse_a_second_store_on_the_filesystem(store_root: &Path, name: &str) -> anyhow::Result<()> {
+    let Some((prefix, _)) = name.rsplit_once(':') else {
+        return Ok(());
+    };
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let other = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter_map(|path| path.strip_prefix('@'))
+        .find(|n| n.starts_with(&format!("{prefix}:")) && *n != name);
+    if let Some(other) = other {
+        bail!(
+            "another hsm store on the filesystem of {} is guarded ({other}); one guarded store \
+             per filesystem: stop that store's serve and run `hsm guard --stop STORE` for it, or \
+             put this store on a filesystem of its own",
+            store_root.display()
+        );
+    }
+    Ok(())
 }
 
 fn is_addr_in_use(e: &anyhow::Error) -> bool {
@@ -397,7 +423,7 @@ fn decide_event(fd: BorrowedFd<'_>, mask: u64, pid: i32, range: Option<(u64, u64
         Err(_) => return Unserved::Deny,
     };
     let for_kernel_reader =
-        mask & FAN_PRE_ACCESS == 0 && crate::worker::hands_files_to_the_kernel(pid);
+        mask & FAN_PRE_ACCESS == 0 && crate::kernel_reader::opened_for_kernel_reader(pid, fd);
     decide_unserved(
         source.as_deref(),
         state.as_deref(),

@@ -8,6 +8,7 @@
 //! - [`engine`]: fetching missing ranges into stubs, once, and remembering them.
 //! - [`prefetch`]: fetching ahead of a walk through a directory of small files.
 //! - [`event`]: owning and answering events exactly once.
+//! - [`kernel_reader`]: opens after which the kernel reads a file without events.
 //! - [`guard`]: holding the store's group while no daemon runs, so that stubs fail closed.
 //! - [`supervisor`], [`worker`], [`protocol`]: `hsm serve`, split so that a fetch can crash
 //!   without losing or mis-answering an event.
@@ -20,6 +21,7 @@ pub mod digest;
 pub mod engine;
 pub mod event;
 pub mod guard;
+pub mod kernel_reader;
 pub mod manifest;
 pub mod metrics;
 pub mod populate;

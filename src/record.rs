@@ -183,6 +183,12 @@ pub fn complete_on_disk(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// The stub kind of the file behind `fd`, if it has a valid source record.
+pub fn stub_kind(fd: BorrowedFd<'_>) -> Option<StubKind> {
+    let raw = crate::sys::fs::fgetxattr(fd, XATTR_SOURCE).ok()??;
+    SourceRecord::decode(&raw).ok().map(|s| s.kind)
+}
+
 /// Whether the file behind `fd` is a stub (has a source record). A file of the store's
 /// filesystem without one is the user's own, or the store's internals: no fetch concerns it. An
 /// error reading the xattr says yes, so that the engine decides and logs why.

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::prefetch::DirPrefetch;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
 use crate::published::PublishedRanges;
+use crate::record::StubKind;
 use crate::store::Store;
 use crate::sys::fanotify::{DenyErrno, Group, Verdict, FAN_OPEN_EXEC_PERM, FAN_PRE_ACCESS};
 use crate::sys::shm::Shared;
@@ -344,8 +345,12 @@ fn dispatch(
     tx: &crossbeam_channel::Sender<PendingEvent>,
     alone: &dyn Fn() -> bool,
 ) {
-    if ev.mask & FAN_OPEN_EXEC_PERM != 0 {
-        // Answered inline: the plain open event of this exec comes only after this answer.
+    // Answered inline: the plain open event of this exec comes only after this answer. Not an
+    // exec through a stacking filesystem's hidden mount (overlayfs): it maps the real file with
+    // no event, so that file is served as an open for a kernel reader (fetched whole).
+    if ev.mask & FAN_OPEN_EXEC_PERM != 0
+        && !crate::kernel_reader::opened_for_kernel_reader(ev.pid, ev.as_fd())
+    {
         note_exec_open(ctx, ev);
         return;
     }
@@ -385,24 +390,18 @@ fn dispatch(
     }
 }
 
-/// What an open needs: a stub opened by a program that hands it to a kernel reader raising no
-/// pre-content event (see [`hands_files_to_the_kernel`]) is fetched whole before the open
-/// returns; any other open fetches what its stub kind asks for.
+/// What an open needs: a stub opened for a kernel reader that raises no pre-content event (see
+/// `kernel_reader`) is fetched whole before the open returns; any other open fetches what its
+/// stub kind asks for.
 fn open_need(ev: &PendingEvent) -> Need {
-    if hands_files_to_the_kernel(ev.pid) {
+    // A sparse stub is fetched whole at any open: the check (three /proc reads) is for stubs
+    // filled range by range only, so that cold walks of small files do not pay for it.
+    let ranged = crate::record::stub_kind(ev.as_fd()).is_some_and(|k| k != StubKind::Sparse);
+    if ranged && crate::kernel_reader::opened_for_kernel_reader(ev.pid, ev.as_fd()) {
         Need::Whole
     } else {
         Need::Open
     }
-}
-
-/// Whether process `pid` is a program that opens a file to give it to a kernel reader that
-/// raises no pre-content event: the loop driver reads its backing file directly (`losetup`,
-/// and `mount -o loop`, which attaches the device itself). Judged by the process name at the
-/// open, which the program's own open event carries (its pid is still the opener).
-pub fn hands_files_to_the_kernel(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| matches!(comm.trim_ascii_end(), b"losetup" | b"mount"))
 }
 
 fn range_need(ev: &PendingEvent) -> Need {

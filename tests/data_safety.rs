@@ -1731,7 +1731,9 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
         assert!(!is_mounted(&view2), "{fs_kind}: view2 still mounted");
         let (ok, text) = verify(&[&moved.join("tree")]);
         assert!(ok, "{fs_kind}: verify of the moved copy:\n{text}");
-        // The original is untouched by all that and serves the same bytes.
+        // The original is untouched by all that and serves the same bytes (its filesystem
+        // guarded for one store at a time: the copy's guard is stopped first).
+        run(Command::new(HSM).arg("guard").arg("--stop").arg(&moved));
         fx.serve(&[]);
         read_tree(&fx.view, &all, &format!("{fs_kind} original"));
         fx.stop();

@@ -147,3 +147,41 @@ fn the_systemd_unit_never_unmounts_blindly() {
         assert!(unit.contains(key), "the unit lacks {key}");
     }
 }
+
+/// One guarded store per filesystem: a second store's serve on it is refused, naming what to do.
+#[test]
+fn a_second_store_on_a_guarded_filesystem_is_refused_until_its_guard_stops() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "512M");
+    let data = fx.write_source("f", 50_000, 5);
+    fx.populate(&[]);
+    let other = fx.fs.mnt.join("other-store");
+    run(Command::new(HSM)
+        .arg("populate")
+        .arg(&fx.source)
+        .arg(&other)
+        .stdin(Stdio::null()));
+    fx.serve(&[]);
+    fx.stop();
+    let err = serve_refused(&other, &fx.scratch.path.join("other-view"));
+    assert!(
+        err.contains("one guarded store per filesystem") && err.contains("hsm guard --stop"),
+        "{err}"
+    );
+    run(Command::new(HSM).arg("guard").arg("--stop").arg(&fx.store));
+    let mut d = Daemon::start(
+        &other,
+        &fx.scratch.path.join("other-view"),
+        &[],
+        std::time::Duration::from_secs(120),
+    );
+    assert_bytes_eq(
+        &std::fs::read(fx.scratch.path.join("other-view/f")).unwrap(),
+        &data,
+        "f from the other store",
+    );
+    d.stop_log();
+    stop_guard(&other);
+}

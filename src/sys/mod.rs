@@ -6,6 +6,7 @@
 pub mod fanotify;
 pub mod fs;
 pub mod ipc;
+pub mod loopdev;
 pub mod mount;
 pub mod privilege;
 pub mod shm;
