@@ -419,10 +419,11 @@ fn thousands(n: u64) -> String {
 /// The progress line: entries done and their rate (`49,968 entries/s`); with the total known,
 /// a bar, the total and an ETA.
 fn progress_style(with_total: bool) -> ProgressStyle {
+    // The bar takes what the line leaves, so that the line never wraps.
     let template = if with_total {
-        "{spinner} [{bar:30}] {human_pos} / {human_len} entries ({rate}, ETA {eta}) {msg}"
+        "{spinner} {human_pos}/{human_len} entries, {rate}, ETA {eta} [{wide_bar}]"
     } else {
-        "{spinner} {human_pos} entries ({rate}) {msg}"
+        "{spinner} {human_pos} entries, {rate}"
     };
     ProgressStyle::with_template(template)
         .unwrap_or_else(|_| ProgressStyle::default_spinner())
