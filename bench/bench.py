@@ -713,7 +713,7 @@ http {{
             cmd, stdout=subprocess.PIPE, stderr=errf, start_new_session=True, preexec_fn=limits
         )
         errf.close()
-        d = Daemon(p, store, self.mnt_hsm, log_path)
+        d = Daemon(p, store, self.mnt_hsm, log_path, self.cfg.hsm)
         d.undo = CLEANUP.push(f"stop hsm serve {p.pid}", d.stop)
         d.wait_ready()
         return d
@@ -1237,8 +1237,8 @@ def parse_time_v(path):
 class Daemon:
     """A running `hsm serve`: supervisor (our child) + worker (its child)."""
 
-    def __init__(self, p, store, mnt, log_path):
-        self.p, self.store, self.mnt, self.log_path = p, store, mnt, log_path
+    def __init__(self, p, store, mnt, log_path, hsm):
+        self.p, self.store, self.mnt, self.log_path, self.hsm = p, store, mnt, log_path, hsm
         self.worker_pid = None
         self.undo = None
         self._metrics = None
@@ -1283,6 +1283,10 @@ class Daemon:
                 time.sleep(0.05)
             kill_pid(self.worker_pid, "serve-worker")
         umount_all(self.mnt)
+        # The store's guard (one guarded store per filesystem: the next store measured on the
+        # same filesystem needs it gone; nothing else must run between measurements either).
+        subprocess.run([self.hsm, "guard", "--stop", self.store], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self.p.stdout:
             self.p.stdout.close()
 

@@ -272,7 +272,19 @@ pub fn stop(store_root: &Path) -> anyhow::Result<bool> {
         Err(_) => return Ok(false),
     };
     match request(conn.as_fd(), REQ_QUIT)? {
-        (REP_BYE, _, _) => Ok(true),
+        (REP_BYE, _, _) => {
+            // Gone once its name is: a serve of another store on this filesystem started right
+            // after this returns must not find it (see `refuse_a_second_store_on_the_filesystem`).
+            drop(conn);
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end
+                && std::fs::read_to_string("/proc/net/unix")
+                    .is_ok_and(|t| t.contains(&format!("@{name}\n")))
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(true)
+        }
         (REP_BUSY, pid, _) => bail!("hsm serve (pid {pid}) is serving the store: stop it first"),
         _ => bail!("the store's guard process gave an unexpected answer"),
     }
