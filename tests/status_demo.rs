@@ -423,7 +423,13 @@ fn verify_finds_the_store_from_the_mount_point() {
             path.display()
         );
     }
-    let m = fx.stop();
+    // Its log, written to a file, carries no colour codes.
+    let log = fx.daemon.take().unwrap().stop_log();
+    assert!(
+        log.contains(" INFO ") && !log.contains('\x1b'),
+        "a log written to a file must be plain text:\n{log:?}"
+    );
+    let m = fx.metrics();
     assert_eq!(m["denied"], 0, "{m}");
     let out = run(Command::new(HSM)
         .arg("verify")
