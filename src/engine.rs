@@ -66,8 +66,11 @@ struct Entry {
     digests: Option<Vec<Digest>>,
     /// A duplicate of the first event's fd: lets the flusher and readahead reach the file.
     file: OwnedFd,
-    /// xfs: an "invisible I/O" fd on the same file, whose writes leave mtime and ctime alone.
-    invisible: Option<OwnedFd>,
+    /// The fd fills are written through: event fds are read-only (see `sys::fanotify::Group`),
+    /// so the same inode reopened read-write through the daemon's view of the store. On xfs an
+    /// "invisible I/O" fd, whose writes leave mtime and ctime alone (`keeps_times`).
+    writer: Option<OwnedFd>,
+    keeps_times: bool,
     state: Mutex<EntryState>,
     changed: Condvar,
     /// For [`PublishedRanges`]; `None`: nothing is published for this file.
@@ -101,8 +104,10 @@ pub struct Engine {
     fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
     fetch_timeout: Duration,
     digest_dir: PathBuf,
-    /// xfs: the store's tree, on its own unmarked mount, to reopen stubs for invisible I/O.
-    xfs_tree: Option<OwnedFd>,
+    /// The store's tree, on the daemon's ignore-marked view, to reopen stubs for writing.
+    store_tree: Option<OwnedFd>,
+    /// The store is on xfs: reopen for invisible I/O.
+    xfs: bool,
     files: Mutex<HashMap<FileKey, Arc<Entry>>>,
     /// How many entries `files` may hold before complete ones are recorded and dropped early.
     max_cached: usize,
@@ -331,6 +336,29 @@ impl Drop for Claims<'_> {
 }
 
 impl Engine {
+    /// The fd to write `fd`'s fills through, and whether its writes leave the times alone. On
+    /// xfs an invisible-I/O fd; else (or if that fails) the inode reopened read-write by handle
+    /// through the daemon's view; else none (then the event fd, which fails if read-only).
+    fn writer_for(&self, fd: BorrowedFd<'_>) -> (Option<OwnedFd>, bool) {
+        let Some(tree) = self.store_tree.as_ref() else {
+            return (None, false);
+        };
+        if self.xfs {
+            match sysfs::xfs_reopen_invisible(tree.as_fd(), fd) {
+                Ok(w) => return (Some(w), true),
+                Err(e) => debug!(file = %fd_path(fd), "no invisible I/O fd: {e}"),
+            }
+        }
+        let flags = libc::O_RDWR | libc::O_LARGEFILE;
+        match sysfs::reopen_by_handle(tree.as_fd(), fd, flags) {
+            Ok(w) => (Some(w), false),
+            Err(e) => {
+                debug!(file = %fd_path(fd), "cannot reopen for writing: {e}");
+                (None, false)
+            }
+        }
+    }
+
     pub fn new(
         backend: Arc<dyn Backend>,
         metrics: Shared<Metrics>,
@@ -338,7 +366,8 @@ impl Engine {
         readahead: u64,
         fetch_timeout: Duration,
         digest_dir: PathBuf,
-        xfs_tree: Option<OwnedFd>,
+        store_tree: Option<OwnedFd>,
+        xfs: bool,
     ) -> Engine {
         let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
         for _ in 0..FETCH_THREADS {
@@ -356,7 +385,8 @@ impl Engine {
             fetch_tx,
             fetch_timeout,
             digest_dir,
-            xfs_tree,
+            store_tree,
+            xfs,
             files: Mutex::new(HashMap::new()),
             max_cached: cache_limit(),
             pressure_flush: std::sync::atomic::AtomicBool::new(false),
@@ -553,16 +583,12 @@ impl Engine {
         })?;
         let suspect =
             (st.st_mtime, st.st_mtime_nsec as u32) != source.mtime && !record.is_complete();
-        // Fails for a file being executed (ETXTBSY): then writes go through the event fd.
-        let invisible = self.xfs_tree.as_ref().and_then(|dir| {
-            sysfs::xfs_reopen_invisible(dir.as_fd(), fd)
-                .map_err(|e| debug!(file = %fd_path(fd), "no invisible I/O fd: {e}"))
-                .ok()
-        });
+        let (writer, keeps_times) = self.writer_for(fd);
         let entry = Arc::new(Entry {
             digests,
             source,
-            invisible,
+            writer,
+            keeps_times,
             file: fd.try_clone_to_owned()?,
             state: Mutex::new(EntryState {
                 record,
@@ -762,13 +788,13 @@ impl Engine {
         let suspect = lock(&entry.state).suspect;
         if pe_now > ps {
             let n = (pe_now - ps) as usize;
-            let dst = entry.invisible.as_ref().map_or(fd, |w| w.as_fd());
+            let dst = entry.writer.as_ref().map_or(fd, |w| w.as_fd());
             let written = match piece {
                 Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => false,
                 Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true)?,
                 Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true)?,
             };
-            if written && entry.invisible.is_none() {
+            if written && !entry.keeps_times {
                 // Writing through the fd moved the mtime; the file still is the source's.
                 let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
             }
@@ -1006,6 +1032,7 @@ mod tests {
             Duration::from_secs(20),
             dir.path().join("digests"),
             None,
+            false,
         ));
         let fd = file.try_clone().unwrap();
         let filler = {
@@ -1061,6 +1088,7 @@ mod tests {
             Duration::from_secs(20),
             dir.path().join("digests"),
             None,
+            false,
         );
         let read_for = |offset: u64| {
             let before = source.read.load(Ordering::Relaxed);

@@ -464,8 +464,10 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
     let group = Group::from_fd(ipc::take_inherited(GROUP_FD).context("no fanotify group")?);
     // Nothing else of its parent's: it outlives it.
     ipc::close_fds_from(GROUP_FD + 1);
-    let dev = mount::mount_device_of(&store_root.canonicalize()?)?
-        .context("cannot find the store's filesystem in /proc/self/mountinfo")?;
+    // Its end: the store's filesystem shut down (or the store removed). A device number is no
+    // proof: a loop device freed by an unmount is often reused at once.
+    let ended = sysfs::watch_for_unmount(store_root)
+        .context("cannot watch the store's filesystem for its unmount")?;
     // Hold nothing on the store's filesystem, so that it can be unmounted.
     std::env::set_current_dir("/")?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
@@ -475,17 +477,8 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
     info!(store = %store_root.display(), pid = std::process::id(), "guarding the store");
     let mut daemon: Option<Attached> = None;
     let mut first_attach_until = Some(Instant::now() + FIRST_ATTACH_WAIT);
-    let mut checked = Instant::now();
     let mut denied: u64 = 0;
     loop {
-        if checked.elapsed() >= Duration::from_secs(2) {
-            checked = Instant::now();
-            // Cannot tell: keep guarding.
-            if !mount::device_is_mounted(&dev).unwrap_or(true) {
-                info!("the store's filesystem is no longer mounted: the guard exits");
-                return Ok(());
-            }
-        }
         if first_attach_until.is_some_and(|t| Instant::now() >= t) {
             first_attach_until = None;
         }
@@ -495,8 +488,20 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
             (None, None) => Some(group.as_fd()),
             (None, Some(_)) => None,
         };
-        let fds: Vec<BorrowedFd<'_>> = std::iter::once(listener.as_fd()).chain(second).collect();
-        let ready = ipc::poll_readable(&fds, 500)?;
+        let fds: Vec<BorrowedFd<'_>> = [listener.as_fd(), ended.as_fd()]
+            .into_iter()
+            .chain(second)
+            .collect();
+        let polled = ipc::poll_readable(&fds, 500)?;
+        if polled[1] {
+            info!("the store's filesystem was unmounted (or the store removed): the guard exits");
+            return Ok(());
+        }
+        // The listener, then the group or the daemon's connection, as before.
+        let ready: Vec<bool> = [polled[0]]
+            .into_iter()
+            .chain(polled.get(2).copied())
+            .collect();
         // A daemon gone first (a new one may be knocking), then connections (a daemon that
         // attaches takes the queued events), then events.
         let polled_group = daemon.is_none() && first_attach_until.is_none();

@@ -146,7 +146,8 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         opts.readahead,
         opts.fetch_timeout,
         store.digest_dir(),
-        xfs_tree(&store),
+        store_tree(&store),
+        store.config.fs == crate::sys::fs::FsKind::Xfs,
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
@@ -227,17 +228,9 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     Ok(())
 }
 
-/// The store's tree, an unmarked path: opening stubs through it raises no event.
+/// The store's tree, through the daemon's view: opening stubs through it raises no event.
 fn store_tree(store: &Store) -> Option<OwnedFd> {
     std::fs::File::open(store.tree()).ok().map(OwnedFd::from)
-}
-
-/// On xfs, the store's tree for reopening stubs for invisible I/O.
-fn xfs_tree(store: &Store) -> Option<OwnedFd> {
-    if store.config.fs != crate::sys::fs::FsKind::Xfs {
-        return None;
-    }
-    store_tree(store)
 }
 
 /// Receive events until the supervisor says stop (returns false) or disappears (returns true).

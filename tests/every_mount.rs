@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,27 +15,6 @@ use std::time::{Duration, Instant};
 const MIB: usize = 1 << 20;
 /// Above `--whole-below` (4 MiB): a cloned stub filled range by range on xfs and btrfs.
 const BIG: usize = 6 * MIB + 4097;
-
-/// A bind mount made by the test, detached (lazily, by path) on drop.
-struct Bind(PathBuf);
-
-impl Bind {
-    fn new(from: &Path, to: &Path) -> Bind {
-        std::fs::create_dir_all(to).unwrap();
-        run(Command::new("mount").arg("--bind").arg(from).arg(to));
-        Bind(to.to_path_buf())
-    }
-}
-
-impl Drop for Bind {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 fn errno_of(r: &io::Result<Vec<u8>>) -> Option<i32> {
     r.as_ref().err().and_then(|e| e.raw_os_error())
@@ -97,7 +76,7 @@ fn every_mount_reads_the_source(fs: &str) {
     let get = |rel: &str| want.iter().find(|(r, _)| r == rel).unwrap().1.clone();
 
     // A bind mount of a subdirectory of the served tree.
-    let bind = Bind::new(&fx.at("sub"), &fx.scratch.path.join("bind-sub"));
+    let bind = Mounted::bind(&fx.at("sub"), &fx.scratch.path.join("bind-sub"));
     let got = std::fs::read(bind.0.join("f0")).unwrap();
     assert_bytes_eq(
         &got,
@@ -220,7 +199,7 @@ fn no_daemon_fails_closed_and_a_restart_resumes(fs: &str) {
     fx.populate(&[]);
     fx.serve(&[]);
     let get = |rel: &str| want.iter().find(|(r, _)| r == rel).unwrap().1.clone();
-    let bind = Bind::new(&fx.view, &fx.scratch.path.join("leftover"));
+    let bind = Mounted::bind(&fx.view, &fx.scratch.path.join("leftover"));
     let through = |name: &str| bind.0.join("sub").join(name);
     assert_bytes_eq(&std::fs::read(through("f0")).unwrap(), &get("sub/f0"), "f0");
     // Its record is written once it has been idle for a second.
@@ -311,7 +290,7 @@ fn no_daemon_fails_closed_and_a_restart_resumes(fs: &str) {
         &get("sub/f3"),
         "f3 after kill -9",
     );
-    let late = Bind::new(&fx.at("sub"), &fx.scratch.path.join("late"));
+    let late = Mounted::bind(&fx.at("sub"), &fx.scratch.path.join("late"));
     assert_bytes_eq(
         &std::fs::read(late.0.join("f4")).unwrap(),
         &get("sub/f4"),
@@ -382,7 +361,7 @@ fn readers_in_flight_across_kills_and_restarts_never_see_wrong_bytes() {
     fx.populate(&[]);
     // No prefetch: the readers' own accesses are what is in flight at the kill.
     fx.serve(&["--dir-prefetch", "0"]);
-    let bind = Bind::new(&fx.view, &fx.scratch.path.join("leftover"));
+    let bind = Mounted::bind(&fx.view, &fx.scratch.path.join("leftover"));
     let stop = Arc::new(AtomicBool::new(false));
     let (good, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let readers: Vec<_> = (0..4)
@@ -523,7 +502,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
 
     let mut first = start(None);
     let stored = until_ready().expect("hsm serve did not hand its group to the fd store");
-    let bind = Bind::new(&fx.view, &fx.scratch.path.join("leftover"));
+    let bind = Mounted::bind(&fx.view, &fx.scratch.path.join("leftover"));
     assert_bytes_eq(
         &std::fs::read(bind.0.join("sub/f0")).unwrap(),
         &want[0].1,

@@ -210,10 +210,13 @@ pub struct Group {
 }
 
 impl Group {
-    /// Needs CAP_SYS_ADMIN. Event fds are opened read-write so the daemon can fill through them.
+    /// Needs CAP_SYS_ADMIN. Event fds are read-only: the kernel opens each on the mount the
+    /// access came through, and a read-write open fails on a read-only mount (overlayfs reaches
+    /// its lower layers through read-only clones), which fails the whole `read` of events and
+    /// denies the access. Fills are written through the inode reopened on the daemon's view.
     pub fn new() -> io::Result<Group> {
         let flags = FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC | FAN_UNLIMITED_QUEUE;
-        let event_flags = (libc::O_RDWR | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
+        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
         // SAFETY: plain syscall with integer arguments.
         let fd = cvt(unsafe { libc::fanotify_init(flags, event_flags) })?;
         // SAFETY: fanotify_init returned a new fd that nothing else owns.

@@ -841,3 +841,65 @@ mod tests {
         assert!(pipe_with_capacity(1 << 40).is_err());
     }
 }
+
+/// An inotify fd watching the directory `dir` for the end of its filesystem: the kernel sends
+/// `IN_UNMOUNT` (then `IN_IGNORED`) when the superblock is shut down, whatever mount the
+/// directory was reached by, and `IN_DELETE_SELF` when it is removed. The watch holds no mount,
+/// so it keeps nothing busy. The fd becomes readable at either.
+pub fn watch_for_unmount(dir: &Path) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) })?;
+    // SAFETY: inotify_init1 returned a new fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let p = path_cstring(dir)?;
+    // SAFETY: `p` is NUL-terminated.
+    cvt(unsafe {
+        libc::inotify_add_watch(
+            fd.as_raw_fd(),
+            p.as_ptr(),
+            libc::IN_DELETE_SELF | libc::IN_ONLYDIR,
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Reopen the inode behind `file` with `flags`, through the mount of `mount_dir`
+/// (`name_to_handle_at` + `open_by_handle_at`): a writable fd on a file reached read-only (an
+/// event fd opened on a read-only mount, as overlayfs's clones of its lower layers are), opened
+/// through the daemon's own view so that its writes raise no event. Needs CAP_DAC_READ_SEARCH.
+pub fn reopen_by_handle(
+    mount_dir: BorrowedFd<'_>,
+    file: BorrowedFd<'_>,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    const MAX_HANDLE_SZ: usize = 128;
+    // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }, 8-byte aligned.
+    let mut buf = [0u64; (8 + MAX_HANDLE_SZ) / 8];
+    let raw = buf.as_mut_ptr().cast::<u8>();
+    // SAFETY: the first 4 bytes are handle_bytes, inside `buf`.
+    unsafe { std::ptr::write(raw.cast::<u32>(), MAX_HANDLE_SZ as u32) };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` holds a file_handle with room for MAX_HANDLE_SZ bytes; "" with
+    // AT_EMPTY_PATH names `file` itself.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            raw,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    // SAFETY: as above; open_by_handle_at returns a new fd.
+    let fd = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_dir.as_raw_fd(),
+            raw,
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

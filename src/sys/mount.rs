@@ -102,42 +102,6 @@ pub fn mount_points() -> io::Result<Vec<std::path::PathBuf>> {
         .collect())
 }
 
-/// The device number (`major:minor`, as mountinfo gives it: the superblock's) of the mount that
-/// holds `path` (canonical): the mount whose mount point is the longest prefix of it. Unlike
-/// `st_dev` (btrfs gives each subvolume its own), it names the filesystem in mountinfo.
-pub fn mount_device_of(path: &Path) -> io::Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(mount_device_in(&info, path))
-}
-
-fn mount_device_in(info: &str, path: &Path) -> Option<String> {
-    use std::os::unix::ffi::OsStringExt;
-    info.lines()
-        .filter_map(|l| {
-            let mut f = l.split(' ');
-            let dev = f.nth(2)?;
-            let mp: std::path::PathBuf =
-                std::ffi::OsString::from_vec(unescape_mountinfo(f.nth(1)?)).into();
-            path.starts_with(&mp)
-                .then(|| (mp.as_os_str().len(), dev.to_string()))
-        })
-        // The last of the longest: a mount stacked on another at the same point hides it.
-        .fold(
-            None,
-            |best: Option<(usize, String)>, (len, dev)| match best {
-                Some((l, _)) if l > len => best,
-                _ => Some((len, dev)),
-            },
-        )
-        .map(|(_, dev)| dev)
-}
-
-/// Whether any mount of this namespace has the device number `dev` (`major:minor`).
-pub fn device_is_mounted(dev: &str) -> io::Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(info.lines().any(|l| l.split(' ').nth(2) == Some(dev)))
-}
-
 /// One line of `/proc/self/mountinfo`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountEntry {
@@ -221,17 +185,6 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_innermost_mount_names_the_device() {
-        let info = "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n\
-                    40 22 0:45 / /mnt/a\\040b rw - btrfs /dev/loop0 rw\n\
-                    41 22 7:1 / /mnt/ab rw - xfs /dev/loop1 rw\n";
-        let dev = |p: &str| super::mount_device_in(info, std::path::Path::new(p));
-        assert_eq!(dev("/mnt/a b/store").as_deref(), Some("0:45"));
-        assert_eq!(dev("/mnt/ab/store").as_deref(), Some("7:1"));
-        assert_eq!(dev("/mnt/abc").as_deref(), Some("8:1"));
-    }
-
     #[test]
     fn a_self_bind_is_told_from_another_filesystem_at_the_same_place() {
         let info = "22 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n\

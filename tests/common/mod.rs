@@ -583,3 +583,38 @@ pub fn raw_read(p: &Path) -> Vec<u8> {
     raw_open(p, false).read_to_end(&mut v).unwrap();
     v
 }
+
+/// A mount made by a test (a bind, an overlay, a loop mount), detached lazily by path on drop.
+pub struct Mounted(pub PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Mounted {
+    /// `mount --bind FROM TO` (TO is made if missing).
+    pub fn bind(from: &Path, to: &Path) -> Mounted {
+        std::fs::create_dir_all(to).unwrap();
+        run(Command::new("mount").arg("--bind").arg(from).arg(to));
+        Mounted(to.to_path_buf())
+    }
+
+    /// Unmount now (not lazily), so that a loop device set up by `mount -o loop` is released.
+    pub fn unmount(self) {
+        let out = Command::new("umount").arg(&self.0).output().unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "umount {}: {}",
+                self.0.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // Drop retries lazily.
+    }
+}
