@@ -92,6 +92,10 @@ pub struct FileStatus {
     /// Why a record is corrupt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The loop device this stub backs (`/dev/loopN`): the loop driver reads it with no event,
+    /// so it must be complete (see `kernel_reader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loop_device: Option<String>,
 }
 
 /// Space use of one filesystem, as `df` shows it.
@@ -305,7 +309,18 @@ fn hint(paths: &[PathBuf], totals: &Totals) -> Option<String> {
     })
 }
 
-/// The text line for one file: `STATE PRESENT / SIZE PATH[  [reason]]`.
+/// The loop device backed by the file of `md`, if any (the attached devices are listed once).
+fn loop_device_of(md: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    static ATTACHED: std::sync::OnceLock<Vec<(String, u64, u64)>> = std::sync::OnceLock::new();
+    let attached = ATTACHED.get_or_init(|| crate::sys::loopdev::attached().unwrap_or_default());
+    attached
+        .iter()
+        .find(|(_, dev, ino)| *dev == md.dev() && *ino == md.ino())
+        .map(|(name, _, _)| name.clone())
+}
+
+/// The text line for one file: `STATE PRESENT / SIZE PATH[  [reason]][  [attached to DEV]]`.
 pub fn file_line(f: &FileStatus) -> String {
     let state = match f.state {
         State::Partial => format!("partial {:.1}%", floor_tenth(f.present_bytes, f.size)),
@@ -319,6 +334,9 @@ pub fn file_line(f: &FileStatus) -> String {
         line.push_str("  [");
         line.push_str(&escape_path(r.as_bytes()));
         line.push(']');
+    }
+    if let Some(dev) = &f.loop_device {
+        line.push_str(&format!("  [attached to {dev}]"));
     }
     line
 }
@@ -451,6 +469,7 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         percent: 100.0,
         kind: None,
         reason: None,
+        loop_device: None,
     };
     let raw = match sysfs::lgetxattr(path, XATTR_SOURCE) {
         Ok(Some(raw)) => raw,
@@ -459,6 +478,7 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(f),
         Err(e) => return Err(e),
     };
+    f.loop_device = loop_device_of(md);
     let corrupt = |mut f: FileStatus, why: String| {
         f.state = State::Corrupt;
         f.present_bytes = 0;

@@ -574,6 +574,17 @@ fn losetup_read(img: &Path) -> Result<Vec<u8>, String> {
     ))
     .map_err(|e| format!("losetup -r: {e}"))?;
     let dev = LoopDev(String::from_utf8_lossy(&dev).trim().to_string());
+    // `hsm status` names the device the stub backs.
+    let status = run(Command::new(HSM).args(["status", "--json"]).arg(img));
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let named = doc["files"][0]["loop_device"].as_str().map(str::to_string);
+    if named.as_deref() != Some(dev.0.as_str()) {
+        return Err(format!(
+            "hsm status names {named:?} as {}'s loop device, not {}",
+            img.display(),
+            dev.0
+        ));
+    }
     cat(Path::new(&dev.0)).map_err(|e| format!("read {}: {e}", dev.0))
 }
 

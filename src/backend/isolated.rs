@@ -65,7 +65,12 @@ fn encode_error(e: &FetchError) -> (u8, Vec<u8>) {
         FetchError::Changed(m) => (STATUS_CHANGED, m.as_bytes().to_vec()),
         FetchError::Short { got, .. } => (STATUS_SHORT, (*got as u64).to_le_bytes().to_vec()),
         FetchError::Escape => (STATUS_ESCAPE, Vec::new()),
-        FetchError::Io(e) => (STATUS_IO, e.to_string().into_bytes()),
+        // The errno first (0: none), so that the reader is told EAGAIN for a timeout, not EIO.
+        FetchError::Io(e) => {
+            let mut body = super::errno_of(e).to_le_bytes().to_vec();
+            body.extend_from_slice(e.to_string().as_bytes());
+            (STATUS_IO, body)
+        }
         FetchError::Remote(m) => (STATUS_REMOTE, m.as_bytes().to_vec()),
     }
 }
@@ -95,7 +100,16 @@ fn decode_reply(
                 .map_or(0, u64::from_le_bytes) as usize,
         }),
         STATUS_ESCAPE => Err(FetchError::Escape),
-        STATUS_IO => Err(FetchError::Io(io::Error::other(text()))),
+        STATUS_IO => {
+            let (errno, message) = match payload.split_first_chunk::<4>() {
+                Some((n, rest)) => (i32::from_le_bytes(*n), String::from_utf8_lossy(rest)),
+                None => (0, String::from_utf8_lossy(&payload[..])),
+            };
+            Err(FetchError::Io(match errno {
+                0 => io::Error::other(message.into_owned()),
+                n => io::Error::from_raw_os_error(n),
+            }))
+        }
         STATUS_REMOTE => Err(FetchError::Remote(text())),
         _ => Err(FetchError::Remote(
             "malformed reply from the fetcher".into(),
@@ -309,6 +323,14 @@ mod tests {
             let (status, payload) = encode_error(&e);
             let back = decode_reply(status, payload, 0, 10).unwrap_err();
             assert_eq!(back.to_string(), e.to_string());
+        }
+        // An I/O error keeps its errno across the socket.
+        for n in [libc::EAGAIN, libc::ETIMEDOUT, libc::ENOSPC] {
+            let (status, payload) = encode_error(&FetchError::Io(io::Error::from_raw_os_error(n)));
+            match decode_reply(status, payload, 0, 10).unwrap_err() {
+                FetchError::Io(e) => assert_eq!(e.raw_os_error(), Some(n)),
+                other => panic!("{other}"),
+            }
         }
         assert!(decode_reply(STATUS_OK, vec![1, 2], 0, 3).is_err());
         assert_eq!(

@@ -37,11 +37,27 @@ pub enum FetchError {
 impl FetchError {
     /// The errno the reader gets. ENOSPC/EDQUOT and timeouts keep their meaning; everything else
     /// is an I/O error: the bytes could not be had.
+    /// The error a failed fill reports, its errno kept: a reader is told EAGAIN for a source
+    /// that timed out (retry), ENOSPC for a full disk, and EIO for the rest.
     pub fn as_io(&self) -> io::Error {
         match self {
-            FetchError::Io(e) => io::Error::new(e.kind(), e.to_string()),
+            FetchError::Io(e) => match errno_of(e) {
+                0 => io::Error::new(e.kind(), e.to_string()),
+                n => io::Error::from_raw_os_error(n),
+            },
             _ => io::Error::from_raw_os_error(libc::EIO),
         }
+    }
+}
+
+/// The errno an I/O error stands for: its own, or one for the kinds that have one without it
+/// (a timeout, a would-block), 0 for none.
+pub fn errno_of(e: &io::Error) -> i32 {
+    match (e.raw_os_error(), e.kind()) {
+        (Some(n), _) => n,
+        (None, io::ErrorKind::TimedOut) => libc::ETIMEDOUT,
+        (None, io::ErrorKind::WouldBlock) => libc::EAGAIN,
+        _ => 0,
     }
 }
 
@@ -127,5 +143,28 @@ pub fn open(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
             let path = local::path_from_url(url)?;
             Ok(Arc::new(local::LocalBackend::open(&path)?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_timeout_or_a_full_disk_keeps_its_errno() {
+        use crate::sys::fanotify::DenyErrno;
+        let deny = |e: std::io::Error| DenyErrno::for_error(&super::FetchError::Io(e).as_io());
+        assert_eq!(
+            deny(std::io::Error::from_raw_os_error(libc::EAGAIN)),
+            DenyErrno::Again
+        );
+        assert_eq!(deny(std::io::ErrorKind::TimedOut.into()), DenyErrno::Again);
+        assert_eq!(
+            deny(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+            DenyErrno::NoSpc
+        );
+        assert_eq!(deny(std::io::Error::other("reset")), DenyErrno::Io);
+        assert_eq!(
+            DenyErrno::for_error(&super::FetchError::NotFound.as_io()),
+            DenyErrno::Io
+        );
     }
 }
