@@ -90,9 +90,6 @@ pub struct Attachment {
     pub group: Group,
     pub conn: OwnedFd,
     pub guard_pid: u32,
-    /// The group existed before (a guard held it): a dead daemon's leftovers were cleared by the
-    /// guard; the filesystem mark may be gone with an unmount, so it is placed again anyway.
-    pub reused: bool,
 }
 
 /// For `hsm serve`: the store's group, with this process attached as the one that answers its
@@ -115,7 +112,6 @@ pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
                             group: Group::from_fd(fd),
                             conn,
                             guard_pid: pid,
-                            reused: !started,
                         })
                     }
                     (REP_BUSY, _) => bail!(
