@@ -20,3 +20,24 @@ fn populate_serve_read_back_on_every_filesystem() {
         assert_eq!(m["fetched_bytes"], (6 << 20) + 5000, "{fs}: {m}");
     }
 }
+
+/// Every positional argument of every command says what it is in `--help` (issue 26).
+#[test]
+fn every_positional_argument_has_help_text() {
+    for cmd in ["populate", "manifest", "serve", "status", "verify", "guard"] {
+        let out = run(std::process::Command::new(HSM).args([cmd, "--help"]));
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let args = text
+            .split("Arguments:\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("hsm {cmd} --help lists no arguments:\n{text}"));
+        for line in args.lines().take_while(|l| !l.trim().is_empty()) {
+            let line = line.trim();
+            let (name, help) = line.split_once("  ").unwrap_or((line, ""));
+            assert!(
+                !help.trim().is_empty(),
+                "hsm {cmd}: argument {name} has no help text:\n{text}"
+            );
+        }
+    }
+}
