@@ -2,10 +2,11 @@
 //! must be complete before the open returns (the daemon fetches it whole; the guard refuses it).
 //!
 //! Two cases are recognised:
-//! - a loop device: `losetup`, and `mount -o loop`, which attaches the device itself, open the
-//!   backing file, then the loop driver reads it from inside the kernel. Told by the opener's
-//!   name, which its own open event carries (a program of another name that attaches loop
-//!   devices is not recognised: see the README, "Kernel readers").
+//! - a loop device: `losetup`, `mount -o loop` (which attaches the device itself) and the other
+//!   tools of [`LOOP_TOOLS`] open the backing file, then the loop driver reads it from inside
+//!   the kernel. Told by the opener's name, which its own open event carries (a program of
+//!   another name that attaches loop devices is not recognised: see the README, "Kernel
+//!   readers").
 //! - overlayfs (and any other stacking filesystem) opening a layer's file: it opens the real
 //!   file through a private clone of the layer's mount, which is in no mount namespace, and
 //!   then maps its pages for the overlay file's `mmap` and `execve` without raising an event on
@@ -20,9 +21,25 @@ pub fn opened_for_kernel_reader(pid: i32, event_fd: BorrowedFd<'_>) -> bool {
     opened_by_loop_tool(pid) || opened_through_hidden_mount(pid, event_fd)
 }
 
+/// Programs known to attach the files they open to loop devices (`comm`, at most 15 bytes):
+/// util-linux, udisks, snapd (snaps are squashfs images), and the systemd tools that mount
+/// disk images (dissect, nspawn, sysext and confext, portabled, mountfsd).
+const LOOP_TOOLS: &[&[u8]] = &[
+    b"losetup",
+    b"mount",
+    b"udisksd",
+    b"snapd",
+    b"systemd-dissect",
+    b"systemd-nspawn",
+    b"systemd-sysext",
+    b"systemd-confext",
+    b"systemd-portabl",
+    b"systemd-mountfs",
+];
+
 fn opened_by_loop_tool(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| matches!(comm.trim_ascii_end(), b"losetup" | b"mount"))
+        .is_ok_and(|comm| LOOP_TOOLS.contains(&comm.trim_ascii_end()))
 }
 
 /// The event fd is opened on the mount the access came through. Not in the opener's mount
