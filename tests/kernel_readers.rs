@@ -698,6 +698,16 @@ fn loop_devices(fs: &str) {
 /// itself, copied under another name. The attach must fill the image first or be refused;
 /// the device must never read the stub's zeros.
 fn loop_attach_by_another_program(fs: &str) {
+    loop_attach_by_a_program_named(fs, "attach-image");
+}
+
+/// `losetup` copied under the name of a program hsm knows to attach loop devices (udisksd):
+/// the attach fills the image first, the device reads the image's bytes.
+fn loop_attach_by_a_known_tool(fs: &str) {
+    loop_attach_by_a_program_named(fs, "udisksd");
+}
+
+fn loop_attach_by_a_program_named(fs: &str, program: &str) {
     let mut fx = Fixture::new(fs, "2G");
     let mut rep = Report::new(fs);
     let imgs = fx.scratch.path.join("images");
@@ -708,7 +718,7 @@ fn loop_attach_by_another_program(fs: &str) {
     )
     .trim()
     .to_string();
-    let renamed = fx.scratch.path.join("attach-image");
+    let renamed = fx.scratch.path.join(program);
     std::fs::copy(&losetup, &renamed).unwrap();
     fx.populate(&[]);
     fx.serve(&["--dir-prefetch", "0"]);
@@ -723,14 +733,14 @@ fn loop_attach_by_another_program(fs: &str) {
                 img.as_os_str(),
             ],
         ))
-        .map_err(|e| format!("attach-image -r: {e}"))
+        .map_err(|e| format!("{program} -r: {e}"))
         .and_then(|dev| {
             let dev = LoopDev(String::from_utf8_lossy(&dev).trim().to_string());
             cat(Path::new(&dev.0)).map_err(|e| format!("read {}: {e}", dev.0))
         });
         rep.record(
             &format!(
-                "loop attach by another program ({name}, {} MiB), read /dev/loopN",
+                "loop attach by {program} ({name}, {} MiB), read /dev/loopN",
                 want.len() / MIB
             ),
             judge(got, want),
@@ -1363,6 +1373,7 @@ per_fs_known_hole!(
     loop_attach_by_another_program,
     "known hole: loop attaches are recognised by the opener's name (losetup, mount) only"
 );
+per_fs!(loop_device_known_tool, loop_attach_by_a_known_tool);
 per_fs!(erofs_image_file, erofs_file_backed);
 per_fs!(io_uring, io_uring_reads);
 per_fs!(swap_file, swapon);
