@@ -33,15 +33,6 @@ pub trait Respond: Send + Sync {
     fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool);
 }
 
-/// Answer through the fanotify group itself.
-pub struct GroupResponder(pub Arc<Group>);
-
-impl Respond for GroupResponder {
-    fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
-        respond_to_group(&self.0, ev.fd_num, file, verdict, ignore);
-    }
-}
-
 /// Place the ignore mark (before the answer, so the reader's next access is already silent),
 /// then answer.
 pub fn respond_to_group(

@@ -9,9 +9,12 @@
 //! before sleeping (see `ipc::SPIN`). When the worker dies (a crash, `kill -9`, an OOM kill), the
 //! supervisor starts another and sends it every event it still holds: readers wait a little
 //! longer and then get the right bytes (an event answered just before the crash is answered
-//! twice, and the kernel ignores the second answer: its fd number was still held). The
-//! worker holds a duplicate of the group fd, so if the supervisor itself dies the group survives
-//! and the worker unmounts the tree (see `worker`).
+//! twice, and the kernel ignores the second answer: its fd number was still held).
+//!
+//! The group comes from the store's guard (see `guard`), which holds it whenever no daemon
+//! does; it marks the store's whole filesystem, and this process and the worker reach the store
+//! only through their private, ignore-marked view of it. If the supervisor dies, the worker
+//! answers what it holds and exits, and the guard takes over.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
