@@ -317,10 +317,12 @@ impl Group {
         let before = out.len();
         let parsed = parse_events(&buf[..n], out);
         if let Err(e) = parsed {
-            // Close the fds of the events we did parse rather than leak them: the caller never
-            // sees them. Unparsed events are lost; the kernel allows them when the group closes.
+            // The events we did parse are denied (EIO), then their fds closed: the caller never
+            // sees them, and an event's fd is never closed unanswered (its number could then
+            // be given to a newer event under a late answer). Unparsed ones cannot be named.
             for ev in out.drain(before..) {
                 if ev.fd >= 0 {
+                    let _ = self.respond(ev.fd, Verdict::Deny(DenyErrno::Io));
                     // SAFETY: the kernel installed this fd for us and nobody else owns it.
                     drop(unsafe { OwnedFd::from_raw_fd(ev.fd) });
                 }
