@@ -105,7 +105,16 @@ pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
     for _ in 0..50 {
         match ipc::connect_abstract(&name) {
             Ok(conn) => {
-                let (kind, pid, fd) = request(conn.as_fd(), REQ_SERVE)?;
+                // A guard whose filesystem was just unmounted (a remount) may close the
+                // connection as it exits: then another is started at the next turn.
+                let (kind, pid, fd) = match request(conn.as_fd(), REQ_SERVE) {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        warn!("the store's guard did not answer ({e:#}); trying again");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 match (kind, fd) {
                     (REP_GROUP, Some(fd)) => {
                         return Ok(Attachment {
@@ -462,7 +471,7 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
     ipc::close_fds_from(GROUP_FD + 1);
     // Its end: the store's filesystem shut down (or the store removed). A device number is no
     // proof: a loop device freed by an unmount is often reused at once.
-    let ended = sysfs::watch_for_unmount(store_root)
+    let mut ended = sysfs::watch_for_unmount(store_root)
         .context("cannot watch the store's filesystem for its unmount")?;
     // Hold nothing on the store's filesystem, so that it can be unmounted.
     std::env::set_current_dir("/")?;
@@ -490,8 +499,22 @@ pub fn run(store_root: &Path) -> anyhow::Result<()> {
             .collect();
         let polled = ipc::poll_readable(&fds, 500)?;
         if polled[1] {
-            info!("the store's filesystem was unmounted (or the store removed): the guard exits");
-            return Ok(());
+            // A daemon attached meanwhile (to a filesystem mounted again at the same place)
+            // has marked the new one with this group: keep guarding it, watching it instead.
+            match (&daemon, sysfs::watch_for_unmount(store_root)) {
+                (Some(_), Ok(again)) => {
+                    info!("the store's filesystem was mounted again: guarding the new one");
+                    ended = again;
+                    continue;
+                }
+                _ => {
+                    info!(
+                        "the store's filesystem was unmounted (or the store removed): the guard \
+                         exits"
+                    );
+                    return Ok(());
+                }
+            }
         }
         // The listener, then the group or the daemon's connection, as before.
         let ready: Vec<bool> = [polled[0]]
