@@ -141,7 +141,8 @@ impl Store {
             config,
         };
         // A populate killed while it made the store left some of these (see `unfinished`).
-        let mkdir = |path: PathBuf, mode: u32| match fs::DirBuilder::new().mode(mode).create(&path) {
+        let mkdir = |path: PathBuf, mode: u32| match fs::DirBuilder::new().mode(mode).create(&path)
+        {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
             other => other,
         };
@@ -170,7 +171,9 @@ impl Store {
     /// digest list. `create` finishes it.
     fn unfinished(root: &Path) -> anyhow::Result<bool> {
         let names = |dir: &Path| -> std::io::Result<Vec<std::ffi::OsString>> {
-            fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect()
+            fs::read_dir(dir)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect()
         };
         let empty_dir = |dir: &Path| -> bool {
             fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir())
@@ -188,8 +191,9 @@ impl Store {
                     fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
                         && names(&path)?.iter().all(|n| match n.to_str() {
                             Some("digests") => empty_dir(&path.join("digests")),
-                            Some("zeros") | Some(CONFIG_TMP) => fs::symlink_metadata(path.join(n))
-                                .is_ok_and(|m| m.is_file()),
+                            Some("zeros") | Some(CONFIG_TMP) => {
+                                fs::symlink_metadata(path.join(n)).is_ok_and(|m| m.is_file())
+                            }
                             _ => false,
                         })
                 }
