@@ -241,14 +241,6 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     }
                     continue;
                 }
-                // Files that are not stubs (the filesystem mark covers every file of it): allowed
-                // and silenced at their first event.
-                if !crate::record::is_stub(fd.as_fd()) {
-                    Metrics::add(&metrics.allowed, 1);
-                    Metrics::add(&metrics.ignore_marks, 1);
-                    respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
-                    continue;
-                }
                 // Accesses inside a range the worker has written and published: answered here,
                 // the worker told after the answer (it keeps the readahead going). This is most
                 // of a sequential reader's events.
@@ -270,6 +262,15 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                         }
                         continue;
                     }
+                }
+                // Files that are not stubs (the filesystem mark covers every file of it): allowed
+                // and silenced at their first event. Asked after the published
+                // check, so that a sequential reader's accesses pay no extra xattr read.
+                if !crate::record::is_stub(fd.as_fd()) {
+                    Metrics::add(&metrics.allowed, 1);
+                    Metrics::add(&metrics.ignore_marks, 1);
+                    respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
+                    continue;
                 }
                 if worker.ready {
                     // A failed send means the worker is dying: its EOF is handled below and
