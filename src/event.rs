@@ -61,6 +61,15 @@ pub fn answer_group(group: &Group, fd_num: RawFd, verdict: Verdict) {
     }
 }
 
+/// Answers straight to the group, as the supervisor does for the events it holds.
+pub struct GroupResponder<'g>(pub &'g Group);
+
+impl Respond for GroupResponder<'_> {
+    fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
+        respond_to_group(self.0, ev.fd_num, file, verdict, ignore);
+    }
+}
+
 /// Answer the group directly, by the supervisor's fd number (the kernel matches responses by that
 /// number, whichever process writes them), then tell the supervisor, which holds the event, that
 /// it may let go of it. The reader goes on without waiting for the supervisor to wake, and the
@@ -138,5 +147,79 @@ impl Drop for PendingEvent {
                 false,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, Verdict, bool)>>);
+
+    impl Respond for Recorder {
+        fn respond(&self, ev: EventId, _file: BorrowedFd<'_>, verdict: Verdict, ignore: bool) {
+            self.0.lock().unwrap().push((ev.id, verdict, ignore));
+        }
+    }
+
+    fn pending(id: u64, rec: &Arc<Recorder>) -> PendingEvent {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let id = EventId { id, fd_num: 3 };
+        PendingEvent::new(fd, id, FAN_PRE_ACCESS, 1, Some((0, 4096)), rec.clone())
+    }
+
+    #[test]
+    fn an_answered_event_is_answered_once() {
+        let rec = Arc::new(Recorder::default());
+        pending(1, &rec).answer(Verdict::Allow, true);
+        assert_eq!(*rec.0.lock().unwrap(), vec![(1, Verdict::Allow, true)]);
+    }
+
+    #[test]
+    fn an_event_dropped_unanswered_is_denied_with_eio() {
+        let rec = Arc::new(Recorder::default());
+        drop(pending(2, &rec));
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![(2, Verdict::Deny(DenyErrno::Io), false)]
+        );
+    }
+
+    #[test]
+    fn a_panic_while_serving_denies_the_event() {
+        let rec = Arc::new(Recorder::default());
+        let ev = pending(3, &rec);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _owned = ev;
+            panic!("a bug in a fetch");
+        }));
+        assert!(r.is_err());
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![(3, Verdict::Deny(DenyErrno::Io), false)]
+        );
+    }
+
+    #[test]
+    fn an_early_return_denies_the_event() {
+        fn serve(ev: PendingEvent, fail: bool) -> std::io::Result<()> {
+            if fail {
+                return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+            ev.answer(Verdict::Allow, false);
+            Ok(())
+        }
+        let rec = Arc::new(Recorder::default());
+        assert!(serve(pending(4, &rec), true).is_err());
+        serve(pending(5, &rec), false).unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![
+                (4, Verdict::Deny(DenyErrno::Io), false),
+                (5, Verdict::Allow, false)
+            ]
+        );
     }
 }

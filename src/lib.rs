@@ -24,6 +24,7 @@ pub mod guard;
 pub mod kernel_reader;
 pub mod manifest;
 pub mod metrics;
+pub mod owed;
 pub mod populate;
 pub mod prefetch;
 pub mod protocol;

@@ -16,7 +16,6 @@
 //! only through their private, ignore-marked view of it. If the supervisor dies, the worker
 //! answers what it holds and exits, and the guard takes over.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -28,9 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
-use crate::event::{respond_to_group, MASK};
+use crate::event::{respond_to_group, GroupResponder, MASK};
 use crate::guard::{self, PrivateView, EVENT_FD_LIMIT};
 use crate::metrics::Metrics;
+use crate::owed::{Owed, MAX_IN_FLIGHT};
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, NOTE_ID, REPLY_LEN};
 use crate::published::{FileId, PublishedRanges};
 use crate::record::complete_on_disk;
@@ -80,14 +80,6 @@ fn explain_fanotify(e: std::io::Error, what: &str, path: &Path) -> anyhow::Error
         ),
         _ => anyhow::anyhow!("{what}: {e}"),
     }
-}
-
-/// An event read from the kernel that the worker has not let go of yet (it answers the kernel
-/// itself, then replies). Its fd stays open until then, so that its number is not reused.
-struct Held {
-    fd: OwnedFd,
-    msg: EventMsg,
-    since: Instant,
 }
 
 struct WorkerProc {
@@ -171,10 +163,10 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    let mut held: HashMap<u64, Held> = HashMap::new();
-    // Denied here at the deadline, but still the worker's: kept open until it lets go of them
-    // too (or dies), so that its late answer cannot reach a newer event with the same fd number.
-    let mut denied_late: HashMap<u64, Held> = HashMap::new();
+    let responder = GroupResponder(&group);
+    // Every event passed on is owned here until the worker lets go of it; whatever way this
+    // function is left, what is still held is denied (see `owed`).
+    let mut owed = Owed::new(&responder, MAX_IN_FLIGHT);
     let mut next_id: u64 = 1;
     let mut buf = vec![0u8; 64 * 1024];
     let mut raw = Vec::with_capacity(256);
@@ -183,6 +175,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut busy_at = Instant::now();
     // The worker's directory prefetch wants to hear of opens answered here.
     let notes = crate::prefetch::enabled(opts.worker.dir_prefetch);
+    let mut at_limit_since: Option<Instant> = None;
     loop {
         if watchdog.is_some_and(|every| watchdog_at.elapsed() >= every) {
             // The loop turns at least every 200 ms while it is healthy.
@@ -199,13 +192,49 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             break;
         }
-        let fds = [group.as_fd(), worker.sock.as_fd()];
+        // Nothing here blocks: the group is read only while fewer than MAX_IN_FLIGHT events are
+        // held (the kernel queues the rest), events go to the worker as its socket takes them,
+        // and its replies are read every turn, so the deadline below always runs.
+        let read_group = owed.has_room();
+        match (read_group, at_limit_since) {
+            (false, None) => {
+                warn!(
+                    held = owed.len(),
+                    "{MAX_IN_FLIGHT} accesses in flight: new events wait in the kernel"
+                );
+                at_limit_since = Some(Instant::now());
+            }
+            (true, Some(since)) => {
+                info!(waited = ?since.elapsed(), "below the in-flight limit again");
+                at_limit_since = None;
+            }
+            _ => {}
+        }
+        let interests = [
+            ipc::Interest {
+                fd: group.as_fd(),
+                read: read_group,
+                write: false,
+            },
+            ipc::Interest {
+                fd: worker.sock.as_fd(),
+                read: true,
+                write: worker.ready && owed.has_unsent(),
+            },
+        ];
         // Awake briefly after an event or an answer (see `ipc::SPIN`).
-        let ready = ipc::poll_readable_spinning(&fds, busy_at, 200)?;
-        if ready.contains(&true) {
+        let ready = match ipc::poll_spinning(&interests, busy_at, 200) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not expected (EINVAL, ENOMEM): stop serving; what is held is denied below.
+                error!("polling the group and the worker failed: {e}; stopping");
+                break;
+            }
+        };
+        if ready.iter().any(|r| r.readable || r.writable) {
             busy_at = Instant::now();
         }
-        if ready[0] {
+        if ready[0].readable {
             raw.clear();
             match group.read_events(&mut buf, &mut raw) {
                 Ok(_) => {}
@@ -272,93 +301,82 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                     respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
                     continue;
                 }
-                if worker.ready {
-                    // A failed send means the worker is dying: its EOF is handled below and
-                    // the event is resent to the next one.
-                    let _ = ipc::send(worker.sock.as_fd(), &msg.encode(), Some(fd.as_fd()));
-                }
-                held.insert(
-                    msg.id,
-                    Held {
-                        fd,
-                        msg,
-                        since: Instant::now(),
-                    },
-                );
+                owed.hold(fd, msg, Instant::now());
             }
         }
-        if ready[1] {
-            let mut rbuf = [0u8; 32];
-            match ipc::recv(worker.sock.as_fd(), &mut rbuf) {
-                Ok((n, _)) if n > 0 => match ReplyMsg::decode(&rbuf[..n]) {
-                    Some(reply) if reply.id == CONTROL_ID => {
-                        worker.ready = true;
-                        resend_all(&worker, &held);
-                    }
-                    Some(reply) => {
-                        // Answered by the worker already: close our copy.
-                        held.remove(&reply.id);
-                        denied_late.remove(&reply.id);
-                    }
-                    None => {
-                        error!("malformed reply from the worker ({n} bytes, expected {REPLY_LEN})")
-                    }
-                },
-                _ => {
-                    // The worker is gone: reap it, start another, resend what it held.
-                    let status = reap(&mut worker.child);
-                    warn!(status = %status, held = held.len(), "worker died; starting another");
-                    denied_late.clear();
-                    restarts.retain(|t| t.elapsed() < Duration::from_secs(10));
-                    restarts.push(Instant::now());
-                    if restarts.len() > 5 {
-                        // Crashing in a loop (an event that kills every worker, say): fail what
-                        // is waiting rather than hang it.
-                        error!(
-                            denied = held.len(),
-                            "the worker keeps dying: denying the waiting accesses with EIO"
-                        );
-                        deny_all(&group, &mut held, DenyErrno::Io);
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    worker = loop {
-                        match spawn() {
-                            Ok(w) => break w,
-                            Err(e) => {
-                                error!("cannot start a worker: {e:#}");
-                                deny_all(&group, &mut held, DenyErrno::Io);
-                                std::thread::sleep(Duration::from_secs(1));
-                            }
+        if ready[1].readable {
+            // Every reply waiting, so that a worker sending replies never waits on this loop for
+            // long (a bound per turn keeps the group and the deadline going under a flood).
+            let mut worker_gone = false;
+            for _ in 0..4096 {
+                let mut rbuf = [0u8; 32];
+                match ipc::try_recv(worker.sock.as_fd(), &mut rbuf) {
+                    Ok(None) => break,
+                    Ok(Some((n, _))) if n > 0 => match ReplyMsg::decode(&rbuf[..n]) {
+                        Some(reply) if reply.id == CONTROL_ID => {
+                            worker.ready = true;
+                            owed.start_over();
                         }
-                    };
+                        // Answered by the worker already: close our copy.
+                        Some(reply) => owed.release(reply.id),
+                        None => {
+                            error!(
+                                "malformed reply from the worker ({n} bytes, expected {REPLY_LEN})"
+                            )
+                        }
+                    },
+                    _ => {
+                        worker_gone = true;
+                        break;
+                    }
                 }
             }
+            if worker_gone {
+                // The worker is gone: reap it, start another, resend what it held.
+                let status = reap(&mut worker.child);
+                warn!(status = %status, held = owed.len(), "worker died; starting another");
+                owed.start_over();
+                restarts.retain(|t| t.elapsed() < Duration::from_secs(10));
+                restarts.push(Instant::now());
+                if restarts.len() > 5 {
+                    // Crashing in a loop (an event that kills every worker, say): fail what
+                    // is waiting rather than hang it.
+                    error!(
+                        denied = owed.len(),
+                        "the worker keeps dying: denying the waiting accesses with EIO"
+                    );
+                    owed.deny_all(DenyErrno::Io);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                worker = loop {
+                    match spawn() {
+                        Ok(w) => break w,
+                        Err(e) => {
+                            error!("cannot start a worker: {e:#}");
+                            owed.deny_all(DenyErrno::Io);
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                };
+            }
+        }
+        if worker.ready {
+            // A failed send means the worker is dying: its EOF is handled above, next turn,
+            // and everything it held is sent to the next one.
+            let sock = worker.sock.as_fd();
+            let _ = owed.send_unsent(|msg, fd| ipc::try_send(sock, &msg.encode(), Some(fd)));
         }
         // The safety net under the worker's own fetch timeout.
-        let overdue: Vec<u64> = held
-            .iter()
-            .filter(|(_, h)| h.since.elapsed() > opts.event_deadline)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in overdue {
-            if let Some(h) = held.remove(&id) {
-                warn!(
-                    event = id,
-                    "no answer from the worker in time; denied with EAGAIN"
-                );
-                respond_to_group(
-                    &group,
-                    h.msg.fd_num,
-                    h.fd.as_fd(),
-                    Verdict::Deny(DenyErrno::Again),
-                    false,
-                );
-                denied_late.insert(id, h);
-            }
+        let denied = owed.deny_overdue(opts.event_deadline, Instant::now());
+        if denied > 0 {
+            warn!(
+                denied,
+                "no answer from the worker in time; denied with EAGAIN"
+            );
         }
     }
-    shutdown_worker(&mut worker, &mut held);
-    deny_all(&group, &mut held, DenyErrno::Io);
+    shutdown_worker(&mut worker, &mut owed);
+    owed.deny_all(DenyErrno::Io);
     // With what this process counted after the worker's last write.
     metrics.write(&store.metrics_path());
     if created_mountpoint {
@@ -377,29 +395,8 @@ fn watchdog_interval() -> Option<Duration> {
     (pid_ok && usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
-fn resend_all(worker: &WorkerProc, held: &HashMap<u64, Held>) {
-    let mut ids: Vec<&u64> = held.keys().collect();
-    ids.sort();
-    for id in ids {
-        let h = &held[id];
-        let _ = ipc::send(worker.sock.as_fd(), &h.msg.encode(), Some(h.fd.as_fd()));
-    }
-}
-
-fn deny_all(group: &Group, held: &mut HashMap<u64, Held>, errno: DenyErrno) {
-    for (_, h) in held.drain() {
-        respond_to_group(
-            group,
-            h.msg.fd_num,
-            h.fd.as_fd(),
-            Verdict::Deny(errno),
-            false,
-        );
-    }
-}
-
 /// Ask the worker to finish what it holds and exit; let go of what it answers meanwhile.
-fn shutdown_worker(worker: &mut WorkerProc, held: &mut HashMap<u64, Held>) {
+fn shutdown_worker(worker: &mut WorkerProc, owed: &mut Owed<'_>) {
     let bye = EventMsg {
         id: CONTROL_ID,
         fd_num: -1,
@@ -407,9 +404,17 @@ fn shutdown_worker(worker: &mut WorkerProc, held: &mut HashMap<u64, Held>) {
         mask: 0,
         range: None,
     };
-    let _ = ipc::send(worker.sock.as_fd(), &bye.encode(), None);
     let end = Instant::now() + Duration::from_secs(30);
+    // Its socket may be full: the replies that make room are read meanwhile.
+    let mut bye_sent = false;
     while Instant::now() < end {
+        if !bye_sent {
+            match ipc::try_send(worker.sock.as_fd(), &bye.encode(), None) {
+                Ok(()) => bye_sent = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
         match ipc::poll_readable(&[worker.sock.as_fd()], 200) {
             Ok(r) if r[0] => {}
             _ => continue,
@@ -418,7 +423,7 @@ fn shutdown_worker(worker: &mut WorkerProc, held: &mut HashMap<u64, Held>) {
         match ipc::recv(worker.sock.as_fd(), &mut rbuf) {
             Ok((n, _)) if n > 0 => {
                 if let Some(reply) = ReplyMsg::decode(&rbuf[..n]) {
-                    held.remove(&reply.id);
+                    owed.release(reply.id);
                 }
             }
             _ => break,

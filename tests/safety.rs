@@ -1684,3 +1684,253 @@ fn a_tree_walk_over_more_files_than_the_open_files_limit() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. A flood of cold accesses through a slow source
+// ---------------------------------------------------------------------------------------------
+
+/// Pauses and resumes a process over and over (stopped `stopped` out of every `period`) while
+/// it lives: a source that answers, slowly. Drop resumes it for good.
+struct Throttle {
+    pid: i32,
+    on: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(pid: i32, stopped: Duration, period: Duration) -> Throttle {
+        let on = Arc::new(AtomicBool::new(true));
+        let flag = on.clone();
+        let thread = std::thread::spawn(move || {
+            while flag.load(Ordering::Relaxed) {
+                // SAFETY: signalling our own child (the FUSE daemon) by pid.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(stopped);
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(period.saturating_sub(stopped));
+            }
+        });
+        Throttle {
+            pid,
+            on,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.on.store(false, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}
+
+/// One reader's access: a whole small file, or a 4 KiB range of a big one (read twice: the
+/// second read finds it present).
+#[derive(Clone)]
+enum Access {
+    Whole(PathBuf, Arc<Vec<u8>>),
+    Range(PathBuf, u64, Arc<Vec<u8>>),
+}
+
+#[derive(Default, Debug)]
+struct FloodReport {
+    right: u64,
+    wrong: u64,
+    eagain: u64,
+    other: BTreeMap<String, u64>,
+    slowest: Duration,
+}
+
+/// Run every access on its own thread, all released at once. `retry_eagain`: a reader that gets
+/// EAGAIN tries again (as a program told "try again" does) until `limit`. Returns the outcomes,
+/// or fails the test when some access is still waiting at `limit`.
+fn flood(accesses: Vec<Access>, retry_eagain: bool, limit: Duration, what: &str) -> FloodReport {
+    let n = accesses.len();
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    for a in accesses {
+        let (barrier, tx) = (barrier.clone(), tx.clone());
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                barrier.wait();
+                let one = || -> io::Result<bool> {
+                    match &a {
+                        Access::Whole(p, want) => Ok(fs::read(p)? == **want),
+                        Access::Range(p, off, big) => {
+                            let f = File::open(p)?;
+                            let want = &big[*off as usize..(*off + 4 * KIB) as usize];
+                            let first = read_range(&f, *off, *off + 4 * KIB)?;
+                            let again = read_range(&f, *off, *off + 4 * KIB)?;
+                            Ok(first == want && again == want)
+                        }
+                    }
+                };
+                loop {
+                    let t = Instant::now();
+                    let got = one();
+                    let took = t.elapsed();
+                    let again = matches!(&got, Err(e) if e.raw_os_error() == Some(libc::EAGAIN));
+                    if again && retry_eagain && start.elapsed() < limit {
+                        let _ = tx.send((None, took));
+                        continue;
+                    }
+                    let _ = tx.send((Some(got), took));
+                    break;
+                }
+            })
+            .expect("spawning a reader thread");
+    }
+    drop(tx);
+    let mut report = FloodReport::default();
+    let mut done = 0;
+    while done < n {
+        let left = limit.saturating_sub(start.elapsed());
+        let received = rx.recv_timeout(left);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = received {
+            panic!("{what}: {} reader threads died", n - done);
+        }
+        let Ok((got, took)) = received else {
+            panic!(
+                "{what}: {} of {n} accesses still waiting after {limit:?}: the pipeline is \
+                 wedged or the deadline is not enforced ({report:?})",
+                n - done
+            );
+        };
+        report.slowest = report.slowest.max(took);
+        match got {
+            None => report.eagain += 1,
+            Some(got) => {
+                done += 1;
+                match got {
+                    Ok(true) => report.right += 1,
+                    Ok(false) => report.wrong += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => report.eagain += 1,
+                    Err(e) => {
+                        *report
+                            .other
+                            .entry(errno_name(e.raw_os_error()))
+                            .or_default() += 1
+                    }
+                }
+            }
+        }
+    }
+    report
+}
+
+/// Issue 25: thousands of cold accesses at once (many readers, many small files, a slow source)
+/// neither wedge the supervisor–worker pipeline nor stop the deadline. Every byte is checked.
+#[test]
+fn thousands_of_cold_accesses_through_a_slow_source_never_wedge_and_keep_the_deadline() {
+    if !require_root() {
+        return;
+    }
+    let what = "flood";
+    let mut fx = Fixture::new("xfs", "2G");
+    let real = fx.scratch.path.join("real");
+    fs::create_dir_all(real.join("small")).unwrap();
+    let mut rng = StdRng::seed_from_u64(25);
+    let small: Vec<(String, Arc<Vec<u8>>)> = (0..2400)
+        .map(|i| {
+            let rel = format!("small/f{i:04}");
+            let d = pattern(
+                rng.random_range(1..=12) * KIB as usize + i % 97,
+                1000 + i as u64,
+            );
+            fs::write(real.join(&rel), &d).unwrap();
+            (rel, Arc::new(d))
+        })
+        .collect();
+    let big: Vec<(String, Arc<Vec<u8>>)> = (0..8)
+        .map(|i| {
+            let rel = format!("big{i}");
+            let d = pattern(8 * MIB as usize, 50 + i);
+            fs::write(real.join(&rel), &d).unwrap();
+            (rel, Arc::new(d))
+        })
+        .collect();
+    let fuse = FuseSource::mount(&real, &fx.source);
+    let fuse_pid = fuse.child.as_ref().map(|c| c.id() as i32).unwrap();
+    fx.populate(&[]);
+    // No directory prefetch: every access of phase 2 must be cold.
+    fx.serve(&["--fetch-timeout", "3", "--dir-prefetch", "0"]);
+
+    // Phase 1: 2,000 readers at once while the source answers slowly (stopped 15 ms of every
+    // 20): 1,600 small files whole and 400 ranges of the big files, all cold.
+    let mut phase1: Vec<Access> = small[..1600]
+        .iter()
+        .map(|(rel, d)| Access::Whole(fx.at(rel), d.clone()))
+        .collect();
+    for i in 0..400u64 {
+        let (rel, d) = &big[(i % 4) as usize];
+        // Spread over the file, 80 KiB apart.
+        phase1.push(Access::Range(
+            fx.at(rel),
+            (i / 4) * 80 * KIB + (i % 3) * 4 * KIB,
+            d.clone(),
+        ));
+    }
+    let throttle = Throttle::start(
+        fuse_pid,
+        Duration::from_millis(15),
+        Duration::from_millis(20),
+    );
+    let slow = flood(
+        phase1,
+        true,
+        Duration::from_secs(300),
+        &format!("{what}, slow source"),
+    );
+    drop(throttle);
+    eprintln!("{what}: 2,000 cold readers at once, slow source: {slow:?}");
+    assert_eq!(slow.wrong, 0, "{what}: wrong bytes read: {slow:?}");
+    assert!(slow.other.is_empty(), "{what}: unexpected errors: {slow:?}");
+    assert_eq!(slow.right, 2000, "{what}: {slow:?}");
+
+    // Phase 2: the source hangs outright under 1,500 new cold readers. Every one of them must
+    // come back (EAGAIN from the fetch timeout, or the supervisor's deadline behind it) in
+    // bounded time, with no wrong byte, while the pipeline is full.
+    fuse.signal(libc::SIGSTOP);
+    let mut phase2: Vec<Access> = small[1600..]
+        .iter()
+        .map(|(rel, d)| Access::Whole(fx.at(rel), d.clone()))
+        .collect();
+    for i in 0..700u64 {
+        let (rel, d) = &big[4 + (i % 4) as usize];
+        phase2.push(Access::Range(fx.at(rel), (i / 4) * 32 * KIB, d.clone()));
+    }
+    let n2 = phase2.len() as u64;
+    let hung = flood(
+        phase2,
+        false,
+        Duration::from_secs(60),
+        &format!("{what}, hung source"),
+    );
+    fuse.signal(libc::SIGCONT);
+    eprintln!("{what}: {n2} cold readers at once, source hung: {hung:?}");
+    assert_eq!(hung.wrong, 0, "{what}: wrong bytes read: {hung:?}");
+    assert!(hung.other.is_empty(), "{what}: unexpected errors: {hung:?}");
+    assert_eq!(hung.right + hung.eagain, n2, "{what}: {hung:?}");
+    assert!(hung.eagain > 0, "{what}: the hang was not felt: {hung:?}");
+
+    // The source is back: everything reads right.
+    for (rel, d) in small.iter().chain(big.iter()) {
+        let got = fs::read(fx.at(rel)).unwrap_or_else(|e| panic!("{what}: {rel}: {e}"));
+        assert_bytes_eq(&got, d, &format!("{what}: {rel} after the hang"));
+    }
+    let m = fx.stop();
+    eprintln!(
+        "{what}: metrics after: allowed {}, denied {}",
+        get(&m, "allowed"),
+        get(&m, "denied")
+    );
+    drop(fuse);
+}

@@ -89,6 +89,26 @@ fn send_flags(
 /// Receive one message into `buf`. Returns its length (0 = the peer closed) and the fd attached,
 /// if any. Any fd received is owned by the caller even when the message is then rejected.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    recv_flags(sock, buf, 0)
+}
+
+/// [`recv`], but `Ok(None)` rather than wait when no message is queued.
+pub fn try_recv(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
+    match recv_flags(sock, buf, libc::MSG_DONTWAIT) {
+        Ok(x) => Ok(Some(x)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn recv_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: i32,
+) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -101,9 +121,9 @@ pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<O
     hdr.msg_control = cbuf.as_mut_ptr().cast();
     hdr.msg_controllen = std::mem::size_of_val(&cbuf);
     // SAFETY: `hdr` points into live buffers.
-    let n =
-        cvt_retry(|| unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) })?
-            as usize;
+    let n = cvt_retry(|| unsafe {
+        libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC | flags)
+    })? as usize;
     let mut fd = None;
     // SAFETY: walking the control messages the kernel wrote into `cbuf`.
     unsafe {
@@ -198,25 +218,75 @@ pub fn poll_readable_spinning(
     busy_at: std::time::Instant,
     timeout_ms: i32,
 ) -> io::Result<Vec<bool>> {
-    let mut ready = poll_readable(fds, 0)?;
-    while !ready.contains(&true) && busy_at.elapsed() < SPIN {
+    let wanted: Vec<Interest<'_>> = fds.iter().map(|&fd| Interest::read(fd)).collect();
+    Ok(poll_spinning(&wanted, busy_at, timeout_ms)?
+        .into_iter()
+        .map(|r| r.readable)
+        .collect())
+}
+
+/// [`poll`] that yields instead of sleeping while `busy_at` is less than [`SPIN`] ago.
+pub fn poll_spinning(
+    fds: &[Interest<'_>],
+    busy_at: std::time::Instant,
+    timeout_ms: i32,
+) -> io::Result<Vec<Readiness>> {
+    let any = |r: &[Readiness]| r.iter().any(|x| x.readable || x.writable);
+    let mut ready = poll(fds, 0)?;
+    while !any(&ready) && busy_at.elapsed() < SPIN {
         std::thread::yield_now();
-        ready = poll_readable(fds, 0)?;
+        ready = poll(fds, 0)?;
     }
-    if ready.contains(&true) {
+    if any(&ready) {
         return Ok(ready);
     }
-    poll_readable(fds, timeout_ms)
+    poll(fds, timeout_ms)
 }
 
 /// Wait until one of `fds` is readable (or hung up), for at most `timeout_ms`. Returns, per fd,
 /// whether it is ready.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let wanted: Vec<Interest<'_>> = fds.iter().map(|&fd| Interest::read(fd)).collect();
+    Ok(poll(&wanted, timeout_ms)?
+        .into_iter()
+        .map(|r| r.readable)
+        .collect())
+}
+
+/// What [`poll`] waits for on one fd.
+#[derive(Clone, Copy)]
+pub struct Interest<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub read: bool,
+    pub write: bool,
+}
+
+impl<'a> Interest<'a> {
+    pub fn read(fd: BorrowedFd<'a>) -> Interest<'a> {
+        Interest {
+            fd,
+            read: true,
+            write: false,
+        }
+    }
+}
+
+/// What [`poll`] found on one fd. A hang-up or an error counts as readable (the next read says
+/// which).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// Wait until one of `fds` is ready as asked, for at most `timeout_ms` (an interrupted wait
+/// returns nothing ready).
+pub fn poll(fds: &[Interest<'_>], timeout_ms: i32) -> io::Result<Vec<Readiness>> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
-        .map(|f| libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
+        .map(|i| libc::pollfd {
+            fd: i.fd.as_raw_fd(),
+            events: if i.read { libc::POLLIN } else { 0 } | if i.write { libc::POLLOUT } else { 0 },
             revents: 0,
         })
         .collect();
@@ -225,12 +295,16 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
+            return Ok(vec![Readiness::default(); fds.len()]);
         }
         return Err(e);
     }
     Ok(p.iter()
-        .map(|x| x.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        .zip(fds)
+        .map(|(x, i)| Readiness {
+            readable: i.read && x.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
+            writable: x.revents & libc::POLLOUT != 0,
+        })
         .collect())
 }
 
