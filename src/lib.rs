@@ -11,11 +11,12 @@
 //! - [`kernel_reader`]: opens after which the kernel reads a file without events.
 //! - [`guard`]: holding the store's group while no daemon runs, so that stubs fail closed.
 //! - [`supervisor`], [`worker`], [`protocol`]: `hsm serve`, split so that a fetch can crash
-//!   without losing or mis-answering an event.
+//!   without losing or mis-answering an event; [`defaults`]: its options' defaults.
 //! - [`populate`], [`status`], [`demo`]: the other commands.
 //! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
 
 pub mod backend;
+pub mod defaults;
 pub mod demo;
 pub mod digest;
 pub mod engine;

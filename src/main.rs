@@ -1,14 +1,13 @@
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-
+use hsm::defaults;
 use hsm::populate::PopulateOptions;
 use hsm::supervisor::ServeOptions;
 use hsm::worker::WorkerOptions;
 
-#[derive(Parser)]
+#[derive(Parser, Debug, PartialEq)]
 #[command(
     name = "hsm",
     version,
@@ -19,7 +18,10 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
+// Options renamed so that one concept has one name everywhere keep their old name for one
+// release: a hidden argument of its own, moved into the new one by `Command::take_old_names`,
+// which also says what to type instead.
+#[derive(Subcommand, Debug, PartialEq)]
 enum Command {
     /// Build a stub tree in STORE that mirrors SOURCE, recording where each file's content lives.
     Populate {
@@ -28,17 +30,20 @@ enum Command {
         /// The store directory (on ext4, xfs or btrfs); created if missing.
         store: PathBuf,
         /// Chunk size for range fetches, in bytes (a multiple of 4096).
-        #[arg(long, default_value_t = hsm::store::DEFAULT_CHUNK)]
+        #[arg(long, value_name = "BYTES", default_value_t = hsm::store::DEFAULT_CHUNK)]
         chunk_size: u32,
         /// Files smaller than this are fetched whole when first opened.
-        #[arg(long, default_value_t = hsm::store::DEFAULT_WHOLE_BELOW)]
+        #[arg(long, value_name = "BYTES", default_value_t = hsm::store::DEFAULT_WHOLE_BELOW)]
         whole_below: u64,
         /// ext4 only: fetch files range by range instead of whole on open. Copy tools that trust
         /// SEEK_DATA (cp, tar --sparse, rsync --sparse) then copy unfetched ranges as zeros.
         #[arg(long)]
         lazy_sparse: bool,
-        /// Worker threads (default: number of CPUs).
-        #[arg(long)]
+        /// Threads reading the source and making stubs (default: number of CPUs).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Old name of --threads.
+        #[arg(long, hide = true, conflicts_with = "threads")]
         jobs: Option<usize>,
         /// Record a BLAKE3 digest per chunk, checked on every fetch (reads every source file once).
         #[arg(long)]
@@ -53,8 +58,9 @@ enum Command {
         /// s3:// sources: the region (default: AWS_REGION, else us-east-1).
         #[arg(long)]
         region: Option<String>,
-        /// Remote sources: seconds one read may take, retries included, before EIO (default 20).
-        #[arg(long)]
+        /// Remote sources: seconds one read may take, retries included, before it fails with
+        /// EIO (default 20). Recorded in the store as the source URL's `fetch_deadline=` option.
+        #[arg(long, value_name = "SECS")]
         fetch_deadline: Option<f64>,
     },
     /// Print a manifest of the tree at DIR (JSON lines) for serving DIR over HTTP(S).
@@ -63,6 +69,9 @@ enum Command {
         dir: PathBuf,
         /// Also record each file's BLAKE3 digest (reads every file).
         #[arg(long)]
+        digests: bool,
+        /// Old name of --digests.
+        #[arg(long, hide = true, conflicts_with = "digests")]
         digest: bool,
     },
     /// Expose STORE's tree at MOUNTPOINT and fetch content on access, until SIGINT or SIGTERM.
@@ -71,26 +80,34 @@ enum Command {
         store: PathBuf,
         /// Where the tree appears while this runs (an empty directory).
         mountpoint: PathBuf,
-        /// Fetching threads.
-        #[arg(long, default_value_t = 16)]
-        workers: usize,
+        /// Threads serving accesses (fetching, writing, answering).
+        #[arg(long, value_name = "N", default_value_t = defaults::THREADS)]
+        threads: usize,
+        /// Old name of --threads.
+        #[arg(long, hide = true, conflicts_with = "threads")]
+        workers: Option<usize>,
         /// Bytes fetched ahead of a sequential reader.
-        #[arg(long, default_value_t = 8 << 20)]
+        #[arg(long, value_name = "BYTES", default_value_t = defaults::READAHEAD)]
         readahead: u64,
         /// Files fetched ahead of a walk through a directory (tar, grep -r, a build): once 3
         /// different stubs of a directory are opened within 2 s, up to this many of its other
         /// small files (64 MiB at most) are fetched in the background. 0: only what is read.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, value_name = "N", default_value_t = defaults::DIR_PREFETCH)]
         dir_prefetch: usize,
         /// Seconds a backend read may take before the access fails with EAGAIN (a local-disk
-        /// source: 15 s more, when the supervisor denies what the worker has not answered).
-        #[arg(long, default_value_t = 30.0)]
-        fetch_timeout: f64,
+        /// source: 15 s more, when the supervisor denies what the worker has not answered). A
+        /// remote source's own deadline (`populate --fetch-deadline`) ends it with EIO first
+        /// when it is shorter.
+        #[arg(long, value_name = "SECS", default_value_t = defaults::FETCH_DEADLINE_SECS)]
+        fetch_deadline: f64,
+        /// Old name of --fetch-deadline.
+        #[arg(long, hide = true, conflicts_with = "fetch_deadline")]
+        fetch_timeout: Option<f64>,
         /// Seconds to keep serving already-open files after a stop is asked for.
-        #[arg(long, default_value_t = 2.0)]
+        #[arg(long, value_name = "SECS", default_value_t = defaults::DRAIN_SECS)]
         drain: f64,
         /// The unprivileged user (name or uid) that remote backends run as, in their own process.
-        #[arg(long, default_value = "nobody")]
+        #[arg(long, value_name = "USER", default_value = defaults::FETCH_USER)]
         fetch_user: String,
     },
     /// The fetching process of `hsm serve` (started by it, not by hand).
@@ -105,9 +122,7 @@ enum Command {
         #[arg(long)]
         dir_prefetch: usize,
         #[arg(long)]
-        fetch_timeout: f64,
-        #[arg(long)]
-        drain: f64,
+        fetch_deadline: f64,
         #[arg(long)]
         fetch_user: String,
     },
@@ -127,7 +142,7 @@ enum Command {
     ServeFetcher {
         source: String,
         #[arg(long)]
-        user: String,
+        fetch_user: String,
     },
     /// Show how much of each file is present: stub, partial, complete, modified.
     Status {
@@ -160,12 +175,63 @@ enum Command {
     },
 }
 
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(if s.is_finite() {
-        s.clamp(0.0, 86_400.0)
-    } else {
-        0.0
-    })
+impl Command {
+    /// Moves the value of every option given by its old name into the option's new name, and
+    /// returns a warning for each (`deadline=` in a SOURCE URL is read as it is).
+    fn take_old_names(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut renamed = |old: &str, new: &str, when: &str| {
+            warnings.push(format!(
+                "hsm: warning: {old} is deprecated, use {new} ({when})"
+            ))
+        };
+        let next = |old: &str| format!("the next release drops {old}");
+        match self {
+            Command::Populate {
+                source,
+                threads,
+                jobs,
+                ..
+            } => {
+                if let Some(n) = jobs.take() {
+                    *threads = Some(n);
+                    renamed("--jobs", "--threads", &next("--jobs"));
+                }
+                for (old, new) in hsm::backend::old_url_options(source) {
+                    let when = "the store records the new name";
+                    renamed(&format!("{old}= in a source URL"), &format!("{new}="), when);
+                }
+            }
+            Command::Manifest {
+                digests, digest, ..
+            } if *digest => {
+                (*digests, *digest) = (true, false);
+                renamed("--digest", "--digests", &next("--digest"));
+            }
+            Command::Serve {
+                threads,
+                workers,
+                fetch_deadline,
+                fetch_timeout,
+                ..
+            } => {
+                if let Some(n) = workers.take() {
+                    *threads = n;
+                    renamed("--workers", "--threads", &next("--workers"));
+                }
+                if let Some(s) = fetch_timeout.take() {
+                    *fetch_deadline = s;
+                    renamed(
+                        "--fetch-timeout",
+                        "--fetch-deadline",
+                        &next("--fetch-timeout"),
+                    );
+                }
+            }
+            _ => {}
+        }
+        warnings
+    }
 }
 
 fn main() -> ExitCode {
@@ -178,7 +244,10 @@ fn main() -> ExitCode {
         // No colour codes in a file or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    for warning in cli.command.take_old_names() {
+        eprintln!("{warning}");
+    }
     let result = match cli.command {
         Command::Populate {
             source,
@@ -186,7 +255,8 @@ fn main() -> ExitCode {
             chunk_size,
             whole_below,
             lazy_sparse,
-            jobs,
+            threads,
+            jobs: _,
             digests,
             manifest,
             endpoint,
@@ -205,7 +275,7 @@ fn main() -> ExitCode {
                     whole_below,
                     lazy_sparse,
                     digests,
-                    jobs: jobs.unwrap_or_else(|| {
+                    jobs: threads.unwrap_or_else(|| {
                         std::thread::available_parallelism().map_or(2, |n| n.get())
                     }),
                     manifest,
@@ -216,25 +286,28 @@ fn main() -> ExitCode {
             )
             .map(|_| ())
         }),
-        Command::Manifest { dir, digest } => hsm::manifest::run(&dir, digest),
+        Command::Manifest { dir, digests, .. } => hsm::manifest::run(&dir, digests),
         Command::Serve {
             store,
             mountpoint,
-            workers,
+            threads,
             readahead,
             dir_prefetch,
-            fetch_timeout,
+            fetch_deadline,
             drain,
             fetch_user,
+            ..
         } => {
-            let mut opts = ServeOptions::default();
-            opts.worker.dir_prefetch = dir_prefetch;
-            opts.worker.fetch_user = fetch_user;
-            opts.worker.threads = workers;
-            opts.worker.readahead = readahead;
-            opts.worker.fetch_timeout = secs(fetch_timeout);
-            opts.worker.drain = secs(drain);
-            opts.event_deadline = opts.worker.fetch_timeout + Duration::from_secs(15);
+            let opts = ServeOptions {
+                worker: WorkerOptions {
+                    threads,
+                    readahead,
+                    dir_prefetch,
+                    fetch_deadline: defaults::secs(fetch_deadline),
+                    fetch_user,
+                },
+                drain: defaults::secs(drain),
+            };
             hsm::supervisor::serve(&store, &mountpoint, opts)
         }
         Command::ServeWorker {
@@ -243,8 +316,7 @@ fn main() -> ExitCode {
             threads,
             readahead,
             dir_prefetch,
-            fetch_timeout,
-            drain,
+            fetch_deadline,
             fetch_user,
         } => hsm::worker::run(
             &store,
@@ -253,15 +325,13 @@ fn main() -> ExitCode {
                 threads,
                 readahead,
                 dir_prefetch,
-                fetch_timeout: secs(fetch_timeout),
-                flush_interval: Duration::from_millis(500),
-                drain: secs(drain),
+                fetch_deadline: defaults::secs(fetch_deadline),
                 fetch_user,
             },
         ),
-        Command::ServeFetcher { source, user } => hsm::sys::ipc::take_inherited(3)
+        Command::ServeFetcher { source, fetch_user } => hsm::sys::ipc::take_inherited(3)
             .map_err(anyhow::Error::from)
-            .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &user)),
+            .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &fetch_user)),
         Command::Guard { store, stop: false } => hsm::guard::run(&store),
         Command::Guard { store, stop: true } => hsm::guard::stop(&store).map(|running| {
             if !running {
@@ -282,5 +352,93 @@ fn main() -> ExitCode {
             eprintln!("hsm: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(Command, Vec<String>), clap::Error> {
+        let mut cli = Cli::try_parse_from(std::iter::once("hsm").chain(args.iter().copied()))?;
+        let warnings = cli.command.take_old_names();
+        Ok((cli.command, warnings))
+    }
+
+    /// Each renamed option, by its old name, parses to what its new name does, with a warning
+    /// that names both; given both names, the command line is refused.
+    #[test]
+    fn old_option_names_parse_as_the_new_ones_with_a_warning() {
+        let cases: &[(&[&str], &[&str], &str)] = &[
+            (
+                &["populate", "src", "st", "--jobs", "3"],
+                &["populate", "src", "st", "--threads", "3"],
+                "--jobs is deprecated, use --threads",
+            ),
+            (
+                &["manifest", "dir", "--digest"],
+                &["manifest", "dir", "--digests"],
+                "--digest is deprecated, use --digests",
+            ),
+            (
+                &["serve", "st", "mnt", "--workers", "4"],
+                &["serve", "st", "mnt", "--threads", "4"],
+                "--workers is deprecated, use --threads",
+            ),
+            (
+                &["serve", "st", "mnt", "--fetch-timeout", "7.5"],
+                &["serve", "st", "mnt", "--fetch-deadline", "7.5"],
+                "--fetch-timeout is deprecated, use --fetch-deadline",
+            ),
+        ];
+        for (old, new, warning) in cases {
+            let (from_old, warnings) = parse(old).unwrap();
+            let (from_new, none) = parse(new).unwrap();
+            assert_eq!(from_old, from_new, "{old:?} vs {new:?}");
+            assert!(none.is_empty(), "{new:?}: {none:?}");
+            assert_eq!(warnings.len(), 1, "{old:?}: {warnings:?}");
+            assert!(
+                warnings[0].starts_with("hsm: warning: ") && warnings[0].contains(warning),
+                "{old:?}: {warnings:?}"
+            );
+            let new_option = new.iter().position(|a| a.starts_with("--")).unwrap();
+            let both: Vec<&str> = old.iter().chain(&new[new_option..]).copied().collect();
+            assert!(parse(&both).is_err(), "{both:?} parsed");
+        }
+        // `deadline=` in a source URL: read as `fetch_deadline=` (see the backends' tests).
+        for source in ["s3://b/p?region=r&deadline=5", "http://h/base/#deadline=5"] {
+            let (_, warnings) = parse(&["populate", source, "st"]).unwrap();
+            assert_eq!(warnings.len(), 1, "{source}: {warnings:?}");
+            assert!(warnings[0]
+                .contains("deadline= in a source URL is deprecated, use fetch_deadline="));
+        }
+        let (_, none) = parse(&["populate", "s3://b/p?fetch_deadline=5", "st"]).unwrap();
+        assert!(none.is_empty(), "{none:?}");
+    }
+
+    /// `hsm serve` with no options runs with `ServeOptions::default()`.
+    #[test]
+    fn serve_defaults_are_the_serve_options_defaults() {
+        let (cmd, _) = parse(&["serve", "st", "mnt"]).unwrap();
+        let Command::Serve {
+            threads,
+            readahead,
+            dir_prefetch,
+            fetch_deadline,
+            drain,
+            fetch_user,
+            ..
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        let d = ServeOptions::default();
+        assert_eq!(threads, d.worker.threads);
+        assert_eq!(readahead, d.worker.readahead);
+        assert_eq!(dir_prefetch, d.worker.dir_prefetch);
+        assert_eq!(defaults::secs(fetch_deadline), d.worker.fetch_deadline);
+        assert_eq!(defaults::secs(drain), d.drain);
+        assert_eq!(fetch_user, d.worker.fetch_user);
+        assert_eq!(d.event_deadline(), std::time::Duration::from_secs(45));
     }
 }

@@ -26,7 +26,7 @@
 //! | `mode` | permission bits as a decimal number (`0o755` is 493), set-id and sticky bits included; default 0644 for files, 0755 for directories |
 //! | `mtime`, `mtime_nsec` | modification time, seconds since the epoch and nanoseconds; default 0 |
 //! | `uid`, `gid` | owner; default 0 (root) |
-//! | `blake3` | optional: hex BLAKE3 digest of the content (written by `hsm manifest --digest`, for tools that verify copies) |
+//! | `blake3` | optional: hex BLAKE3 digest of the content (written by `hsm manifest --digests`, for tools that verify copies) |
 //! | `target` | a symlink's target; required for symlinks |
 //!
 //! Unknown fields are ignored, so that later versions can add some. Directories that files need
@@ -245,7 +245,7 @@ fn walk(
     Ok(())
 }
 
-/// `hsm manifest DIR [--digest]`: the manifest on stdout.
+/// `hsm manifest DIR [--digests]`: the manifest on stdout.
 pub fn run(dir: &Path, digest: bool) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tracing::{error, info, warn};
 
+use crate::defaults;
 use crate::event::{respond_to_group, GroupResponder, MASK};
 use crate::guard::{self, PrivateView, EVENT_FD_LIMIT};
 use crate::metrics::Metrics;
@@ -43,23 +44,29 @@ use crate::worker::WorkerOptions;
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub worker: WorkerOptions,
-    /// An event the worker has not answered in this long is denied with EAGAIN by the supervisor.
-    pub event_deadline: Duration,
+    /// How long already-open files are still served after a stop is asked for.
+    pub drain: Duration,
+}
+
+impl ServeOptions {
+    /// An event the worker has not answered in this long is denied with EAGAIN by the
+    /// supervisor: the fetch deadline plus [`defaults::EVENT_DEADLINE_MARGIN`].
+    pub fn event_deadline(&self) -> Duration {
+        self.worker.fetch_deadline + defaults::EVENT_DEADLINE_MARGIN
+    }
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             worker: WorkerOptions {
-                threads: 16,
-                readahead: 8 << 20,
-                dir_prefetch: 256,
-                fetch_timeout: Duration::from_secs(30),
-                flush_interval: Duration::from_millis(500),
-                drain: Duration::from_secs(2),
-                fetch_user: "nobody".into(),
+                threads: defaults::THREADS,
+                readahead: defaults::READAHEAD,
+                dir_prefetch: defaults::DIR_PREFETCH,
+                fetch_deadline: defaults::secs(defaults::FETCH_DEADLINE_SECS),
+                fetch_user: defaults::FETCH_USER.into(),
             },
-            event_deadline: Duration::from_secs(45),
+            drain: defaults::secs(defaults::DRAIN_SECS),
         }
     }
 }
@@ -187,7 +194,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
             // No new path leads to the stubs from here on; files still open are served for the
             // drain period.
             exposure.detach();
-            drain_until = Some(Instant::now() + opts.worker.drain);
+            drain_until = Some(Instant::now() + opts.drain);
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             break;
@@ -366,8 +373,8 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
             let sock = worker.sock.as_fd();
             let _ = owed.send_unsent(|msg, fd| ipc::try_send(sock, &msg.encode(), Some(fd)));
         }
-        // The safety net under the worker's own fetch timeout.
-        let denied = owed.deny_overdue(opts.event_deadline, Instant::now());
+        // The safety net under the worker's own fetch deadline.
+        let denied = owed.deny_overdue(opts.event_deadline(), Instant::now());
         if denied > 0 {
             warn!(
                 denied,
@@ -472,10 +479,8 @@ fn spawn_worker(
         .arg(opts.readahead.to_string())
         .arg("--dir-prefetch")
         .arg(opts.dir_prefetch.to_string())
-        .arg("--fetch-timeout")
-        .arg(opts.fetch_timeout.as_secs_f64().to_string())
-        .arg("--drain")
-        .arg(opts.drain.as_secs_f64().to_string())
+        .arg("--fetch-deadline")
+        .arg(opts.fetch_deadline.as_secs_f64().to_string())
         .arg("--fetch-user")
         .arg(&opts.fetch_user)
         .stdin(Stdio::null())

@@ -48,15 +48,17 @@ pub const VIEW_FD: i32 = 7;
 /// over only once both processes are gone.
 pub const GUARD_FD: i32 = 8;
 
+/// How often the engine persists its records (after a `syncfs`) and the counters are written.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
     pub threads: usize,
     pub readahead: u64,
     /// Files per window of a directory prefetch (0: off; see `prefetch`).
     pub dir_prefetch: usize,
-    pub fetch_timeout: Duration,
-    pub flush_interval: Duration,
-    pub drain: Duration,
+    /// A backend read that takes longer fails the access with EAGAIN.
+    pub fetch_deadline: Duration,
     /// The unprivileged user remote backends run as (in their own process).
     pub fetch_user: String,
 }
@@ -81,7 +83,7 @@ fn open_backend(
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("serve-fetcher")
         .arg(&store.config.source)
-        .arg("--user")
+        .arg("--fetch-user")
         .arg(fetch_user)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
@@ -144,7 +146,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         metrics,
         Some(published),
         opts.readahead,
-        opts.fetch_timeout,
+        opts.fetch_deadline,
         store.digest_dir(),
         store_tree(&store),
         store.config.fs == crate::sys::fs::FsKind::Xfs,
@@ -191,10 +193,9 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         let engine = engine.clone();
         let metrics_path = store.metrics_path();
         let done = flusher_stop.clone();
-        let interval = opts.flush_interval;
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(interval);
+                std::thread::sleep(FLUSH_INTERVAL);
                 engine.flush(false);
                 engine.metrics.write(&metrics_path);
             }

@@ -770,7 +770,7 @@ fn worker_killed_repeatedly(fs_kind: &str) {
     let total: u64 = files.iter().map(|f| f.1).sum();
     // 256 KiB chunks: more fetches, so more kills land in the middle of one.
     fx.populate(&["--chunk-size", "262144"]);
-    fx.serve(&["--fetch-timeout", "10"]);
+    fx.serve(&["--fetch-deadline", "10"]);
     let sup = fx.daemon.as_ref().unwrap().pid() as i32;
     let first_worker = wait_worker(&fx.store, sup, Duration::from_secs(10));
 
@@ -1098,7 +1098,7 @@ fn a_hung_backend_fails_reads_with_eagain_in_bounded_time_and_recovers() {
     let never_big = write("never_big", 8 * MIB, 4);
     let fuse = FuseSource::mount(&real, &fx.source);
     fx.populate(&[]);
-    fx.serve(&["--fetch-timeout", "2"]);
+    fx.serve(&["--fetch-deadline", "2"]);
 
     // Fill what will be present: a whole small file and the first chunk of a big one.
     assert_bytes_eq(&fs::read(fx.at("present")).unwrap(), &present, what);
@@ -1129,7 +1129,7 @@ fn a_hung_backend_fails_reads_with_eagain_in_bounded_time_and_recovers() {
         });
         let Some((res, took)) = got else {
             fuse.signal(libc::SIGCONT);
-            panic!("{what}: a read of {rel} hung for more than 10 s with --fetch-timeout 2");
+            panic!("{what}: a read of {rel} hung for more than 10 s with --fetch-deadline 2");
         };
         let errno = res.as_ref().err().and_then(|e| e.raw_os_error());
         // The timeout's own errno: a retry may succeed (EIO would say the data is bad).
@@ -1172,7 +1172,7 @@ fn a_hung_backend_fails_reads_with_eagain_in_bounded_time_and_recovers() {
     drop(big_f);
     let m = fx.stop();
     eprintln!(
-        "{what}: with --fetch-timeout 2: {}; present files read in {present_took:?} meanwhile; \
+        "{what}: with --fetch-deadline 2: {}; present files read in {present_took:?} meanwhile; \
          all read right after the backend came back; metrics denied {}",
         outcomes.join(", "),
         get(&m, "denied")
@@ -1216,8 +1216,8 @@ fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
     let first = fx.write_source("first", 8 * MIB as usize, 11);
     let second = fx.write_source("second", 8 * MIB as usize, 12);
     fx.populate(&[]);
-    // The supervisor's deadline is the fetch timeout + 15 s.
-    fx.serve(&["--fetch-timeout", "1"]);
+    // The supervisor's deadline is the fetch deadline + 15 s.
+    fx.serve(&["--fetch-deadline", "1"]);
     let sup = fx.daemon.as_ref().unwrap().pid() as i32;
     let worker = wait_worker(&fx.store, sup, Duration::from_secs(10));
     let first_f = File::open(fx.at("first")).unwrap();

@@ -3,8 +3,10 @@
 //! Source URL, as stored in the store's `config.json`:
 //!
 //! ```text
-//! http[s]://HOST[:PORT]/BASE/[#deadline=SECS]
+//! http[s]://HOST[:PORT]/BASE/[#fetch_deadline=SECS]
 //! ```
+//!
+//! `fetch_deadline` (old name `deadline`, still read): see the same option of [`super::s3`].
 //!
 //! A file's URL is BASE joined with its manifest path, each component percent-encoded. Options
 //! ride in the fragment, which is never sent to the server. A web server has no listing: what
@@ -47,16 +49,19 @@ impl HttpUrl {
         }
         if u.query().is_some() {
             bail!(
-                "an HTTP source URL cannot have a query; options go after '#', e.g. #deadline=10"
+                "an HTTP source URL cannot have a query; options go after '#', e.g. #fetch_deadline=10"
             );
         }
         let mut deadline = None;
         if let Some(frag) = u.fragment() {
             for (k, v) in url::form_urlencoded::parse(frag.as_bytes()) {
                 match &*k {
-                    "deadline" => deadline = Some(object::parse_deadline(&v)?),
+                    object::DEADLINE_OPTION | object::OLD_DEADLINE_OPTION => {
+                        deadline = Some(object::parse_deadline(&v)?)
+                    }
                     other => bail!(
-                        "unknown option {other:?} after '#' in the HTTP URL (known: deadline)"
+                        "unknown option {other:?} after '#' in the HTTP URL (known: {})",
+                        object::DEADLINE_OPTION
                     ),
                 }
             }
@@ -74,7 +79,7 @@ impl HttpUrl {
             s.push('/');
         }
         if let Some(d) = self.deadline {
-            s.push_str(&format!("#deadline={}", d.as_secs_f64()));
+            s.push_str(&format!("#{}={}", object::DEADLINE_OPTION, d.as_secs_f64()));
         }
         s
     }
@@ -305,8 +310,16 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = HttpUrl::parse("http://127.0.0.1:8080/a/b/#deadline=5").unwrap();
-        assert_eq!(u.to_url(), "http://127.0.0.1:8080/a/b/#deadline=5");
+        let u = HttpUrl::parse("http://127.0.0.1:8080/a/b/#fetch_deadline=5").unwrap();
+        assert_eq!(u.to_url(), "http://127.0.0.1:8080/a/b/#fetch_deadline=5");
+        // The old name of the option reads the same, and is written under the new one.
+        let old = HttpUrl::parse("http://127.0.0.1:8080/a/b/#deadline=5").unwrap();
+        assert_eq!(old, u);
+        assert_eq!(
+            crate::backend::old_url_options("http://h/a/#deadline=5"),
+            [("deadline", "fetch_deadline")]
+        );
+        assert!(crate::backend::old_url_options(&u.to_url()).is_empty());
         assert_eq!(u.join("x y/z"), "http://127.0.0.1:8080/a/b/x%20y/z");
         let r = HttpUrl::parse("http://h").unwrap();
         assert_eq!(r.join("f"), "http://h/f");

@@ -87,9 +87,9 @@ pub trait Backend: Send + Sync {
         None
     }
 
-    /// Whether one read may block far past `--fetch-timeout` where nothing can interrupt it: a
-    /// remote server, a network or FUSE filesystem. The engine runs such reads on its fetch
-    /// threads and stops waiting at the timeout, so that a hung source costs a thread, never a
+    /// Whether one read may block far past `serve --fetch-deadline` where nothing can interrupt
+    /// it: a remote server, a network or FUSE filesystem. The engine runs such reads on its fetch
+    /// threads and stops waiting at the deadline, so that a hung source costs a thread, never a
     /// reader's deadline. A read that cannot stall so (a local disk) runs on the thread serving
     /// the event: one thread hand-off less on every miss.
     fn reads_may_stall(&self) -> bool {
@@ -130,6 +130,25 @@ pub fn scheme_of(url: &str) -> Scheme {
         Scheme::Http
     } else {
         Scheme::Local
+    }
+}
+
+/// The options of a source URL given by an old name, as (old, new) pairs: `deadline=` for
+/// `fetch_deadline=`. Both are read; the old names go in a later release.
+pub fn old_url_options(url: &str) -> Vec<(&'static str, &'static str)> {
+    let options = match scheme_of(url) {
+        Scheme::S3 => url.split_once('?').map(|(_, q)| q),
+        Scheme::Http => url.split_once('#').map(|(_, f)| f),
+        Scheme::Local => None,
+    };
+    let pairs = url::form_urlencoded::parse(options.unwrap_or("").as_bytes());
+    if pairs
+        .into_iter()
+        .any(|(k, _)| k == object::OLD_DEADLINE_OPTION)
+    {
+        vec![(object::OLD_DEADLINE_OPTION, object::DEADLINE_OPTION)]
+    } else {
+        Vec::new()
     }
 }
 

@@ -24,6 +24,13 @@ use crate::record::SourceRecord;
 /// Default total time one read may take, retries included, before the reader gets EIO.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(20);
 
+/// The source URL option that records `populate --fetch-deadline`: in an `s3://` URL's query,
+/// after an `http(s)://` URL's `#`.
+pub const DEADLINE_OPTION: &str = "fetch_deadline";
+/// Its old name, still read: stores populated before the rename record it, and a SOURCE typed
+/// with it is accepted with a warning (see [`super::old_url_options`]).
+pub const OLD_DEADLINE_OPTION: &str = "deadline";
+
 /// Reads larger than this are split into parts of this size, fetched concurrently.
 pub const PART: usize = 1 << 20;
 /// How many parts of one read are in flight at once.
@@ -66,7 +73,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Parse `deadline=SECS` style values.
+/// Parse `fetch_deadline=SECS` style values.
 pub fn parse_deadline(v: &str) -> anyhow::Result<Duration> {
     let secs: f64 = v
         .parse()

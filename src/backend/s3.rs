@@ -3,14 +3,15 @@
 //! Source URL, as stored in the store's `config.json` (never with credentials):
 //!
 //! ```text
-//! s3://BUCKET[/PREFIX][?endpoint=URL][&region=NAME][&deadline=SECS][&virtual_hosted=true]
+//! s3://BUCKET[/PREFIX][?endpoint=URL][&region=NAME][&fetch_deadline=SECS][&virtual_hosted=true]
 //! ```
 //!
 //! - `endpoint`: the server (`http://127.0.0.1:9000` for a local MinIO); default AWS. `populate`
 //!   records the endpoint and region it used (from `--endpoint`/`--region`, `AWS_ENDPOINT_URL`,
 //!   `AWS_REGION`), so that `serve` talks to the same server whatever its environment.
-//! - `deadline`: total seconds one read may take, retries included, before the reader gets EIO
-//!   (default 20; `serve --fetch-timeout`, 30 s by default, answers EAGAIN after that).
+//! - `fetch_deadline` (`populate --fetch-deadline`; old name `deadline`, still read): total
+//!   seconds one read may take, retries included, before the reader gets EIO (default 20;
+//!   `serve --fetch-deadline`, 30 s by default, answers EAGAIN after that).
 //! - Credentials: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` in the
 //!   environment, else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, default
 //!   `~/.aws/credentials`, profile `AWS_PROFILE` or `default`), else web identity or container
@@ -93,12 +94,14 @@ impl S3Url {
             match &*k {
                 "endpoint" => out.endpoint = Some(v.trim_end_matches('/').to_string()),
                 "region" => out.region = Some(v.into_owned()),
-                "deadline" => out.deadline = Some(object::parse_deadline(&v)?),
+                object::DEADLINE_OPTION | object::OLD_DEADLINE_OPTION => {
+                    out.deadline = Some(object::parse_deadline(&v)?)
+                }
                 "virtual_hosted" => {
                     out.virtual_hosted = Some(v.parse().context("virtual_hosted=true|false")?)
                 }
                 other => bail!(
-                    "unknown option {other:?} in the S3 URL (known: endpoint, region, deadline, \
+                    "unknown option {other:?} in the S3 URL (known: endpoint, region, fetch_deadline, \
                      virtual_hosted; credentials never go in the URL)"
                 ),
             }
@@ -134,7 +137,7 @@ impl S3Url {
             q.append_pair("region", r);
         }
         if let Some(d) = self.deadline {
-            q.append_pair("deadline", &format!("{}", d.as_secs_f64()));
+            q.append_pair(object::DEADLINE_OPTION, &format!("{}", d.as_secs_f64()));
         }
         if let Some(v) = self.virtual_hosted {
             q.append_pair("virtual_hosted", &v.to_string());
@@ -652,9 +655,21 @@ mod tests {
     #[test]
     fn url_round_trip() {
         let u = S3Url::parse(
+            "s3://bkt/some/pre%20fix/?endpoint=http://127.0.0.1:9000/&region=eu-west-1&fetch_deadline=5",
+        )
+        .unwrap();
+        // The old name of the deadline option reads the same, and is written under the new one.
+        let old = S3Url::parse(
             "s3://bkt/some/pre%20fix/?endpoint=http://127.0.0.1:9000/&region=eu-west-1&deadline=5",
         )
         .unwrap();
+        assert_eq!(old, u);
+        assert!(u.to_url().contains("&fetch_deadline=5"), "{}", u.to_url());
+        assert_eq!(
+            crate::backend::old_url_options("s3://bkt/p?region=x&deadline=5"),
+            [("deadline", "fetch_deadline")]
+        );
+        assert!(crate::backend::old_url_options(&u.to_url()).is_empty());
         assert_eq!(u.bucket, "bkt");
         assert_eq!(u.prefix, "some/pre fix");
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
