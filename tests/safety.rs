@@ -1861,7 +1861,7 @@ fn thousands_of_cold_accesses_through_a_slow_source_never_wedge_and_keep_the_dea
     let fuse_pid = fuse.child.as_ref().map(|c| c.id() as i32).unwrap();
     fx.populate(&[]);
     // No directory prefetch: every access of phase 2 must be cold.
-    fx.serve(&["--fetch-timeout", "3", "--dir-prefetch", "0"]);
+    fx.serve(&["--fetch-deadline", "3", "--dir-prefetch", "0"]);
 
     // Phase 1: 2,000 readers at once while the source answers slowly (stopped 15 ms of every
     // 20): 1,600 small files whole and 400 ranges of the big files, all cold.
