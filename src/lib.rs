@@ -16,6 +16,7 @@
 //! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
 
 pub mod backend;
+pub mod control;
 pub mod defaults;
 pub mod demo;
 pub mod digest;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod event;
 pub mod guard;
 pub mod kernel_reader;
+pub mod lifecycle;
 pub mod manifest;
 pub mod metrics;
 pub mod owed;

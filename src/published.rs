@@ -10,8 +10,10 @@
 //! Why an answer from here can never let a reader see stub bytes:
 //! - A range is published only after its bytes were written into the file, so they are in the
 //!   page cache or on disk for every reader from then on.
-//! - Present ranges only grow while a daemon runs: nothing turns present bytes back into a stub,
-//!   and a local truncate makes what lies beyond it the user's bytes, never the source's.
+//! - Present ranges only grow, except by a release (`lifecycle`), which withdraws the file's
+//!   range here before it frees a block, under a write lease: no reader has the file open then,
+//!   so no access event of it is in flight. A local truncate makes what lies beyond it the user's
+//!   bytes, never the source's.
 //! - A slot names one incarnation of one inode: device, inode number and birth time, so an inode
 //!   number reused by a new stub does not match.
 //! - A worker that dies leaves what it published true (the bytes stay in the file); the table
@@ -91,6 +93,33 @@ impl PublishedRanges {
         slot.seq.store(seq + 2, Ordering::Release);
     }
 
+    /// Nothing of `id` is published any more: for a file about to be released (its bytes given
+    /// back). Waits out a concurrent writer of the slot rather than skip, unlike `publish`.
+    pub fn withdraw(&self, id: &FileId) {
+        let slot = self.slot(id);
+        loop {
+            let seq = slot.seq.load(Ordering::Relaxed);
+            if seq & 1 == 0
+                && slot
+                    .seq
+                    .compare_exchange(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                fence(Ordering::Release);
+                let ours = slot.dev.load(Ordering::Relaxed) == id.dev
+                    && slot.ino.load(Ordering::Relaxed) == id.ino
+                    && slot.btime_ns.load(Ordering::Relaxed) == id.btime_ns;
+                if ours {
+                    slot.start.store(0, Ordering::Relaxed);
+                    slot.end.store(0, Ordering::Relaxed);
+                }
+                slot.seq.store(seq + 2, Ordering::Release);
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Is `[offset, offset + count)` of `id` inside a published range? `count` 0 ("the whole
     /// file") never is.
     pub fn covers(&self, id: &FileId, offset: u64, count: u64) -> bool {
@@ -131,6 +160,23 @@ mod tests {
             ino,
             btime_ns,
         }
+    }
+
+    #[test]
+    fn a_withdrawn_file_is_covered_no_more_and_others_keep_theirs() {
+        let t = Shared::<PublishedRanges>::create(c"test-withdrawn").unwrap();
+        let a = id(40, 1);
+        t.publish(&a, 0, 1 << 20);
+        assert!(t.covers(&a, 0, 4096));
+        // Another incarnation of the inode does not take a's range away.
+        t.withdraw(&id(40, 2));
+        assert!(t.covers(&a, 0, 4096));
+        t.withdraw(&a);
+        assert!(!t.covers(&a, 0, 4096));
+        // Withdrawing what is not there is harmless; publishing again works.
+        t.withdraw(&a);
+        t.publish(&a, 0, 8192);
+        assert!(t.covers(&a, 4096, 4096));
     }
 
     #[test]

@@ -325,3 +325,40 @@ impl Store {
         Ok(())
     }
 }
+
+/// The store's lock (`flock` on `.hsm/lock`): `hsm serve` holds it while it runs, and so does a
+/// command that changes the store in its own process when no daemon serves it (`hsm hydrate`,
+/// `release`, `pin`), so that two processes never fill or free one store's files at once. Let go
+/// when dropped, or when its holder dies.
+pub struct StoreLock(File);
+
+impl Store {
+    /// Take the lock, saying in it who holds it; `Ok(Err(holder))` when another process holds it.
+    pub fn try_lock(&self, holder: &str) -> anyhow::Result<Result<StoreLock, String>> {
+        let path = self.meta().join("lock");
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open the store's lock {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {
+                use std::io::Seek;
+                f.set_len(0)?;
+                f.seek(std::io::SeekFrom::Start(0))?;
+                writeln!(f, "{holder} (pid {})", std::process::id())?;
+                Ok(Ok(StoreLock(f)))
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let who = fs::read_to_string(&path).unwrap_or_default();
+                Ok(Err(who.trim().to_string()))
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+}

@@ -58,12 +58,24 @@ fn digest_dir_for(path: &Path, store: Option<&Path>) -> anyhow::Result<PathBuf> 
 /// mount of a store's tree (the mount point of `hsm serve`) when another mount of the same
 /// filesystem reaches the store.
 pub fn find_store(path: &Path) -> Option<PathBuf> {
+    locate(path).map(|(store, _)| store)
+}
+
+/// The store whose tree holds `path` (as [`find_store`]) and the path's place in that tree
+/// (empty for the tree itself).
+pub fn locate(path: &Path) -> Option<(PathBuf, PathBuf)> {
     let abs = path.canonicalize().ok()?;
     if let Some(dir) = abs
         .ancestors()
         .find(|d| crate::store::Store::config_path(d).is_file())
     {
-        return Some(dir.to_path_buf());
+        // STORE itself stands for its tree; nothing else of STORE is in the tree.
+        let rel = match abs.strip_prefix(dir.join("tree")) {
+            Ok(rel) => rel.to_path_buf(),
+            Err(_) if abs == dir => PathBuf::new(),
+            Err(_) => return None,
+        };
+        return Some((dir.to_path_buf(), rel));
     }
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(&abs).ok()?;
@@ -99,7 +111,7 @@ pub fn find_store(path: &Path) -> Option<PathBuf> {
             let same = std::fs::metadata(store.join("tree").join(below))
                 .is_ok_and(|m| (m.dev(), m.ino()) == (md.dev(), md.ino()));
             if same {
-                return Some(store);
+                return Some((store, below.to_path_buf()));
             }
         }
     }

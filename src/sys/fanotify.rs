@@ -302,6 +302,15 @@ impl Group {
         )
     }
 
+    /// Remove the ignore mark of the inode behind `file` (none there is not an error): its
+    /// events are reported again.
+    pub fn unignore_inode(&self, file: BorrowedFd<'_>, mask: u64) -> io::Result<()> {
+        match self.mark(FAN_MARK_REMOVE | FAN_MARK_IGNORE, mask, file) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Read a batch of events into `buf` and parse them. Returns `Ok(0)` when non-blocking and
     /// nothing is queued. Each event's fd is owned by the caller from here on.
     pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<RawEvent>) -> io::Result<usize> {

@@ -343,6 +343,56 @@ pub fn set_times(
     Ok(())
 }
 
+/// Give back the blocks of `[offset, offset + len)`, keeping the size (`FALLOC_FL_PUNCH_HOLE`):
+/// the range then reads as zeros, and its cached pages are dropped.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on integer arguments.
+    cvt_retry(|| unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// A write lease on an open file (`F_SETLEASE`, `F_WRLCK`): granted only while no other open
+/// file description of the inode exists (an open fd, a mapping, an exec), and while held, any
+/// new open of the inode waits until it is let go (up to `/proc/sys/fs/lease-break-time`).
+/// Released when dropped. `WouldBlock` (EAGAIN) when the file is in use.
+pub struct WriteLease<'a>(BorrowedFd<'a>);
+
+impl<'a> WriteLease<'a> {
+    pub fn take(fd: BorrowedFd<'a>) -> io::Result<WriteLease<'a>> {
+        // SAFETY: plain fcntl on an open fd.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) })?;
+        Ok(WriteLease(fd))
+    }
+
+    /// Whether the lease is still held: a lease broken by an open that waited past the lease
+    /// break time is taken away by the kernel.
+    pub fn held(&self) -> bool {
+        // SAFETY: plain fcntl on an open fd.
+        unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_GETLEASE) == libc::F_WRLCK }
+    }
+}
+
+impl Drop for WriteLease<'_> {
+    fn drop(&mut self) {
+        // SAFETY: plain fcntl on an open fd.
+        unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+}
+
+/// `fsync`: data and metadata (the records, which are xattrs, included) durable.
+pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    cvt_retry(|| unsafe { libc::fsync(fd.as_raw_fd()) })?;
+    Ok(())
+}
+
 /// Set only the mtime of an open file, leaving atime alone.
 pub fn set_mtime(fd: BorrowedFd<'_>, mtime: Timespec) -> io::Result<()> {
     let ts = [
