@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::plan::Cursor;
 use super::{fd_path, lock, Engine};
 use crate::digest::Digest;
 use crate::published::FileId;
@@ -42,10 +43,8 @@ pub(super) struct EntryState {
     pub(super) in_flight: HashSet<u64>,
     /// The record changed since it was last persisted.
     pub(super) dirty: bool,
-    /// End of the chunks the requests so far reached: a request starting here is sequential.
-    pub(super) last_end: u64,
-    /// End of the last range requested, as the kernel gave it.
-    pub(super) last_request_end: u64,
+    /// Where the file's reader was (see [`Cursor`]).
+    pub(super) cursor: Cursor,
     /// Last access served or piece written: records are written when a file has gone quiet
     /// (see `flush`).
     pub(super) last_access: Instant,
@@ -54,6 +53,21 @@ pub(super) struct EntryState {
     /// unrecorded range may be the user's, written after a fill whose record a crash lost. Such
     /// ranges are compared before anything is written over them.
     pub(super) suspect: bool,
+}
+
+impl EntryState {
+    /// The state of a file just loaded with `record`, accessed at `now`.
+    pub(super) fn new(record: StateRecord, suspect: bool, now: Instant) -> EntryState {
+        EntryState {
+            record,
+            in_flight: HashSet::new(),
+            dirty: false,
+            cursor: Cursor::default(),
+            last_access: now,
+            dirty_since: None,
+            suspect,
+        }
+    }
 }
 
 /// Keep at most this many idle entries cached; complete clean ones go first. Each holds one or
@@ -128,16 +142,7 @@ impl Engine {
             writer,
             keeps_times,
             file: fd.try_clone_to_owned()?,
-            state: Mutex::new(EntryState {
-                record,
-                in_flight: HashSet::new(),
-                dirty: false,
-                last_end: 0,
-                last_request_end: 0,
-                last_access: Instant::now(),
-                dirty_since: None,
-                suspect,
-            }),
+            state: Mutex::new(EntryState::new(record, suspect, Instant::now())),
             changed: Condvar::new(),
             id: FileId::of(fd),
         });

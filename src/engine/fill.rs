@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use super::cache::Entry;
+use super::plan::{chunk_pieces, read_span, Shape};
 use super::{fd_path, lock, Engine};
 use crate::backend::{Backend, FetchError};
 use crate::metrics::Metrics;
@@ -138,14 +139,11 @@ impl Engine {
             // Claim every missing piece not already being fetched; wait for the others.
             let mut mine: Vec<(u64, u64, u64)> = Vec::new();
             for (gs, ge) in gaps {
-                let mut c = gs / chunk;
-                while c * chunk < ge {
-                    let (ps, pe) = ((c * chunk).max(gs), ((c + 1) * chunk).min(ge));
+                for (c, ps, pe) in chunk_pieces(gs, ge, chunk) {
                     if !s.in_flight.contains(&c) {
                         s.in_flight.insert(c);
                         mine.push((c, ps, pe));
                     }
-                    c += 1;
                 }
             }
             if mine.is_empty() {
@@ -240,12 +238,7 @@ impl Engine {
     /// checked against its digest; on this thread if `here`, else on a fetch thread. Returns
     /// where the read starts.
     fn submit(&self, entry: &Arc<Entry>, c: u64, ps: u64, pe: u64, here: bool) -> (Started, u64) {
-        let chunk = entry.source.chunk_size as u64;
-        let (from, to) = if entry.digests.is_some() {
-            (c * chunk, ((c + 1) * chunk).min(entry.source.size))
-        } else {
-            (ps, pe)
-        };
+        let (from, to) = read_span(Shape::of(entry), entry.source.size, c, ps, pe);
         Metrics::add(&self.metrics.backend_reads, 1);
         let len = (to - from) as usize;
         // Bytes that must be looked at (digests, a file of unknown history) stay in memory.

@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::metrics::Metrics;
@@ -41,7 +41,7 @@ use crate::sys::shm::Shared;
 
 use cache::{cache_limit, Entry, FileKey};
 use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS};
-use plan::plan;
+use plan::{plan, Shape};
 use readahead::Readahead;
 
 /// What an access needs present.
@@ -160,19 +160,20 @@ impl Engine {
             return Ok(Served::Complete);
         };
         let plan = plan(
-            &entry,
+            Shape::of(&entry),
             &mut lock(&entry.state),
             st.st_size as u64,
             need,
             self.backend.random_piece(),
+            Instant::now(),
         );
         if plan.complete {
             return Ok(Served::Complete);
         }
         if plan.start < plan.end {
             self.fill(&entry, fd, plan.start, plan.end, false)?;
-            if plan.sequential && self.readahead > 0 {
-                self.schedule_readahead(&entry, plan.end, plan.end.saturating_add(self.readahead));
+            if let Some((start, end)) = readahead::window(&plan, self.readahead) {
+                self.schedule_readahead(&entry, start, end);
             }
         }
         let s = lock(&entry.state);
@@ -198,11 +199,12 @@ impl Engine {
             return Ok(not_a_stub);
         };
         let plan = plan(
-            &entry,
+            Shape::of(&entry),
             &mut lock(&entry.state),
             st.st_size as u64,
             Need::Open,
             self.backend.random_piece(),
+            Instant::now(),
         );
         let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
         let complete = lock(&entry.state).record.is_complete();
@@ -236,19 +238,20 @@ impl Engine {
         }
         let entry = lock(&self.files).get(&(st.st_dev, st.st_ino)).cloned()?;
         let mut s = lock(&entry.state);
-        let cursor = (s.last_end, s.last_request_end);
+        let cursor = s.cursor;
         let plan = plan(
-            &entry,
+            Shape::of(&entry),
             &mut s,
             st.st_size as u64,
             need,
             self.backend.random_piece(),
+            Instant::now(),
         );
         let present = plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty();
         if !present {
             let small = plan.end - plan.start <= self.backend.random_piece();
             if !(small && !self.backend.reads_may_stall() && small_fill()) {
-                (s.last_end, s.last_request_end) = cursor;
+                s.cursor = cursor;
                 return None;
             }
             drop(s);
@@ -259,8 +262,8 @@ impl Engine {
         }
         let complete = s.record.is_complete();
         drop(s);
-        if plan.sequential && self.readahead > 0 && !complete {
-            self.schedule_readahead(&entry, plan.end, plan.end.saturating_add(self.readahead));
+        if let Some((start, end)) = readahead::window(&plan, self.readahead).filter(|_| !complete) {
+            self.schedule_readahead(&entry, start, end);
         }
         Some(Ok(if complete {
             Served::Complete

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::cache::Entry;
+use super::cache::{Entry, EntryState};
 use super::{fd_path, lock, Engine};
 use crate::metrics::Metrics;
 use crate::record::{StateRecord, XATTR_STATE};
@@ -39,6 +39,22 @@ fn bounded_encoding(record: &StateRecord) -> Vec<u8> {
     bytes
 }
 
+/// Is the record of a changed file in state `s` due to be written at `now`? When `force`d; when
+/// the cache holds more files than it should (`crowded`: records are written without waiting
+/// for their files to go quiet, so that idle entries can be evicted); once the file has gone
+/// quiet; or once it has waited `MAX_RECORD_LAG`, whatever happens.
+pub(super) fn record_due(s: &EntryState, now: Instant, force: bool, crowded: bool) -> bool {
+    // A file being filled is not quiet, however long ago its access came: a `syncfs` in the
+    // middle of a big fill writes back what it has just written and stalls it (one 256 MiB read
+    // of a cold file: a 2.8 s `syncfs` half way through its fill).
+    let quiet = s.in_flight.is_empty()
+        && now.saturating_duration_since(s.last_access) >= QUIET_BEFORE_RECORD;
+    let overdue = s
+        .dirty_since
+        .is_some_and(|t| now.saturating_duration_since(t) >= MAX_RECORD_LAG);
+    force || crowded || quiet || overdue
+}
+
 impl Engine {
     /// Persist the state of changed files: first `syncfs` so the data is on disk, then the records
     /// that describe it. A record is written once its file has gone quiet (a record write moves
@@ -51,18 +67,11 @@ impl Engine {
         // their files to go quiet, so that idle entries can be evicted (a record write moves the
         // ctime: under pressure, bounded fds come first).
         let pressure = entries.len() > self.max_cached;
+        let now = Instant::now();
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
-            // A file being filled is not quiet, however long ago its access came: a `syncfs`
-            // in the middle of a big fill writes back what it has just written and stalls it
-            // (one 256 MiB read of a cold file: a 2.8 s `syncfs` half way through its fill).
-            let quiet = s.in_flight.is_empty() && s.last_access.elapsed() >= QUIET_BEFORE_RECORD;
-            let due = force
-                || pressure
-                || quiet
-                || s.dirty_since.is_some_and(|t| t.elapsed() >= MAX_RECORD_LAG);
-            if s.dirty && due {
+            if s.dirty && record_due(&s, now, force, pressure) {
                 s.dirty = false;
                 s.dirty_since = None;
                 dirty.push((e.clone(), s.record.clone()));
@@ -105,6 +114,64 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::ranges::RangeSet;
+
+    fn changed_at(t: Instant) -> EntryState {
+        let mut s = EntryState::new(
+            StateRecord {
+                backed_len: 1 << 20,
+                present: RangeSet::from_pairs(&[(0, 4096)]).unwrap(),
+                modified: false,
+            },
+            false,
+            t,
+        );
+        s.dirty = true;
+        s.dirty_since = Some(t);
+        s
+    }
+
+    #[test]
+    fn a_record_waits_until_its_file_has_been_quiet() {
+        let t0 = Instant::now();
+        let s = changed_at(t0);
+        assert!(!record_due(&s, t0, false, false));
+        assert!(!record_due(&s, t0 + QUIET_BEFORE_RECORD / 2, false, false));
+        assert!(record_due(&s, t0 + QUIET_BEFORE_RECORD, false, false));
+        // An access moves the quiet period on.
+        let mut s = s;
+        s.last_access = t0 + QUIET_BEFORE_RECORD / 2;
+        assert!(!record_due(&s, t0 + QUIET_BEFORE_RECORD, false, false));
+        // A clock that seems to go back (an access noted after `now` was taken) is not quiet.
+        assert!(!record_due(&s, t0, false, false));
+    }
+
+    #[test]
+    fn a_file_being_filled_is_never_quiet_but_is_recorded_after_the_lag() {
+        let t0 = Instant::now();
+        let mut s = changed_at(t0);
+        s.in_flight.insert(3);
+        assert!(!record_due(&s, t0 + 10 * QUIET_BEFORE_RECORD, false, false));
+        assert!(!record_due(
+            &s,
+            t0 + MAX_RECORD_LAG - Duration::from_millis(1),
+            false,
+            false
+        ));
+        assert!(record_due(&s, t0 + MAX_RECORD_LAG, false, false));
+        // Still being accessed all along: the lag is counted from the first change, not the
+        // last access.
+        s.last_access = t0 + MAX_RECORD_LAG;
+        assert!(record_due(&s, t0 + MAX_RECORD_LAG, false, false));
+    }
+
+    #[test]
+    fn force_and_a_crowded_cache_record_at_once() {
+        let t0 = Instant::now();
+        let mut s = changed_at(t0);
+        s.in_flight.insert(0);
+        assert!(record_due(&s, t0, true, false));
+        assert!(record_due(&s, t0, false, true));
+    }
 
     #[test]
     fn a_record_of_many_ranges_is_cut_to_its_longest_ranges() {
