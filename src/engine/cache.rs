@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use super::persist::Flush;
 use super::plan::Cursor;
 use super::{fd_path, lock, Engine};
 use crate::digest::Digest;
@@ -151,13 +152,16 @@ impl Engine {
         let full = files.len() > self.max_cached;
         drop(files);
         // A burst of new files (tar, grep over a tree) outruns the periodic flush: record and
-        // drop complete entries now, before their fds exhaust the process's limit.
+        // drop complete entries now, before their fds exhaust the process's limit. This runs on
+        // the thread serving an event: the records' data goes to disk by `fdatasync` of their
+        // own files, never a `syncfs` that would make the reader wait for all of the
+        // filesystem's writeback (see `persist::Durability`).
         if full
             && !self
                 .pressure_flush
                 .swap(true, std::sync::atomic::Ordering::AcqRel)
         {
-            self.flush(false);
+            self.flush_for(Flush::Pressure);
             self.pressure_flush
                 .store(false, std::sync::atomic::Ordering::Release);
         }

@@ -5,7 +5,9 @@
 //! a range or the whole file. It loads the file's records from its xattrs, fetches the missing
 //! chunks from the backend, writes them through the fd and marks them present in memory. A flusher
 //! persists the records later, after a `syncfs`, so that a record never claims bytes that are not
-//! on disk (a crash costs a refetch, never zeros taken for content).
+//! on disk (a crash costs a refetch, never zeros taken for content). When the file cache is full,
+//! the thread serving an event records idle files itself, after an `fdatasync` of each: never a
+//! filesystem-wide `syncfs` on the event path.
 //!
 //! Concurrency: per file, chunks being fetched are claimed under the file's lock; a second request
 //! for a claimed chunk waits for the first instead of fetching it again. Different files and
@@ -400,6 +402,41 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &b)| b == source_byte(i as u64)));
+    }
+
+    #[test]
+    fn a_full_cache_records_idle_files_itself_and_evicts_them() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 2 << 20);
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-pressure").unwrap();
+        let mut engine = Engine::new(
+            Arc::new(SlowSource {
+                slow_from: u64::MAX,
+                ..Default::default()
+            }),
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.path().join("digests"),
+            None,
+            false,
+        );
+        assert_eq!(
+            engine.serve(file.as_fd(), Need::Whole).unwrap(),
+            Served::Complete
+        );
+        // Room in the cache, the file just read: nothing is due.
+        assert_eq!(engine.flush_for(persist::Flush::Pressure), 0);
+        assert_eq!(engine.cached_files(), 1);
+        // A full cache: the idle file is recorded at once (after its `fdatasync`) and dropped.
+        engine.max_cached = 0;
+        assert_eq!(engine.flush_for(persist::Flush::Pressure), 1);
+        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE)
+            .unwrap()
+            .unwrap();
+        assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
+        assert_eq!(engine.cached_files(), 0);
     }
 
     #[test]

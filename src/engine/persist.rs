@@ -39,29 +39,86 @@ fn bounded_encoding(record: &StateRecord) -> Vec<u8> {
     bytes
 }
 
-/// Is the record of a changed file in state `s` due to be written at `now`? When `force`d; when
-/// the cache holds more files than it should (`crowded`: records are written without waiting
-/// for their files to go quiet, so that idle entries can be evicted); once the file has gone
-/// quiet; or once it has waited `MAX_RECORD_LAG`, whatever happens.
-pub(super) fn record_due(s: &EntryState, now: Instant, force: bool, crowded: bool) -> bool {
+/// Why a flush runs: what it records, and how it makes their data durable first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Flush {
+    /// The flusher thread, every flush interval.
+    Periodic,
+    /// Shutdown: every changed file.
+    All,
+    /// An event's thread, the cache over its limit (see `Engine::entry`): the files eviction can
+    /// then drop.
+    Pressure,
+}
+
+/// How the data a batch of records claims is put on disk before the records are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// One `syncfs` for the whole batch: cheapest for many files, but it writes back everything
+    /// dirty on the filesystem, other programs' writes included, and can take seconds (2.8 s
+    /// seen for one cold 256 MiB fill). For the flusher thread only.
+    Syncfs,
+    /// `fdatasync` of each file in the batch: only the bytes these records claim (and the
+    /// extents that reach them), so that a thread holding an event waits for its own files'
+    /// writeback, never for the rest of the filesystem's.
+    Fdatasync,
+}
+
+impl Flush {
+    pub(super) fn durability(self) -> Durability {
+        match self {
+            // Reached from an event (a stub opened or read while the cache is full): the
+            // reader waits on this thread, and a `syncfs` there would make its latency that of
+            // the whole filesystem's writeback (issue 17).
+            Flush::Pressure => Durability::Fdatasync,
+            Flush::Periodic | Flush::All => Durability::Syncfs,
+        }
+    }
+}
+
+/// Is the record of a changed file in state `s` due to be written at `now`, in a flush run for
+/// `why`? Once the file has gone quiet; once it has waited `MAX_RECORD_LAG`, whatever happens;
+/// always when the cache holds more files than it should (`crowded`: records are written without
+/// waiting for their files to go quiet, so that idle entries can be evicted), though on an
+/// event's thread only for files no fill is writing; always at shutdown.
+pub(super) fn record_due(why: Flush, s: &EntryState, now: Instant, crowded: bool) -> bool {
+    let idle = s.in_flight.is_empty();
     // A file being filled is not quiet, however long ago its access came: a `syncfs` in the
     // middle of a big fill writes back what it has just written and stalls it (one 256 MiB read
     // of a cold file: a 2.8 s `syncfs` half way through its fill).
-    let quiet = s.in_flight.is_empty()
-        && now.saturating_duration_since(s.last_access) >= QUIET_BEFORE_RECORD;
+    let quiet = idle && now.saturating_duration_since(s.last_access) >= QUIET_BEFORE_RECORD;
     let overdue = s
         .dirty_since
         .is_some_and(|t| now.saturating_duration_since(t) >= MAX_RECORD_LAG);
-    force || crowded || quiet || overdue
+    match why {
+        Flush::All => true,
+        Flush::Periodic => crowded || quiet || overdue,
+        // A file being filled cannot be evicted whatever its record says, and an `fdatasync` of
+        // it would stall its fill as a `syncfs` would: its record is the flusher's to write.
+        Flush::Pressure => (crowded && idle) || quiet,
+    }
+}
+
+/// A record that was not written: the file is changed still, and is tried again later.
+fn still_dirty(e: &Entry) {
+    let mut s = lock(&e.state);
+    s.dirty = true;
+    s.dirty_since.get_or_insert_with(Instant::now);
 }
 
 impl Engine {
-    /// Persist the state of changed files: first `syncfs` so the data is on disk, then the records
+    /// Persist the state of changed files: first put their data on disk, then write the records
     /// that describe it. A record is written once its file has gone quiet (a record write moves
     /// the file's ctime, which `tar` reports as "file changed as we read it"), after
     /// `MAX_RECORD_LAG` whatever happens, or at once when more files are cached than the open-files
-    /// limit allows; `force` writes them all. Returns the records written.
+    /// limit allows; `force` writes them all. Returns the records written. For the flusher thread
+    /// and shutdown: the data goes to disk with one `syncfs` (see `Durability`).
     pub fn flush(&self, force: bool) -> usize {
+        self.flush_for(if force { Flush::All } else { Flush::Periodic })
+    }
+
+    /// [`Engine::flush`], for `why`: see [`record_due`] and [`Flush::durability`].
+    pub(super) fn flush_for(&self, why: Flush) -> usize {
         let entries: Vec<Arc<Entry>> = lock(&self.files).values().cloned().collect();
         // Every cached file holds fds: with too many, records are written without waiting for
         // their files to go quiet, so that idle entries can be evicted (a record write moves the
@@ -71,23 +128,37 @@ impl Engine {
         let mut dirty = Vec::new();
         for e in &entries {
             let mut s = lock(&e.state);
-            if s.dirty && record_due(&s, now, force, pressure) {
+            if s.dirty && record_due(why, &s, now, pressure) {
                 s.dirty = false;
                 s.dirty_since = None;
                 dirty.push((e.clone(), s.record.clone()));
             }
         }
-        if let Some((first, _)) = dirty.first() {
-            if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
-                warn!("syncfs failed, state records not updated: {err}");
-                for (e, _) in &dirty {
-                    let mut s = lock(&e.state);
-                    s.dirty = true;
-                    s.dirty_since.get_or_insert_with(Instant::now);
+        let dirty: Vec<_> = match why.durability() {
+            Durability::Syncfs => {
+                if let Some((first, _)) = dirty.first() {
+                    if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
+                        warn!("syncfs failed, state records not updated: {err}");
+                        for (e, _) in &dirty {
+                            still_dirty(e);
+                        }
+                        return 0;
+                    }
                 }
-                return 0;
+                dirty
             }
-        }
+            Durability::Fdatasync => dirty
+                .into_iter()
+                .filter(|(e, _)| match sysfs::fdatasync(e.file.as_fd()) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        warn!(file = %fd_path(e.file.as_fd()), "fdatasync failed, state record not updated: {err}");
+                        still_dirty(e);
+                        false
+                    }
+                })
+                .collect(),
+        };
         let mut written = 0;
         for (e, snapshot) in &dirty {
             match sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &bounded_encoding(snapshot)) {
@@ -95,9 +166,7 @@ impl Engine {
                 Err(err) => {
                     // The record lags the data: a restart refetches, nothing is lost.
                     debug!(file = %fd_path(e.file.as_fd()), "state record not written: {err}");
-                    let mut s = lock(&e.state);
-                    s.dirty = true;
-                    s.dirty_since.get_or_insert_with(Instant::now);
+                    still_dirty(e);
                 }
             }
         }
@@ -134,15 +203,30 @@ mod tests {
     fn a_record_waits_until_its_file_has_been_quiet() {
         let t0 = Instant::now();
         let s = changed_at(t0);
-        assert!(!record_due(&s, t0, false, false));
-        assert!(!record_due(&s, t0 + QUIET_BEFORE_RECORD / 2, false, false));
-        assert!(record_due(&s, t0 + QUIET_BEFORE_RECORD, false, false));
+        assert!(!record_due(Flush::Periodic, &s, t0, false));
+        assert!(!record_due(
+            Flush::Periodic,
+            &s,
+            t0 + QUIET_BEFORE_RECORD / 2,
+            false
+        ));
+        assert!(record_due(
+            Flush::Periodic,
+            &s,
+            t0 + QUIET_BEFORE_RECORD,
+            false
+        ));
         // An access moves the quiet period on.
         let mut s = s;
         s.last_access = t0 + QUIET_BEFORE_RECORD / 2;
-        assert!(!record_due(&s, t0 + QUIET_BEFORE_RECORD, false, false));
+        assert!(!record_due(
+            Flush::Periodic,
+            &s,
+            t0 + QUIET_BEFORE_RECORD,
+            false
+        ));
         // A clock that seems to go back (an access noted after `now` was taken) is not quiet.
-        assert!(!record_due(&s, t0, false, false));
+        assert!(!record_due(Flush::Periodic, &s, t0, false));
     }
 
     #[test]
@@ -150,27 +234,53 @@ mod tests {
         let t0 = Instant::now();
         let mut s = changed_at(t0);
         s.in_flight.insert(3);
-        assert!(!record_due(&s, t0 + 10 * QUIET_BEFORE_RECORD, false, false));
         assert!(!record_due(
+            Flush::Periodic,
             &s,
-            t0 + MAX_RECORD_LAG - Duration::from_millis(1),
-            false,
+            t0 + 10 * QUIET_BEFORE_RECORD,
             false
         ));
-        assert!(record_due(&s, t0 + MAX_RECORD_LAG, false, false));
+        let just_before = t0 + MAX_RECORD_LAG - Duration::from_millis(1);
+        assert!(!record_due(Flush::Periodic, &s, just_before, false));
+        assert!(record_due(Flush::Periodic, &s, t0 + MAX_RECORD_LAG, false));
         // Still being accessed all along: the lag is counted from the first change, not the
         // last access.
         s.last_access = t0 + MAX_RECORD_LAG;
-        assert!(record_due(&s, t0 + MAX_RECORD_LAG, false, false));
+        assert!(record_due(Flush::Periodic, &s, t0 + MAX_RECORD_LAG, false));
     }
 
     #[test]
-    fn force_and_a_crowded_cache_record_at_once() {
+    fn shutdown_and_a_crowded_cache_record_at_once() {
         let t0 = Instant::now();
         let mut s = changed_at(t0);
         s.in_flight.insert(0);
-        assert!(record_due(&s, t0, true, false));
-        assert!(record_due(&s, t0, false, true));
+        assert!(record_due(Flush::All, &s, t0, false));
+        assert!(record_due(Flush::Periodic, &s, t0, true));
+    }
+
+    #[test]
+    fn a_pressure_flush_records_only_idle_files_and_never_calls_syncfs() {
+        assert_eq!(Flush::Pressure.durability(), Durability::Fdatasync);
+        assert_eq!(Flush::Periodic.durability(), Durability::Syncfs);
+        assert_eq!(Flush::All.durability(), Durability::Syncfs);
+
+        let t0 = Instant::now();
+        let mut s = changed_at(t0);
+        // Crowded: an idle file is recorded at once, so that it can be evicted...
+        assert!(record_due(Flush::Pressure, &s, t0, true));
+        // ...but not when the cache has room again and the file is not quiet yet.
+        assert!(!record_due(Flush::Pressure, &s, t0, false));
+        assert!(record_due(
+            Flush::Pressure,
+            &s,
+            t0 + QUIET_BEFORE_RECORD,
+            false
+        ));
+        // A file being filled: not even crowded, not even overdue (the flusher's to record).
+        s.in_flight.insert(7);
+        assert!(!record_due(Flush::Pressure, &s, t0, true));
+        assert!(!record_due(Flush::Pressure, &s, t0 + MAX_RECORD_LAG, true));
+        assert!(record_due(Flush::Periodic, &s, t0 + MAX_RECORD_LAG, false));
     }
 
     #[test]
