@@ -1,0 +1,333 @@
+//! The fill path: fetch missing pieces of a stub from the backend (on fetch threads, with a
+//! deadline), check them against the recorded digests, write them through the writer fd and
+//! publish the ranges now present. Each chunk is fetched once: concurrent requests for it wait
+//! for the one that claimed it.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use super::cache::Entry;
+use super::plan::{chunk_pieces, read_span, Shape};
+use super::{fd_path, lock, Engine};
+use crate::backend::{Backend, FetchError};
+use crate::metrics::Metrics;
+use crate::sys::fs as sysfs;
+
+pub(super) struct FetchJob {
+    entry: Arc<Entry>,
+    offset: u64,
+    len: usize,
+    /// Move the bytes through a pipe if the backend can (see [`Fetched::Piped`]).
+    splice: bool,
+}
+
+pub(super) type FetchReply = crossbeam_channel::Sender<Result<Fetched, FetchError>>;
+
+/// A backend read that [`Engine::submit`] started.
+enum Started {
+    /// Read on the calling thread (the backend's reads cannot stall).
+    Done(Result<Fetched, FetchError>),
+    /// On a fetch thread: the answer comes here, or the caller gives up at its deadline.
+    Queued(crossbeam_channel::Receiver<Result<Fetched, FetchError>>),
+}
+
+impl Started {
+    fn wait(
+        self,
+        timeout: Duration,
+    ) -> Result<Result<Fetched, FetchError>, crossbeam_channel::RecvTimeoutError> {
+        match self {
+            Started::Done(res) => Ok(res),
+            Started::Queued(rx) => rx.recv_timeout(timeout),
+        }
+    }
+}
+
+/// The bytes of one backend read.
+pub(super) enum Fetched {
+    Bytes(Vec<u8>),
+    /// Still in a pipe, as references to the source's pages (a local source): written into
+    /// the stub with one copy, where `pread` + `pwrite` make two and need a buffer.
+    Piped(OwnedFd),
+}
+
+/// Pieces at least this long go through a pipe when the backend can splice.
+const SPLICE_MIN: usize = 64 << 10;
+
+impl Fetched {
+    fn read(backend: &dyn Backend, job: &FetchJob) -> Result<Fetched, FetchError> {
+        if job.splice {
+            if let Ok(pipe) = sysfs::pipe_with_capacity(job.len) {
+                let moved = backend.splice_range(
+                    &job.entry.source,
+                    job.offset,
+                    job.len,
+                    pipe.write.as_fd(),
+                );
+                if let Some(res) = moved {
+                    return res.map(|()| Fetched::Piped(pipe.read));
+                }
+            }
+        }
+        let mut buf = vec![0u8; job.len];
+        backend.read_range(&job.entry.source, job.offset, &mut buf)?;
+        Ok(Fetched::Bytes(buf))
+    }
+
+    /// [`Fetched::read`], with a panic in the backend turned into this read's error.
+    pub(super) fn read_guarded(
+        backend: &dyn Backend,
+        job: &FetchJob,
+    ) -> Result<Fetched, FetchError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fetched::read(backend, job)))
+            .unwrap_or_else(|_| Err(FetchError::Io(io::Error::other("backend read panicked"))))
+    }
+}
+
+/// Backend reads in flight at once for one request (each up to a chunk in memory).
+const FETCH_WINDOW: usize = 8;
+pub(super) const FETCH_THREADS: usize = 32;
+
+/// Fetched bytes on their way into a stub.
+enum Piece<'a> {
+    Bytes(&'a [u8]),
+    /// Exactly the piece, in a pipe (never for a suspect file: its bytes must be compared).
+    Pipe(BorrowedFd<'a>),
+}
+
+/// Releases chunk claims when dropped, even if the fetch panicked.
+struct Claims<'a> {
+    entry: &'a Entry,
+    chunks: Vec<u64>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.entry.state);
+        for c in &self.chunks {
+            st.in_flight.remove(c);
+        }
+        drop(st);
+        self.entry.changed.notify_all();
+    }
+}
+
+impl Engine {
+    /// Make `[start, end)` present, fetching each missing chunk once. Returns whether this call
+    /// fetched anything itself. `readahead`: leave pieces that others are fetching to them.
+    pub(super) fn fill(
+        &self,
+        entry: &Arc<Entry>,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        end: u64,
+        readahead: bool,
+    ) -> io::Result<bool> {
+        let chunk = entry.source.chunk_size as u64;
+        let mut wrote = false;
+        loop {
+            let mut s = lock(&entry.state);
+            let end = end.min(s.record.backed_len);
+            let gaps = s.record.present.gaps(start, end);
+            if gaps.is_empty() {
+                return Ok(wrote);
+            }
+            // Claim every missing piece not already being fetched; wait for the others.
+            let mut mine: Vec<(u64, u64, u64)> = Vec::new();
+            for (gs, ge) in gaps {
+                for (c, ps, pe) in chunk_pieces(gs, ge, chunk) {
+                    if !s.in_flight.contains(&c) {
+                        s.in_flight.insert(c);
+                        mine.push((c, ps, pe));
+                    }
+                }
+            }
+            if mine.is_empty() {
+                if readahead {
+                    return Ok(wrote); // someone else is on it
+                }
+                let _ = entry
+                    .changed
+                    .wait_timeout(s, Duration::from_millis(100))
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            drop(s);
+            let _claims = Claims {
+                entry,
+                chunks: mine.iter().map(|m| m.0).collect(),
+            };
+            // One piece (a random access, a reader's first chunk) from a source that cannot
+            // stall: read it here rather than wake a fetch thread and wait for it. More: keep
+            // FETCH_WINDOW reads in flight, the next one started as each is written, so the
+            // source is read while this thread copies into the stub.
+            let here = mine.len() == 1 && !self.backend.reads_may_stall();
+            let mut todo = mine.iter();
+            let mut in_flight = std::collections::VecDeque::with_capacity(FETCH_WINDOW);
+            loop {
+                while in_flight.len() < FETCH_WINDOW {
+                    let Some(&(c, ps, pe)) = todo.next() else {
+                        break;
+                    };
+                    let (started, from) = self.submit(entry, c, ps, pe, here);
+                    let deadline = std::time::Instant::now() + self.fetch_timeout;
+                    in_flight.push_back((c, ps, pe, started, from, deadline));
+                }
+                let Some((c, ps, pe, started, fetched_from, deadline)) = in_flight.pop_front()
+                else {
+                    break;
+                };
+                let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                let fetched = match started.wait(wait) {
+                    Ok(Ok(fetched)) => fetched,
+                    Ok(Err(e)) => {
+                        warn!(
+                            file = %fd_path(fd),
+                            range = %format!("{ps}..{pe}"),
+                            source = %self.backend.describe(),
+                            "fetch failed: {e}"
+                        );
+                        return Err(e.as_io());
+                    }
+                    Err(_) => {
+                        warn!(
+                            file = %fd_path(fd),
+                            range = %format!("{ps}..{pe}"),
+                            source = %self.backend.describe(),
+                            "fetch timed out after {:?}", self.fetch_timeout
+                        );
+                        return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+                    }
+                };
+                let piece = match &fetched {
+                    Fetched::Piped(pipe) => Piece::Pipe(pipe.as_fd()),
+                    Fetched::Bytes(buf) => {
+                        if let Some(digests) = &entry.digests {
+                            let ok = digests
+                                .get(c as usize)
+                                .is_some_and(|d| *d == crate::digest::chunk_digest(buf));
+                            if !ok {
+                                warn!(
+                                    file = %fd_path(fd),
+                                    range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
+                                    source = %self.backend.describe(),
+                                    "fetched bytes do not match the recorded digest; nothing written"
+                                );
+                                return Err(io::Error::from_raw_os_error(libc::EIO));
+                            }
+                        }
+                        let lo = (ps - fetched_from) as usize;
+                        let hi = (pe - fetched_from) as usize;
+                        Piece::Bytes(&buf[lo..hi])
+                    }
+                };
+                self.write_piece(entry, fd, ps, pe, piece)?;
+                wrote = true;
+                if readahead {
+                    Metrics::add(&self.metrics.readahead_bytes, pe - ps);
+                }
+            }
+        }
+    }
+
+    /// Start the backend read for piece `[ps, pe)` of chunk `c`: the whole chunk when it must be
+    /// checked against its digest; on this thread if `here`, else on a fetch thread. Returns
+    /// where the read starts.
+    fn submit(&self, entry: &Arc<Entry>, c: u64, ps: u64, pe: u64, here: bool) -> (Started, u64) {
+        let (from, to) = read_span(Shape::of(entry), entry.source.size, c, ps, pe);
+        Metrics::add(&self.metrics.backend_reads, 1);
+        let len = (to - from) as usize;
+        // Bytes that must be looked at (digests, a file of unknown history) stay in memory.
+        let splice = len >= SPLICE_MIN && entry.digests.is_none() && !lock(&entry.state).suspect;
+        let job = FetchJob {
+            entry: entry.clone(),
+            offset: from,
+            len,
+            splice,
+        };
+        if here {
+            return (
+                Started::Done(Fetched::read_guarded(&*self.backend, &job)),
+                from,
+            );
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = self.fetch_tx.send((job, tx));
+        (Started::Queued(rx), from)
+    }
+
+    /// Write fetched bytes `[ps, pe)` through `fd` and mark them present.
+    fn write_piece(
+        &self,
+        entry: &Entry,
+        fd: BorrowedFd<'_>,
+        ps: u64,
+        pe: u64,
+        piece: Piece<'_>,
+    ) -> io::Result<()> {
+        // The file may have been truncated while we fetched: never write past its end.
+        let st = sysfs::fstat(fd)?;
+        let size = st.st_size as u64;
+        let pe_now = pe.min(size);
+        let suspect = lock(&entry.state).suspect;
+        if pe_now > ps {
+            let n = (pe_now - ps) as usize;
+            let dst = entry.writer.as_ref().map_or(fd, |w| w.as_fd());
+            let written = match piece {
+                Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => false,
+                Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true)?,
+                Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true)?,
+            };
+            if written && !entry.keeps_times {
+                // Writing through the fd moved the mtime; the file still is the source's.
+                let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
+            }
+        }
+        Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));
+        let mut s = lock(&entry.state);
+        if size < s.record.backed_len {
+            s.record.backed_len = size;
+            s.record.present.truncate(size);
+            s.record.modified = true;
+        }
+        let backed = s.record.backed_len;
+        s.record.present.insert(ps, pe_now.min(backed));
+        // Written: the supervisor may answer accesses inside this range from now on.
+        if let (Some(table), Some(id), Some((start, end))) =
+            (&self.published, &entry.id, s.record.present.range_at(ps))
+        {
+            table.publish(id, start, end);
+        }
+        s.last_access = Instant::now();
+        s.dirty = true;
+        s.dirty_since.get_or_insert_with(Instant::now);
+        if s.record.is_complete() {
+            Metrics::add(&self.metrics.files_completed, 1);
+        }
+        drop(s);
+        // A reader waiting on this piece (claimed by another request, readahead say) goes on
+        // now, not when that request's last piece is written.
+        entry.changed.notify_all();
+        Ok(())
+    }
+
+    /// In a file of unknown history (see `EntryState::suspect`), is `[ps, ps + len)` already
+    /// the user's? Unfetched bytes are zeros (holes or zero clones); a fill cut short by a crash
+    /// is a prefix of the source's bytes followed by zeros. Anything else was written locally and
+    /// is kept (the range is then recorded present without writing).
+    fn keep_local_bytes(&self, fd: BorrowedFd<'_>, ps: u64, source: &[u8]) -> io::Result<bool> {
+        let mut cur = vec![0u8; source.len()];
+        let n = sysfs::pread_full(fd, &mut cur, ps)?;
+        cur.truncate(n);
+        let common = cur.iter().zip(source).take_while(|(a, b)| a == b).count();
+        let is_our_prefix = cur[common..].iter().all(|&b| b == 0);
+        if !is_our_prefix {
+            warn!(file = %fd_path(fd), offset = ps, "kept bytes written locally in a range not recorded present");
+        }
+        Ok(!is_our_prefix)
+    }
+}

@@ -1,0 +1,492 @@
+//! The fetch engine: make a byte range of a stub present, exactly once, and remember it.
+//!
+//! The engine knows nothing of fanotify. It is handed an open fd on a stub (the event's fd, opened
+//! by the kernel without notification, so writing through it raises no event) and what is needed:
+//! a range or the whole file. It loads the file's records from its xattrs, fetches the missing
+//! chunks from the backend, writes them through the fd and marks them present in memory. A flusher
+//! persists the records later, after a `syncfs`, so that a record never claims bytes that are not
+//! on disk (a crash costs a refetch, never zeros taken for content). When the file cache is full,
+//! the thread serving an event records idle files itself, after an `fdatasync` of each: never a
+//! filesystem-wide `syncfs` on the event path.
+//!
+//! Concurrency: per file, chunks being fetched are claimed under the file's lock; a second request
+//! for a claimed chunk waits for the first instead of fetching it again. Different files and
+//! different chunks of one file are fetched in parallel by the caller's threads.
+//!
+//! The parts, each in a module of its own so that it can be read (and tested) apart:
+//! - `cache`: the per-file `Entry` cache, loaded from a stub's records, and its
+//!   eviction.
+//! - `plan`: what range an access needs fetched, and whether it is a sequential reader's.
+//! - `fill`: fetching from the backend, checking digests, writing through the writer fd and
+//!   publishing what is present.
+//! - `readahead`: fetching ahead of sequential readers on background threads.
+//! - `persist`: writing the state records once the bytes they claim are on disk.
+
+mod cache;
+mod fill;
+mod persist;
+mod plan;
+mod readahead;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::metrics::Metrics;
+use crate::published::PublishedRanges;
+use crate::sys::fs as sysfs;
+use crate::sys::shm::Shared;
+
+use cache::{cache_limit, Entry, FileKey};
+use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS};
+use plan::{plan, Shape};
+use readahead::Readahead;
+
+/// What an access needs present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `count` bytes at `offset`, as the kernel reported them. A count of 0 means the whole file
+    /// (a reflink clone of the stub, or an event that carries no range).
+    Range { offset: u64, count: u64 },
+    /// The whole file (a plain open of a stub that must not be seen with holes).
+    Whole,
+    /// An open: fetch the whole file if its stub kind asks for that, otherwise nothing.
+    Open,
+}
+
+/// What [`Engine::prefetch_open`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetched {
+    /// This call fetched something.
+    pub fetched: bool,
+    /// The file is complete (or not a stub): its events can be silenced.
+    pub complete: bool,
+}
+
+/// The result of a served access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// What was needed is present; the file is not complete yet.
+    Present,
+    /// The file is complete, or not a stub at all: its events can be silenced.
+    Complete,
+}
+
+pub struct Engine {
+    backend: Arc<dyn Backend>,
+    /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
+    /// deadline: the reader gets EAGAIN after `fetch_timeout`.
+    fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
+    fetch_timeout: Duration,
+    digest_dir: PathBuf,
+    /// The store's tree, on the daemon's ignore-marked view, to reopen stubs for writing.
+    store_tree: Option<OwnedFd>,
+    /// The store is on xfs: reopen for invisible I/O.
+    xfs: bool,
+    files: Mutex<HashMap<FileKey, Arc<Entry>>>,
+    /// How many entries `files` may hold before complete ones are recorded and dropped early.
+    max_cached: usize,
+    /// One pressure flush at a time (see `entry`).
+    pressure_flush: std::sync::atomic::AtomicBool,
+    pub metrics: Shared<Metrics>,
+    /// Where present ranges are published for the supervisor (see [`crate::published`]).
+    published: Option<Shared<PublishedRanges>>,
+    /// How far ahead of a sequential reader to fetch.
+    readahead: u64,
+    readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves consistent state here (claims are released by guards),
+    // so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where an fd points, for log lines.
+pub fn fd_path(fd: BorrowedFd<'_>) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "<unknown>".into())
+}
+
+impl Engine {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        metrics: Shared<Metrics>,
+        published: Option<Shared<PublishedRanges>>,
+        readahead: u64,
+        fetch_timeout: Duration,
+        digest_dir: PathBuf,
+        store_tree: Option<OwnedFd>,
+        xfs: bool,
+    ) -> Engine {
+        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
+        for _ in 0..FETCH_THREADS {
+            let rx = fetch_rx.clone();
+            let backend = backend.clone();
+            std::thread::spawn(move || {
+                for (job, reply) in rx {
+                    // The requester may have given up (timeout): then the bytes are dropped.
+                    let _ = reply.send(Fetched::read_guarded(&*backend, &job));
+                }
+            });
+        }
+        Engine {
+            backend,
+            fetch_tx,
+            fetch_timeout,
+            digest_dir,
+            store_tree,
+            xfs,
+            files: Mutex::new(HashMap::new()),
+            max_cached: cache_limit(),
+            pressure_flush: std::sync::atomic::AtomicBool::new(false),
+            metrics,
+            published,
+            readahead,
+            readahead_tx: Mutex::new(None),
+        }
+    }
+
+    /// Serve one access on the stub behind `fd`.
+    pub fn serve(&self, fd: BorrowedFd<'_>, need: Need) -> io::Result<Served> {
+        let st = sysfs::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(Served::Complete);
+        }
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(Served::Complete);
+        };
+        let plan = plan(
+            Shape::of(&entry),
+            &mut lock(&entry.state),
+            st.st_size as u64,
+            need,
+            self.backend.random_piece(),
+            Instant::now(),
+        );
+        if plan.complete {
+            return Ok(Served::Complete);
+        }
+        if plan.start < plan.end {
+            self.fill(&entry, fd, plan.start, plan.end, false)?;
+            if let Some((start, end)) = readahead::window(&plan, self.readahead) {
+                self.schedule_readahead(&entry, start, end);
+            }
+        }
+        let s = lock(&entry.state);
+        if s.record.is_complete() {
+            Ok(Served::Complete)
+        } else {
+            Ok(Served::Present)
+        }
+    }
+
+    /// Fetch what an open of the stub behind `fd` would, unless it is present already (a
+    /// directory prefetch, see [`crate::prefetch`]).
+    pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<Prefetched> {
+        let st = sysfs::fstat(fd)?;
+        let not_a_stub = Prefetched {
+            fetched: false,
+            complete: true,
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(not_a_stub);
+        }
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(not_a_stub);
+        };
+        let plan = plan(
+            Shape::of(&entry),
+            &mut lock(&entry.state),
+            st.st_size as u64,
+            Need::Open,
+            self.backend.random_piece(),
+            Instant::now(),
+        );
+        let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
+        let complete = lock(&entry.state).record.is_complete();
+        Ok(Prefetched { fetched, complete })
+    }
+
+    /// An access the supervisor allowed from a published range: note it as a served one, so
+    /// that a sequential reader's readahead goes on.
+    pub fn note_access(&self, fd: BorrowedFd<'_>, need: Need) {
+        let _ = self.serve_if_present(fd, need, &|| false);
+    }
+
+    /// Serve `need` at once if that takes no record load and no wait: the file is cached and
+    /// what it needs is present, or missing but one random piece from a source that does not
+    /// stall (a local disk: one short read) and `small_fill()`, asked only then, allows it.
+    /// `None` (nothing changed): call
+    /// [`Engine::serve`]. This is what lets a sequential reader that readahead keeps ahead of,
+    /// and a random reader of a local source, be answered without a hand-off to another thread.
+    pub fn serve_if_present(
+        &self,
+        fd: BorrowedFd<'_>,
+        need: Need,
+        small_fill: &dyn Fn() -> bool,
+    ) -> Option<io::Result<Served>> {
+        let st = match sysfs::fstat(fd) {
+            Ok(st) => st,
+            Err(e) => return Some(Err(e)),
+        };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Some(Ok(Served::Complete));
+        }
+        let entry = lock(&self.files).get(&(st.st_dev, st.st_ino)).cloned()?;
+        let mut s = lock(&entry.state);
+        let cursor = s.cursor;
+        let plan = plan(
+            Shape::of(&entry),
+            &mut s,
+            st.st_size as u64,
+            need,
+            self.backend.random_piece(),
+            Instant::now(),
+        );
+        let present = plan.complete || s.record.present.gaps(plan.start, plan.end).is_empty();
+        if !present {
+            let small = plan.end - plan.start <= self.backend.random_piece();
+            if !(small && !self.backend.reads_may_stall() && small_fill()) {
+                s.cursor = cursor;
+                return None;
+            }
+            drop(s);
+            if let Err(e) = self.fill(&entry, fd, plan.start, plan.end, false) {
+                return Some(Err(e));
+            }
+            s = lock(&entry.state);
+        }
+        let complete = s.record.is_complete();
+        drop(s);
+        if let Some((start, end)) = readahead::window(&plan, self.readahead).filter(|_| !complete) {
+            self.schedule_readahead(&entry, start, end);
+        }
+        Some(Ok(if complete {
+            Served::Complete
+        } else {
+            Served::Present
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::persist::QUIET_BEFORE_RECORD;
+    use super::*;
+    use crate::backend::FetchError;
+    use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A source whose reads at `slow_from` and beyond take `slow` (the others no time), so that a
+    /// fill can be caught with some pieces written and others in flight; it counts the bytes read
+    /// from it, and fetches 4 KiB random pieces like a local disk.
+    #[derive(Default)]
+    struct SlowSource {
+        slow_from: u64,
+        slow: Duration,
+        read: AtomicU64,
+    }
+
+    fn source_byte(offset: u64) -> u8 {
+        (offset % 251) as u8
+    }
+
+    impl Backend for SlowSource {
+        fn read_range(
+            &self,
+            _obj: &SourceRecord,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> Result<(), FetchError> {
+            if offset >= self.slow_from {
+                std::thread::sleep(self.slow);
+            }
+            self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = source_byte(offset + i as u64);
+            }
+            Ok(())
+        }
+
+        fn random_piece(&self) -> u64 {
+            4 << 10
+        }
+
+        fn describe(&self) -> String {
+            "slow test source".into()
+        }
+    }
+
+    /// A stub of `size` bytes with its source record, in a directory of the machine's disk
+    /// (`trusted.*` xattrs: the tests run as root, as the daemon does).
+    fn stub_file(dir: &std::path::Path, size: u64) -> std::fs::File {
+        let path = dir.join("stub");
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        let record = SourceRecord {
+            key: b"stub".to_vec(),
+            size,
+            mtime: (1, 0),
+            version: None,
+            chunk_size: 1 << 20,
+            kind: StubKind::Cloned,
+            digests: None,
+        };
+        sysfs::fsetxattr(f.as_fd(), XATTR_SOURCE, &record.encode()).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_file_is_not_recorded_while_a_fill_of_it_is_in_flight() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 2 << 20);
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics").unwrap();
+        let engine = Arc::new(Engine::new(
+            Arc::new(SlowSource {
+                slow_from: 1 << 20,
+                slow: Duration::from_millis(2500),
+                ..Default::default()
+            }),
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.path().join("digests"),
+            None,
+            false,
+        ));
+        let fd = file.try_clone().unwrap();
+        let filler = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                engine.serve(
+                    fd.as_fd(),
+                    Need::Range {
+                        offset: 0,
+                        count: 2 << 20,
+                    },
+                )
+            })
+        };
+        // The first chunk is written at once; the second is still being fetched 1.5 s later,
+        // when the first has been quiet for longer than `QUIET_BEFORE_RECORD`.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(engine.flush(false), 0, "recorded in the middle of its fill");
+        assert_eq!(sysfs::fgetxattr(file.as_fd(), XATTR_STATE).unwrap(), None);
+
+        assert_eq!(filler.join().unwrap().unwrap(), Served::Complete);
+        std::thread::sleep(QUIET_BEFORE_RECORD + Duration::from_millis(100));
+        assert_eq!(engine.flush(false), 1, "not recorded once quiet");
+        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE)
+            .unwrap()
+            .unwrap();
+        assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
+        let mut back = vec![0u8; 2 << 20];
+        assert_eq!(
+            sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(),
+            back.len()
+        );
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == source_byte(i as u64)));
+    }
+
+    #[test]
+    fn a_full_cache_records_idle_files_itself_and_evicts_them() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 2 << 20);
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-pressure").unwrap();
+        let mut engine = Engine::new(
+            Arc::new(SlowSource {
+                slow_from: u64::MAX,
+                ..Default::default()
+            }),
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.path().join("digests"),
+            None,
+            false,
+        );
+        assert_eq!(
+            engine.serve(file.as_fd(), Need::Whole).unwrap(),
+            Served::Complete
+        );
+        // Room in the cache, the file just read: nothing is due.
+        assert_eq!(engine.flush_for(persist::Flush::Pressure), 0);
+        assert_eq!(engine.cached_files(), 1);
+        // A full cache: the idle file is recorded at once (after its `fdatasync`) and dropped.
+        engine.max_cached = 0;
+        assert_eq!(engine.flush_for(persist::Flush::Pressure), 1);
+        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE)
+            .unwrap()
+            .unwrap();
+        assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
+        assert_eq!(engine.cached_files(), 0);
+    }
+
+    #[test]
+    fn a_read_near_the_last_one_is_random_and_only_one_that_goes_on_gets_a_chunk() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 64 << 20);
+        let source = Arc::new(SlowSource {
+            slow_from: u64::MAX,
+            ..Default::default()
+        });
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-near").unwrap();
+        let engine = Engine::new(
+            source.clone(),
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.path().join("digests"),
+            None,
+            false,
+        );
+        let read_for = |offset: u64| {
+            let before = source.read.load(Ordering::Relaxed);
+            let need = Need::Range {
+                offset,
+                count: 4096,
+            };
+            assert_eq!(engine.serve(file.as_fd(), need).unwrap(), Served::Present);
+            let mut page = vec![0u8; 4096];
+            sysfs::pread_full(file.as_fd(), &mut page, offset).unwrap();
+            assert!(page
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == source_byte(offset + i as u64)));
+            source.read.load(Ordering::Relaxed) - before
+        };
+        let mib = 1u64 << 20;
+        assert_eq!(read_for(8 * mib), 4096, "a random read fetches its page");
+        // 256 KiB past the last read: still a random reader's page, not a chunk.
+        assert_eq!(
+            read_for(8 * mib + (256 << 10)),
+            4096,
+            "a near read fetched more"
+        );
+        // Going on from the last read: its whole chunk, but for the two pages present.
+        let next = 8 * mib + (256 << 10) + 4096;
+        assert_eq!(
+            read_for(next),
+            mib - 2 * 4096,
+            "a read that goes on got no chunk"
+        );
+    }
+}

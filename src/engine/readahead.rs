@@ -1,0 +1,114 @@
+//! Readahead: fetching ahead of a sequential reader on background threads, so that its next
+//! requests find their chunks present. Apart from the fill path because it is the one part of
+//! the engine that works for no request in hand (a full queue drops the work).
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+
+use tracing::debug;
+
+use super::cache::Entry;
+use super::plan::Plan;
+use super::{lock, Engine};
+
+/// What to fetch ahead of the reader that `plan` serves, `readahead` bytes at most: the range
+/// after the plan's, when the reader is sequential, cut at the end of what the source backs.
+/// `None`: nothing (a random reader, readahead off, or nothing left to fetch ahead).
+pub(super) fn window(plan: &Plan, readahead: u64) -> Option<(u64, u64)> {
+    let start = plan.end;
+    let end = start.saturating_add(readahead).min(plan.backed);
+    (plan.sequential && end > start).then_some((start, end))
+}
+
+pub(super) struct Readahead {
+    entry: Arc<Entry>,
+    start: u64,
+    end: u64,
+}
+
+impl Engine {
+    /// Start `threads` background threads that fetch ahead of sequential readers.
+    pub fn start_readahead(self: &Arc<Self>, threads: usize) {
+        let (tx, rx) = crossbeam_channel::bounded::<Readahead>(64);
+        *lock(&self.readahead_tx) = Some(tx);
+        for _ in 0..threads {
+            let rx = rx.clone();
+            let engine = Arc::downgrade(self);
+            std::thread::spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let Some(engine) = engine.upgrade() else {
+                        return;
+                    };
+                    let file = job.entry.file.as_fd();
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine.fill(&job.entry, file, job.start, job.end, true)
+                    }));
+                    if let Ok(Err(e)) = res {
+                        debug!("readahead failed: {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Stop readahead threads (they exit when the queue is empty).
+    pub fn stop_readahead(&self) {
+        lock(&self.readahead_tx).take();
+    }
+
+    pub(super) fn schedule_readahead(&self, entry: &Arc<Entry>, start: u64, end: u64) {
+        let tx = lock(&self.readahead_tx).clone();
+        if let Some(tx) = tx {
+            // Full queue: skip, the reader will fetch on demand.
+            let _ = tx.try_send(Readahead {
+                entry: entry.clone(),
+                start,
+                end,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn sequential(start: u64, end: u64, backed: u64) -> Plan {
+        Plan {
+            start,
+            end,
+            sequential: true,
+            complete: false,
+            backed,
+        }
+    }
+
+    #[test]
+    fn a_sequential_reader_gets_the_window_after_its_range() {
+        let p = sequential(MIB, 2 * MIB, 100 * MIB);
+        assert_eq!(window(&p, 8 * MIB), Some((2 * MIB, 10 * MIB)));
+    }
+
+    #[test]
+    fn a_random_reader_or_readahead_off_gets_none() {
+        let mut p = sequential(MIB, 2 * MIB, 100 * MIB);
+        assert_eq!(window(&p, 0), None);
+        p.sequential = false;
+        assert_eq!(window(&p, 8 * MIB), None);
+    }
+
+    #[test]
+    fn the_window_stops_at_the_end_of_the_file() {
+        // Less than a window left: what is left.
+        let p = sequential(MIB, 2 * MIB, 5 * MIB + 123);
+        assert_eq!(window(&p, 8 * MIB), Some((2 * MIB, 5 * MIB + 123)));
+        // The reader reached the end: nothing ahead.
+        let p = sequential(4 * MIB, 5 * MIB, 5 * MIB);
+        assert_eq!(window(&p, 8 * MIB), None);
+        // A window that would overflow.
+        let p = sequential(MIB, 2 * MIB, u64::MAX);
+        assert_eq!(window(&p, u64::MAX), Some((2 * MIB, u64::MAX)));
+    }
+}
