@@ -48,14 +48,22 @@ pub struct Request {
 #[serde(rename_all = "snake_case")]
 pub enum Done {
     /// Complete now; `fetched` bytes were fetched for it.
-    Hydrated { fetched: u64 },
+    Hydrated {
+        fetched: u64,
+    },
     /// Present bytes given back.
-    Released { bytes: u64 },
+    Released {
+        bytes: u64,
+    },
     /// Nothing was present.
     AlreadyStub,
     /// Not done, the file untouched, and why.
-    Refused { reason: String },
-    Pinned { fetched: u64 },
+    Refused {
+        reason: String,
+    },
+    Pinned {
+        fetched: u64,
+    },
     Unpinned,
 }
 
@@ -119,9 +127,16 @@ fn process_groups(pid: i32) -> Vec<u32> {
     for line in status.lines() {
         if let Some(rest) = line.strip_prefix("Gid:") {
             // Real, effective, saved, filesystem: the effective one counts.
-            groups.extend(rest.split_whitespace().nth(1).and_then(|g| g.parse::<u32>().ok()));
+            groups.extend(
+                rest.split_whitespace()
+                    .nth(1)
+                    .and_then(|g| g.parse::<u32>().ok()),
+            );
         } else if let Some(rest) = line.strip_prefix("Groups:") {
-            groups.extend(rest.split_whitespace().filter_map(|g| g.parse::<u32>().ok()));
+            groups.extend(
+                rest.split_whitespace()
+                    .filter_map(|g| g.parse::<u32>().ok()),
+            );
         }
     }
     groups
@@ -164,7 +179,8 @@ fn connection(stream: UnixStream, service: &dyn Service) {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     service.run(req.op, &req.path)
                 }));
-                let reply = run.unwrap_or_else(|_| Err("internal error (a bug): see the log".into()));
+                let reply =
+                    run.unwrap_or_else(|_| Err("internal error (a bug): see the log".into()));
                 info!(op = ?req.op, path = %String::from_utf8_lossy(&req.path), ?reply, "control request");
                 reply
             }
@@ -258,7 +274,10 @@ mod tests {
         std::fs::create_dir_all(dir.join(".hsm")).unwrap();
         let listener = listen(&dir.join(".hsm"), Access::default()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(socket_path(&dir)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(socket_path(&dir))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         serve(listener, Arc::new(Echo), Access::default());
         let mut c = Client::connect(&dir).unwrap().unwrap();

@@ -25,6 +25,7 @@ pub mod event;
 pub mod guard;
 pub mod kernel_reader;
 pub mod lifecycle;
+pub mod manage;
 pub mod manifest;
 pub mod metrics;
 pub mod owed;

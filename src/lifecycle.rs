@@ -46,7 +46,9 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Present bytes given back.
-    Released { bytes: u64 },
+    Released {
+        bytes: u64,
+    },
     /// Nothing was present.
     AlreadyStub,
     Refused(Refusal),
@@ -60,8 +62,9 @@ pub struct Releaser<'a> {
     pub published: Option<&'a PublishedRanges>,
     /// The store's zero pool, for cloned stubs.
     pub zero_pool: Option<&'a File>,
-    /// Forget the file in the fetch engine (close its cached fds, write its pending state).
-    pub forget: &'a (dyn Fn(BorrowedFd<'_>) + Sync),
+    /// Forget the file in the fetch engine (close its cached fds, write its pending state);
+    /// `false` when the engine is using it.
+    pub forget: &'a (dyn Fn(BorrowedFd<'_>) -> bool + Sync),
 }
 
 /// The file's records, or why it cannot be released.
@@ -131,7 +134,9 @@ impl Releaser<'_> {
         if let Err(refusal) = check(probe.as_fd(), &source, &state) {
             return Ok(Outcome::Refused(refusal));
         }
-        (self.forget)(probe.as_fd());
+        if !(self.forget)(probe.as_fd()) {
+            return Ok(Outcome::Refused(Refusal::InUse));
+        }
         drop(probe);
         let file: OwnedFd = match sysfs::open_beneath(tree, rel, libc::O_RDWR | libc::O_NONBLOCK) {
             Ok(f) => f,

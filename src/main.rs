@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use hsm::control::Op;
 use hsm::defaults;
 use hsm::populate::PopulateOptions;
 use hsm::supervisor::ServeOptions;
@@ -21,6 +22,17 @@ struct Cli {
 // Options renamed so that one concept has one name everywhere keep their old name for one
 // release: a hidden argument of its own, moved into the new one by `Command::take_old_names`,
 // which also says what to type instead.
+#[derive(clap::Args, Debug, PartialEq)]
+struct ManageArgs {
+    /// Files or directories under MOUNTPOINT (while `hsm serve` runs: done by the daemon) or
+    /// under STORE/tree.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Files worked on at once.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    threads: usize,
+}
+
 #[derive(Subcommand, Debug, PartialEq)]
 enum Command {
     /// Build a stub tree in STORE that mirrors SOURCE, recording where each file's content lives.
@@ -109,7 +121,23 @@ enum Command {
         /// The unprivileged user (name or uid) that remote backends run as, in their own process.
         #[arg(long, value_name = "USER", default_value = defaults::FETCH_USER)]
         fetch_user: String,
+        /// A group (name or gid) whose members may use the control socket (`hsm hydrate`,
+        /// `release`, `pin`, `unpin` on the served store) besides root.
+        #[arg(long, value_name = "GROUP")]
+        control_group: Option<String>,
+        /// Mount over MOUNTPOINT even when it is not empty (its entries are hidden meanwhile).
+        #[arg(long)]
+        nonempty: bool,
     },
+    /// Make files complete (directories: every file below), fetching what is missing.
+    Hydrate(ManageArgs),
+    /// Give the space of files back: they become stubs again, fetched anew when read. Files
+    /// with local changes, pinned files and files in use are refused (exit status 1).
+    Release(ManageArgs),
+    /// Keep files complete: hydrated now, never released or evicted.
+    Pin(ManageArgs),
+    /// Let pinned files be released or evicted again.
+    Unpin(ManageArgs),
     /// The fetching process of `hsm serve` (started by it, not by hand).
     #[command(hide = true)]
     ServeWorker {
@@ -125,6 +153,8 @@ enum Command {
         fetch_deadline: f64,
         #[arg(long)]
         fetch_user: String,
+        #[arg(long)]
+        control_group: Option<u32>,
     },
     /// The process that keeps a store's stubs failing closed (never read as zeros) through every
     /// mount while no `hsm serve` runs. `hsm serve` starts it; it exits when the store's
@@ -296,20 +326,34 @@ fn main() -> ExitCode {
             fetch_deadline,
             drain,
             fetch_user,
+            control_group,
+            nonempty,
             ..
-        } => {
-            let opts = ServeOptions {
-                worker: WorkerOptions {
-                    threads,
-                    readahead,
-                    dir_prefetch,
-                    fetch_deadline: defaults::secs(fetch_deadline),
-                    fetch_user,
-                },
-                drain: defaults::secs(drain),
-            };
-            hsm::supervisor::serve(&store, &mountpoint, opts)
-        }
+        } => control_group
+            .map(|g| {
+                hsm::sys::users::group_id(&g)
+                    .map_err(|e| anyhow::anyhow!("--control-group {g}: {e}"))
+            })
+            .transpose()
+            .and_then(|control_group| {
+                let opts = ServeOptions {
+                    worker: WorkerOptions {
+                        threads,
+                        readahead,
+                        dir_prefetch,
+                        fetch_deadline: defaults::secs(fetch_deadline),
+                        fetch_user,
+                        control_group,
+                    },
+                    drain: defaults::secs(drain),
+                    nonempty,
+                };
+                hsm::supervisor::serve(&store, &mountpoint, opts)
+            }),
+        Command::Hydrate(a) => return manage(Op::Hydrate, a),
+        Command::Release(a) => return manage(Op::Release, a),
+        Command::Pin(a) => return manage(Op::Pin, a),
+        Command::Unpin(a) => return manage(Op::Unpin, a),
         Command::ServeWorker {
             store,
             mountpoint,
@@ -318,6 +362,7 @@ fn main() -> ExitCode {
             dir_prefetch,
             fetch_deadline,
             fetch_user,
+            control_group,
         } => hsm::worker::run(
             &store,
             &mountpoint,
@@ -327,6 +372,7 @@ fn main() -> ExitCode {
                 dir_prefetch,
                 fetch_deadline: defaults::secs(fetch_deadline),
                 fetch_user,
+                control_group,
             },
         ),
         Command::ServeFetcher { source, fetch_user } => hsm::sys::ipc::take_inherited(3)
@@ -348,6 +394,18 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `hsm hydrate|release|pin|unpin`: exit 1 when a file was refused or failed (each named).
+fn manage(op: Op, args: ManageArgs) -> ExitCode {
+    match hsm::manage::run(op, &args.paths, args.threads) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("hsm: {e:#}");
             ExitCode::FAILURE

@@ -96,6 +96,9 @@ pub struct FileStatus {
     /// so it must be complete (see `kernel_reader`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loop_device: Option<String>,
+    /// Pinned (`hsm pin`): kept complete, never released or evicted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// Space use of one filesystem, as `df` shows it.
@@ -338,6 +341,9 @@ pub fn file_line(f: &FileStatus) -> String {
     if let Some(dev) = &f.loop_device {
         line.push_str(&format!("  [attached to {dev}]"));
     }
+    if f.pinned {
+        line.push_str("  [pinned]");
+    }
     line
 }
 
@@ -470,6 +476,7 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         kind: None,
         reason: None,
         loop_device: None,
+        pinned: false,
     };
     let raw = match sysfs::lgetxattr(path, XATTR_SOURCE) {
         Ok(Some(raw)) => raw,
@@ -479,6 +486,10 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         Err(e) => return Err(e),
     };
     f.loop_device = loop_device_of(md);
+    f.pinned = matches!(
+        sysfs::lgetxattr(path, crate::lifecycle::XATTR_PIN),
+        Ok(Some(_))
+    );
     let corrupt = |mut f: FileStatus, why: String| {
         f.state = State::Corrupt;
         f.present_bytes = 0;

@@ -330,7 +330,7 @@ impl Store {
 /// command that changes the store in its own process when no daemon serves it (`hsm hydrate`,
 /// `release`, `pin`), so that two processes never fill or free one store's files at once. Let go
 /// when dropped, or when its holder dies.
-pub struct StoreLock(File);
+pub struct StoreLock(#[allow(dead_code)] File);
 
 impl Store {
     /// Take the lock, saying in it who holds it; `Ok(Err(holder))` when another process holds it.

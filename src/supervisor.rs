@@ -46,6 +46,8 @@ pub struct ServeOptions {
     pub worker: WorkerOptions,
     /// How long already-open files are still served after a stop is asked for.
     pub drain: Duration,
+    /// Mount over a mount point that is not empty.
+    pub nonempty: bool,
 }
 
 impl ServeOptions {
@@ -65,8 +67,10 @@ impl Default for ServeOptions {
                 dir_prefetch: defaults::DIR_PREFETCH,
                 fetch_deadline: defaults::secs(defaults::FETCH_DEADLINE_SECS),
                 fetch_user: defaults::FETCH_USER.into(),
+                control_group: None,
             },
             drain: defaults::secs(defaults::DRAIN_SECS),
+            nonempty: false,
         }
     }
 }
@@ -129,6 +133,14 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let view = PrivateView::new(&group, &store_root)?;
     let store = Store::open(view.root())
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
+    // Held while this runs: `hsm hydrate` and the like, run without a daemon, take it too.
+    let _lock = match store.try_lock("hsm serve")? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "the store {} is in use by {holder}; start hsm serve when it is done",
+            store_root.display()
+        ),
+    };
     group
         .mark_filesystem(view.as_fd(), MASK)
         .map_err(|e| explain_fanotify(e, "fanotify filesystem mark", &tree))?;
@@ -138,7 +150,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     );
     raise_fd_limit();
 
-    let (mountpoint, created_mountpoint) = prepare_mountpoint(mountpoint, &tree)?;
+    let (mountpoint, created_mountpoint) = prepare_mountpoint(mountpoint, &tree, opts.nonempty)?;
     let metrics =
         Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
     let published = Shared::<PublishedRanges>::create(c"hsm-published")
@@ -482,9 +494,11 @@ fn spawn_worker(
         .arg("--fetch-deadline")
         .arg(opts.fetch_deadline.as_secs_f64().to_string())
         .arg("--fetch-user")
-        .arg(&opts.fetch_user)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .arg(&opts.fetch_user);
+    if let Some(gid) = opts.control_group {
+        cmd.arg("--control-group").arg(gid.to_string());
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD, VIEW_FD, GUARD_FD.
     let [metrics, published, view, guard_conn] = inherited;
     let fds = [
@@ -569,7 +583,11 @@ fn raise_fd_limit() {
 /// daemon that made it is dead. Anything else there is refused, never unmounted: a user's
 /// mount, or a directory with files that the tree would hide. Returns the canonical path and
 /// whether the directory was made here (it is then removed at the stop).
-fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<(PathBuf, bool)> {
+fn prepare_mountpoint(
+    mountpoint: &Path,
+    tree: &Path,
+    nonempty: bool,
+) -> anyhow::Result<(PathBuf, bool)> {
     let created = !mountpoint.exists();
     std::fs::create_dir_all(mountpoint)
         .with_context(|| format!("cannot create mount point {}", mountpoint.display()))?;
@@ -587,7 +605,8 @@ fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<(PathBuf
         let our_self_bind = removed_exposure && mount::is_self_bind(&mounts, &top);
         if !exposure && !our_self_bind {
             bail!(
-                "{} is a mount point of something else ({} {} on {}); hsm unmounts only its                  own mounts: unmount it or choose another mount point",
+                "{} is a mount point of something else ({} {} on {}); hsm unmounts only its \
+                 own mounts: unmount it or choose another mount point",
                 mp.display(),
                 top.fstype,
                 top.source,
@@ -602,9 +621,10 @@ fn prepare_mountpoint(mountpoint: &Path, tree: &Path) -> anyhow::Result<(PathBuf
         bail!("could not clear the mounts stacked at {}", mp.display());
     }
     let entries = std::fs::read_dir(&mp)?.count();
-    if entries > 0 {
+    if entries > 0 && !nonempty {
         bail!(
-            "{} is not empty ({entries} entries): the tree mounted there would hide them;              choose an empty directory",
+            "{} is not empty ({entries} entries): the tree mounted there would hide them; \
+             choose an empty directory, or pass --nonempty to mount over them",
             mp.display()
         );
     }

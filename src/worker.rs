@@ -61,12 +61,14 @@ pub struct WorkerOptions {
     pub fetch_deadline: Duration,
     /// The unprivileged user remote backends run as (in their own process).
     pub fetch_user: String,
+    /// A group allowed on the control socket besides root.
+    pub control_group: Option<u32>,
 }
 
 /// A local source is read here. A remote one is read by `hsm serve-fetcher`, a child process
 /// that drops to `fetch_user` before it touches the network (see `backend::isolated`). Either
 /// way, wrong credentials or an unreachable source fail the start, not the first read.
-fn open_backend(
+pub fn open_backend(
     store: &Store,
     fetch_user: &str,
 ) -> anyhow::Result<Arc<dyn crate::backend::Backend>> {
@@ -164,6 +166,18 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
             opts.dir_prefetch,
         )
     });
+    // `hsm hydrate`, `release`, `pin` on the served store come through here (see `control`).
+    let operations = crate::manage::Operations {
+        engine: Some(engine.clone()),
+        tree: store_tree(&store).context("cannot open the store's tree")?,
+        group: Some(group.clone()),
+        zero_pool: store.zero_pool().ok(),
+    };
+    let access = crate::control::Access {
+        group: opts.control_group,
+    };
+    let listener = crate::control::listen(&store.meta(), access)?;
+    crate::control::serve(listener, Arc::new(operations), access);
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),

@@ -209,3 +209,40 @@ impl Engine {
         lock(&self.files).len()
     }
 }
+
+impl Engine {
+    /// Forget the file behind `fd`, for a release: its record written if it changed (its data
+    /// synced first), its entry dropped and its fds closed. `false` when it is in use here (an
+    /// event being served, a fill or a readahead job holding it): the release is then refused.
+    pub fn forget(&self, fd: BorrowedFd<'_>) -> bool {
+        let Ok(st) = sysfs::fstat(fd) else {
+            return false;
+        };
+        let key: FileKey = (st.st_dev, st.st_ino);
+        let mut files = lock(&self.files);
+        let Some(e) = files.get(&key) else {
+            return true;
+        };
+        if Arc::strong_count(e) > 1 || !lock(&e.state).in_flight.is_empty() {
+            return false;
+        }
+        let Some(e) = files.remove(&key) else {
+            return true;
+        };
+        drop(files);
+        let s = lock(&e.state);
+        if s.dirty {
+            // A failure leaves the record claiming less than is on disk: a refetch, no loss.
+            let synced = sysfs::fdatasync(e.file.as_fd());
+            if synced.is_ok() {
+                let _ = sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &s.record.encode());
+            }
+        }
+        true
+    }
+
+    /// Where present ranges are published for the supervisor, when it runs.
+    pub fn published(&self) -> Option<&crate::published::PublishedRanges> {
+        self.published.as_deref()
+    }
+}

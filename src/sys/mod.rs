@@ -10,6 +10,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod privilege;
 pub mod shm;
+pub mod users;
 
 use std::io;
 

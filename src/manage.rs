@@ -1,0 +1,360 @@
+//! `hsm hydrate`, `release`, `pin` and `unpin`: the operations ([`Operations`], the same code
+//! in the daemon and in this process) and the command that runs them over files and directories.
+//!
+//! Through the daemon when it serves the store (its control socket, see `control`): it owns the
+//! engine's cache, the ignore marks and the published ranges a release must withdraw. Without a
+//! daemon, in this process, holding the store's lock, and through the guard's private view of
+//! the store when a guard runs (so that nothing done here raises an event).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+
+use crate::control::{Client, Done, Op, Reply, Service};
+use crate::engine::{Engine, Need};
+use crate::lifecycle::{self, Outcome, Releaser};
+use crate::record::{SourceRecord, StateRecord, XATTR_SOURCE, XATTR_STATE};
+use crate::sys::fanotify::Group;
+use crate::sys::fs as sysfs;
+
+/// What carries out the operations on one store.
+pub struct Operations {
+    /// For hydrate and pin; release and unpin need none.
+    pub engine: Option<Arc<Engine>>,
+    /// The store's tree, through the daemon's (or the guard's) private view.
+    pub tree: OwnedFd,
+    /// The group whose ignore marks a release takes off.
+    pub group: Option<Arc<Group>>,
+    pub zero_pool: Option<File>,
+}
+
+/// Bytes of the file present, from its records (0 for a file that is not a stub).
+fn present_bytes(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    let Ok(Some(raw)) = sysfs::fgetxattr(fd, XATTR_SOURCE) else {
+        return 0;
+    };
+    let Ok(source) = SourceRecord::decode(&raw) else {
+        return 0;
+    };
+    match sysfs::fgetxattr(fd, XATTR_STATE) {
+        Ok(Some(raw)) => StateRecord::decode(&raw, &source).map_or(0, |s| s.present_bytes()),
+        _ => 0,
+    }
+}
+
+impl Operations {
+    /// Make the file complete; the bytes fetched for it.
+    fn hydrate(&self, rel: &[u8]) -> anyhow::Result<u64> {
+        let engine = self
+            .engine
+            .as_ref()
+            .context("no fetch engine for this operation")?;
+        let file = sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_RDONLY)
+            .context("cannot open it in the store")?;
+        let st = sysfs::fstat(file.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || sysfs::fgetxattr(file.as_fd(), XATTR_SOURCE)?.is_none()
+        {
+            // Not a stub: its bytes are all here.
+            return Ok(0);
+        }
+        let before = present_bytes(file.as_fd());
+        engine.serve(file.as_fd(), Need::Whole)?;
+        // Recorded now, not at the next flush: "complete" is then true after a crash too.
+        engine.forget(file.as_fd());
+        let after = present_bytes(file.as_fd());
+        Ok(after.saturating_sub(before))
+    }
+
+    fn release(&self, rel: &[u8]) -> anyhow::Result<Outcome> {
+        let forget =
+            |fd: std::os::fd::BorrowedFd<'_>| self.engine.as_ref().is_none_or(|e| e.forget(fd));
+        Releaser {
+            group: self.group.as_deref(),
+            published: self.engine.as_ref().and_then(|e| e.published()),
+            zero_pool: self.zero_pool.as_ref(),
+            forget: &forget,
+        }
+        .release(self.tree.as_fd(), rel)
+    }
+
+    fn set_pinned(&self, rel: &[u8], pinned: bool) -> anyhow::Result<()> {
+        let file = sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_RDONLY | libc::O_NONBLOCK)
+            .context("cannot open it in the store")?;
+        lifecycle::set_pinned(file.as_fd(), pinned)
+    }
+}
+
+impl Service for Operations {
+    fn run(&self, op: Op, rel: &[u8]) -> Reply {
+        let done = match op {
+            Op::Hydrate => self.hydrate(rel).map(|fetched| Done::Hydrated { fetched }),
+            Op::Release => self.release(rel).map(|outcome| match outcome {
+                Outcome::Released { bytes } => Done::Released { bytes },
+                Outcome::AlreadyStub => Done::AlreadyStub,
+                Outcome::Refused(why) => Done::Refused {
+                    reason: why.to_string(),
+                },
+            }),
+            // Pinned first: a release racing the hydrate is refused from then on.
+            Op::Pin => self
+                .set_pinned(rel, true)
+                .and_then(|()| self.hydrate(rel))
+                .map(|fetched| Done::Pinned { fetched }),
+            Op::Unpin => self.set_pinned(rel, false).map(|()| Done::Unpinned),
+        };
+        done.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// One file to work on: as the user named it, its path in the tree, its size.
+struct Item {
+    shown: PathBuf,
+    rel: Vec<u8>,
+    size: u64,
+}
+
+/// The regular files at `path` (itself, or below it), `rel` being its place in the tree.
+fn expand(path: &Path, rel: &Path, out: &mut Vec<Item>) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let md = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?;
+    if md.is_file() {
+        out.push(Item {
+            shown: path.to_path_buf(),
+            rel: rel.as_os_str().as_bytes().to_vec(),
+            size: md.len(),
+        });
+    } else if md.is_dir() {
+        let mut entries: Vec<_> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            expand(&e.path(), &rel.join(e.file_name()), out)?;
+        }
+    }
+    // Symlinks and special files have no content to move.
+    Ok(())
+}
+
+/// Run `op` over `paths`; `Ok(false)` when some file was refused or failed (each is named on
+/// stderr, with why).
+pub fn run(op: Op, paths: &[PathBuf], threads: usize) -> anyhow::Result<bool> {
+    let mut stores: BTreeMap<PathBuf, Vec<Item>> = BTreeMap::new();
+    for p in paths {
+        let Some((store, rel)) = crate::verify::locate(p) else {
+            bail!(
+                "{} is neither under a store's tree (STORE/tree) nor under the mount point of a \
+                 running `hsm serve`",
+                p.display()
+            );
+        };
+        expand(p, &rel, stores.entry(store).or_default())?;
+    }
+    let mut all_ok = true;
+    for (store, items) in stores {
+        all_ok &= run_on_store(op, &store, items, threads.max(1))?;
+    }
+    Ok(all_ok)
+}
+
+fn verb(op: Op) -> &'static str {
+    match op {
+        Op::Hydrate => "hydrate",
+        Op::Release => "release",
+        Op::Pin => "pin",
+        Op::Unpin => "unpin",
+    }
+}
+
+/// A way to reach the store: one connection per thread to the daemon, or this process.
+enum Reach {
+    Daemon,
+    Here(Arc<Operations>, Arc<Engine>),
+    HereNoEngine(Arc<Operations>),
+}
+
+fn run_on_store(op: Op, store: &Path, items: Vec<Item>, threads: usize) -> anyhow::Result<bool> {
+    let served = Client::connect(store)?.is_some();
+    // Held to the end when working here.
+    let mut _lock = None;
+    let mut _view = None;
+    let reach = if served {
+        Reach::Daemon
+    } else {
+        if !sysfs::has_cap_sys_admin() {
+            bail!("hsm {} changes the store: run it as root", verb(op));
+        }
+        let group = crate::guard::group_for_tools(store)?;
+        let root = match &group {
+            Some(g) => {
+                let view = crate::guard::PrivateView::new(g, store)?;
+                let root = view.root().to_path_buf();
+                _view = Some(view);
+                root
+            }
+            None => store.to_path_buf(),
+        };
+        let st = crate::store::Store::open(&root)
+            .with_context(|| format!("cannot open the store {}", store.display()))?;
+        match st.try_lock(&format!("hsm {}", verb(op)))? {
+            Ok(lock) => _lock = Some(lock),
+            Err(holder) => bail!(
+                "the store {} is in use by {holder}, whose control socket does not answer; \
+                 try again when it is done",
+                store.display()
+            ),
+        }
+        let tree = OwnedFd::from(
+            File::open(st.tree())
+                .with_context(|| format!("cannot open {}", st.tree().display()))?,
+        );
+        let needs_engine = matches!(op, Op::Hydrate | Op::Pin);
+        let engine = if needs_engine {
+            let backend = crate::worker::open_backend(&st, crate::defaults::FETCH_USER)?;
+            let metrics =
+                crate::sys::shm::Shared::<crate::metrics::Metrics>::create(c"hsm-manage-metrics")?;
+            Some(Arc::new(Engine::new(
+                backend,
+                metrics,
+                None,
+                crate::defaults::READAHEAD,
+                crate::defaults::secs(crate::defaults::FETCH_DEADLINE_SECS),
+                st.digest_dir(),
+                Some(OwnedFd::from(File::open(st.tree())?)),
+                st.config.fs == sysfs::FsKind::Xfs,
+            )))
+        } else {
+            None
+        };
+        let ops = Arc::new(Operations {
+            engine: engine.clone(),
+            tree,
+            group: group.map(Arc::new),
+            zero_pool: st.zero_pool().ok(),
+        });
+        match engine {
+            Some(e) => Reach::Here(ops, e),
+            None => Reach::HereNoEngine(ops),
+        }
+    };
+
+    let bytes_op = matches!(op, Op::Hydrate | Op::Pin);
+    let total: u64 = if bytes_op {
+        items.iter().map(|i| i.size).sum()
+    } else {
+        items.len() as u64
+    };
+    let bar = progress_bar(total, bytes_op);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<Done, String>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(items.len()).max(1) {
+            s.spawn(|| {
+                let mut client = None;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let reply: Reply = match &reach {
+                        Reach::Daemon => {
+                            if client.is_none() {
+                                client = Client::connect(store).ok().flatten();
+                            }
+                            match client.as_mut() {
+                                Some(c) => c.call(op, &item.rel).unwrap_or_else(|e| {
+                                    client = None;
+                                    Err(format!("{e:#}"))
+                                }),
+                                None => Err("the daemon's control socket stopped answering".into()),
+                            }
+                        }
+                        Reach::Here(ops, _) | Reach::HereNoEngine(ops) => ops.run(op, &item.rel),
+                    };
+                    bar.inc(if bytes_op { item.size } else { 1 });
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, reply));
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Reach::Here(_, engine) = &reach {
+        engine.flush(true);
+    }
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|r| r.0);
+    report(op, &items, &results)
+}
+
+fn progress_bar(total: u64, bytes: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let template = if bytes {
+        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
+    } else {
+        "{bar:30} {pos}/{len} files {per_sec} ETA {eta}"
+    };
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn report(
+    op: Op,
+    items: &[Item],
+    results: &[(usize, Result<Done, String>)],
+) -> anyhow::Result<bool> {
+    let (mut done, mut refused, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    for (i, r) in results {
+        let shown = items[*i].shown.display();
+        match r {
+            Ok(Done::Refused { reason }) => {
+                refused += 1;
+                eprintln!("hsm {}: {shown}: refused: {reason}", verb(op));
+            }
+            Ok(d) => {
+                done += 1;
+                bytes += match d {
+                    Done::Hydrated { fetched } | Done::Pinned { fetched } => *fetched,
+                    Done::Released { bytes } => *bytes,
+                    _ => 0,
+                };
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("hsm {}: {shown}: {e}", verb(op));
+            }
+        }
+    }
+    let what = match op {
+        Op::Hydrate => format!("{done} files complete, {} fetched", mib(bytes)),
+        Op::Release => format!("{done} files released, {} given back", mib(bytes)),
+        Op::Pin => format!("{done} files pinned, {} fetched", mib(bytes)),
+        Op::Unpin => format!("{done} files unpinned"),
+    };
+    let mut line = what;
+    if refused > 0 {
+        line += &format!(", {refused} refused");
+    }
+    if failed > 0 {
+        line += &format!(", {failed} failed");
+    }
+    println!("{line}");
+    Ok(refused == 0 && failed == 0)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
