@@ -1,11 +1,13 @@
 //! The control interface: `hsm hydrate`, `release`, `pin` and `unpin` act through the running
 //! daemon when the store is served, so that one process changes the store at a time.
 //!
-//! A unix stream socket at `STORE/.hsm/control.sock`, one JSON line per request and per reply.
-//! Only root may connect (the socket file is 0600), or members of a group named at `hsm serve
-//! --control-group` (0660): the peer's credentials are checked again on every connection, as
-//! the file's mode alone says nothing once a descriptor is passed on. A request names one file
-//! by its path in the tree; clients run several connections for parallel work.
+//! An abstract unix stream socket named after the store's tree (`hsm-control:DEV:INO`, the
+//! tree's device and inode): a user who may not look into STORE (it is root's alone) still finds
+//! it from a path under the mount point, whose root is that very directory. One JSON line per
+//! request and per reply. An abstract socket has no file mode: every connection's peer
+//! credentials are checked, and only root, or members of a group named at `hsm serve
+//! --control-group`, are served. A request names one file by its path in the tree; clients run
+//! several connections for parallel work.
 //!
 //! When no daemon serves the store, the same operations run in the calling process
 //! ([`Service`] has both forms), under the store's lock, which `hsm serve` holds while it runs:
@@ -22,8 +24,6 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-/// The socket, in the store's `.hsm`.
-pub const SOCKET: &str = "control.sock";
 /// Connections served at once; more are refused (a client retries).
 const MAX_CONNECTIONS: usize = 64;
 
@@ -80,20 +80,24 @@ pub struct Access {
     pub group: Option<u32>,
 }
 
-/// Listen at `meta/control.sock` (`meta`: the store's `.hsm`, through the daemon's view).
-pub fn listen(meta: &Path, access: Access) -> anyhow::Result<UnixListener> {
-    let path = meta.join(SOCKET);
-    // Left by a daemon that died: this process holds the store's lock, so it is stale.
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen at {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    let mode = if access.group.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
-    if let Some(gid) = access.group {
-        std::os::unix::fs::chown(&path, Some(0), Some(gid))?;
-    }
-    Ok(listener)
+/// The socket's name for the tree with this device and inode.
+fn socket_name(dev: u64, ino: u64) -> String {
+    format!("hsm-control:{dev}:{ino}")
+}
+
+fn abstract_addr(name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+}
+
+/// Listen for the store whose tree is `tree` (through the daemon's view: the same inode).
+pub fn listen(tree: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(tree).with_context(|| format!("cannot stat {}", tree.display()))?;
+    let name = socket_name(md.dev(), md.ino());
+    UnixListener::bind_addr(&abstract_addr(&name)?).with_context(|| {
+        format!("cannot listen on the control socket @{name} (another daemon of this store?)")
+    })
 }
 
 /// Whether the process at the other end may use the socket: root, or a member of the group.
@@ -205,31 +209,64 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connect to the daemon serving `store`; `Ok(None)` when none listens.
-    pub fn connect(store: &Path) -> anyhow::Result<Option<Client>> {
-        let path = socket_path(store);
-        match UnixStream::connect(&path) {
+    /// Connect to the daemon serving the tree that holds `path` (under its mount point, or
+    /// under STORE/tree); with `path`'s place in that tree. `Ok(None)` when no daemon serves it.
+    pub fn find(path: &Path) -> anyhow::Result<Option<(Client, PathBuf)>> {
+        use std::os::unix::fs::MetadataExt;
+        let abs = path
+            .canonicalize()
+            .with_context(|| format!("cannot find {}", path.display()))?;
+        for dir in abs.ancestors() {
+            let Ok(md) = std::fs::metadata(dir) else {
+                continue;
+            };
+            if !md.is_dir() {
+                continue;
+            }
+            let name = socket_name(md.dev(), md.ino());
+            if let Some(client) = Client::connect(&name)? {
+                let rel = abs.strip_prefix(dir).unwrap_or(Path::new("")).to_path_buf();
+                return Ok(Some((client, rel)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn connect(name: &str) -> anyhow::Result<Option<Client>> {
+        match UnixStream::connect_addr(&abstract_addr(name)?) {
             Ok(s) => Ok(Some(Client {
                 writer: s.try_clone()?,
                 reader: BufReader::new(s),
             })),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) => anyhow::bail!(
-                "permission denied on {}: only root (or the group named at hsm serve \
-                 --control-group) may use the daemon",
-                path.display()
-            ),
-            Err(e) => Err(e).with_context(|| format!("cannot connect to {}", path.display())),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot connect to @{name}")),
         }
     }
 
+    /// The daemon's socket name: the same for every path of one served tree.
+    pub fn name(&self) -> String {
+        use std::os::linux::net::SocketAddrExt;
+        self.writer
+            .peer_addr()
+            .ok()
+            .and_then(|a| {
+                a.as_abstract_name()
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+            })
+            .unwrap_or_default()
+    }
+
+    /// Another connection to the same daemon.
+    pub fn again(&self) -> anyhow::Result<Client> {
+        let addr = self.writer.peer_addr()?;
+        let s = UnixStream::connect_addr(&addr)?;
+        Ok(Client {
+            writer: s.try_clone()?,
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Carry out one request. A refusal by the daemon (not permitted) is an error.
     pub fn call(&mut self, op: Op, path: &[u8]) -> anyhow::Result<Reply> {
         let mut line = serde_json::to_vec(&Request {
             op,
@@ -243,10 +280,6 @@ impl Client {
         }
         Ok(serde_json::from_str(&answer).context("malformed reply from the daemon")?)
     }
-}
-
-pub fn socket_path(store: &Path) -> PathBuf {
-    store.join(".hsm").join(SOCKET)
 }
 
 #[cfg(test)]
@@ -271,23 +304,22 @@ mod tests {
     #[test]
     fn requests_round_trip_and_a_panic_fails_only_its_request() {
         let dir = std::env::temp_dir().join(format!("hsm-control-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join(".hsm")).unwrap();
-        let listener = listen(&dir.join(".hsm"), Access::default()).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(socket_path(&dir))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/file"), b"x").unwrap();
+        assert!(Client::find(&dir.join("sub/file")).unwrap().is_none());
+        let listener = listen(&dir).unwrap();
+        assert!(listen(&dir).is_err(), "one daemon per tree");
         serve(listener, Arc::new(Echo), Access::default());
-        let mut c = Client::connect(&dir).unwrap().unwrap();
+        let (mut c, rel) = Client::find(&dir.join("sub/file")).unwrap().unwrap();
+        assert_eq!(rel, Path::new("sub/file"));
         assert_eq!(
             c.call(Op::Hydrate, b"a/b").unwrap(),
             Ok(Done::Hydrated { fetched: 7 })
         );
         let name = [b'x', 0xff, b'y'];
+        let mut c2 = c.again().unwrap();
         assert_eq!(
-            c.call(Op::Release, &name).unwrap(),
+            c2.call(Op::Release, &name).unwrap(),
             Ok(Done::Refused {
                 reason: "x\u{fffd}y is open".into()
             })
@@ -295,9 +327,7 @@ mod tests {
         assert!(c.call(Op::Pin, b"boom").unwrap().is_err());
         // The connection still works after the panic.
         assert_eq!(c.call(Op::Unpin, b"z").unwrap(), Err("no".into()));
-        drop(c);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(Client::connect(&dir).unwrap().is_none());
     }
 
     #[test]

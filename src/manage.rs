@@ -146,20 +146,37 @@ fn expand(path: &Path, rel: &Path, out: &mut Vec<Item>) -> anyhow::Result<()> {
 /// Run `op` over `paths`; `Ok(false)` when some file was refused or failed (each is named on
 /// stderr, with why).
 pub fn run(op: Op, paths: &[PathBuf], threads: usize) -> anyhow::Result<bool> {
+    // By daemon (its socket name) or, with none serving, by store.
+    let mut served: BTreeMap<String, (Client, Vec<Item>)> = BTreeMap::new();
     let mut stores: BTreeMap<PathBuf, Vec<Item>> = BTreeMap::new();
     for p in paths {
+        if let Some((client, rel)) = Client::find(p)? {
+            let name = client.name();
+            let items = &mut served.entry(name).or_insert_with(|| (client, Vec::new())).1;
+            expand(p, &rel, items)?;
+            continue;
+        }
         let Some((store, rel)) = crate::verify::locate(p) else {
             bail!(
-                "{} is neither under a store's tree (STORE/tree) nor under the mount point of a \
-                 running `hsm serve`",
-                p.display()
+                "{} is neither under the mount point of a running `hsm serve` nor under a \
+                 store's tree (STORE/tree){}",
+                p.display(),
+                if sysfs::has_cap_sys_admin() {
+                    ""
+                } else {
+                    " that you may read: without a daemon, run this as root"
+                }
             );
         };
         expand(p, &rel, stores.entry(store).or_default())?;
     }
     let mut all_ok = true;
+    for (_, (client, items)) in served {
+        all_ok &= run_items(op, &Reach::Daemon(client), &items, threads.max(1));
+    }
     for (store, items) in stores {
-        all_ok &= run_on_store(op, &store, items, threads.max(1))?;
+        let reach = here(op, &store)?;
+        all_ok &= run_items(op, &reach.0, &items, threads.max(1));
     }
     Ok(all_ok)
 }
@@ -175,76 +192,78 @@ fn verb(op: Op) -> &'static str {
 
 /// A way to reach the store: one connection per thread to the daemon, or this process.
 enum Reach {
-    Daemon,
-    Here(Arc<Operations>, Arc<Engine>),
-    HereNoEngine(Arc<Operations>),
+    Daemon(Client),
+    Here(Arc<Operations>),
 }
 
-fn run_on_store(op: Op, store: &Path, items: Vec<Item>, threads: usize) -> anyhow::Result<bool> {
-    let served = Client::connect(store)?.is_some();
-    // Held to the end when working here.
-    let mut _lock = None;
-    let mut _view = None;
-    let reach = if served {
-        Reach::Daemon
-    } else {
-        if !sysfs::has_cap_sys_admin() {
-            bail!("hsm {} changes the store: run it as root", verb(op));
-        }
-        let group = crate::guard::group_for_tools(store)?;
-        let root = match &group {
-            Some(g) => {
-                let view = crate::guard::PrivateView::new(g, store)?;
-                let root = view.root().to_path_buf();
-                _view = Some(view);
-                root
-            }
-            None => store.to_path_buf(),
-        };
-        let st = crate::store::Store::open(&root)
-            .with_context(|| format!("cannot open the store {}", store.display()))?;
-        match st.try_lock(&format!("hsm {}", verb(op)))? {
-            Ok(lock) => _lock = Some(lock),
-            Err(holder) => bail!(
-                "the store {} is in use by {holder}, whose control socket does not answer; \
-                 try again when it is done",
-                store.display()
-            ),
-        }
-        let tree = OwnedFd::from(
-            File::open(st.tree())
-                .with_context(|| format!("cannot open {}", st.tree().display()))?,
-        );
-        let needs_engine = matches!(op, Op::Hydrate | Op::Pin);
-        let engine = if needs_engine {
-            let backend = crate::worker::open_backend(&st, crate::defaults::FETCH_USER)?;
-            let metrics =
-                crate::sys::shm::Shared::<crate::metrics::Metrics>::create(c"hsm-manage-metrics")?;
-            Some(Arc::new(Engine::new(
-                backend,
-                metrics,
-                None,
-                crate::defaults::READAHEAD,
-                crate::defaults::secs(crate::defaults::FETCH_DEADLINE_SECS),
-                st.digest_dir(),
-                Some(OwnedFd::from(File::open(st.tree())?)),
-                st.config.fs == sysfs::FsKind::Xfs,
-            )))
-        } else {
-            None
-        };
-        let ops = Arc::new(Operations {
-            engine: engine.clone(),
-            tree,
-            group: group.map(Arc::new),
-            zero_pool: st.zero_pool().ok(),
-        });
-        match engine {
-            Some(e) => Reach::Here(ops, e),
-            None => Reach::HereNoEngine(ops),
-        }
-    };
+/// The store worked on in this process: what must be held while it is.
+struct Here {
+    _lock: crate::store::StoreLock,
+    _view: Option<crate::guard::PrivateView>,
+}
 
+/// Set up to work on `store` in this process (no daemon serves it).
+fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Here)> {
+    if !sysfs::has_cap_sys_admin() {
+        bail!("hsm {} changes the store: run it as root", verb(op));
+    }
+    let group = crate::guard::group_for_tools(store)?;
+    let view = match &group {
+        Some(g) => Some(crate::guard::PrivateView::new(g, store)?),
+        None => None,
+    };
+    let root = view
+        .as_ref()
+        .map_or(store.to_path_buf(), |v| v.root().to_path_buf());
+    let st = crate::store::Store::open(&root)
+        .with_context(|| format!("cannot open the store {}", store.display()))?;
+    let lock = match st.try_lock(&format!("hsm {}", verb(op)))? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "the store {} is in use by {holder}, whose control socket does not answer; \
+             try again when it is done",
+            store.display()
+        ),
+    };
+    let tree = || -> anyhow::Result<OwnedFd> {
+        Ok(OwnedFd::from(File::open(st.tree()).with_context(|| {
+            format!("cannot open {}", st.tree().display())
+        })?))
+    };
+    let engine = if matches!(op, Op::Hydrate | Op::Pin) {
+        let backend = crate::worker::open_backend(&st, crate::defaults::FETCH_USER)?;
+        let metrics =
+            crate::sys::shm::Shared::<crate::metrics::Metrics>::create(c"hsm-manage-metrics")?;
+        Some(Arc::new(Engine::new(
+            backend,
+            metrics,
+            None,
+            crate::defaults::READAHEAD,
+            crate::defaults::secs(crate::defaults::FETCH_DEADLINE_SECS),
+            st.digest_dir(),
+            Some(tree()?),
+            st.config.fs == sysfs::FsKind::Xfs,
+        )))
+    } else {
+        None
+    };
+    let ops = Operations {
+        engine,
+        tree: tree()?,
+        group: group.map(Arc::new),
+        zero_pool: st.zero_pool().ok(),
+    };
+    Ok((
+        Reach::Here(Arc::new(ops)),
+        Here {
+            _lock: lock,
+            _view: view,
+        },
+    ))
+}
+
+/// Work through `items` on `threads` threads; whether all went well.
+fn run_items(op: Op, reach: &Reach, items: &[Item], threads: usize) -> bool {
     let bytes_op = matches!(op, Op::Hydrate | Op::Pin);
     let total: u64 = if bytes_op {
         items.iter().map(|i| i.size).sum()
@@ -261,10 +280,10 @@ fn run_on_store(op: Op, store: &Path, items: Vec<Item>, threads: usize) -> anyho
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
-                    let reply: Reply = match &reach {
-                        Reach::Daemon => {
+                    let reply: Reply = match reach {
+                        Reach::Daemon(first) => {
                             if client.is_none() {
-                                client = Client::connect(store).ok().flatten();
+                                client = first.again().ok();
                             }
                             match client.as_mut() {
                                 Some(c) => c.call(op, &item.rel).unwrap_or_else(|e| {
@@ -274,7 +293,7 @@ fn run_on_store(op: Op, store: &Path, items: Vec<Item>, threads: usize) -> anyho
                                 None => Err("the daemon's control socket stopped answering".into()),
                             }
                         }
-                        Reach::Here(ops, _) | Reach::HereNoEngine(ops) => ops.run(op, &item.rel),
+                        Reach::Here(ops) => ops.run(op, &item.rel),
                     };
                     bar.inc(if bytes_op { item.size } else { 1 });
                     results
@@ -286,12 +305,14 @@ fn run_on_store(op: Op, store: &Path, items: Vec<Item>, threads: usize) -> anyho
         }
     });
     bar.finish_and_clear();
-    if let Reach::Here(_, engine) = &reach {
-        engine.flush(true);
+    if let Reach::Here(ops) = reach {
+        if let Some(engine) = &ops.engine {
+            engine.flush(true);
+        }
     }
     let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     results.sort_by_key(|r| r.0);
-    report(op, &items, &results)
+    report(op, items, &results)
 }
 
 fn progress_bar(total: u64, bytes: bool) -> indicatif::ProgressBar {
@@ -311,11 +332,7 @@ fn progress_bar(total: u64, bytes: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn report(
-    op: Op,
-    items: &[Item],
-    results: &[(usize, Result<Done, String>)],
-) -> anyhow::Result<bool> {
+fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> bool {
     let (mut done, mut refused, mut failed, mut bytes) = (0u64, 0u64, 0u64, 0u64);
     for (i, r) in results {
         let shown = items[*i].shown.display();
@@ -352,7 +369,7 @@ fn report(
         line += &format!(", {failed} failed");
     }
     println!("{line}");
-    Ok(refused == 0 && failed == 0)
+    refused == 0 && failed == 0
 }
 
 fn mib(bytes: u64) -> String {

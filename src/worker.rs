@@ -176,7 +176,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let access = crate::control::Access {
         group: opts.control_group,
     };
-    let listener = crate::control::listen(&store.meta(), access)?;
+    let listener = crate::control::listen(&store.tree())?;
     crate::control::serve(listener, Arc::new(operations), access);
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
