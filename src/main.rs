@@ -259,9 +259,9 @@ fn main() -> ExitCode {
                 fetch_user,
             },
         ),
-        Command::ServeFetcher { source, user } => hsm::sys::ipc::take_inherited(3)
-            .map_err(anyhow::Error::from)
-            .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &user)),
+        Command::ServeFetcher { source, user } => {
+            hsm::backend::isolated::fetcher_main(&source, &user)
+        }
         Command::Guard { store, stop: false } => hsm::guard::run(&store),
         Command::Guard { store, stop: true } => hsm::guard::stop(&store).map(|running| {
             if !running {
