@@ -444,8 +444,8 @@ fn run_bounded(cmd: &mut Command, out: &Path, limit: Duration) -> anyhow::Result
 
 /// Send a signal to our own child by pid (never by name).
 fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: a plain syscall; callers pass the pid of a child they have not reaped yet.
-    unsafe { libc::kill(pid, sig) };
+    // Callers pass the pid of a child they have not reaped yet.
+    let _ = crate::sys::process::kill(pid, sig);
 }
 
 fn is_mount_point(p: &Path) -> bool {

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 
 use crate::event::MASK;
 use crate::record::{SourceRecord, StateRecord, StubKind, XATTR_SOURCE, XATTR_STATE};
-use crate::sys::fanotify::{own_event_fd, DenyErrno, Group, Verdict, FAN_PRE_ACCESS};
+use crate::sys::fanotify::{DenyErrno, Event, Group, Verdict, FAN_PRE_ACCESS};
 use crate::sys::{fs as sysfs, ipc, mount};
 
 /// Every process that reads the group keeps its fds below this number (`hsm serve` caps its
@@ -464,11 +464,13 @@ struct Attached {
 
 /// `hsm guard STORE`: started by `hsm serve` (fd 3: the listening socket, fd 4: the group).
 pub fn run(store_root: &Path) -> anyhow::Result<()> {
-    let listener = ipc::take_inherited(LISTENER_FD)
+    let listener = ipc::claim_inherited(LISTENER_FD)
         .context("hsm guard is started by hsm serve, not by hand")?;
-    let group = Group::from_fd(ipc::take_inherited(GROUP_FD).context("no fanotify group")?);
+    let group = Group::from_fd(ipc::claim_inherited(GROUP_FD).context("no fanotify group")?);
     // Nothing else of its parent's: it outlives it.
-    ipc::close_fds_from(GROUP_FD + 1);
+    if let Err(e) = ipc::close_inherited_from(GROUP_FD + 1) {
+        warn!("cannot close the fds inherited from hsm serve: {e}");
+    }
     // Its end: the store's filesystem shut down (or the store removed). A device number is no
     // proof: a loop device freed by an unmount is often reused at once.
     let mut ended = sysfs::watch_for_unmount(store_root)
@@ -635,10 +637,7 @@ fn answer_events(group: &Group, denied: &mut u64) {
     if let Err(e) = group.read_events(&mut buf, &mut raw) {
         error!("reading fanotify events failed: {e}");
     }
-    for r in raw {
-        let Ok(fd) = own_event_fd(r.fd) else {
-            continue;
-        };
+    for Event { raw: r, fd } in raw {
         let decision = decide_event(fd.as_fd(), r.mask, r.pid, r.range);
         let (verdict, ignore) = match decision {
             Unserved::AllowAndIgnore => (Verdict::Allow, true),

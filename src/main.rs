@@ -375,9 +375,9 @@ fn main() -> ExitCode {
                 control_group,
             },
         ),
-        Command::ServeFetcher { source, fetch_user } => hsm::sys::ipc::take_inherited(3)
-            .map_err(anyhow::Error::from)
-            .and_then(|sock| hsm::backend::isolated::run_fetcher(&source, sock, &fetch_user)),
+        Command::ServeFetcher { source, fetch_user } => {
+            hsm::backend::isolated::fetcher_main(&source, &fetch_user)
+        }
         Command::Guard { store, stop: false } => hsm::guard::run(&store),
         Command::Guard { store, stop: true } => hsm::guard::stop(&store).map(|running| {
             if !running {

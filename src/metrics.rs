@@ -9,6 +9,8 @@ use serde::Serialize;
 
 macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
+        /// Shared between processes (`sys::shm`, whose `Shareable` impl relies on this):
+        /// `#[repr(C)]`, atomics only, all-zero the default.
         #[derive(Default, Debug)]
         #[repr(C)]
         pub struct Metrics { $(#[doc = $doc] pub $name: AtomicU64,)* }
@@ -39,9 +41,6 @@ counters! {
     prefetched_files: "Files fetched in the background because their directory was being walked.",
     answered_published: "Of the pre-content events, those the supervisor answered from a range the worker had published.",
 }
-
-// SAFETY: `#[repr(C)]`, atomics only, and all-zero is the default.
-unsafe impl crate::sys::shm::Shareable for Metrics {}
 
 impl Metrics {
     /// Write the counters as JSON, atomically (write then rename).

@@ -58,13 +58,12 @@ struct Slot {
     end: AtomicU64,
 }
 
+/// Shared between processes (`sys::shm`, whose `Shareable` impl relies on this): `#[repr(C)]`,
+/// atomics only, and all-zero is an empty table (end 0 covers nothing).
 #[repr(C)]
 pub struct PublishedRanges {
     slots: [Slot; SLOTS],
 }
-
-// SAFETY: `#[repr(C)]`, atomics only; all-zero is an empty table (end 0 covers nothing).
-unsafe impl crate::sys::shm::Shareable for PublishedRanges {}
 
 impl PublishedRanges {
     fn slot(&self, id: &FileId) -> &Slot {

@@ -606,20 +606,12 @@ pub fn escape_path(bytes: &[u8]) -> String {
 
 /// `df`'s figures for the filesystem holding `path` (`statvfs`, which opens nothing).
 pub fn disk_use(path: &Path) -> io::Result<DiskUse> {
-    let c = sysfs::path_cstring(path)?;
-    // SAFETY: statvfs is plain old data that the call fills; `c` is NUL-terminated.
-    // (This is the one `unsafe` outside `sys`: sys::fs::fs_space reports free-to-users space,
-    // not the free blocks `df` subtracts; it belongs in sys::fs when that module is next edited.)
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
+    let (used_bytes, total_bytes, avail_bytes) = sysfs::disk_use(path)?;
     Ok(DiskUse {
         path: escape_path(path.as_os_str().as_bytes()),
-        used_bytes: (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * frsize,
-        total_bytes: st.f_blocks as u64 * frsize,
-        avail_bytes: st.f_bavail as u64 * frsize,
+        used_bytes,
+        total_bytes,
+        avail_bytes,
     })
 }
 

@@ -259,10 +259,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                 Ok(_) => {}
                 Err(e) => error!("reading fanotify events failed: {e}"),
             }
-            for r in raw.drain(..) {
-                let Ok(fd) = crate::sys::fanotify::own_event_fd(r.fd) else {
-                    continue;
-                };
+            for crate::sys::fanotify::Event { raw: r, fd } in raw.drain(..) {
                 let msg = EventMsg {
                     id: next_id,
                     fd_num: r.fd,
@@ -550,30 +547,14 @@ fn raise_fd_limit() {
         .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
         .unwrap_or(0)
         .min(EVENT_FD_LIMIT as libc::rlim_t);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let cap = EVENT_FD_LIMIT as u64;
+    let Ok((_, hard)) = crate::sys::process::nofile_limit() else {
+        return;
     };
-    // SAFETY: plain syscalls on a valid struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: lim
-                .rlim_max
-                .max(nr_open)
-                .min(EVENT_FD_LIMIT as libc::rlim_t),
-            rlim_max: lim
-                .rlim_max
-                .max(nr_open)
-                .min(EVENT_FD_LIMIT as libc::rlim_t),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            lim.rlim_cur = lim.rlim_max.min(EVENT_FD_LIMIT as libc::rlim_t);
-            lim.rlim_max = lim.rlim_cur;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+    let raised = hard.max(nr_open as u64).min(cap);
+    if crate::sys::process::set_nofile_limit(raised, raised).is_err() {
+        let kept = hard.min(cap);
+        let _ = crate::sys::process::set_nofile_limit(kept, kept);
     }
 }
 

@@ -113,9 +113,9 @@ struct Ctx {
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
-    let sock = ipc::take_inherited(SOCKET_FD).context("worker started without its socket")?;
+    let sock = ipc::claim_inherited(SOCKET_FD).context("worker started without its socket")?;
     let group = Arc::new(Group::from_fd(
-        ipc::take_inherited(GROUP_FD).context("worker started without the fanotify group")?,
+        ipc::claim_inherited(GROUP_FD).context("worker started without the fanotify group")?,
     ));
     // Stopping is the supervisor's call: a Ctrl-C or a service manager's SIGTERM reaches the
     // whole process group, and a worker that died of it would be restarted mid-shutdown.
@@ -123,18 +123,19 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
     }
     let metrics = Shared::<Metrics>::from_fd(
-        ipc::take_inherited(METRICS_FD).context("worker started without the shared counters")?,
+        ipc::claim_inherited(METRICS_FD).context("worker started without the shared counters")?,
     )
     .context("cannot map the shared counters")?;
     let published = Shared::<PublishedRanges>::from_fd(
-        ipc::take_inherited(PUBLISHED_FD).context("worker started without the published ranges")?,
+        ipc::claim_inherited(PUBLISHED_FD)
+            .context("worker started without the published ranges")?,
     )
     .context("cannot map the published ranges")?;
     let view = PrivateView::from_fd(
-        ipc::take_inherited(VIEW_FD).context("worker started without the store's view")?,
+        ipc::claim_inherited(VIEW_FD).context("worker started without the store's view")?,
     );
     let _guard_conn =
-        ipc::take_inherited(GUARD_FD).context("worker started without the guard connection")?;
+        ipc::claim_inherited(GUARD_FD).context("worker started without the guard connection")?;
     let store = Store::open(view.root())
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     let backend = open_backend(&store, &opts.fetch_user)?;

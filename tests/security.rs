@@ -439,8 +439,6 @@ const CAP_SYS_ADMIN: u32 = 21;
 struct Identity {
     uids: Vec<u32>,
     cap_eff: u64,
-    cap_prm: u64,
-    no_new_privs: String,
 }
 
 fn identity(pid: i32) -> Identity {
@@ -452,8 +450,6 @@ fn identity(pid: i32) -> Identity {
             .map(|v| v.parse().unwrap())
             .collect(),
         cap_eff: caps("CapEff"),
-        cap_prm: caps("CapPrm"),
-        no_new_privs: st.get("NoNewPrivs").cloned().unwrap_or_default(),
     }
 }
 
@@ -469,6 +465,75 @@ fn describe_identity(what: &str, pid: i32) -> String {
         st.get("NoNewPrivs").map_or("?", |s| s),
         st.get("Seccomp").map_or("?", |s| s),
     )
+}
+
+/// The thread ids of `pid` (`/proc/PID/task`).
+fn thread_ids(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort();
+    tids
+}
+
+/// What is wrong with the identity of each thread of the fetcher `pid`: every one must run as
+/// one unprivileged uid and gid (all four fields: real, effective, saved, filesystem), with no
+/// supplementary groups, every capability set empty (bounding included), `NoNewPrivs: 1` and
+/// a seccomp filter (`Seccomp: 2`). Empty: all is well.
+fn fetcher_thread_problems(pid: i32) -> Vec<String> {
+    let tids = thread_ids(pid);
+    if tids.len() < 2 {
+        // The fetcher runs a thread pool and an async runtime: one thread means the check
+        // would not cover what it is for.
+        return vec![format!(
+            "only {} thread(s) found in /proc/{pid}/task",
+            tids.len()
+        )];
+    }
+    let mut problems = Vec::new();
+    for tid in tids {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+            continue; // exited meanwhile
+        };
+        let st: BTreeMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k, v.trim()))
+            .collect();
+        let field = |k: &str| st.get(k).copied().unwrap_or("?");
+        let mut bad = Vec::new();
+        for k in ["Uid", "Gid"] {
+            let ids: Vec<&str> = field(k).split_whitespace().collect();
+            if ids.len() != 4 || ids.iter().any(|v| *v != ids[0] || *v == "0") {
+                bad.push(format!("{k} {}", field(k)));
+            }
+        }
+        if !field("Groups").is_empty() {
+            bad.push(format!("Groups {}", field("Groups")));
+        }
+        for k in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+            if u64::from_str_radix(field(k), 16) != Ok(0) {
+                bad.push(format!("{k} {}", field(k)));
+            }
+        }
+        if field("NoNewPrivs") != "1" {
+            bad.push(format!("NoNewPrivs {}", field("NoNewPrivs")));
+        }
+        if field("Seccomp") != "2" {
+            bad.push(format!("Seccomp {}", field("Seccomp")));
+        }
+        if !bad.is_empty() {
+            problems.push(format!(
+                "thread {tid} ({}): {}",
+                field("Name"),
+                bad.join(", ")
+            ));
+        }
+    }
+    problems
 }
 
 fn ppid_of(pid: i32) -> Option<i32> {
@@ -2058,6 +2123,62 @@ fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
     daemon.stop();
 }
 
+/// The fetcher reads a credentials file that only root may read: it reads it as root, before it
+/// drops to the fetch user and before any thread exists (`backend::isolated`).
+#[test]
+fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root() {
+    if !require_root() {
+        return;
+    }
+    if !have_remote_backends() {
+        eprintln!("skipped: this hsm has no remote backends");
+        return;
+    }
+    let fx = Fixture::new("ext4", "1G");
+    let server = FakeServer::start();
+    let data = pattern(100_000, 171);
+    server.put("/bkt/pre/f", data.clone());
+    let (out, killed) = run_bounded(
+        Command::new(HSM)
+            .arg("populate")
+            .arg("s3://bkt/pre")
+            .arg(&fx.store)
+            .args(["--endpoint", &server.url(), "--region", "us-east-1"])
+            .args(["--fetch-deadline", "5"])
+            .env("AWS_ACCESS_KEY_ID", "AKIDTESTTEST")
+            .env("AWS_SECRET_ACCESS_KEY", "testsecretnotreal"),
+        Duration::from_secs(120),
+    );
+    assert!(!killed);
+    assert!(out.status.success(), "populate: {}", text(&out));
+    let creds = fx.scratch.path.join("root-only-credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = AKIDTESTTEST\naws_secret_access_key = testsecretnotreal\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let nobody = Agent {
+        uid: 65534,
+        gid: 65534,
+    };
+    assert!(
+        !nobody.read(&creds).is_ok(),
+        "the fetch user can read the credentials file itself: the test proves nothing"
+    );
+    let creds_path = creds.to_str().unwrap().to_string();
+    let mut daemon = EnvDaemon::start(
+        &fx,
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_SHARED_CREDENTIALS_FILE", &creds_path),
+        ],
+    );
+    assert_bytes_eq(&std::fs::read(fx.at("f")).unwrap(), &data, "f");
+    daemon.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Remote fetching runs unprivileged; secrets never show
 // ---------------------------------------------------------------------------------------------
@@ -2176,18 +2297,18 @@ fn remote_fetching_is_unprivileged_and_secrets_never_show() {
         if tcp_sockets_of(f) == 0 {
             return Err("the fetcher holds no connection to the server after a read".into());
         }
-        let id = identity(f);
-        if id.uids.contains(&0) {
-            return Err(format!("the fetcher runs with uids {:?}", id.uids));
-        }
-        if id.cap_eff != 0 || id.cap_prm != 0 {
+        // Every thread, not just the main one: credentials, no_new_privs and seccomp filters
+        // are per thread, and the runtime's threads would keep whatever they were created with.
+        let threads = fetcher_thread_problems(f);
+        eprintln!(
+            "fetcher threads checked: {}, problems: {threads:?}",
+            thread_ids(f).len()
+        );
+        if !threads.is_empty() {
             return Err(format!(
-                "the fetcher has capabilities: eff {:x} prm {:x}",
-                id.cap_eff, id.cap_prm
+                "fetcher threads are not fully unprivileged:\n{}",
+                threads.join("\n")
             ));
-        }
-        if id.no_new_privs != "1" {
-            return Err("the fetcher can gain privileges (NoNewPrivs 0)".into());
         }
         Ok(())
     })();

@@ -3,9 +3,19 @@
 //! The code that talks to the network and parses what a server sends (HTTP, TLS, XML listings) is
 //! the part most exposed to hostile input, and the daemon runs as root. So for `s3://` and
 //! `http(s)://` sources the worker does not call the backend itself: it starts `hsm serve-fetcher`,
-//! which opens the backend, drops to an unprivileged user (no capabilities, no new privileges)
-//! and answers range requests over a socket. A compromised fetcher can return wrong bytes (which
-//! the per-chunk digests and size checks catch) and nothing more: it holds no fd on the store.
+//! which drops to an unprivileged user and answers range requests over a socket. A compromised
+//! fetcher can return wrong bytes (which the per-chunk digests and size checks catch) and
+//! nothing more: it holds no fd on the store.
+//!
+//! Every thread of the fetcher is unprivileged, because the drop happens before any other
+//! thread exists: credentials, capabilities, `no_new_privs` and seccomp filters are per thread,
+//! and threads created later inherit them. So the fetcher reads, as root and without threads,
+//! only what root alone may read (the fetch user's ids, the S3 shared credentials file:
+//! `backend::prepare`); then drops to the user (no groups, every capability set empty, no new
+//! privileges, not dumpable: `sys::privilege`), installs its seccomp filter (`sys::seccomp`), and
+//! only then builds the backend, whose async runtime starts the threads that do the I/O.
+//! Credentials fetched later (web identity token files, instance roles) are read as the fetch
+//! user.
 //!
 //! Framing on a `SOCK_STREAM` socket pair, little-endian:
 //! request `len u32 | id u64 | offset u64 | want u32 | SourceRecord (postcard)`,
@@ -19,10 +29,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{Backend, FetchError};
 use crate::record::SourceRecord;
+use crate::sys::{ipc, privilege, seccomp};
 
 const STATUS_OK: u8 = 0;
 const STATUS_NOT_FOUND: u8 = 1;
@@ -217,17 +228,34 @@ impl Backend for IsolatedBackend {
     }
 }
 
-/// The fetcher process: open the backend, drop privileges, serve requests until the worker
-/// closes the socket.
+/// `hsm serve-fetcher`: the socket to the worker is fd 3 (see `worker::open_backend`). Any
+/// other fd inherited is closed first, so that nothing the worker's parents left open reaches
+/// the process most exposed to the network.
+pub fn fetcher_main(url: &str, user: &str) -> anyhow::Result<()> {
+    let sock = ipc::claim_inherited(3).context("the fetcher was started without its socket")?;
+    ipc::close_inherited_from(4).context("cannot close inherited fds")?;
+    run_fetcher(url, sock, user)
+}
+
+/// The fetcher process: read the source's configuration as root, drop privileges while this is
+/// the only thread, restrict its syscalls, and only then build the backend (its async runtime
+/// starts threads, which inherit all of it) and serve requests until the worker closes the
+/// socket. See the module doc.
 pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
     let mut stream = UnixStream::from(sock);
-    let opened = super::open(url).and_then(|b| {
-        crate::sys::privilege::drop_to_user(user)
+    let opened = (|| {
+        let ids = privilege::lookup(user).with_context(|| format!("no fetch user {user:?}"))?;
+        let prepared = super::prepare(url)?;
+        privilege::drop_to(ids)
             .with_context(|| format!("cannot drop privileges to user {user:?}"))?;
+        if !seccomp::restrict_fetcher().context("cannot restrict the fetcher's syscalls")? {
+            warn!("no seccomp filter on this system: the fetcher runs without one");
+        }
+        let b = prepared.open()?;
         b.check()
             .with_context(|| format!("the source {} cannot be used", b.describe()))?;
         Ok(b)
-    });
+    })();
     let mut hello = 0u64.to_le_bytes().to_vec();
     let backend = match opened {
         Ok(b) => {

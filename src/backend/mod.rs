@@ -155,12 +155,38 @@ pub fn old_url_options(url: &str) -> Vec<(&'static str, &'static str)> {
 /// Open the backend a store's source URL names: a local path or `file://` URL, `s3://BUCKET/PREFIX`
 /// (options in the query, see [`s3`]) or `http(s)://HOST/BASE/` (see [`http`]).
 pub fn open(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
-    match scheme_of(url) {
-        Scheme::S3 => Ok(Arc::new(s3::open(url)?)),
-        Scheme::Http => Ok(Arc::new(http::open(url)?)),
-        Scheme::Local => {
-            let path = local::path_from_url(url)?;
-            Ok(Arc::new(local::LocalBackend::open(&path)?))
+    prepare(url)?.open()
+}
+
+/// A source whose configuration has been read (environment, files) but whose clients, and the
+/// threads that come with them, are not made yet: see [`prepare`].
+pub enum Prepared {
+    S3(Box<s3::Prepared>),
+    Http(String),
+    Local(String),
+}
+
+/// The first half of [`open`]: parse the URL and read what the backend needs from the
+/// environment and from files (the S3 shared credentials file), starting no thread and sending
+/// nothing. The fetcher does this as root, then drops root, then calls [`Prepared::open`].
+pub fn prepare(url: &str) -> anyhow::Result<Prepared> {
+    Ok(match scheme_of(url) {
+        Scheme::S3 => Prepared::S3(Box::new(s3::Prepared::new(s3::S3Url::parse(url)?)?)),
+        Scheme::Http => Prepared::Http(url.to_string()),
+        Scheme::Local => Prepared::Local(url.to_string()),
+    })
+}
+
+impl Prepared {
+    /// Build the backend: clients, and for remote sources an async runtime with its threads.
+    pub fn open(self) -> anyhow::Result<Arc<dyn Backend>> {
+        match self {
+            Prepared::S3(p) => Ok(Arc::new(p.open()?)),
+            Prepared::Http(url) => Ok(Arc::new(http::open(&url)?)),
+            Prepared::Local(url) => {
+                let path = local::path_from_url(&url)?;
+                Ok(Arc::new(local::LocalBackend::open(&path)?))
+            }
         }
     }
 }

@@ -187,6 +187,19 @@ pub fn open(url: &str) -> anyhow::Result<S3Backend> {
     S3Backend::open(S3Url::parse(url)?)
 }
 
+/// An `s3://` source with its configuration gathered (environment, shared credentials file) and
+/// no client built yet: made without threads, so the fetcher can make it as root, drop root,
+/// then [`Prepared::open`] it (see `backend::isolated`).
+pub struct Prepared {
+    url: S3Url,
+    builder: AmazonS3Builder,
+    endpoint: Option<String>,
+    region: String,
+    virtual_hosted: bool,
+    skip_signature: bool,
+    http_allowed: bool,
+}
+
 fn env_set(k: &str) -> bool {
     std::env::var_os(k).is_some_and(|v| !v.is_empty())
 }
@@ -243,8 +256,10 @@ fn shared_credentials() -> anyhow::Result<Option<(String, String, Option<String>
     Ok(Some((id, secret, kv.remove("aws_session_token"))))
 }
 
-impl S3Backend {
-    pub fn open(mut url: S3Url) -> anyhow::Result<S3Backend> {
+impl Prepared {
+    /// Read the configuration: the environment and, when used, the shared credentials file.
+    /// Reads files, starts no thread, sends nothing.
+    pub fn new(url: S3Url) -> anyhow::Result<Prepared> {
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket);
         if let Some(e) = &url.endpoint {
             b = b
@@ -288,6 +303,28 @@ impl S3Backend {
                 );
             }
         }
+        Ok(Prepared {
+            url,
+            builder: b,
+            endpoint,
+            region,
+            virtual_hosted,
+            skip_signature,
+            http_allowed,
+        })
+    }
+
+    /// Build the clients and the runtime (whose threads start here). Nothing is sent yet.
+    pub fn open(self) -> anyhow::Result<S3Backend> {
+        let Prepared {
+            mut url,
+            builder: b,
+            endpoint,
+            region,
+            virtual_hosted,
+            skip_signature,
+            http_allowed,
+        } = self;
         let deadline = url.deadline.unwrap_or(object::DEFAULT_DEADLINE);
         let allow_http = endpoint
             .as_deref()
@@ -334,6 +371,12 @@ impl S3Backend {
             sign: !skip_signature,
             url,
         })
+    }
+}
+
+impl S3Backend {
+    pub fn open(url: S3Url) -> anyhow::Result<S3Backend> {
+        Prepared::new(url)?.open()
     }
 
     /// Every object under the prefix, in key order. Directory markers (keys ending in `/`) are

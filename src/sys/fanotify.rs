@@ -193,14 +193,12 @@ pub fn parse_events(buf: &[u8], out: &mut Vec<RawEvent>) -> Result<(), ParseErro
     Ok(())
 }
 
-/// Take ownership of an event fd that `read_events` returned: the kernel installed it in this
-/// process for that event and nothing else owns it.
-pub fn own_event_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
-    }
-    // SAFETY: see above; callers pass each event's fd exactly once.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// One event read from a group, its fd owned: dropping it closes the fd, so answer first
+/// (see [`Group::respond`]: the kernel matches answers by fd number).
+#[derive(Debug)]
+pub struct Event {
+    pub raw: RawEvent,
+    pub fd: OwnedFd,
 }
 
 /// A fanotify group of class `FAN_CLASS_PRE_CONTENT`.
@@ -311,9 +309,10 @@ impl Group {
         }
     }
 
-    /// Read a batch of events into `buf` and parse them. Returns `Ok(0)` when non-blocking and
-    /// nothing is queued. Each event's fd is owned by the caller from here on.
-    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<RawEvent>) -> io::Result<usize> {
+    /// Read a batch of events into `buf` and parse them, each with its fd owned. Returns `Ok(0)`
+    /// when non-blocking and nothing is queued. Events without an fd (the kernel could not open
+    /// one) are left out.
+    pub fn read_events(&self, buf: &mut [u8], out: &mut Vec<Event>) -> io::Result<usize> {
         let n = cvt_retry(|| {
             // SAFETY: the buffer is valid for writes of its length.
             unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) }
@@ -323,18 +322,23 @@ impl Group {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
             Err(e) => return Err(e),
         };
+        let mut raw = Vec::new();
+        let parsed = parse_events(&buf[..n], &mut raw);
         let before = out.len();
-        let parsed = parse_events(&buf[..n], out);
+        for ev in raw {
+            if ev.fd >= 0 {
+                // SAFETY: the kernel installed this fd in this process for this event, by this
+                // read; nothing else knows its number yet.
+                let fd = unsafe { OwnedFd::from_raw_fd(ev.fd) };
+                out.push(Event { raw: ev, fd });
+            }
+        }
         if let Err(e) = parsed {
             // The events we did parse are denied (EIO), then their fds closed: the caller never
             // sees them, and an event's fd is never closed unanswered (its number could then
             // be given to a newer event under a late answer). Unparsed ones cannot be named.
             for ev in out.drain(before..) {
-                if ev.fd >= 0 {
-                    let _ = self.respond(ev.fd, Verdict::Deny(DenyErrno::Io));
-                    // SAFETY: the kernel installed this fd for us and nobody else owns it.
-                    drop(unsafe { OwnedFd::from_raw_fd(ev.fd) });
-                }
+                let _ = self.respond(ev.raw.fd, Verdict::Deny(DenyErrno::Io));
             }
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }

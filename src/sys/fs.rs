@@ -250,15 +250,25 @@ pub fn fs_space(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     ))
 }
 
+/// `df`'s figures for the filesystem holding `path` (`statvfs`, which opens nothing): used,
+/// total and available-to-users bytes. Used is total less free blocks, as `df` counts it.
+pub fn disk_use(path: &Path) -> io::Result<(u64, u64, u64)> {
+    let c = path_cstring(path)?;
+    // SAFETY: statvfs is plain old data that the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated; `st` is a valid statvfs to write.
+    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    let frsize = st.f_frsize as u64;
+    Ok((
+        (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * frsize,
+        st.f_blocks as u64 * frsize,
+        st.f_bavail as u64 * frsize,
+    ))
+}
+
 /// The soft limit on open files (RLIMIT_NOFILE) of this process.
 pub fn open_files_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: writes the struct passed.
-    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    Ok(lim.rlim_cur)
+    super::process::nofile_limit().map(|(soft, _)| soft)
 }
 
 /// Device, inode number and birth time (ns) of the file behind `fd`; `None` where the

@@ -158,19 +158,23 @@ fn recv_flags(
 /// there: the parent's copies stay close-on-exec).
 pub fn spawn_with_fds(mut cmd: Command, fds: &[BorrowedFd<'_>]) -> io::Result<Child> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
-    // functions (dup, dup2, fcntl) on fds that are open in the parent.
+    // Room for the moved copies, made here: the hook must not allocate (below).
+    let mut moved: Vec<RawFd> = Vec::with_capacity(raw.len());
+    let first_free = 3 + raw.len() as i32;
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // calls are allowed (another thread of the parent may have held the allocator's lock at the
+    // fork). It calls fcntl and dup2 only, on fds open in the parent, and does not allocate:
+    // `moved` has its capacity already, so `push` never grows it (the hook runs once per
+    // child), and the errors it returns are errno values (`io::Error::last_os_error` does not
+    // allocate).
     unsafe {
         cmd.pre_exec(move || {
             // First move every source above the target range, so that installing fd 3 cannot
             // clobber a source that happens to be fd 4.
-            let mut moved = Vec::with_capacity(raw.len());
+            moved.clear();
             for &fd in &raw {
-                moved.push(cvt(libc::fcntl(
-                    fd,
-                    libc::F_DUPFD_CLOEXEC,
-                    3 + raw.len() as i32,
-                ))?);
+                debug_assert!(moved.len() < moved.capacity());
+                moved.push(cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free))?);
             }
             for (i, &fd) in moved.iter().enumerate() {
                 cvt(libc::dup2(fd, 3 + i as i32))?;
@@ -181,11 +185,23 @@ pub fn spawn_with_fds(mut cmd: Command, fds: &[BorrowedFd<'_>]) -> io::Result<Ch
     cmd.spawn()
 }
 
-/// Close every fd from `first` up: for a long-lived child that must not keep its parent's
-/// inherited pipes (a test harness's or a build tool's) open.
-pub fn close_fds_from(first: RawFd) {
-    // SAFETY: close_range only closes fds; callers own none above `first` that they still use.
-    unsafe { libc::syscall(libc::SYS_close_range, first as u32, u32::MAX, 0u32) };
+/// Close every fd numbered `first` or above that this process inherited and has not claimed
+/// (see [`claim_inherited`]): for a long-lived child that must not keep its parent's inherited
+/// pipes (a test harness's or a build tool's) open, or a process that must hold nothing it was
+/// not given. Fds this process opened itself (close-on-exec, all of them) are left alone.
+pub fn close_inherited_from(first: RawFd) -> io::Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&n| n >= first)
+        .collect();
+    for n in fds {
+        // Taken through `claim_inherited`, so that what it checks holds here too; EBADF for
+        // the directory's own fd, closed since.
+        if let Ok(fd) = claim_inherited(n) {
+            drop(fd);
+        }
+    }
+    Ok(())
 }
 
 /// Whether `fd` is a pipe or FIFO (whose reader waits for EOF from every holder).
@@ -195,12 +211,42 @@ pub fn is_pipe(fd: BorrowedFd<'_>) -> bool {
 
 /// Take ownership of fd `n` inherited from the parent (see [`spawn_with_fds`]), checking that it
 /// is open, and make it close-on-exec again.
-pub fn take_inherited(n: RawFd) -> io::Result<OwnedFd> {
+///
+/// # Safety
+/// Nothing else in this process may own fd `n`, now or later (no `OwnedFd`, `File` or other
+/// value that closes it): the fd is closed when the returned value is dropped.
+pub unsafe fn take_inherited(n: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD/F_SETFD on an integer fd have no memory effects.
     let flags = cvt(unsafe { libc::fcntl(n, libc::F_GETFD) })?;
+    // SAFETY: as above.
     cvt(unsafe { libc::fcntl(n, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
-    // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this process to own.
+    // SAFETY: the fd is open (F_GETFD succeeded); the caller vouches that nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// [`take_inherited`] for fds a process was started with: fd `n` must be open and not
+/// close-on-exec, and is made close-on-exec as it is taken, so each is taken once. Errors:
+/// `EBADF` for an fd not open, `InvalidInput` for one that was not inherited or already taken.
+///
+/// This is what makes it safe: every fd this process opens itself is close-on-exec (the
+/// standard library, tokio and mio open every fd so, and so does every call in `sys`: `O_CLOEXEC`,
+/// `SOCK_CLOEXEC`, `MFD_CLOEXEC`, `FAN_CLOEXEC` and event fds opened `O_CLOEXEC`,
+/// `MSG_CMSG_CLOEXEC`, `F_DUPFD_CLOEXEC`; keep it so), so an fd without the flag was inherited
+/// across exec and is owned by no value here until taken. A lock makes check and take one step.
+pub fn claim_inherited(n: RawFd) -> io::Result<OwnedFd> {
+    static CLAIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = CLAIMING.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: F_GETFD on an integer fd has no memory effects.
+    let flags = cvt(unsafe { libc::fcntl(n, libc::F_GETFD) })?;
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {n} was not inherited, or was already taken"),
+        ));
+    }
+    // SAFETY: see above: an open fd without FD_CLOEXEC is an inherited one nothing owns yet;
+    // take_inherited sets FD_CLOEXEC, so no later claim takes it again.
+    unsafe { take_inherited(n) }
 }
 
 /// How long a serving loop polls without sleeping after its last message: the next event of a
@@ -410,6 +456,7 @@ pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
 pub fn move_above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on an open fd returns a new fd that nothing else owns.
     let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: as above: `new` was just made and is owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
@@ -498,5 +545,5 @@ pub fn take_listen_fd(name: &str) -> Option<OwnedFd> {
     if index >= count {
         return None;
     }
-    take_inherited(3 + index).ok()
+    claim_inherited(3 + index).ok()
 }

@@ -9,6 +9,8 @@ pub mod ipc;
 pub mod loopdev;
 pub mod mount;
 pub mod privilege;
+pub mod process;
+pub mod seccomp;
 pub mod shm;
 pub mod users;
 

@@ -19,6 +19,12 @@ use super::cvt;
 /// Implement only for types that meet all three conditions.
 pub unsafe trait Shareable: Sync {}
 
+// SAFETY: both are `#[repr(C)]` structs of `AtomicU64`s only (`Metrics`: one per counter, as its
+// `counters!` macro makes it; `PublishedRanges`: an array of `#[repr(C)]` slots of six), for
+// which all-zero is the default; their definitions say so and name this impl.
+unsafe impl Shareable for crate::metrics::Metrics {}
+unsafe impl Shareable for crate::published::PublishedRanges {}
+
 pub struct Shared<T: Shareable> {
     ptr: NonNull<T>,
     fd: OwnedFd,
@@ -102,6 +108,7 @@ mod tests {
         a: AtomicU64,
         b: AtomicU64,
     }
+    // SAFETY: repr(C), atomics only, zero is valid.
     unsafe impl Shareable for Two {}
 
     #[test]
@@ -125,8 +132,10 @@ mod tests {
 
     #[repr(C)]
     struct AtomicPair(AtomicU64);
+    // SAFETY: as for `Two`.
     unsafe impl Shareable for AtomicPair {}
     #[repr(C)]
     struct Big([AtomicU64; 1024]);
+    // SAFETY: as for `Two`.
     unsafe impl Shareable for Big {}
 }
