@@ -545,6 +545,40 @@ impl Engine {
         }))
     }
 
+    /// Is what `need` asks for present (the record is loaded if the file is not cached)? No
+    /// fetch, no readahead: for accesses the fetch policy keeps from fetching. Not a stub: yes.
+    pub fn is_present(&self, fd: BorrowedFd<'_>, need: Need) -> io::Result<bool> {
+        let st = sysfs::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(true);
+        }
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(true);
+        };
+        let mut s = lock(&entry.state);
+        if let Need::Range { offset, count } = need {
+            // The bytes asked for, not the chunk a fetch would make of them.
+            let end = offset
+                .saturating_add(count)
+                .min(s.record.backed_len)
+                .min(st.st_size as u64);
+            if count > 0 {
+                return Ok(offset >= end || s.record.present.gaps(offset, end).is_empty());
+            }
+        }
+        let cursor = (s.last_end, s.last_request_end);
+        let p = plan(
+            &entry,
+            &mut s,
+            st.st_size as u64,
+            need,
+            self.backend.random_piece(),
+        );
+        let present = p.complete || s.record.present.gaps(p.start, p.end).is_empty();
+        (s.last_end, s.last_request_end) = cursor;
+        Ok(present)
+    }
+
     fn schedule_readahead(&self, entry: &Arc<Entry>, start: u64, end: u64) {
         let tx = lock(&self.readahead_tx).clone();
         if let Some(tx) = tx {
