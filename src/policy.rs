@@ -185,6 +185,13 @@ impl Policy {
         Process::read(pid, !self.cfg.deny_exe.is_empty())
     }
 
+    /// Are some processes listed (then every event's process is looked up)?
+    pub fn has_lists(&self) -> bool {
+        !self.cfg.deny_comm.is_empty()
+            || !self.cfg.deny_exe.is_empty()
+            || !self.cfg.deny_uid.is_empty()
+    }
+
     pub fn rate_limited(&self) -> bool {
         self.cfg.uid_fetch_rate.is_some_and(|r| r > 0.0)
     }

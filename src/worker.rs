@@ -282,11 +282,9 @@ fn receive_from_supervisor(
         if msg.id == NOTE_ID {
             // Never answered: the supervisor did (see `NOTE_ID`). A process the fetch policy
             // restricts sets off no readahead and no directory prefetch.
-            if ctx
-                .policy
-                .as_ref()
-                .is_some_and(|p| p.process(msg.pid).is_some_and(|pr| p.listed(&pr).is_some()))
-            {
+            if ctx.policy.as_ref().is_some_and(|p| {
+                p.has_lists() && p.process(msg.pid).is_some_and(|pr| p.listed(&pr).is_some())
+            }) {
                 continue;
             }
             match fd {
@@ -380,8 +378,13 @@ fn dispatch(
     } else {
         open_need(&ev)
     };
-    // The fetch policy: asked about processes only when it restricts some.
-    let process = ctx.policy.as_ref().and_then(|p| p.process(ev.pid));
+    // The fetch policy: a process is looked up for every event only when some are listed;
+    // for a rate limit alone, only when its event would fetch (below).
+    let process = ctx
+        .policy
+        .as_ref()
+        .filter(|p| p.has_lists())
+        .and_then(|p| p.process(ev.pid));
     let listed = match (&ctx.policy, &process) {
         (Some(p), Some(pr)) => p.listed(pr),
         _ => None,
@@ -412,8 +415,12 @@ fn dispatch(
         answer(ctx, ev, result);
         return;
     }
-    if let (Some(p), Some(pr)) = (&ctx.policy, &process) {
-        if !p.take_fetch(pr.uid, Instant::now()) {
+    if let Some(p) = ctx.policy.as_ref().filter(|p| p.rate_limited()) {
+        let uid = match &process {
+            Some(pr) => Some(pr.uid),
+            None => p.process(ev.pid).map(|pr| pr.uid),
+        };
+        if uid.is_some_and(|uid| !p.take_fetch(uid, Instant::now())) {
             return policy_answer(ctx, ev, need, Denial::Rate);
         }
     }
