@@ -16,12 +16,14 @@
 //! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
 
 pub mod backend;
+pub mod config;
 pub mod control;
 pub mod defaults;
 pub mod demo;
 pub mod digest;
 pub mod engine;
 pub mod event;
+pub mod exporter;
 pub mod guard;
 pub mod kernel_reader;
 pub mod lifecycle;
@@ -29,6 +31,7 @@ pub mod manage;
 pub mod manifest;
 pub mod metrics;
 pub mod owed;
+pub mod policy;
 pub mod populate;
 pub mod prefetch;
 pub mod protocol;
@@ -41,3 +44,9 @@ pub mod supervisor;
 pub mod sys;
 pub mod verify;
 pub mod worker;
+
+/// The span of one permission event's log lines, in the supervisor and in the worker alike:
+/// `event{id=N}` on every line logged inside it (`EventMsg::id`, assigned by the supervisor).
+pub fn event_span(id: u64) -> tracing::Span {
+    tracing::info_span!("event", id)
+}

@@ -1,9 +1,13 @@
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use hsm::config::ServeConfig;
 use hsm::control::Op;
 use hsm::defaults;
+use hsm::policy::PolicyConfig;
 use hsm::populate::PopulateOptions;
 use hsm::supervisor::ServeOptions;
 use hsm::worker::WorkerOptions;
@@ -128,6 +132,35 @@ enum Command {
         /// Mount over MOUNTPOINT even when it is not empty (its entries are hidden meanwhile).
         #[arg(long)]
         nonempty: bool,
+        /// A TOML file with any of these options, by their long names with `_`
+        /// (`fetch_deadline = 20`); options given here override it. See README, "Operating it".
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR:PORT/metrics (loopback only, unless the
+        /// config file sets `metrics_allow_remote = true`).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<SocketAddr>,
+        /// Fetch policy: processes of this name (comm) never cause fetches; their accesses to
+        /// content that is not present are denied (--deny-errno). Repeat or separate by commas.
+        #[arg(long, value_name = "NAME", value_delimiter = ',')]
+        deny_comm: Vec<String>,
+        /// Fetch policy: as --deny-comm, by executable path.
+        #[arg(long, value_name = "PATH", value_delimiter = ',')]
+        deny_exe: Vec<PathBuf>,
+        /// Fetch policy: as --deny-comm, by effective uid.
+        #[arg(long, value_name = "UID", value_delimiter = ',')]
+        deny_uid: Vec<u32>,
+        /// The errno of fetch policy denials: EPERM (default), EIO, EAGAIN or EBUSY.
+        #[arg(long, value_name = "ERRNO", value_parser = parse_errno_name)]
+        deny_errno: Option<String>,
+        /// Fetches a second any one uid may cause; beyond it, its accesses to content that is
+        /// not present fail with EAGAIN (0: no limit).
+        #[arg(long, value_name = "N")]
+        uid_fetch_rate: Option<f64>,
+        /// Fetches a uid may cause at once before --uid-fetch-rate applies (default: one
+        /// second's worth).
+        #[arg(long, value_name = "N")]
+        uid_fetch_burst: Option<f64>,
     },
     /// Make files complete (directories: every file below), fetching what is missing.
     Hydrate(ManageArgs),
@@ -155,6 +188,9 @@ enum Command {
         fetch_user: String,
         #[arg(long)]
         control_group: Option<u32>,
+        /// The fetch policy, as JSON.
+        #[arg(long, default_value = "{}")]
+        policy: String,
     },
     /// The process that keeps a store's stubs failing closed (never read as zeros) through every
     /// mount while no `hsm serve` runs. `hsm serve` starts it; it exits when the store's
@@ -264,6 +300,140 @@ impl Command {
     }
 }
 
+fn parse_errno_name(s: &str) -> Result<String, String> {
+    hsm::policy::parse_errno(s).map(|_| s.to_ascii_uppercase())
+}
+
+impl Command {
+    /// `serve --config`: every option not given on the command line (`matches`: the serve
+    /// subcommand's) takes the file's value. Returns whether the file allows a remote metrics
+    /// address.
+    fn apply_config(&mut self, matches: &ArgMatches, cfg: &ServeConfig) -> bool {
+        let Command::Serve {
+            threads,
+            readahead,
+            dir_prefetch,
+            fetch_deadline,
+            drain,
+            fetch_user,
+            control_group,
+            nonempty,
+            metrics,
+            deny_comm,
+            deny_exe,
+            deny_uid,
+            deny_errno,
+            uid_fetch_rate,
+            uid_fetch_burst,
+            ..
+        } = self
+        else {
+            return false;
+        };
+        // Given on the command line, by its name or its old one.
+        let given = |ids: &[&str]| {
+            ids.iter()
+                .any(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+        };
+        fn take<T: Clone>(field: &mut T, given: bool, from: &Option<T>) {
+            if let (false, Some(v)) = (given, from) {
+                *field = v.clone();
+            }
+        }
+        take(threads, given(&["threads", "workers"]), &cfg.threads);
+        take(readahead, given(&["readahead"]), &cfg.readahead);
+        take(dir_prefetch, given(&["dir_prefetch"]), &cfg.dir_prefetch);
+        take(
+            fetch_deadline,
+            given(&["fetch_deadline", "fetch_timeout"]),
+            &cfg.fetch_deadline,
+        );
+        take(drain, given(&["drain"]), &cfg.drain);
+        take(fetch_user, given(&["fetch_user"]), &cfg.fetch_user);
+        take(
+            control_group,
+            given(&["control_group"]),
+            &Some(cfg.control_group.clone()),
+        );
+        take(nonempty, given(&["nonempty"]), &cfg.nonempty);
+        take(deny_comm, given(&["deny_comm"]), &cfg.deny_comm);
+        take(deny_exe, given(&["deny_exe"]), &cfg.deny_exe);
+        take(deny_uid, given(&["deny_uid"]), &cfg.deny_uid);
+        take(
+            deny_errno,
+            given(&["deny_errno"]),
+            &Some(cfg.deny_errno.clone()),
+        );
+        take(
+            uid_fetch_rate,
+            given(&["uid_fetch_rate"]),
+            &Some(cfg.uid_fetch_rate),
+        );
+        take(
+            uid_fetch_burst,
+            given(&["uid_fetch_burst"]),
+            &Some(cfg.uid_fetch_burst),
+        );
+        if !given(&["metrics"]) {
+            if let Some(addr) = &cfg.metrics {
+                // Checked when the file is loaded (see `load_serve_config`).
+                *metrics = addr.parse().ok();
+            }
+        }
+        cfg.metrics_allow_remote
+    }
+}
+
+/// Parse the command line and, for `serve --config`, fold the file in. Returns the command,
+/// the deprecation warnings, and whether a remote metrics address is allowed.
+fn parse_command_line(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<(Command, Vec<String>, bool), anyhow::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let warnings = cli.command.take_old_names();
+    let mut allow_remote = false;
+    if let (
+        Command::Serve {
+            config: Some(path), ..
+        },
+        Some(("serve", sub)),
+    ) = (&cli.command, matches.subcommand())
+    {
+        let cfg = load_serve_config(path)?;
+        allow_remote = cli.command.apply_config(sub, &cfg);
+    }
+    Ok((cli.command, warnings, allow_remote))
+}
+
+fn load_serve_config(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
+    let cfg = ServeConfig::load(path)?;
+    if let Some(addr) = &cfg.metrics {
+        addr.parse::<SocketAddr>().map_err(|e| {
+            anyhow::anyhow!(
+                "{}: metrics = {addr:?}: not an ADDR:PORT ({e})",
+                path.display()
+            )
+        })?;
+    }
+    Ok(cfg)
+}
+
+/// Credentials from the config file reach the S3 client (in the fetcher process, which
+/// inherits the environment) as the variables it reads; the file's win over the environment.
+fn export_credentials(cfg: &ServeConfig) {
+    for (var, v) in [
+        ("AWS_ACCESS_KEY_ID", &cfg.aws_access_key_id),
+        ("AWS_SECRET_ACCESS_KEY", &cfg.aws_secret_access_key),
+        ("AWS_SESSION_TOKEN", &cfg.aws_session_token),
+    ] {
+        if let Some(v) = v {
+            // Single-threaded still: nothing reads the environment concurrently.
+            std::env::set_var(var, v);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -274,11 +444,29 @@ fn main() -> ExitCode {
         // No colour codes in a file or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let mut cli = Cli::parse();
-    for warning in cli.command.take_old_names() {
+    let (command, warnings, allow_remote) = match parse_command_line(std::env::args_os()) {
+        Ok(x) => x,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_err) => clap_err.exit(),
+            Err(e) => {
+                eprintln!("hsm: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    for warning in warnings {
         eprintln!("{warning}");
     }
-    let result = match cli.command {
+    if let Command::Serve {
+        config: Some(path), ..
+    } = &command
+    {
+        // Loaded (and checked) once already.
+        if let Ok(cfg) = ServeConfig::load(path) {
+            export_credentials(&cfg);
+        }
+    }
+    let result = match command {
         Command::Populate {
             source,
             store,
@@ -328,28 +516,49 @@ fn main() -> ExitCode {
             fetch_user,
             control_group,
             nonempty,
+            metrics,
+            deny_comm,
+            deny_exe,
+            deny_uid,
+            deny_errno,
+            uid_fetch_rate,
+            uid_fetch_burst,
             ..
-        } => control_group
-            .map(|g| {
-                hsm::sys::users::group_id(&g)
-                    .map_err(|e| anyhow::anyhow!("--control-group {g}: {e}"))
-            })
-            .transpose()
-            .and_then(|control_group| {
-                let opts = ServeOptions {
-                    worker: WorkerOptions {
-                        threads,
-                        readahead,
-                        dir_prefetch,
-                        fetch_deadline: defaults::secs(fetch_deadline),
-                        fetch_user,
-                        control_group,
-                    },
-                    drain: defaults::secs(drain),
-                    nonempty,
-                };
-                hsm::supervisor::serve(&store, &mountpoint, opts)
-            }),
+        } => (|| {
+            if let Some(addr) = metrics {
+                hsm::exporter::check_addr(addr, allow_remote)?;
+            }
+            let control_group = control_group
+                .map(|g| {
+                    hsm::sys::users::group_id(&g)
+                        .map_err(|e| anyhow::anyhow!("--control-group {g}: {e}"))
+                })
+                .transpose()?;
+            let policy = PolicyConfig {
+                deny_comm,
+                deny_exe,
+                deny_uid,
+                deny_errno,
+                uid_fetch_rate,
+                uid_fetch_burst,
+            };
+            policy.validate().map_err(anyhow::Error::msg)?;
+            let opts = ServeOptions {
+                worker: WorkerOptions {
+                    threads,
+                    readahead,
+                    dir_prefetch,
+                    fetch_deadline: defaults::secs(fetch_deadline),
+                    fetch_user,
+                    control_group,
+                    policy,
+                },
+                drain: defaults::secs(drain),
+                nonempty,
+                metrics,
+            };
+            hsm::supervisor::serve(&store, &mountpoint, opts)
+        })(),
         Command::Hydrate(a) => return manage(Op::Hydrate, a),
         Command::Release(a) => return manage(Op::Release, a),
         Command::Pin(a) => return manage(Op::Pin, a),
@@ -363,18 +572,24 @@ fn main() -> ExitCode {
             fetch_deadline,
             fetch_user,
             control_group,
-        } => hsm::worker::run(
-            &store,
-            &mountpoint,
-            WorkerOptions {
-                threads,
-                readahead,
-                dir_prefetch,
-                fetch_deadline: defaults::secs(fetch_deadline),
-                fetch_user,
-                control_group,
-            },
-        ),
+            policy,
+        } => serde_json::from_str::<PolicyConfig>(&policy)
+            .map_err(anyhow::Error::from)
+            .and_then(|policy| {
+                hsm::worker::run(
+                    &store,
+                    &mountpoint,
+                    WorkerOptions {
+                        threads,
+                        readahead,
+                        dir_prefetch,
+                        fetch_deadline: defaults::secs(fetch_deadline),
+                        fetch_user,
+                        control_group,
+                        policy,
+                    },
+                )
+            }),
         Command::ServeFetcher { source, fetch_user } => {
             hsm::backend::isolated::fetcher_main(&source, &fetch_user)
         }
@@ -498,5 +713,118 @@ mod tests {
         assert_eq!(defaults::secs(drain), d.drain);
         assert_eq!(fetch_user, d.worker.fetch_user);
         assert_eq!(d.event_deadline(), std::time::Duration::from_secs(45));
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn config_file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        f
+    }
+
+    fn parse(args: &[&str]) -> anyhow::Result<(Command, bool)> {
+        let args = std::iter::once("hsm")
+            .chain(args.iter().copied())
+            .map(std::ffi::OsString::from);
+        parse_command_line(args).map(|(c, _, remote)| (c, remote))
+    }
+
+    /// The file sets what the command line does not; the command line wins (by an option's
+    /// name or its old one); defaults fill the rest.
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let f = config_file(
+            "threads = 3\nreadahead = 4096\ndrain = 9\nfetch_user = \"hsm-fetch\"\n\
+             metrics = \"127.0.0.1:9187\"\ndeny_comm = [\"updatedb\"]\ndeny_uid = [5]\n\
+             uid_fetch_rate = 20\n",
+            0o644,
+        );
+        let path = f.path().to_str().unwrap();
+        let (cmd, remote) = parse(&[
+            "serve",
+            "st",
+            "mnt",
+            "--config",
+            path,
+            "--threads",
+            "8",
+            "--deny-uid",
+            "7,8",
+        ])
+        .unwrap();
+        assert!(!remote);
+        let Command::Serve {
+            threads,
+            readahead,
+            drain,
+            fetch_user,
+            fetch_deadline,
+            metrics,
+            deny_comm,
+            deny_uid,
+            uid_fetch_rate,
+            dir_prefetch,
+            ..
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(threads, 8, "the flag wins");
+        assert_eq!(deny_uid, vec![7, 8], "the flag's list replaces the file's");
+        assert_eq!((readahead, drain), (4096, 9.0), "the file's");
+        assert_eq!(fetch_user, "hsm-fetch");
+        assert_eq!(metrics, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(deny_comm, vec!["updatedb".to_string()]);
+        assert_eq!(uid_fetch_rate, Some(20.0));
+        assert_eq!(fetch_deadline, defaults::FETCH_DEADLINE_SECS, "the default");
+        assert_eq!(dir_prefetch, defaults::DIR_PREFETCH);
+        // An old option name counts as given.
+        let (cmd, _) = parse(&["serve", "st", "mnt", "--config", path, "--workers", "5"]).unwrap();
+        assert!(matches!(cmd, Command::Serve { threads: 5, .. }), "{cmd:?}");
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let err = |text: &str, mode: u32| {
+            let f = config_file(text, mode);
+            let path = f.path().to_str().unwrap().to_string();
+            format!(
+                "{:#}",
+                parse(&["serve", "st", "mnt", "--config", &path]).unwrap_err()
+            )
+        };
+        let e = err("threads = 2\nthreds = 3\n", 0o644);
+        assert!(e.contains("unknown field") && e.contains("threds"), "{e}");
+        let e = err("metrics = \"localhost\"\n", 0o644);
+        assert!(e.contains("not an ADDR:PORT"), "{e}");
+        let e = err("threads = 2\n", 0o666);
+        assert!(e.contains("writable by group or others"), "{e}");
+        let e = err(
+            "aws_access_key_id = \"AK\"\naws_secret_access_key = \"SK\"\n",
+            0o644,
+        );
+        assert!(e.contains("credentials") && e.contains("600"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&["serve", "st", "mnt", "--config", "/nonexistent/hsm.toml"]).unwrap_err()
+        );
+        assert!(e.contains("/nonexistent/hsm.toml"), "{e}");
+    }
+
+    #[test]
+    fn remote_metrics_need_the_file_s_permission() {
+        let f = config_file("metrics_allow_remote = true\n", 0o600);
+        let path = f.path().to_str().unwrap();
+        let (_, remote) = parse(&["serve", "st", "mnt", "--config", path]).unwrap();
+        assert!(remote);
+        let (_, remote) = parse(&["serve", "st", "mnt", "--metrics", "0.0.0.0:9100"]).unwrap();
+        assert!(!remote);
     }
 }

@@ -143,6 +143,7 @@ impl<'r> Owed<'r> {
             .collect();
         for id in &overdue {
             if let Some(h) = self.held.remove(id) {
+                tracing::warn!(parent: &crate::event_span(*id), "no answer from the worker in {deadline:?}; denied with EAGAIN");
                 answer(self.respond, &h, Verdict::Deny(DenyErrno::Again));
                 if h.sent {
                     self.denied_late.insert(*id, h.fd);

@@ -25,12 +25,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::defaults;
 use crate::event::{respond_to_group, GroupResponder, MASK};
 use crate::guard::{self, PrivateView, EVENT_FD_LIMIT};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::owed::{Owed, MAX_IN_FLIGHT};
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, NOTE_ID, REPLY_LEN};
 use crate::published::{FileId, PublishedRanges};
@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub drain: Duration,
     /// Mount over a mount point that is not empty.
     pub nonempty: bool,
+    /// Serve Prometheus metrics here (see `exporter`; checked to be loopback by the caller).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl ServeOptions {
@@ -68,9 +70,11 @@ impl Default for ServeOptions {
                 fetch_deadline: defaults::secs(defaults::FETCH_DEADLINE_SECS),
                 fetch_user: defaults::FETCH_USER.into(),
                 control_group: None,
+                policy: Default::default(),
             },
             drain: defaults::secs(defaults::DRAIN_SECS),
             nonempty: false,
+            metrics: None,
         }
     }
 }
@@ -155,6 +159,14 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         Shared::<Metrics>::create(c"hsm-metrics").context("cannot create the counters")?;
     let published = Shared::<PublishedRanges>::create(c"hsm-published")
         .context("cannot create the published ranges")?;
+    if let Some(addr) = opts.metrics {
+        let backend = match crate::backend::scheme_of(&store.config.source) {
+            crate::backend::Scheme::Local => "local",
+            crate::backend::Scheme::S3 => "s3",
+            crate::backend::Scheme::Http => "http",
+        };
+        crate::exporter::start(addr, &metrics, backend, view.root().join("tree"))?;
+    }
     let spawn = || {
         let inherited = [
             metrics.fd(),
@@ -275,7 +287,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                 // files being filled, and the xattr read would be wasted on each.
                 if r.mask & FAN_PRE_ACCESS == 0 && complete_on_disk(fd.as_fd()) {
                     Metrics::add(&metrics.events_open, 1);
-                    Metrics::add(&metrics.allowed, 1);
+                    metrics.answered(r.mask, Outcome::Allowed);
                     Metrics::add(&metrics.ignore_marks, 1);
                     respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
                     if notes && worker.ready {
@@ -294,7 +306,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                         .is_some_and(|id| published.covers(&id, offset, count));
                     if inside {
                         Metrics::add(&metrics.events_pre_access, 1);
-                        Metrics::add(&metrics.allowed, 1);
+                        metrics.answered(r.mask, Outcome::Allowed);
                         Metrics::add(&metrics.answered_published, 1);
                         respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, false);
                         if worker.ready {
@@ -312,10 +324,16 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
                 // and silenced at their first event. Asked after the published
                 // check, so that a sequential reader's accesses pay no extra xattr read.
                 if !crate::record::is_stub(fd.as_fd()) {
-                    Metrics::add(&metrics.allowed, 1);
+                    metrics.answered(r.mask, Outcome::Allowed);
                     Metrics::add(&metrics.ignore_marks, 1);
                     respond_to_group(&group, r.fd, fd.as_fd(), Verdict::Allow, true);
                     continue;
+                }
+                // The worker's lines for this event carry the same span (see `worker::dispatch`);
+                // made only when it is logged, off the path of every event.
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    debug!(parent: &crate::event_span(msg.id), pid = msg.pid, mask = msg.mask,
+                        range = ?msg.range, "held; passed to the worker");
                 }
                 owed.hold(fd, msg, Instant::now());
             }
@@ -384,7 +402,11 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         }
         // The safety net under the worker's own fetch deadline.
         let denied = owed.deny_overdue(opts.event_deadline(), Instant::now());
+        metrics
+            .pending_events
+            .store(owed.len() as u64, Ordering::Relaxed);
         if denied > 0 {
+            metrics.denied_with(DenyErrno::Again, denied as u64);
             warn!(
                 denied,
                 "no answer from the worker in time; denied with EAGAIN"
@@ -491,7 +513,9 @@ fn spawn_worker(
         .arg("--fetch-deadline")
         .arg(opts.fetch_deadline.as_secs_f64().to_string())
         .arg("--fetch-user")
-        .arg(&opts.fetch_user);
+        .arg(&opts.fetch_user)
+        .arg("--policy")
+        .arg(serde_json::to_string(&opts.policy)?);
     if let Some(gid) = opts.control_group {
         cmd.arg("--control-group").arg(gid.to_string());
     }

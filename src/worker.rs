@@ -20,12 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::engine::{Engine, Need, Served};
 use crate::event::{EventId, PendingEvent, Respond, SupervisorResponder};
 use crate::guard::PrivateView;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
+use crate::policy::{Denial, Policy, PolicyConfig};
 use crate::prefetch::DirPrefetch;
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
 use crate::published::PublishedRanges;
@@ -63,6 +64,8 @@ pub struct WorkerOptions {
     pub fetch_user: String,
     /// A group allowed on the control socket besides root.
     pub control_group: Option<u32>,
+    /// Which processes may cause fetches (see `policy`).
+    pub policy: PolicyConfig,
 }
 
 /// A local source is read here. A remote one is read by `hsm serve-fetcher`, a child process
@@ -110,6 +113,8 @@ struct Ctx {
     prefetch: Option<Arc<DirPrefetch>>,
     /// Events handed to the handler threads and not yet answered.
     handed_off: AtomicUsize,
+    /// None: every process may cause fetches.
+    policy: Option<Policy>,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -138,7 +143,12 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         ipc::claim_inherited(GUARD_FD).context("worker started without the guard connection")?;
     let store = Store::open(view.root())
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
-    let backend = open_backend(&store, &opts.fetch_user)?;
+    let policy = Policy::new(&opts.policy).map_err(anyhow::Error::msg)?;
+    // Every backend read timed into the fetch duration histogram.
+    let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
+        inner: open_backend(&store, &opts.fetch_user)?,
+        metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    });
     if !backend.reads_may_stall() {
         info!(
             "the source is on local disks: a missing piece is read by the thread serving its event"
@@ -184,6 +194,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         exec_opens: Mutex::new(HashMap::new()),
         prefetch,
         handed_off: AtomicUsize::new(0),
+        policy,
     });
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
@@ -284,7 +295,13 @@ fn receive_from_supervisor(
             return false;
         }
         if msg.id == NOTE_ID {
-            // Never answered: the supervisor did (see `NOTE_ID`).
+            // Never answered: the supervisor did (see `NOTE_ID`). A process the fetch policy
+            // restricts sets off no readahead and no directory prefetch.
+            if ctx.policy.as_ref().is_some_and(|p| {
+                p.has_lists() && p.process(msg.pid).is_some_and(|pr| p.listed(&pr).is_some())
+            }) {
+                continue;
+            }
             match fd {
                 // An access inside a published range: the readahead goes on from it.
                 Some(fd) if msg.mask & FAN_PRE_ACCESS != 0 => {
@@ -312,6 +329,9 @@ fn receive_from_supervisor(
                 msg.id
             );
             let verdict = Verdict::Deny(DenyErrno::Again);
+            ctx.engine
+                .metrics
+                .answered(msg.mask, Outcome::from(verdict));
             crate::event::answer_group(&responder.group, msg.fd_num, verdict);
             let reply = ReplyMsg {
                 id: msg.id,
@@ -354,6 +374,8 @@ fn dispatch(
     tx: &crossbeam_channel::Sender<PendingEvent>,
     alone: &dyn Fn() -> bool,
 ) {
+    let _span = crate::event_span(ev.id.id).entered();
+    debug!(pid = ev.pid, mask = ev.mask, range = ?ev.range, "received");
     // Answered inline: the plain open event of this exec comes only after this answer. Not an
     // exec through a stacking filesystem's hidden mount (overlayfs): it maps the real file with
     // no event, so that file is served as an open for a kernel reader (fetched whole).
@@ -371,9 +393,25 @@ fn dispatch(
     } else {
         open_need(&ev)
     };
+    // The fetch policy: a process is looked up for every event only when some are listed;
+    // for a rate limit alone, only when its event would fetch (below).
+    let process = ctx
+        .policy
+        .as_ref()
+        .filter(|p| p.has_lists())
+        .and_then(|p| p.process(ev.pid));
+    let listed = match (&ctx.policy, &process) {
+        (Some(p), Some(pr)) => p.listed(pr),
+        _ => None,
+    };
+    if let Some(errno) = listed {
+        return policy_answer(ctx, ev, need, Denial::Listed(errno));
+    }
+    let rate_limited = ctx.policy.as_ref().is_some_and(|p| p.rate_limited());
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // Opens go to a thread: after their fill they tell the directory prefetch.
-        let small_fill = || access && alone();
+        // Opens go to a thread: after their fill they tell the directory prefetch. A
+        // rate-limited uid's fills go through the policy first (below).
+        let small_fill = || access && !rate_limited && alone();
         ctx.engine.serve_if_present(ev.as_fd(), need, &small_fill)
     }));
     let served = match served {
@@ -391,6 +429,15 @@ fn dispatch(
         }
         answer(ctx, ev, result);
         return;
+    }
+    if let Some(p) = ctx.policy.as_ref().filter(|p| p.rate_limited()) {
+        let uid = match &process {
+            Some(pr) => Some(pr.uid),
+            None => p.process(ev.pid).map(|pr| pr.uid),
+        };
+        if uid.is_some_and(|uid| !p.take_fetch(uid, Instant::now())) {
+            return policy_answer(ctx, ev, need, Denial::Rate);
+        }
     }
     // A send fails only when the threads are gone; the event is then denied by its Drop.
     ctx.handed_off.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +465,49 @@ fn range_need(ev: &PendingEvent) -> Need {
     Need::Range { offset, count }
 }
 
+/// An access by a process the policy keeps from fetching: allowed if what it needs is present
+/// (content that is present is never affected), else denied as `denial` says.
+fn policy_answer(ctx: &Ctx, ev: PendingEvent, need: Need, denial: Denial) {
+    let metrics = &ctx.engine.metrics;
+    if ev.mask & FAN_PRE_ACCESS != 0 {
+        Metrics::add(&metrics.events_pre_access, 1);
+    } else {
+        Metrics::add(&metrics.events_open, 1);
+    }
+    let present = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ctx.engine.is_present(ev.as_fd(), need)
+    }));
+    match present {
+        Ok(Ok(true)) => {
+            metrics.answered(ev.mask, Outcome::Allowed);
+            ev.answer(Verdict::Allow, false);
+        }
+        Ok(Ok(false)) => {
+            let (errno, counter) = match denial {
+                Denial::Listed(errno) => (errno, &metrics.policy_denied_listed),
+                Denial::Rate => (DenyErrno::Again, &metrics.policy_denied_rate),
+            };
+            Metrics::add(counter, 1);
+            metrics.answered(ev.mask, Outcome::PolicyDenied(errno));
+            info!(
+                pid = ev.pid,
+                file = %crate::engine::fd_path(ev.as_fd()),
+                "fetch policy: denied with {} ({})",
+                crate::policy::errno_name(errno),
+                match denial {
+                    Denial::Listed(_) => "a listed process",
+                    Denial::Rate => "its uid is over its fetch rate",
+                }
+            );
+            ev.answer(Verdict::Deny(errno), false);
+        }
+        Ok(Err(e)) => answer(ctx, ev, Ok(Err(e))),
+        Err(_) => answer(ctx, ev, Err(())),
+    }
+}
+
 fn handle(ctx: &Ctx, ev: PendingEvent) {
+    let _span = crate::event_span(ev.id.id).entered();
     let metrics = &ctx.engine.metrics;
     let need = if ev.mask & FAN_PRE_ACCESS != 0 {
         Metrics::add(&metrics.events_pre_access, 1);
@@ -427,7 +516,7 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
         Metrics::add(&metrics.events_open, 1);
         if is_exec_open(ctx, &ev) {
             // An exec maps what it needs, range by range: nothing to fetch at open.
-            Metrics::add(&metrics.allowed, 1);
+            metrics.answered(ev.mask, Outcome::Allowed);
             ev.answer(Verdict::Allow, false);
             return;
         }
@@ -455,18 +544,19 @@ fn answer(ctx: &Ctx, ev: PendingEvent, result: Result<std::io::Result<Served>, (
             if ignore {
                 Metrics::add(&metrics.ignore_marks, 1);
             }
-            Metrics::add(&metrics.allowed, 1);
+            metrics.answered(ev.mask, Outcome::Allowed);
+            debug!(?served, "answered: allowed");
             ev.answer(Verdict::Allow, ignore);
         }
         Ok(Err(e)) => {
-            Metrics::add(&metrics.denied, 1);
             let errno = DenyErrno::for_error(&e);
+            metrics.answered(ev.mask, Outcome::Denied(errno));
             // Never silent; a failed fetch also has its own line, with its range and source.
             warn!(file = %crate::engine::fd_path(ev.as_fd()), "access denied with {errno:?}: {e}");
             ev.answer(Verdict::Deny(errno), false);
         }
         Err(_) => {
-            Metrics::add(&metrics.denied, 1);
+            metrics.answered(ev.mask, Outcome::Denied(DenyErrno::Io));
             error!("a fetch panicked; the access was denied with EIO");
         }
     }
@@ -484,7 +574,7 @@ fn note_exec_open(ctx: &Ctx, ev: PendingEvent) {
         m.retain(|_, t| now.duration_since(*t) < Duration::from_secs(30));
         m.insert((ev.pid, dev, ino), now);
     }
-    Metrics::add(&ctx.engine.metrics.allowed, 1);
+    ctx.engine.metrics.answered(ev.mask, Outcome::Allowed);
     ev.answer(Verdict::Allow, false);
 }
 

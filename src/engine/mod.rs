@@ -186,6 +186,42 @@ impl Engine {
         }
     }
 
+    /// Is what `need` asks for present (the record is loaded if the file is not cached)? No
+    /// fetch, no readahead: for accesses the fetch policy keeps from fetching. Not a stub: yes.
+    pub fn is_present(&self, fd: BorrowedFd<'_>, need: Need) -> io::Result<bool> {
+        let st = sysfs::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(true);
+        }
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(true);
+        };
+        let mut s = lock(&entry.state);
+        if let Need::Range { offset, count } = need {
+            // The bytes asked for, not the chunk a fetch would make of them.
+            let end = offset
+                .saturating_add(count)
+                .min(s.record.backed_len)
+                .min(st.st_size as u64);
+            if count > 0 {
+                return Ok(offset >= end || s.record.present.gaps(offset, end).is_empty());
+            }
+        }
+        // Planned as a fetch would be, without moving the reader's cursor.
+        let (cursor, last_access) = (s.cursor, s.last_access);
+        let p = plan(
+            Shape::of(&entry),
+            &mut s,
+            st.st_size as u64,
+            need,
+            self.backend.random_piece(),
+            Instant::now(),
+        );
+        let present = p.complete || s.record.present.gaps(p.start, p.end).is_empty();
+        (s.cursor, s.last_access) = (cursor, last_access);
+        Ok(present)
+    }
+
     /// Fetch what an open of the stub behind `fd` would, unless it is present already (a
     /// directory prefetch, see [`crate::prefetch`]).
     pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<Prefetched> {
