@@ -17,7 +17,7 @@ use crate::policy::PolicyConfig;
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
     pub threads: Option<usize>,
-    pub readahead: Option<u64>,
+    pub readahead: Option<crate::units::Size>,
     pub dir_prefetch: Option<usize>,
     pub fetch_deadline: Option<f64>,
     pub drain: Option<f64>,
@@ -26,8 +26,8 @@ pub struct ServeConfig {
     pub control_group: Option<String>,
     /// `--nonempty`: mount over a mount point that is not empty.
     pub nonempty: Option<bool>,
-    /// `--cache-limit`, with a unit (`"20G"`).
-    pub cache_limit: Option<String>,
+    /// `--cache-limit`: bytes, or with a unit (`"20G"`).
+    pub cache_limit: Option<crate::units::Size>,
     /// `--metrics ADDR:PORT`.
     pub metrics: Option<String>,
     /// Allow a `metrics` address that is not loopback.

@@ -278,7 +278,7 @@ impl Client {
         if self.reader.read_line(&mut answer)? == 0 {
             anyhow::bail!("the daemon closed the connection (it stopped, or its worker restarted)");
         }
-        Ok(serde_json::from_str(&answer).context("malformed reply from the daemon")?)
+        serde_json::from_str(&answer).context("malformed reply from the daemon")
     }
 }
 

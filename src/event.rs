@@ -33,6 +33,15 @@ pub trait Respond: Send + Sync {
     fn respond(&self, ev: EventId, file: BorrowedFd<'_>, verdict: Verdict, ignore: bool);
 }
 
+/// The events an ignore mark on a complete file silences: all of [`MASK`], or only accesses
+/// while a cache limit needs to see every open (see `evict`). Set once at start.
+static IGNORE_MASK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(MASK);
+
+/// Ignore marks silence accesses only from now on: opens are still reported.
+pub fn ignore_only_accesses() {
+    IGNORE_MASK.store(FAN_PRE_ACCESS, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Place the ignore mark (before the answer, so the reader's next access is already silent),
 /// then answer.
 pub fn respond_to_group(
@@ -43,7 +52,8 @@ pub fn respond_to_group(
     ignore: bool,
 ) {
     if ignore {
-        if let Err(e) = group.ignore_inode(file, MASK) {
+        let mask = IGNORE_MASK.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = group.ignore_inode(file, mask) {
             warn!("ignore mark failed: {e}");
         }
     }

@@ -23,6 +23,7 @@ pub mod demo;
 pub mod digest;
 pub mod engine;
 pub mod event;
+pub mod evict;
 pub mod exporter;
 pub mod guard;
 pub mod kernel_reader;
@@ -42,6 +43,7 @@ pub mod status;
 pub mod store;
 pub mod supervisor;
 pub mod sys;
+pub mod units;
 pub mod verify;
 pub mod worker;
 

@@ -123,6 +123,19 @@ impl Releaser<'_> {
         // be opened for writing (ETXTBSY), which is "in use" anyway.
         let probe = sysfs::open_beneath(tree, rel, libc::O_RDONLY | libc::O_NONBLOCK)
             .context("cannot open it in the store")?;
+        self.release_opened(probe, &|| {
+            sysfs::open_beneath(tree, rel, libc::O_RDWR | libc::O_NONBLOCK)
+        })
+    }
+
+    /// Release the file `probe` (opened read-only, through a view that raises no event) is; it
+    /// is opened again for writing by `open_rw`.
+    pub fn release_opened(
+        &self,
+        probe: OwnedFd,
+        open_rw: &dyn Fn() -> std::io::Result<OwnedFd>,
+    ) -> anyhow::Result<Outcome> {
+        use anyhow::Context;
         let st = sysfs::fstat(probe.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Ok(Outcome::Refused(Refusal::NotAStub));
@@ -138,7 +151,7 @@ impl Releaser<'_> {
             return Ok(Outcome::Refused(Refusal::InUse));
         }
         drop(probe);
-        let file: OwnedFd = match sysfs::open_beneath(tree, rel, libc::O_RDWR | libc::O_NONBLOCK) {
+        let file: OwnedFd = match open_rw() {
             Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
                 return Ok(Outcome::Refused(Refusal::InUse))

@@ -45,11 +45,13 @@ enum Command {
         source: String,
         /// The store directory (on ext4, xfs or btrfs); created if missing.
         store: PathBuf,
-        /// Chunk size for range fetches, in bytes (a multiple of 4096).
-        #[arg(long, value_name = "BYTES", default_value_t = hsm::store::DEFAULT_CHUNK)]
+        /// Chunk size for range fetches (a multiple of 4096; units: 512K, 4M).
+        #[arg(long, value_name = "SIZE", default_value_t = hsm::store::DEFAULT_CHUNK,
+              value_parser = hsm::units::parse_size_u32)]
         chunk_size: u32,
-        /// Files smaller than this are fetched whole when first opened.
-        #[arg(long, value_name = "BYTES", default_value_t = hsm::store::DEFAULT_WHOLE_BELOW)]
+        /// Files smaller than this are fetched whole when first opened (units: 1M).
+        #[arg(long, value_name = "SIZE", default_value_t = hsm::store::DEFAULT_WHOLE_BELOW,
+              value_parser = hsm::units::parse_size)]
         whole_below: u64,
         /// ext4 only: fetch files range by range instead of whole on open. Copy tools that trust
         /// SEEK_DATA (cp, tar --sparse, rsync --sparse) then copy unfetched ranges as zeros.
@@ -102,9 +104,15 @@ enum Command {
         /// Old name of --threads.
         #[arg(long, hide = true, conflicts_with = "threads")]
         workers: Option<usize>,
-        /// Bytes fetched ahead of a sequential reader.
-        #[arg(long, value_name = "BYTES", default_value_t = defaults::READAHEAD)]
+        /// Bytes fetched ahead of a sequential reader (units: 8M).
+        #[arg(long, value_name = "SIZE", default_value_t = defaults::READAHEAD,
+              value_parser = hsm::units::parse_size)]
         readahead: u64,
+        /// Present bytes the store may hold (units: 20G): beyond it, the least recently used
+        /// files are released (as `hsm release`, skipping modified, pinned and open ones) down
+        /// to 90% of it. Default: no limit.
+        #[arg(long, value_name = "SIZE", value_parser = hsm::units::parse_size)]
+        cache_limit: Option<u64>,
         /// Files fetched ahead of a walk through a directory (tar, grep -r, a build): once 3
         /// different stubs of a directory are opened within 2 s, up to this many of its other
         /// small files (64 MiB at most) are fetched in the background. 0: only what is read.
@@ -188,6 +196,8 @@ enum Command {
         fetch_user: String,
         #[arg(long)]
         control_group: Option<u32>,
+        #[arg(long)]
+        cache_limit: Option<u64>,
         /// The fetch policy, as JSON.
         #[arg(long, default_value = "{}")]
         policy: String,
@@ -318,6 +328,7 @@ impl Command {
             fetch_user,
             control_group,
             nonempty,
+            cache_limit,
             metrics,
             deny_comm,
             deny_exe,
@@ -341,7 +352,11 @@ impl Command {
             }
         }
         take(threads, given(&["threads", "workers"]), &cfg.threads);
-        take(readahead, given(&["readahead"]), &cfg.readahead);
+        take(
+            readahead,
+            given(&["readahead"]),
+            &cfg.readahead.map(|s| s.0),
+        );
         take(dir_prefetch, given(&["dir_prefetch"]), &cfg.dir_prefetch);
         take(
             fetch_deadline,
@@ -356,6 +371,11 @@ impl Command {
             &Some(cfg.control_group.clone()),
         );
         take(nonempty, given(&["nonempty"]), &cfg.nonempty);
+        take(
+            cache_limit,
+            given(&["cache_limit"]),
+            &Some(cfg.cache_limit.map(|s| s.0)),
+        );
         take(deny_comm, given(&["deny_comm"]), &cfg.deny_comm);
         take(deny_exe, given(&["deny_exe"]), &cfg.deny_exe);
         take(deny_uid, given(&["deny_uid"]), &cfg.deny_uid);
@@ -516,6 +536,7 @@ fn main() -> ExitCode {
             fetch_user,
             control_group,
             nonempty,
+            cache_limit,
             metrics,
             deny_comm,
             deny_exe,
@@ -551,6 +572,7 @@ fn main() -> ExitCode {
                     fetch_deadline: defaults::secs(fetch_deadline),
                     fetch_user,
                     control_group,
+                    cache_limit,
                     policy,
                 },
                 drain: defaults::secs(drain),
@@ -572,6 +594,7 @@ fn main() -> ExitCode {
             fetch_deadline,
             fetch_user,
             control_group,
+            cache_limit,
             policy,
         } => serde_json::from_str::<PolicyConfig>(&policy)
             .map_err(anyhow::Error::from)
@@ -586,6 +609,7 @@ fn main() -> ExitCode {
                         fetch_deadline: defaults::secs(fetch_deadline),
                         fetch_user,
                         control_group,
+                        cache_limit,
                         policy,
                     },
                 )

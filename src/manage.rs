@@ -31,6 +31,8 @@ pub struct Operations {
     /// The group whose ignore marks a release takes off.
     pub group: Option<Arc<Group>>,
     pub zero_pool: Option<File>,
+    /// The cache limit's tally, told of releases.
+    pub usage: Option<Arc<crate::evict::Usage>>,
 }
 
 /// Bytes of the file present, from its records (0 for a file that is not a stub).
@@ -74,13 +76,21 @@ impl Operations {
     fn release(&self, rel: &[u8]) -> anyhow::Result<Outcome> {
         let forget =
             |fd: std::os::fd::BorrowedFd<'_>| self.engine.as_ref().is_none_or(|e| e.forget(fd));
-        Releaser {
+        let outcome = Releaser {
             group: self.group.as_deref(),
             published: self.engine.as_ref().and_then(|e| e.published()),
             zero_pool: self.zero_pool.as_ref(),
             forget: &forget,
         }
-        .release(self.tree.as_fd(), rel)
+        .release(self.tree.as_fd(), rel)?;
+        if let (Outcome::Released { .. }, Some(usage)) = (&outcome, &self.usage) {
+            if let Ok(f) =
+                sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_RDONLY | libc::O_NONBLOCK)
+            {
+                usage.filled(f.as_fd(), 0);
+            }
+        }
+        Ok(outcome)
     }
 
     fn set_pinned(&self, rel: &[u8], pinned: bool) -> anyhow::Result<()> {
@@ -252,6 +262,7 @@ fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Here)> {
         tree: tree()?,
         group: group.map(Arc::new),
         zero_pool: st.zero_pool().ok(),
+        usage: None,
     };
     Ok((
         Reach::Here(Arc::new(ops)),

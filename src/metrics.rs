@@ -91,6 +91,8 @@ counters! {
     pending_events: "Gauge: events the supervisor holds, not yet answered.",
     present_bytes: "Gauge: bytes of the store's files present (sampled, see hsm_present_bytes).",
     evicted_bytes: "Bytes released from stubs by eviction.",
+    evicted_files: "Files released by eviction (the cache limit).",
+    released_bytes: "Bytes released by hsm release.",
 }
 
 /// How an event was answered, for [`Metrics::answered`].

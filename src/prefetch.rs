@@ -336,7 +336,9 @@ impl DirPrefetch {
     /// Fetch what an open of `rel` would, if it is a stub not yet present.
     fn fetch(&self, rel: &[u8]) {
         use crate::metrics::Metrics;
+        // Under a cache limit, fetching ahead must not evict what was read: only below it.
         if lock(&self.starved_until).is_some_and(|t| Instant::now() < t)
+            || !self.engine.room_to_fetch_ahead()
             || !self.engine.wait_for_room(ROOM_WAIT)
         {
             return;

@@ -70,6 +70,7 @@ impl Default for ServeOptions {
                 fetch_deadline: defaults::secs(defaults::FETCH_DEADLINE_SECS),
                 fetch_user: defaults::FETCH_USER.into(),
                 control_group: None,
+                cache_limit: None,
                 policy: Default::default(),
             },
             drain: defaults::secs(defaults::DRAIN_SECS),
@@ -205,7 +206,12 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut restarts: Vec<Instant> = Vec::new();
     let mut busy_at = Instant::now();
     // The worker's directory prefetch wants to hear of opens answered here.
-    let notes = crate::prefetch::enabled(opts.worker.dir_prefetch);
+    // So does the cache limit, which counts every open as a use (see `evict`).
+    let notes =
+        crate::prefetch::enabled(opts.worker.dir_prefetch) || opts.worker.cache_limit.is_some();
+    if opts.worker.cache_limit.is_some() {
+        crate::event::ignore_only_accesses();
+    }
     let mut at_limit_since: Option<Instant> = None;
     loop {
         if watchdog.is_some_and(|every| watchdog_at.elapsed() >= every) {
@@ -518,6 +524,9 @@ fn spawn_worker(
         .arg(serde_json::to_string(&opts.policy)?);
     if let Some(gid) = opts.control_group {
         cmd.arg("--control-group").arg(gid.to_string());
+    }
+    if let Some(limit) = opts.cache_limit {
+        cmd.arg("--cache-limit").arg(limit.to_string());
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD, VIEW_FD, GUARD_FD.

@@ -64,6 +64,8 @@ pub struct WorkerOptions {
     pub fetch_user: String,
     /// A group allowed on the control socket besides root.
     pub control_group: Option<u32>,
+    /// Present bytes the store may hold; beyond, the least recently used files are released.
+    pub cache_limit: Option<u64>,
     /// Which processes may cause fetches (see `policy`).
     pub policy: PolicyConfig,
 }
@@ -115,6 +117,8 @@ struct Ctx {
     handed_off: AtomicUsize,
     /// None: every process may cause fetches.
     policy: Option<Policy>,
+    /// The cache limit's tally of uses, when one is set.
+    usage: Option<Arc<crate::evict::Usage>>,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -177,12 +181,37 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
             opts.dir_prefetch,
         )
     });
+    let usage = match opts.cache_limit {
+        Some(limit) => {
+            let usage = Arc::new(crate::evict::Usage::new(limit));
+            let tree = || store_tree(&store).context("cannot open the store's tree");
+            engine.set_space(Arc::new(crate::evict::Space {
+                usage: usage.clone(),
+                engine: Arc::downgrade(&engine),
+                tree: tree()?,
+                group: group.clone(),
+                zero_pool: store.zero_pool().ok(),
+            }));
+            usage.start(
+                &store.tree(),
+                tree()?,
+                engine.clone(),
+                group.clone(),
+                store.zero_pool().ok(),
+            );
+            // Opens of complete files stay reported, as uses (see `evict`).
+            crate::event::ignore_only_accesses();
+            Some(usage)
+        }
+        None => None,
+    };
     // `hsm hydrate`, `release`, `pin` on the served store come through here (see `control`).
     let operations = crate::manage::Operations {
         engine: Some(engine.clone()),
         tree: store_tree(&store).context("cannot open the store's tree")?,
         group: Some(group.clone()),
         zero_pool: store.zero_pool().ok(),
+        usage: usage.clone(),
     };
     let access = crate::control::Access {
         group: opts.control_group,
@@ -195,6 +224,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         prefetch,
         handed_off: AtomicUsize::new(0),
         policy,
+        usage,
     });
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
@@ -302,6 +332,9 @@ fn receive_from_supervisor(
             }) {
                 continue;
             }
+            if let (Some(usage), Some(fd)) = (&ctx.usage, &fd) {
+                usage.used(fd.as_fd());
+            }
             match fd {
                 // An access inside a published range: the readahead goes on from it.
                 Some(fd) if msg.mask & FAN_PRE_ACCESS != 0 => {
@@ -376,6 +409,9 @@ fn dispatch(
 ) {
     let _span = crate::event_span(ev.id.id).entered();
     debug!(pid = ev.pid, mask = ev.mask, range = ?ev.range, "received");
+    if let Some(usage) = &ctx.usage {
+        usage.used(ev.as_fd());
+    }
     // Answered inline: the plain open event of this exec comes only after this answer. Not an
     // exec through a stacking filesystem's hidden mount (overlayfs): it maps the real file with
     // no event, so that file is served as an open for a kernel reader (fetched whole).

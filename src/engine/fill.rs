@@ -308,7 +308,11 @@ impl Engine {
         if s.record.is_complete() {
             Metrics::add(&self.metrics.files_completed, 1);
         }
+        let present = s.record.present_bytes();
         drop(s);
+        if let Some(space) = self.space.get() {
+            space.filled(fd, present);
+        }
         // A reader waiting on this piece (claimed by another request, readahead say) goes on
         // now, not when that request's last piece is written.
         entry.changed.notify_all();

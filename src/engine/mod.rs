@@ -98,6 +98,19 @@ pub struct Engine {
     /// How far ahead of a sequential reader to fetch.
     readahead: u64,
     readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
+    /// The cache limit's accounting, when one is set (see `evict`).
+    space: std::sync::OnceLock<Arc<dyn Space>>,
+}
+
+/// What the engine tells the cache limit, and asks of it (see `evict`).
+pub trait Space: Send + Sync {
+    /// The file behind `fd` now has `present` bytes present.
+    fn filled(&self, fd: BorrowedFd<'_>, present: u64);
+    /// The store is full: free at least `bytes`; whether anything was freed.
+    fn make_room(&self, bytes: u64) -> bool;
+    /// Whether fetching what nobody asked for yet (a directory prefetch) is welcome: not when
+    /// it would evict what was read.
+    fn room_to_fetch_ahead(&self) -> bool;
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,7 +162,18 @@ impl Engine {
             published,
             readahead,
             readahead_tx: Mutex::new(None),
+            space: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether a fetch nobody asked for yet is welcome (see [`Space::room_to_fetch_ahead`]).
+    pub fn room_to_fetch_ahead(&self) -> bool {
+        self.space.get().is_none_or(|s| s.room_to_fetch_ahead())
+    }
+
+    /// Report fills to the cache limit from now on.
+    pub fn set_space(&self, space: Arc<dyn Space>) {
+        let _ = self.space.set(space);
     }
 
     /// Serve one access on the stub behind `fd`.
@@ -173,7 +197,23 @@ impl Engine {
             return Ok(Served::Complete);
         }
         if plan.start < plan.end {
-            self.fill(&entry, fd, plan.start, plan.end, false)?;
+            match self.fill(&entry, fd, plan.start, plan.end, false) {
+                // The store is full: the cache limit frees the oldest files, and the fill is
+                // tried once more (what was written stays, it goes on from the gaps).
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    let room = self
+                        .space
+                        .get()
+                        .is_some_and(|sp| sp.make_room(plan.end - plan.start));
+                    if !room {
+                        return Err(e);
+                    }
+                    self.fill(&entry, fd, plan.start, plan.end, false)?;
+                }
+                r => {
+                    r?;
+                }
+            }
             if let Some((start, end)) = readahead::window(&plan, self.readahead) {
                 self.schedule_readahead(&entry, start, end);
             }

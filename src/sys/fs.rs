@@ -932,7 +932,14 @@ pub fn reopen_by_handle(
     file: BorrowedFd<'_>,
     flags: i32,
 ) -> io::Result<OwnedFd> {
-    const MAX_HANDLE_SZ: usize = 128;
+    open_by_handle(mount_dir, &file_handle(file)?, flags)
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+/// The kernel's handle of the inode behind `file` (`name_to_handle_at`): names it for
+/// [`open_by_handle`] whatever its path becomes, and never another inode.
+pub fn file_handle(file: BorrowedFd<'_>) -> io::Result<FileHandle> {
     // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }, 8-byte aligned.
     let mut buf = [0u64; (8 + MAX_HANDLE_SZ) / 8];
     let raw = buf.as_mut_ptr().cast::<u8>();
@@ -951,12 +958,34 @@ pub fn reopen_by_handle(
             libc::AT_EMPTY_PATH,
         )
     })?;
-    // SAFETY: as above; open_by_handle_at returns a new fd.
+    // SAFETY: the kernel wrote handle_bytes (at most MAX_HANDLE_SZ) after the 8-byte header.
+    let len = unsafe { std::ptr::read(raw.cast::<u32>()) } as usize;
+    Ok(FileHandle(buf, len.min(MAX_HANDLE_SZ)))
+}
+
+/// A `struct file_handle` as the kernel gave it.
+#[derive(Clone)]
+pub struct FileHandle([u64; (8 + MAX_HANDLE_SZ) / 8], usize);
+
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileHandle({} bytes)", self.1)
+    }
+}
+
+/// Open the inode `handle` names, through the mount of `mount_dir`. Needs CAP_DAC_READ_SEARCH.
+pub fn open_by_handle(
+    mount_dir: BorrowedFd<'_>,
+    handle: &FileHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    // SAFETY: `handle.0` is a file_handle filled by name_to_handle_at; open_by_handle_at only
+    // reads it, and returns a new fd.
     let fd = cvt(unsafe {
         libc::syscall(
             libc::SYS_open_by_handle_at,
             mount_dir.as_raw_fd(),
-            raw,
+            handle.0.as_ptr(),
             flags | libc::O_CLOEXEC,
         )
     })?;
