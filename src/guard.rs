@@ -117,11 +117,12 @@ pub fn attach_daemon(store_root: &Path) -> anyhow::Result<Attachment> {
                 };
                 match (kind, fd) {
                     (REP_GROUP, Some(fd)) => {
+                        crate::kernel_reader::log_loop_attach_limit();
                         return Ok(Attachment {
                             group: Group::from_fd(fd),
                             conn,
                             guard_pid: pid,
-                        })
+                        });
                     }
                     (REP_BUSY, _) => bail!(
                         "the store {} is already served by another hsm serve (pid {pid}); one \

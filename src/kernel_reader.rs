@@ -37,6 +37,18 @@ const LOOP_TOOLS: &[&[u8]] = &[
     b"systemd-mountfs",
 ];
 
+/// Said once by `hsm serve` at start: what the name check leaves open. The exact guard, a BPF LSM
+/// hook on the loop-attach ioctls, is not loaded (see the README, "Kernel readers": the project's
+/// kernel refuses BPF LSM programs although it lists the BPF LSM).
+pub fn log_loop_attach_limit() {
+    tracing::info!(
+        "loop devices: attaches are recognised by the attaching program's name only (losetup, \
+         mount, udisksd, snapd, the systemd image tools), which fill a stub first; a program of \
+         another name attaching a stub that is not complete gets a device that reads zeros where \
+         the stub is filled range by range: run `hsm hydrate FILE` before attaching FILE with it"
+    );
+}
+
 fn opened_by_loop_tool(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/comm"))
         .is_ok_and(|comm| LOOP_TOOLS.contains(&comm.trim_ascii_end()))
