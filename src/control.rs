@@ -152,11 +152,6 @@ pub fn serve(listener: UnixListener, service: Arc<dyn Service>, access: Access) 
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            if let Err(why) = permitted(&stream, access) {
-                warn!("control socket: {why}");
-                let _ = reply_line(&mut stream, &Err(why));
-                continue;
-            }
             if open.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
                 open.fetch_sub(1, Ordering::Relaxed);
                 let _ = reply_line(&mut stream, &Err("too many connections; try again".into()));
@@ -164,7 +159,10 @@ pub fn serve(listener: UnixListener, service: Arc<dyn Service>, access: Access) 
             }
             let (service, open) = (service.clone(), open.clone());
             std::thread::spawn(move || {
-                connection(stream, &*service);
+                match permitted(&stream, access) {
+                    Ok(()) => connection(stream, &*service),
+                    Err(why) => refuse(stream, why),
+                }
                 open.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -194,6 +192,18 @@ fn connection(stream: UnixStream, service: &dyn Service) {
             return;
         }
     }
+}
+
+/// Answer the caller's first request with why it is not served, then hang up.
+fn refuse(stream: UnixStream, why: String) {
+    warn!("control socket: {why}");
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut line = String::new();
+    let _ = BufReader::new(stream).read_line(&mut line);
+    let _ = reply_line(&mut out, &Err(why));
 }
 
 fn reply_line(out: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {

@@ -37,6 +37,11 @@ pub trait Respond: Send + Sync {
 /// while a cache limit needs to see every open (see `evict`). Set once at start.
 static IGNORE_MASK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(MASK);
 
+/// The events an ignore mark on a complete file silences (see [`ignore_only_accesses`]).
+pub fn ignore_mask() -> u64 {
+    IGNORE_MASK.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Ignore marks silence accesses only from now on: opens are still reported.
 pub fn ignore_only_accesses() {
     IGNORE_MASK.store(FAN_PRE_ACCESS, std::sync::atomic::Ordering::Relaxed);

@@ -86,14 +86,22 @@ impl Usage {
         }
     }
 
-    /// The file behind `fd` now has `present` bytes present.
+    /// The file behind `fd` now has `present` bytes present. A fill is not a use: a file
+    /// first seen here (fetched ahead, by a directory prefetch) counts as never used, and goes
+    /// first.
     pub fn filled(&self, fd: BorrowedFd<'_>, present: u64) {
+        self.set(fd, present, None);
+    }
+
+    fn set(&self, fd: BorrowedFd<'_>, present: u64, used: Option<SystemTime>) {
         let Some(key) = key_of(fd) else { return };
         let mut guard = lock(&self.tally);
         let t = &mut *guard;
         let old = match t.files.get_mut(&key) {
             Some(f) => {
-                f.last_use = SystemTime::now();
+                if let Some(at) = used {
+                    f.last_use = at;
+                }
                 std::mem::replace(&mut f.present, present)
             }
             None => {
@@ -105,7 +113,7 @@ impl Usage {
                     Tracked {
                         handle,
                         present,
-                        last_use: SystemTime::now(),
+                        last_use: used.unwrap_or(SystemTime::UNIX_EPOCH),
                         skip: false,
                     },
                 );
@@ -130,7 +138,7 @@ impl Usage {
         drop(t);
         // Not seen yet (the walk has not reached it): counted from its records.
         if let Some(present) = present_by_record(fd) {
-            self.filled(fd, present);
+            self.set(fd, present, Some(SystemTime::now()));
         }
     }
 
@@ -254,12 +262,14 @@ impl Usage {
         let (mut need, mut candidates) = {
             let t = lock(&self.tally);
             if !t.walked {
+                warn!("no room made: the store's files are still being counted");
                 return 0;
             }
             let need = self.excess(t.total).max(wanted);
             if need == 0 {
                 return 0;
             }
+            tracing::debug!(total = t.total, limit = self.limit, need, "evicting");
             let mut c: Vec<(SystemTime, FileKey, FileHandle)> = t
                 .files
                 .iter()
@@ -283,8 +293,12 @@ impl Usage {
                         Outcome::Refused(Refusal::InUse)
                     }),
                 // Deleted meanwhile: its space is gone with it.
-                Err(_) => Outcome::AlreadyStub,
+                Err(e) => {
+                    tracing::debug!("eviction candidate not opened: {e}");
+                    Outcome::AlreadyStub
+                }
             };
+            tracing::debug!(?outcome, "eviction candidate");
             let mut t = lock(&self.tally);
             match outcome {
                 Outcome::Released { bytes } => {
@@ -310,6 +324,12 @@ impl Usage {
                     }
                 }
             }
+        }
+        if wanted > 0 {
+            info!(
+                wanted,
+                freed, "the store's filesystem is full: least recently used files released"
+            );
         }
         let mut t = lock(&self.tally);
         if t.total > self.limit && need > 0 {

@@ -83,10 +83,15 @@ fn records(fd: BorrowedFd<'_>) -> Result<(SourceRecord, StateRecord), Refusal> {
 
 /// Whether the file may be released, from its records and its size now.
 fn check(fd: BorrowedFd<'_>, source: &SourceRecord, state: &StateRecord) -> Result<(), Refusal> {
-    let size = sysfs::fstat(fd)
-        .map_err(|e| Refusal::Corrupt(e.to_string()))?
-        .st_size as u64;
-    if state.modified || state.backed_len != source.size || size != source.size {
+    let st = sysfs::fstat(fd).map_err(|e| Refusal::Corrupt(e.to_string()))?;
+    let size = st.st_size as u64;
+    // A write in place moves only the mtime: the record cannot know of it.
+    let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
+    if state.modified
+        || state.backed_len != source.size
+        || size != source.size
+        || mtime != source.mtime
+    {
         return Err(Refusal::Modified);
     }
     if is_pinned(fd) {
@@ -148,6 +153,7 @@ impl Releaser<'_> {
             return Ok(Outcome::Refused(refusal));
         }
         if !(self.forget)(probe.as_fd()) {
+            tracing::debug!("release: the fetch engine is using the file");
             return Ok(Outcome::Refused(Refusal::InUse));
         }
         drop(probe);
@@ -163,7 +169,8 @@ impl Releaser<'_> {
         let lease = match sysfs::WriteLease::take(fd) {
             Ok(l) => l,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) => {
-                return Ok(Outcome::Refused(Refusal::InUse))
+                tracing::debug!("release: no write lease: {e}");
+                return Ok(Outcome::Refused(Refusal::InUse));
             }
             Err(e) => return Err(e).context("cannot take a write lease on it"),
         };
@@ -185,15 +192,21 @@ impl Releaser<'_> {
         if let (Some(table), Some(id)) = (self.published, FileId::of(fd)) {
             table.withdraw(&id);
         }
-        if state.present.is_empty() {
+        // A sparse stub holding blocks that its record does not claim: bytes fetched whose record
+        // could not be written (a full disk fails the xattr write too). Freeing them is safe
+        // (the record claims nothing), and it is what a full disk needs.
+        let allocated = st.st_blocks as u64 * 512;
+        let unclaimed = source.kind != StubKind::Cloned && allocated > 8192;
+        if state.present.is_empty() && !unclaimed {
             return Ok(Outcome::AlreadyStub);
         }
-        let fresh = StateRecord {
-            present: Default::default(),
-            ..state
-        };
-        sysfs::fsetxattr(fd, XATTR_STATE, &fresh.encode())
-            .context("cannot write the state record")?;
+        let present = if present > 0 { present } else { allocated };
+        // No state record is a fresh stub's state (nothing present; `check` made sure the rest
+        // of it is too): removed rather than rewritten, which needs no space on a full disk.
+        match sysfs::fremovexattr(fd, XATTR_STATE) {
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            r => r.context("cannot remove the state record")?,
+        }
         // The record first, durably: a crash from here on leaves a record claiming nothing.
         sysfs::fsync(fd).context("cannot sync the state record")?;
         match source.kind {

@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::engine::Engine;
-use crate::event::MASK;
 use crate::sys::fanotify::Group;
 use crate::sys::fs as sysfs;
 
@@ -360,7 +359,8 @@ impl DirPrefetch {
                 done.complete
             };
             if complete {
-                self.group.ignore_inode(fd.as_fd(), MASK)?;
+                self.group
+                    .ignore_inode(fd.as_fd(), crate::event::ignore_mask())?;
                 Metrics::add(&self.engine.metrics.ignore_marks, 1);
             }
             if on_disk {

@@ -346,10 +346,14 @@ impl Store {
             .with_context(|| format!("cannot open the store's lock {}", path.display()))?;
         match f.try_lock() {
             Ok(()) => {
-                use std::io::Seek;
-                f.set_len(0)?;
-                f.seek(std::io::SeekFrom::Start(0))?;
-                writeln!(f, "{holder} (pid {})", std::process::id())?;
+                // Who holds it, for the message of whoever finds it taken; a full disk may
+                // refuse the line, which changes nothing to the lock.
+                let _ = (|| -> std::io::Result<()> {
+                    use std::io::Seek;
+                    f.set_len(0)?;
+                    f.seek(std::io::SeekFrom::Start(0))?;
+                    writeln!(f, "{holder} (pid {})", std::process::id())
+                })();
                 Ok(Ok(StoreLock(f)))
             }
             Err(fs::TryLockError::WouldBlock) => {

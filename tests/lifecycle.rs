@@ -45,29 +45,38 @@ fn free_bytes(p: &Path) -> u64 {
         .expect("df output")
 }
 
-/// `hsm status --json` states by path.
+fn status_json(args: &[&str], p: &Path) -> serde_json::Value {
+    let out = run(Command::new(HSM)
+        .arg("status")
+        .arg("--json")
+        .args(args)
+        .arg(p));
+    serde_json::from_slice(&out.stdout).expect("status --json output")
+}
+
+/// `hsm status --json`: (path, state, pinned) of each file.
 fn states(p: &Path) -> Vec<(String, String, bool)> {
-    let out = run(Command::new(HSM).args(["status", "--json"]).arg(p));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v.get("state").is_some())
-        .map(|v| {
-            (
-                v["path"].as_str().unwrap_or_default().to_string(),
-                v["state"].as_str().unwrap_or_default().to_string(),
-                v["pinned"].as_bool().unwrap_or(false),
-            )
+    let v = status_json(&[], p);
+    v["files"]
+        .as_array()
+        .map(|files| {
+            files
+                .iter()
+                .map(|f| {
+                    (
+                        f["path"].as_str().unwrap_or_default().to_string(),
+                        f["state"].as_str().unwrap_or_default().to_string(),
+                        f["pinned"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
         })
-        .collect()
+        .unwrap_or_default()
 }
 
 fn present_total(p: &Path) -> u64 {
-    let out = run(Command::new(HSM).args(["status", "--json", "--summary"]).arg(p));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("present_bytes").and_then(|b| b.as_u64()))
+    status_json(&["--summary"], p)["totals"]["present_bytes"]
+        .as_u64()
         .expect("status summary")
 }
 
@@ -135,7 +144,11 @@ fn hydrate_then_release(fs_kind: &str) {
     }
     // Complete on disk: the source is not needed any more.
     for (rel, want) in &files {
-        assert_bytes_eq(&raw_read(&fx.stub(rel)), want, &format!("{what}: {rel} on disk"));
+        assert_bytes_eq(
+            &raw_read(&fx.stub(rel)),
+            want,
+            &format!("{what}: {rel} on disk"),
+        );
     }
 
     let before = free_bytes(&fx.fs.mnt);
@@ -157,9 +170,17 @@ fn hydrate_then_release(fs_kind: &str) {
     let size = big.metadata().unwrap().len();
     let first_hole = seek(&big, libc::SEEK_HOLE);
     if fs_kind == "ext4" {
-        assert_eq!(big.metadata().unwrap().blocks(), 0, "{what}: big is sparse again");
+        // An external xattr block may remain (the records).
+        let blocks = big.metadata().unwrap().blocks();
+        assert!(
+            blocks * 512 <= 8192,
+            "{what}: big is sparse again: {blocks} blocks"
+        );
     } else {
-        assert_eq!(first_hole, size as i64, "{what}: the cloned stub has no hole after release");
+        assert_eq!(
+            first_hole, size as i64,
+            "{what}: the cloned stub has no hole after release"
+        );
     }
     drop(big);
     // Fetched again, right.
@@ -174,7 +195,10 @@ fn seek(f: &File, whence: i32) -> i64 {
     unsafe { libc::lseek(f.as_raw_fd(), 0, whence) }
 }
 
-on_each_fs!(hydrate_then_release_gives_space_back_and_reads_right_again, hydrate_then_release);
+on_each_fs!(
+    hydrate_then_release_gives_space_back_and_reads_right_again,
+    hydrate_then_release
+);
 
 // ---------------------------------------------------------------------------------------------
 // Refusals: open, mapped, modified, pinned
@@ -215,7 +239,11 @@ fn refusals(fs_kind: &str) {
     let out = hsm(&["release"], &[&fx.at("d/a")]);
     assert_eq!(out.status.code(), Some(1), "{what}: mapped: {}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("open or mapped"));
-    assert_bytes_eq(map.bytes(), &files[2].1, &format!("{what}: the mapping of d/a"));
+    assert_bytes_eq(
+        map.bytes(),
+        &files[2].1,
+        &format!("{what}: the mapping of d/a"),
+    );
     drop(map);
 
     // Modified: refused (its only copy is here), the local bytes kept.
@@ -227,7 +255,12 @@ fn refusals(fs_kind: &str) {
         .write_at(local, 10)
         .unwrap();
     let out = hsm(&["release"], &[&fx.at("d/b")]);
-    assert_eq!(out.status.code(), Some(1), "{what}: modified: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: modified: {}",
+        text(&out)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("local changes"));
     let mut want_b = files[3].1.clone();
     want_b[10..10 + local.len()].copy_from_slice(local);
@@ -237,7 +270,11 @@ fn refusals(fs_kind: &str) {
     let out = hsm(&["pin"], &[&fx.at("big")]);
     assert!(out.status.success(), "{what}: pin: {}", text(&out));
     let pinned: Vec<_> = states(&mnt).into_iter().filter(|s| s.2).collect();
-    assert_eq!(pinned.len(), 1, "{what}: status shows one pinned file: {pinned:?}");
+    assert_eq!(
+        pinned.len(),
+        1,
+        "{what}: status shows one pinned file: {pinned:?}"
+    );
     assert!(pinned[0].0.ends_with("big"), "{what}: {pinned:?}");
     let out = hsm(&["release"], &[&fx.at("big")]);
     assert_eq!(out.status.code(), Some(1), "{what}: pinned: {}", text(&out));
@@ -287,7 +324,10 @@ impl Drop for Mapping {
     }
 }
 
-on_each_fs!(release_refuses_open_mapped_modified_and_pinned_files, refusals);
+on_each_fs!(
+    release_refuses_open_mapped_modified_and_pinned_files,
+    refusals
+);
 
 // ---------------------------------------------------------------------------------------------
 // Release racing readers
@@ -363,7 +403,9 @@ fn release_racing_readers(fs_kind: &str) {
         r.join().unwrap();
     }
     let (reads, wrong) = (reads.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed));
-    eprintln!("{what}: {rounds} release rounds, {released} files released, {reads} reads, {wrong} wrong");
+    eprintln!(
+        "{what}: {rounds} release rounds, {released} files released, {reads} reads, {wrong} wrong"
+    );
     assert_eq!(wrong, 0, "{what}: {wrong} of {reads} reads were wrong");
     assert!(reads >= 1000, "{what}: only {reads} reads");
     assert!(released >= 20, "{what}: only {released} files released");
@@ -371,7 +413,10 @@ fn release_racing_readers(fs_kind: &str) {
     assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
 }
 
-on_each_fs!(release_racing_readers_never_shows_stub_bytes, release_racing_readers);
+on_each_fs!(
+    release_racing_readers_never_shows_stub_bytes,
+    release_racing_readers
+);
 
 // ---------------------------------------------------------------------------------------------
 // Without a daemon; and a crash in the middle of a release
@@ -395,18 +440,34 @@ fn without_a_daemon(fs_kind: &str) {
     let out = hsm(&["pin"], &[&tree.join("small")]);
     assert!(out.status.success(), "{what}: {}", text(&out));
     let out = hsm(&["release"], &[&tree]);
-    assert_eq!(out.status.code(), Some(1), "{what}: the pinned file: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: the pinned file: {}",
+        text(&out)
+    );
     let st = states(&tree);
-    assert_eq!(st.iter().filter(|s| s.1 == "stub").count(), 3, "{what}: {st:?}");
+    assert_eq!(
+        st.iter().filter(|s| s.1 == "stub").count(),
+        3,
+        "{what}: {st:?}"
+    );
     // Served afterwards: right bytes, and commands go through the daemon.
     fx.serve(&[]);
     read_all_right(&fx, &files, &what);
     let out = hsm(&["release"], &[&tree.join("d")]);
-    assert!(out.status.success(), "{what}: through the daemon: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "{what}: through the daemon: {}",
+        text(&out)
+    );
     read_all_right(&fx, &files, &what);
 }
 
-on_each_fs!(commands_work_on_the_store_without_a_daemon, without_a_daemon);
+on_each_fs!(
+    commands_work_on_the_store_without_a_daemon,
+    without_a_daemon
+);
 
 fn killed_mid_release(fs_kind: &str) {
     if !require_root() {
@@ -459,14 +520,20 @@ fn killed_mid_release(fs_kind: &str) {
         stubs += (state == "stub") as usize;
         let _ = path;
     }
-    eprintln!("{what}: {stubs} of {} files were released before the kill", files.len());
+    eprintln!(
+        "{what}: {stubs} of {} files were released before the kill",
+        files.len()
+    );
     for (rel, want) in &files {
         let got = fs::read(fx.at(rel)).unwrap_or_else(|e| panic!("{what}: {rel}: {e}"));
         assert_bytes_eq(&got, want, &format!("{what}: {rel}"));
     }
 }
 
-on_each_fs!(a_daemon_killed_mid_release_loses_nothing, killed_mid_release);
+on_each_fs!(
+    a_daemon_killed_mid_release_loses_nothing,
+    killed_mid_release
+);
 
 // ---------------------------------------------------------------------------------------------
 // The control socket: root, a permitted group, and others
@@ -517,14 +584,22 @@ fn the_control_socket_serves_root_and_the_control_group_and_refuses_others() {
         text(&refused)
     );
     assert_eq!(
-        states(&fx.at("d")).iter().find(|s| s.0.ends_with("d/a")).unwrap().1,
+        states(&fx.at("d"))
+            .iter()
+            .find(|s| s.0.ends_with("d/a"))
+            .unwrap()
+            .1,
         "stub",
         "{what}: nothing done for a refused caller"
     );
     let permitted = as_user(Some(&gid), &p);
     assert!(permitted.status.success(), "{what}: {}", text(&permitted));
     assert_eq!(
-        states(&fx.at("d")).iter().find(|s| s.0.ends_with("d/a")).unwrap().1,
+        states(&fx.at("d"))
+            .iter()
+            .find(|s| s.0.ends_with("d/a"))
+            .unwrap()
+            .1,
         "complete",
         "{what}: hydrated for a member of the control group"
     );
@@ -545,44 +620,68 @@ fn cache_limit(fs_kind: &str) {
     let files: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let rel = format!("c/f{i:02}");
-            (rel.clone(), fx.write_source(&rel, 512 * KIB + i, 900 + i as u64))
+            (
+                rel.clone(),
+                fx.write_source(&rel, 512 * KIB + i, 900 + i as u64),
+            )
         })
         .collect();
     let hot = fx.write_source("hot", 256 * KIB, 7);
     let limit = 4 * MIB as u64;
     fx.populate(&[]);
     fx.serve(&["--cache-limit", "4M"]);
+    // What the store holds on disk: the filesystem's own figure (records lag the bytes).
+    let base = free_bytes(&fx.fs.mnt);
     let mut peak = 0;
     for (i, (rel, want)) in files.iter().enumerate() {
-        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, &format!("{what}: {rel}"));
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel}"),
+        );
         if i % 4 == 0 {
             // Used often: the least recently used files go first, never this one.
             assert_bytes_eq(&fs::read(fx.at("hot")).unwrap(), &hot, &what);
         }
-        if i % 8 == 7 {
-            peak = peak.max(present_total(&fx.at("")));
+        if i % 4 == 3 {
+            peak = peak.max(base.saturating_sub(free_bytes(&fx.fs.mnt)));
         }
     }
-    // Eviction runs behind the reads: it catches up within a few seconds.
-    let end = Instant::now() + Duration::from_secs(20);
-    let mut present = present_total(&fx.at(""));
-    while present > limit && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(200));
-        present = present_total(&fx.at(""));
-    }
     let total: u64 = files.iter().map(|f| f.1.len() as u64).sum();
-    eprintln!("{what}: read {total} bytes through a {limit}-byte limit; present at the end {present}, peak sampled {peak}");
-    assert!(present <= limit, "{what}: {present} bytes present over a {limit}-byte limit");
-    assert!(peak <= limit + 2 * MIB as u64, "{what}: peak {peak}");
-    let hot_state = states(&fx.at("hot"));
-    assert_eq!(hot_state[0].1, "complete", "{what}: the hot file was evicted: {hot_state:?}");
-    // Everything still reads right, fetched again where it was evicted.
-    for (rel, want) in &files {
-        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, &format!("{what}: {rel} again"));
-    }
     let m = fx.stop();
+    // Stopped: every record is written, and says what is present.
+    let present = present_total(&fx.store.join("tree"));
+    eprintln!(
+        "{what}: read {total} bytes through a {limit}-byte limit; present at the end {present}; \
+         peak disk use {peak}; evicted {}",
+        metric(&m, "evicted_bytes")
+    );
+    assert!(
+        present <= limit,
+        "{what}: {present} bytes present over a {limit}-byte limit"
+    );
+    // Eviction runs behind the reads (it waits for files being recorded): over the limit for a
+    // moment, never holding the tree.
+    assert!(
+        peak < total * 3 / 4,
+        "{what}: peak disk use {peak} of a {total}-byte tree"
+    );
+    let hot_state = states(&fx.store.join("tree/hot"));
+    assert_eq!(
+        hot_state[0].1, "complete",
+        "{what}: the hot file was evicted: {hot_state:?}"
+    );
     assert!(metric(&m, "evicted_bytes") >= total - limit, "{what}: {m}");
     assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
+    // Everything still reads right, fetched again where it was evicted.
+    fx.serve(&["--cache-limit", "4M"]);
+    for (rel, want) in &files {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel} again"),
+        );
+    }
 }
 
 on_each_fs!(a_cache_limit_holds_while_a_bigger_tree_is_read, cache_limit);
@@ -598,7 +697,10 @@ fn a_full_store_evicts_and_the_fill_goes_on() {
     let files: Vec<(String, Vec<u8>)> = (0..20)
         .map(|i| {
             let rel = format!("e/f{i:02}");
-            (rel.clone(), fx.write_source(&rel, 8 * MIB + i, 1200 + i as u64))
+            (
+                rel.clone(),
+                fx.write_source(&rel, 8 * MIB + i, 1200 + i as u64),
+            )
         })
         .collect();
     fx.populate(&[]);

@@ -219,13 +219,26 @@ impl Engine {
             return false;
         };
         let key: FileKey = (st.st_dev, st.st_ino);
-        let mut files = lock(&self.files);
-        let Some(e) = files.get(&key) else {
-            return true;
+        // The flusher holds every entry for the length of a flush: that is not a use, so it is
+        // waited out (briefly); a fill or a reader's event is.
+        let end = Instant::now() + Duration::from_secs(2);
+        let mut files = loop {
+            let files = lock(&self.files);
+            let Some(e) = files.get(&key) else {
+                return true;
+            };
+            if !lock(&e.state).in_flight.is_empty() {
+                return false;
+            }
+            if Arc::strong_count(e) == 1 {
+                break files;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            drop(files);
+            std::thread::sleep(Duration::from_millis(10));
         };
-        if Arc::strong_count(e) > 1 || !lock(&e.state).in_flight.is_empty() {
-            return false;
-        }
         let Some(e) = files.remove(&key) else {
             return true;
         };

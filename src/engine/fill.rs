@@ -278,14 +278,18 @@ impl Engine {
             let n = (pe_now - ps) as usize;
             let dst = entry.writer.as_ref().map_or(fd, |w| w.as_fd());
             let written = match piece {
-                Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => false,
-                Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true)?,
-                Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true)?,
+                Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => {
+                    Ok(false)
+                }
+                Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true),
+                Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true),
             };
-            if written && !entry.keeps_times {
-                // Writing through the fd moved the mtime; the file still is the source's.
+            if !matches!(written, Ok(false)) && !entry.keeps_times {
+                // Writing through the fd moved the mtime, even a write that failed part way (a
+                // full disk): the file still is the source's, not a local change.
                 let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
             }
+            written?;
         }
         Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));
         let mut s = lock(&entry.state);

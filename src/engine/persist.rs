@@ -134,6 +134,9 @@ impl Engine {
                 dirty.push((e.clone(), s.record.clone()));
             }
         }
+        // Only the files being recorded are held from here on: a release (see `forget`) waits
+        // for those, not for every cached file, while the data is synced.
+        drop(entries);
         let dirty: Vec<_> = match why.durability() {
             Durability::Syncfs => {
                 if let Some((first, _)) = dirty.first() {
@@ -173,7 +176,6 @@ impl Engine {
         Metrics::add(&self.metrics.records_written, written as u64);
         // Our own clones would make every entry look in use.
         drop(dirty);
-        drop(entries);
         self.evict();
         written
     }

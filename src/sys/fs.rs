@@ -375,7 +375,20 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
 pub struct WriteLease<'a>(BorrowedFd<'a>);
 
 impl<'a> WriteLease<'a> {
+    /// The kernel tells a lease holder of an open waiting on it with SIGIO, whose default action
+    /// kills the process: it is caught (and ignored: the lease is let go as soon as the work
+    /// under it is done) from the first lease on.
     pub fn take(fd: BorrowedFd<'a>) -> io::Result<WriteLease<'a>> {
+        static CATCH_SIGIO: std::sync::Once = std::sync::Once::new();
+        let mut caught = Ok(());
+        CATCH_SIGIO.call_once(|| {
+            caught = signal_hook::flag::register(
+                signal_hook::consts::SIGIO,
+                std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            )
+            .map(|_| ());
+        });
+        caught?;
         // SAFETY: plain fcntl on an open fd.
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) })?;
         Ok(WriteLease(fd))
