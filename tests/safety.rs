@@ -1007,6 +1007,169 @@ fn supervisor_and_worker_killed_together_a_new_serve_removes_the_stale_mount() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 1b. A fetch that crashes (fault injection: HSM_FAULT_INJECT, see src/fault.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Files for the fault tests: the faulty one alone in its directory (`--dir-prefetch 0` too, so
+/// nothing fills it without going through the fault), the others beside it in `ok/`: small
+/// ones (filled whole at open) and a big one (filled range by range, on reads).
+fn fault_tree(fx: &Fixture) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let bad = fx.write_source("trap/bad", 100 * KIB as usize, 90);
+    let mut good: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let rel = format!("ok/small{i}");
+            let data = fx.write_source(&rel, 50 * KIB as usize + i, 91 + i as u64);
+            (rel, data)
+        })
+        .collect();
+    good.push((
+        "ok/big".into(),
+        fx.write_source("ok/big", 12 * MIB as usize + 3, 99),
+    ));
+    (bad, good)
+}
+
+/// The errno of reading all of `rel` through the mount point, bounded in time.
+fn read_errno(fx: &Fixture, rel: &str, limit: Duration, what: &str) -> (Option<i32>, Duration) {
+    let p = fx.at(rel);
+    let (res, took) = bounded(limit, move || fs::read(p))
+        .unwrap_or_else(|| panic!("{what}: reading {rel} hung for more than {limit:?}"));
+    (res.err().map(|e| e.raw_os_error().unwrap_or(-1)), took)
+}
+
+/// Issue 17: a panic in a fill fails only that access, with EIO. The worker catches it: the same
+/// worker process goes on serving every other file with the right bytes, and is never restarted.
+#[test]
+fn a_panic_while_serving_one_file_fails_only_that_access() {
+    if !require_root() {
+        return;
+    }
+    let what = "panic in a fill";
+    let mut fx = Fixture::new("xfs", "1G");
+    let (_bad, good) = fault_tree(&fx);
+    fx.populate(&[]);
+    fx.serve_with_env(&["--dir-prefetch", "0"], &[(hsm::fault::ENV, "panic:bad")]);
+    let sup = fx.daemon.as_ref().unwrap().pid() as i32;
+    let worker = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    let mut unread = good.iter();
+    let mut fails = 0;
+    // Interleaved: each failed access of the faulty file is followed by reads of other files,
+    // some of them never read before (so they need a fill from the same worker).
+    for round in 0..3 {
+        let (errno, took) = read_errno(&fx, "trap/bad", Duration::from_secs(30), what);
+        assert_eq!(
+            errno,
+            Some(libc::EIO),
+            "{what}: round {round}: reading the faulty file ({took:?})"
+        );
+        fails += 1;
+        for (rel, want) in unread.by_ref().take(2) {
+            assert_bytes_eq(
+                &fs::read(fx.at(rel)).unwrap(),
+                want,
+                &format!("{what}: {rel}"),
+            );
+        }
+        let (rel, want) = &good[0];
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel} again"),
+        );
+    }
+    for (rel, want) in unread {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel}"),
+        );
+    }
+    assert_eq!(
+        worker_of(&fx.store, sup),
+        Some(worker),
+        "{what}: the worker was replaced"
+    );
+    let log = fx.daemon.take().unwrap().stop_log();
+    let m = fx.metrics();
+    assert_eq!(get(&m, "worker_starts"), 1, "{what}: {m}");
+    assert_eq!(get(&m, "denied"), fails, "{what}: {m}");
+    // The failures came from the injected panic, caught by the worker.
+    assert_eq!(
+        log.matches("fault injected").count(),
+        fails as usize,
+        "{what}: log:\n{log}"
+    );
+    assert!(
+        log.contains("a fetch panicked"),
+        "{what}: no caught panic in the log:\n{log}"
+    );
+    assert!(!log.contains("worker died"), "{what}: log:\n{log}");
+    eprintln!(
+        "{what}: {fails} accesses of the faulty file failed with EIO; {} other files read right \
+         by the same worker (worker_starts 1)",
+        good.len()
+    );
+}
+
+/// Issue 17: the crash-loop rule. An access that kills every worker it reaches (an abort, not a
+/// panic: nothing catches it) is resent to each new worker; once more than 5 workers have died
+/// in 10 s the supervisor fails it with EIO rather than hang the reader, and goes on serving
+/// every other file with a new worker.
+#[test]
+fn an_access_that_kills_every_worker_gets_eio_after_five_deaths_in_ten_seconds() {
+    if !require_root() {
+        return;
+    }
+    let what = "crash loop";
+    let mut fx = Fixture::new("xfs", "1G");
+    let (_bad, good) = fault_tree(&fx);
+    fx.populate(&[]);
+    fx.serve_with_env(&["--dir-prefetch", "0"], &[(hsm::fault::ENV, "abort:bad")]);
+    let sup = fx.daemon.as_ref().unwrap().pid() as i32;
+    let first = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    let (rel, want) = &good[0];
+    assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, what);
+
+    // The supervisor's own deadline (fetch deadline + 15 s) would give EAGAIN, not EIO: EIO
+    // within it is the crash-loop rule's.
+    let (errno, took) = read_errno(&fx, "trap/bad", Duration::from_secs(60), what);
+    assert_eq!(
+        errno,
+        Some(libc::EIO),
+        "{what}: the access that kills every worker, after {took:?}"
+    );
+    // A new worker serves everything else, files already read and files never read.
+    let now = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    assert_ne!(now, first, "{what}: the first worker survived");
+    for (rel, want) in &good {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel} after the crash loop"),
+        );
+    }
+    let log = fx.daemon.take().unwrap().stop_log();
+    let m = fx.metrics();
+    let deaths = log.matches("worker died; starting another").count();
+    assert!(deaths > 5, "{what}: {deaths} worker deaths; log:\n{log}");
+    assert!(
+        log.contains("the worker keeps dying"),
+        "{what}: no crash-loop denial in the log:\n{log}"
+    );
+    assert_eq!(
+        log.matches("fault injected").count(),
+        deaths,
+        "{what}: every death was the injected abort; log:\n{log}"
+    );
+    assert_eq!(get(&m, "worker_starts"), deaths as u64 + 1, "{what}: {m}");
+    eprintln!(
+        "{what}: the access failed with EIO after {took:?} and {deaths} worker deaths; then {} \
+         files read right by a new worker",
+        good.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. A backend that hangs
 // ---------------------------------------------------------------------------------------------
 
