@@ -791,7 +791,8 @@ fn worker_killed_repeatedly(fs_kind: &str) {
 
     // The same daemon keeps serving after the kills: a third of the files, whole, all right.
     let last_worker = wait_worker(&fx.store, sup, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until that worker is up: it rewrites the metrics twice (see `settled_metrics`).
+    fx.settled_metrics();
     let third: Vec<(String, u64)> = files.iter().step_by(3).cloned().collect();
     let after_bytes = read_all_and_compare(&fx, &third, &what);
 
@@ -1361,6 +1362,14 @@ impl Drop for Stopped {
     }
 }
 
+/// Whether process `pid` has a file named `name` open (an event's fd, say).
+fn holds_fd_on(pid: i32, name: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| fs::read_link(e.path()).is_ok_and(|p| p.file_name() == Some(name.as_ref())))
+    })
+}
+
 /// The worker answers the kernel itself, by the supervisor's fd number for the event. When the
 /// supervisor gives up on an event at its deadline (EAGAIN), the worker may still answer it
 /// later: the supervisor must keep that event's fd open until then, or a newer event gets the
@@ -1417,8 +1426,16 @@ fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
     // All of it in one read: one event whose fill (8 chunks) takes far longer than the reader
     // needs to find stub zeros, should a late answer let it through early.
     let newer = std::thread::spawn(move || read_range(&f, 0, 8 * MIB));
-    // Let the supervisor read the newer event and pass it on, behind the old one.
-    std::thread::sleep(Duration::from_secs(1));
+    // Until the supervisor has read the newer event (it holds the event's fd, on `second`) and
+    // so passed it on, behind the old one.
+    let end = Instant::now() + Duration::from_secs(20);
+    while !holds_fd_on(sup, "second") {
+        assert!(
+            Instant::now() < end,
+            "{what}: the supervisor did not read the newer event in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(stopped);
     let got = newer
         .join()
@@ -1671,12 +1688,18 @@ fn the_worker_closes_complete_files_deleted_files_free_their_space() {
             }
         }
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // Until the worker has let go of what it no longer needs (bounded: asserted below).
     let w = wait_worker(&fx.store, sup, Duration::from_secs(10));
-    let idle_fds = open_fds(w);
+    let t = Instant::now();
+    let mut idle_fds = open_fds(w);
+    while idle_fds >= 4096 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        idle_fds = open_fds(w);
+    }
     eprintln!(
         "{what}: {n} files read once: failures {failed:?} (first at file {first_failure:?}); \
-         worker fds: peak {peak_fds} while reading, {idle_fds} 3 s after"
+         worker fds: peak {peak_fds} while reading, {idle_fds} {:?} after",
+        t.elapsed()
     );
     assert!(failed.is_empty(), "{what}: reads failed: {failed:?}");
 
