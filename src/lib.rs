@@ -8,6 +8,7 @@
 //! - [`engine`]: fetching missing ranges into stubs, once, and remembering them.
 //! - [`prefetch`]: fetching ahead of a walk through a directory of small files.
 //! - [`event`]: owning and answering events exactly once.
+//! - [`fault`]: fault injection in the worker, for tests only.
 //! - [`kernel_reader`]: opens after which the kernel reads a file without events.
 //! - [`guard`]: holding the store's group while no daemon runs, so that stubs fail closed.
 //! - [`supervisor`], [`worker`], [`protocol`]: `hsm serve`, split so that a fetch can crash
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod event;
 pub mod evict;
 pub mod exporter;
+pub mod fault;
 pub mod guard;
 pub mod kernel_reader;
 pub mod lifecycle;

@@ -145,6 +145,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     );
     let _guard_conn =
         ipc::claim_inherited(GUARD_FD).context("worker started without the guard connection")?;
+    crate::fault::init();
     let store = Store::open(view.root())
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     let policy = Policy::new(&opts.policy).map_err(anyhow::Error::msg)?;
@@ -560,6 +561,7 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
     };
     // A panic in a fetch fails this access (the event's Drop denies it), never the daemon.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::fault::at_fill(ev.as_fd());
         ctx.engine.serve(ev.as_fd(), need)
     }));
     if let (Some(p), Need::Open | Need::Whole, false, Ok(Ok(_))) =

@@ -343,10 +343,9 @@ fn sizes_under(dir: &Path) -> (u64, u64) {
     (apparent, allocated)
 }
 
-/// The daemon's counters as last flushed (every 500 ms): wait for a fresh flush, then read.
+/// The daemon's counters, with everything done before the call (see `settled_metrics`).
 fn flushed_metrics(fx: &Fixture) -> serde_json::Value {
-    std::thread::sleep(Duration::from_millis(1500));
-    fx.metrics()
+    fx.settled_metrics()
 }
 
 fn lseek(fd: i32, whence: i32) -> i64 {
@@ -521,6 +520,7 @@ fn tar_exits_0_on(fs: &str) {
         std::io::copy(&mut f, &mut std::io::sink()).unwrap();
         let md = f.metadata().unwrap();
         let read = (md.ctime(), md.ctime_nsec());
+        // Not ordering: the promise is about this window (see above), so it is waited out.
         std::thread::sleep(Duration::from_millis(400));
         let md = f.metadata().unwrap();
         let later = (md.ctime(), md.ctime_nsec());

@@ -39,6 +39,29 @@ fn worker_pid(fx: &Fixture) -> i32 {
         .unwrap()
 }
 
+/// Wait (bounded) until `counter` is above `from`.
+fn wait_above(counter: &AtomicU64, from: u64, what: &str) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while counter.load(Ordering::Relaxed) <= from {
+        assert!(Instant::now() < end, "{what}: none in 30 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether process `pid` is gone (or a zombie: it can do nothing more).
+fn gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        let state = s[s.rfind(')').map_or(0, |i| i + 1)..].trim_start();
+        state.starts_with('Z') || state.starts_with('X')
+    })
+}
+
+/// Whether thread `tid` of this process is asleep waiting for a fanotify permission answer.
+fn waits_on_fanotify(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"))
+        .is_ok_and(|w| w.contains("fanotify"))
+}
+
 /// Kill both daemon processes at once, as a crash (or an OOM kill of the cgroup) would.
 fn kill_both(fx: &mut Fixture) {
     let worker = worker_pid(fx);
@@ -391,16 +414,30 @@ fn readers_in_flight_across_kills_and_restarts_never_see_wrong_bytes() {
             })
         })
         .collect();
-    // Early, while most files are still stubs.
-    std::thread::sleep(Duration::from_millis(50));
+    // Each step waits for what it is about: reads getting through, or reads meeting the
+    // daemon's absence. Early, while most files are still stubs.
+    wait_above(&good, 0, "reads with the daemon up");
     kill_both(&mut fx);
-    std::thread::sleep(Duration::from_millis(700));
+    wait_above(
+        &failed,
+        failed.load(Ordering::Relaxed),
+        "reads refused after the kill",
+    );
     fx.serve(&["--dir-prefetch", "0"]);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_above(
+        &good,
+        good.load(Ordering::Relaxed),
+        "reads after the restart",
+    );
     fx.stop();
-    std::thread::sleep(Duration::from_millis(500));
+    // Refused if any stub is left; by now the readers may have filled them all.
+    wait_above(&good, good.load(Ordering::Relaxed), "reads after the stop");
     fx.serve(&["--dir-prefetch", "0"]);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_above(
+        &good,
+        good.load(Ordering::Relaxed),
+        "reads after the second restart",
+    );
     stop.store(true, Ordering::Relaxed);
     for r in readers {
         r.join()
@@ -518,17 +555,36 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
     }
     let _ = first.kill();
     let _ = first.wait();
-    std::thread::sleep(Duration::from_millis(300));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !(gone(worker) && gone(guard)) {
+        assert!(
+            Instant::now() < end,
+            "worker or guard alive 10 s after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let reader = {
         let p = bind.0.join("sub/f1");
-        std::thread::spawn(move || std::fs::read(p))
+        std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments and cannot fail.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            std::fs::read(p)
+        })
     };
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        !reader.is_finished(),
-        "with the group in the fd store and no process reading it, a reader did not wait"
-    );
+    let tid = tid_rx.recv().unwrap();
+    // Positively: the reader sleeps in the kernel, on its event's answer.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !waits_on_fanotify(tid) {
+        assert!(
+            !reader.is_finished() && Instant::now() < end,
+            "with the group in the fd store and no process reading it, a reader did not wait \
+             for an answer (finished: {})",
+            reader.is_finished()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let mut second = start(Some(&stored));
     assert!(

@@ -863,6 +863,19 @@ http {{
     fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
+
+    /// Wait (bounded) until it has answered `n` requests with 503.
+    fn wait_503s(&self, n: usize) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.access_log().matches(" 503 ").count() < n {
+            assert!(
+                Instant::now() < end,
+                "fewer than {n} 503 answers in 30 s:\n{}",
+                self.access_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Nginx {
@@ -977,7 +990,8 @@ fn http_503_answers_are_retried() {
     std::fs::write(&nginx.fail_flag, b"").unwrap();
     let path = fx.at("f");
     let reader = std::thread::spawn(move || std::fs::read(path));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until the reader's fetch has met (and retried) 503s, not a guess at how long that takes.
+    nginx.wait_503s(2);
     std::fs::remove_file(&nginx.fail_flag).unwrap();
     let got = reader.join().unwrap().expect("read through 503s");
     assert_bytes_eq(&got, &data, "after 503s");
@@ -1396,7 +1410,8 @@ fn s3_503_answers_are_retried() {
     std::fs::write(&front.fail_flag, b"").unwrap();
     let path = fx.at("obj");
     let reader = std::thread::spawn(move || std::fs::read(path));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until the reader's fetch has met (and retried) 503s, not a guess at how long that takes.
+    front.wait_503s(2);
     std::fs::remove_file(&front.fail_flag).unwrap();
     let got = reader.join().unwrap().expect("read through 503s");
     assert_bytes_eq(&got, &data, "after 503s");

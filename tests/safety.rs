@@ -791,7 +791,8 @@ fn worker_killed_repeatedly(fs_kind: &str) {
 
     // The same daemon keeps serving after the kills: a third of the files, whole, all right.
     let last_worker = wait_worker(&fx.store, sup, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until that worker is up: it rewrites the metrics twice (see `settled_metrics`).
+    fx.settled_metrics();
     let third: Vec<(String, u64)> = files.iter().step_by(3).cloned().collect();
     let after_bytes = read_all_and_compare(&fx, &third, &what);
 
@@ -1007,6 +1008,169 @@ fn supervisor_and_worker_killed_together_a_new_serve_removes_the_stale_mount() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 1b. A fetch that crashes (fault injection: HSM_FAULT_INJECT, see src/fault.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Files for the fault tests: the faulty one alone in its directory (`--dir-prefetch 0` too, so
+/// nothing fills it without going through the fault), the others beside it in `ok/`: small
+/// ones (filled whole at open) and a big one (filled range by range, on reads).
+fn fault_tree(fx: &Fixture) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let bad = fx.write_source("trap/bad", 100 * KIB as usize, 90);
+    let mut good: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let rel = format!("ok/small{i}");
+            let data = fx.write_source(&rel, 50 * KIB as usize + i, 91 + i as u64);
+            (rel, data)
+        })
+        .collect();
+    good.push((
+        "ok/big".into(),
+        fx.write_source("ok/big", 12 * MIB as usize + 3, 99),
+    ));
+    (bad, good)
+}
+
+/// The errno of reading all of `rel` through the mount point, bounded in time.
+fn read_errno(fx: &Fixture, rel: &str, limit: Duration, what: &str) -> (Option<i32>, Duration) {
+    let p = fx.at(rel);
+    let (res, took) = bounded(limit, move || fs::read(p))
+        .unwrap_or_else(|| panic!("{what}: reading {rel} hung for more than {limit:?}"));
+    (res.err().map(|e| e.raw_os_error().unwrap_or(-1)), took)
+}
+
+/// Issue 17: a panic in a fill fails only that access, with EIO. The worker catches it: the same
+/// worker process goes on serving every other file with the right bytes, and is never restarted.
+#[test]
+fn a_panic_while_serving_one_file_fails_only_that_access() {
+    if !require_root() {
+        return;
+    }
+    let what = "panic in a fill";
+    let mut fx = Fixture::new("xfs", "1G");
+    let (_bad, good) = fault_tree(&fx);
+    fx.populate(&[]);
+    fx.serve_with_env(&["--dir-prefetch", "0"], &[(hsm::fault::ENV, "panic:bad")]);
+    let sup = fx.daemon.as_ref().unwrap().pid() as i32;
+    let worker = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    let mut unread = good.iter();
+    let mut fails = 0;
+    // Interleaved: each failed access of the faulty file is followed by reads of other files,
+    // some of them never read before (so they need a fill from the same worker).
+    for round in 0..3 {
+        let (errno, took) = read_errno(&fx, "trap/bad", Duration::from_secs(30), what);
+        assert_eq!(
+            errno,
+            Some(libc::EIO),
+            "{what}: round {round}: reading the faulty file ({took:?})"
+        );
+        fails += 1;
+        for (rel, want) in unread.by_ref().take(2) {
+            assert_bytes_eq(
+                &fs::read(fx.at(rel)).unwrap(),
+                want,
+                &format!("{what}: {rel}"),
+            );
+        }
+        let (rel, want) = &good[0];
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel} again"),
+        );
+    }
+    for (rel, want) in unread {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel}"),
+        );
+    }
+    assert_eq!(
+        worker_of(&fx.store, sup),
+        Some(worker),
+        "{what}: the worker was replaced"
+    );
+    let log = fx.daemon.take().unwrap().stop_log();
+    let m = fx.metrics();
+    assert_eq!(get(&m, "worker_starts"), 1, "{what}: {m}");
+    assert_eq!(get(&m, "denied"), fails, "{what}: {m}");
+    // The failures came from the injected panic, caught by the worker.
+    assert_eq!(
+        log.matches("fault injected").count(),
+        fails as usize,
+        "{what}: log:\n{log}"
+    );
+    assert!(
+        log.contains("a fetch panicked"),
+        "{what}: no caught panic in the log:\n{log}"
+    );
+    assert!(!log.contains("worker died"), "{what}: log:\n{log}");
+    eprintln!(
+        "{what}: {fails} accesses of the faulty file failed with EIO; {} other files read right \
+         by the same worker (worker_starts 1)",
+        good.len()
+    );
+}
+
+/// Issue 17: the crash-loop rule. An access that kills every worker it reaches (an abort, not a
+/// panic: nothing catches it) is resent to each new worker; once more than 5 workers have died
+/// in 10 s the supervisor fails it with EIO rather than hang the reader, and goes on serving
+/// every other file with a new worker.
+#[test]
+fn an_access_that_kills_every_worker_gets_eio_after_five_deaths_in_ten_seconds() {
+    if !require_root() {
+        return;
+    }
+    let what = "crash loop";
+    let mut fx = Fixture::new("xfs", "1G");
+    let (_bad, good) = fault_tree(&fx);
+    fx.populate(&[]);
+    fx.serve_with_env(&["--dir-prefetch", "0"], &[(hsm::fault::ENV, "abort:bad")]);
+    let sup = fx.daemon.as_ref().unwrap().pid() as i32;
+    let first = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    let (rel, want) = &good[0];
+    assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, what);
+
+    // The supervisor's own deadline (fetch deadline + 15 s) would give EAGAIN, not EIO: EIO
+    // within it is the crash-loop rule's.
+    let (errno, took) = read_errno(&fx, "trap/bad", Duration::from_secs(60), what);
+    assert_eq!(
+        errno,
+        Some(libc::EIO),
+        "{what}: the access that kills every worker, after {took:?}"
+    );
+    // A new worker serves everything else, files already read and files never read.
+    let now = wait_worker(&fx.store, sup, Duration::from_secs(10));
+    assert_ne!(now, first, "{what}: the first worker survived");
+    for (rel, want) in &good {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel} after the crash loop"),
+        );
+    }
+    let log = fx.daemon.take().unwrap().stop_log();
+    let m = fx.metrics();
+    let deaths = log.matches("worker died; starting another").count();
+    assert!(deaths > 5, "{what}: {deaths} worker deaths; log:\n{log}");
+    assert!(
+        log.contains("the worker keeps dying"),
+        "{what}: no crash-loop denial in the log:\n{log}"
+    );
+    assert_eq!(
+        log.matches("fault injected").count(),
+        deaths,
+        "{what}: every death was the injected abort; log:\n{log}"
+    );
+    assert_eq!(get(&m, "worker_starts"), deaths as u64 + 1, "{what}: {m}");
+    eprintln!(
+        "{what}: the access failed with EIO after {took:?} and {deaths} worker deaths; then {} \
+         files read right by a new worker",
+        good.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 4. A backend that hangs
 // ---------------------------------------------------------------------------------------------
 
@@ -1198,6 +1362,14 @@ impl Drop for Stopped {
     }
 }
 
+/// Whether process `pid` has a file named `name` open (an event's fd, say).
+fn holds_fd_on(pid: i32, name: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| fs::read_link(e.path()).is_ok_and(|p| p.file_name() == Some(name.as_ref())))
+    })
+}
+
 /// The worker answers the kernel itself, by the supervisor's fd number for the event. When the
 /// supervisor gives up on an event at its deadline (EAGAIN), the worker may still answer it
 /// later: the supervisor must keep that event's fd open until then, or a newer event gets the
@@ -1254,8 +1426,16 @@ fn an_answer_the_supervisor_gave_up_on_never_reaches_a_newer_event() {
     // All of it in one read: one event whose fill (8 chunks) takes far longer than the reader
     // needs to find stub zeros, should a late answer let it through early.
     let newer = std::thread::spawn(move || read_range(&f, 0, 8 * MIB));
-    // Let the supervisor read the newer event and pass it on, behind the old one.
-    std::thread::sleep(Duration::from_secs(1));
+    // Until the supervisor has read the newer event (it holds the event's fd, on `second`) and
+    // so passed it on, behind the old one.
+    let end = Instant::now() + Duration::from_secs(20);
+    while !holds_fd_on(sup, "second") {
+        assert!(
+            Instant::now() < end,
+            "{what}: the supervisor did not read the newer event in 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(stopped);
     let got = newer
         .join()
@@ -1508,12 +1688,18 @@ fn the_worker_closes_complete_files_deleted_files_free_their_space() {
             }
         }
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // Until the worker has let go of what it no longer needs (bounded: asserted below).
     let w = wait_worker(&fx.store, sup, Duration::from_secs(10));
-    let idle_fds = open_fds(w);
+    let t = Instant::now();
+    let mut idle_fds = open_fds(w);
+    while idle_fds >= 4096 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        idle_fds = open_fds(w);
+    }
     eprintln!(
         "{what}: {n} files read once: failures {failed:?} (first at file {first_failure:?}); \
-         worker fds: peak {peak_fds} while reading, {idle_fds} 3 s after"
+         worker fds: peak {peak_fds} while reading, {idle_fds} {:?} after",
+        t.elapsed()
     );
     assert!(failed.is_empty(), "{what}: reads failed: {failed:?}");
 

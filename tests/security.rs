@@ -616,15 +616,6 @@ fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-/// The remote backends (issue 6) are built into this `hsm`.
-fn have_remote_backends() -> bool {
-    let out = Command::new(HSM)
-        .args(["populate", "--help"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).contains("--endpoint")
-}
-
 fn closed_port() -> u16 {
     // Bound then dropped: nothing listens there afterwards.
     TcpListener::bind("127.0.0.1:0")
@@ -2012,10 +2003,6 @@ fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store
     if !require_root() {
         return;
     }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
-        return;
-    }
     let mut fx = Fixture::new("ext4", "1G");
     let server = FakeServer::start();
     let ok = pattern(20_000, 141);
@@ -2079,10 +2066,6 @@ fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
     if !require_root() {
         return;
     }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
-        return;
-    }
     let fx = Fixture::new("ext4", "1G");
     let server = FakeServer::start();
     let ok = pattern(30_000, 151);
@@ -2128,10 +2111,6 @@ fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
 #[test]
 fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root() {
     if !require_root() {
-        return;
-    }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
         return;
     }
     let fx = Fixture::new("ext4", "1G");
@@ -2203,10 +2182,6 @@ fn assert_no_secret(what: &str, text: &str) {
 #[test]
 fn remote_fetching_is_unprivileged_and_secrets_never_show() {
     if !require_root() {
-        return;
-    }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
         return;
     }
     let fx = Fixture::new("xfs", "1G");
@@ -2535,10 +2510,6 @@ fn secrets_never_show_in_populate_errors_against_an_unreachable_endpoint() {
     if !require_root() {
         return;
     }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
-        return;
-    }
     let fx = Fixture::new("ext4", "1G");
     let host = format!("127.0.0.1:{}", closed_port());
     let cases: Vec<(&str, Vec<String>)> = vec![
@@ -2580,10 +2551,6 @@ fn secrets_never_show_in_populate_errors_against_an_unreachable_endpoint() {
 #[test]
 fn tokens_in_urls_never_show_in_populate_output() {
     if !require_root() {
-        return;
-    }
-    if !have_remote_backends() {
-        eprintln!("skipped: this hsm has no remote backends");
         return;
     }
     let fx = Fixture::new("ext4", "1G");

@@ -7,10 +7,11 @@
 use std::ffi::CStr;
 use std::io;
 use std::ops::Deref;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use super::cvt;
+use rustix::fs::MemfdFlags;
+use rustix::mm::{MapFlags, ProtFlags};
 
 /// Types that may live in shared memory: `#[repr(C)]`, made of atomics only (so any process may
 /// change them at any time), and valid when every byte is zero (a fresh memfd).
@@ -37,11 +38,8 @@ unsafe impl<T: Shareable> Sync for Shared<T> {}
 impl<T: Shareable> Shared<T> {
     /// A new zeroed value, in a memfd named `name` (shown in `/proc/PID/maps`).
     pub fn create(name: &CStr) -> io::Result<Shared<T>> {
-        // SAFETY: a valid C string; the new fd is owned at once.
-        let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = std::mem::size_of::<T>() as libc::off_t;
-        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) })?;
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, std::mem::size_of::<T>() as u64)?;
         Self::map(fd)
     }
 
@@ -58,20 +56,19 @@ impl<T: Shareable> Shared<T> {
     }
 
     fn map(fd: OwnedFd) -> io::Result<Shared<T>> {
-        // SAFETY: a fresh shared mapping of a file at least size_of::<T>() long.
+        // SAFETY: a new mapping at an address the kernel picks (no existing memory is replaced),
+        // of a file at least size_of::<T>() long (checked by both callers), so every byte of
+        // `T` is backed; it is unmapped only in Drop.
         let p = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 std::mem::size_of::<T>(),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
                 0,
             )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        }?;
         let ptr = NonNull::new(p.cast::<T>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
         Ok(Shared { ptr, fd })
     }
@@ -93,8 +90,9 @@ impl<T: Shareable> Deref for Shared<T> {
 
 impl<T: Shareable> Drop for Shared<T> {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, with no references outliving `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<T>()) };
+        // SAFETY: the mapping made in `map`, of this length, with no references outliving
+        // `self` (`deref` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), std::mem::size_of::<T>()) };
     }
 }
 

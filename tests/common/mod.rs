@@ -181,6 +181,18 @@ impl Daemon {
         limit: Duration,
         open_files: Option<u64>,
     ) -> Daemon {
+        Daemon::start_with_env(store, mountpoint, extra, limit, open_files, &[])
+    }
+
+    /// [`Daemon::start_with_open_files`], with `env` added to the daemon's environment.
+    pub fn start_with_env(
+        store: &Path,
+        mountpoint: &Path,
+        extra: &[&str],
+        limit: Duration,
+        open_files: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         // Outside the store's filesystem, so that a full disk cannot swallow the daemon's log.
         let stderr_log =
             std::env::temp_dir().join(format!("hsm-serve-{}.log", rand::random::<u64>()));
@@ -191,6 +203,7 @@ impl Daemon {
             .arg(mountpoint)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
@@ -434,6 +447,19 @@ impl Fixture {
             &self.view,
             extra,
             Duration::from_secs(600),
+        ));
+    }
+
+    /// [`Fixture::serve`] with `env` added to the daemon's environment.
+    pub fn serve_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.daemon = Some(Daemon::start_with_env(
+            &self.store,
+            &self.view,
+            extra,
+            Duration::from_secs(600),
+            None,
+            env,
         ));
     }
 
