@@ -505,6 +505,19 @@ fn main() -> ExitCode {
             let store_io = view
                 .as_ref()
                 .map_or(store.clone(), |v| v.root().to_path_buf());
+            // One process changes a store at a time: not under a running `hsm serve`.
+            let _lock = match hsm::store::Store::open(&store_io) {
+                Ok(existing) => match existing.try_lock("hsm populate")? {
+                    Ok(lock) => Some(lock),
+                    Err(holder) => anyhow::bail!(
+                        "the store {} is in use by {holder}: stop it before populating the \
+                         store again",
+                        store.display()
+                    ),
+                },
+                // Not a store yet (or one populate refuses, with its own message).
+                Err(_) => None,
+            };
             hsm::populate::populate(
                 &source,
                 &store_io,

@@ -717,3 +717,35 @@ fn a_full_store_evicts_and_the_fill_goes_on() {
     assert!(metric(&m, "evicted_bytes") > 0, "{what}: {m}");
     assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
 }
+
+#[test]
+fn populate_of_a_served_store_is_refused_and_changes_nothing() {
+    if !require_root() {
+        return;
+    }
+    let what = "populate while served";
+    let mut fx = Fixture::new("xfs", "1G");
+    let files = small_tree(&fx);
+    fx.populate(&[]);
+    fx.serve(&[]);
+    fx.write_source("new", 1000, 9);
+    let out = Command::new(HSM)
+        .arg("populate")
+        .arg(&fx.source)
+        .arg(&fx.store)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{what}: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by hsm serve"),
+        "{what}: {}",
+        text(&out)
+    );
+    assert!(!fx.at("new").exists(), "{what}: the tree changed");
+    read_all_right(&fx, &files, what);
+    fx.stop();
+    // Stopped: populate works again.
+    fx.populate(&[]);
+    assert!(fx.stub("new").exists(), "{what}: populate after the stop");
+}
