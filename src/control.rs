@@ -34,6 +34,8 @@ pub enum Op {
     Release,
     Pin,
     Unpin,
+    /// Write the records of what was filled (after a hydrate): `hsm status` says complete.
+    Flush,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +67,8 @@ pub enum Done {
         fetched: u64,
     },
     Unpinned,
+    /// Records written.
+    Flushed,
 }
 
 pub type Reply = Result<Done, String>;
