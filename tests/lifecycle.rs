@@ -749,3 +749,99 @@ fn populate_of_a_served_store_is_refused_and_changes_nothing() {
     fx.populate(&[]);
     assert!(fx.stub("new").exists(), "{what}: populate after the stop");
 }
+
+fn killed_mid_eviction(fs_kind: &str) {
+    if !require_root() {
+        return;
+    }
+    let what = format!("{fs_kind} kill -9 mid eviction");
+    let mut fx = Fixture::new(fs_kind, "1G");
+    let mut files: Vec<(String, Vec<u8>)> = (0..60)
+        .map(|i| {
+            let rel = format!("v/f{i:02}");
+            (
+                rel.clone(),
+                fx.write_source(&rel, 300 * KIB + i, 1500 + i as u64),
+            )
+        })
+        .collect();
+    fx.populate(&[]);
+    fx.serve(&["--cache-limit", "2M"]);
+    // A local write: its only copy is here, never evicted.
+    let local = b"written here, kept";
+    let (rel0, want0) = &mut files[0];
+    let _ = fs::read(fx.at(rel0)).unwrap();
+    File::options()
+        .write(true)
+        .open(fx.at(rel0))
+        .unwrap()
+        .write_at(local, 100)
+        .unwrap();
+    want0[100..100 + local.len()].copy_from_slice(local);
+    // Read on while evictions run, then kill both processes in the middle of them.
+    for (rel, want) in &files[1..40] {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            want,
+            &format!("{what}: {rel}"),
+        );
+    }
+    let worker: i32 = fs::read_to_string(fx.store.join(".hsm/worker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: our daemon's worker, by pid.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    fx.daemon.as_mut().unwrap().kill9();
+    fx.daemon = None;
+    fx.serve(&["--cache-limit", "2M"]);
+    for (rel, want) in &files {
+        let got = fs::read(fx.at(rel)).unwrap_or_else(|e| panic!("{what}: {rel}: {e}"));
+        assert_bytes_eq(&got, want, &format!("{what}: {rel} after the restart"));
+    }
+    let m = fx.stop();
+    assert!(metric(&m, "evicted_bytes") > 0, "{what}: {m}");
+}
+
+on_each_fs!(
+    a_daemon_killed_mid_eviction_loses_nothing,
+    killed_mid_eviction
+);
+
+#[test]
+fn serve_mounts_over_a_non_empty_directory_only_when_asked() {
+    if !require_root() {
+        return;
+    }
+    let what = "nonempty";
+    let mut fx = Fixture::new("xfs", "1G");
+    let files = small_tree(&fx);
+    fx.populate(&[]);
+    fs::create_dir_all(&fx.view).unwrap();
+    fs::write(fx.view.join("already-here"), b"x").unwrap();
+    let out = Command::new(HSM)
+        .arg("serve")
+        .arg(&fx.store)
+        .arg(&fx.view)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{what}: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--nonempty"),
+        "{what}: {}",
+        text(&out)
+    );
+    fx.serve(&["--nonempty"]);
+    read_all_right(&fx, &files, what);
+    assert!(
+        !fx.view.join("already-here").exists(),
+        "{what}: hidden while served"
+    );
+    fx.stop();
+    assert!(
+        fx.view.join("already-here").exists(),
+        "{what}: back after the stop"
+    );
+}
