@@ -289,6 +289,7 @@ fn run_items(op: Op, reach: &Reach, items: &[Item], threads: usize) -> bool {
     };
     let bar = progress_bar(total, bytes_op);
     let next = AtomicUsize::new(0);
+    let done_files = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, Result<Done, String>)>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads.min(items.len()).max(1) {
@@ -313,6 +314,10 @@ fn run_items(op: Op, reach: &Reach, items: &[Item], threads: usize) -> bool {
                         Reach::Here(ops) => ops.run(op, &item.rel),
                     };
                     bar.inc(if bytes_op { item.size } else { 1 });
+                    if bytes_op {
+                        let n = done_files.fetch_add(1, Ordering::Relaxed) + 1;
+                        bar.set_message(format!("{n}/{} files", items.len()));
+                    }
                     results
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -351,7 +356,7 @@ fn progress_bar(total: u64, bytes: bool) -> indicatif::ProgressBar {
         return indicatif::ProgressBar::hidden();
     }
     let template = if bytes {
-        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}"
+        "{bar:30} {bytes}/{total_bytes} {msg} {binary_bytes_per_sec} ETA {eta}"
     } else {
         "{bar:30} {pos}/{len} files {per_sec} ETA {eta}"
     };
