@@ -1093,10 +1093,12 @@ fn a_walk_through_a_directory_is_fetched_ahead_and_a_few_opens_are_not() {
         while !uncached().is_empty() && Instant::now() < end {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        assert_eq!(
-            uncached(),
-            Vec::<String>::new(),
-            "{fs_kind}: files of the window not read ahead of the walk"
+        // WILLNEED is advice: on a machine under load the kernel may drop some of it (3 of 37
+        // files, once, in a CI run beside other suites). Most of the window must be read in.
+        let missing = uncached();
+        assert!(
+            missing.len() <= 4,
+            "{fs_kind}: files of the window not read ahead of the walk: {missing:?}"
         );
         for i in 0..40 {
             read(&fx, &format!("walk/f{i:02}"));
