@@ -972,17 +972,18 @@ pub fn file_handle(file: BorrowedFd<'_>) -> io::Result<FileHandle> {
         )
     })?;
     // SAFETY: the kernel wrote handle_bytes (at most MAX_HANDLE_SZ) after the 8-byte header.
-    let len = unsafe { std::ptr::read(raw.cast::<u32>()) } as usize;
-    Ok(FileHandle(buf, len.min(MAX_HANDLE_SZ)))
+    let len = (unsafe { std::ptr::read(raw.cast::<u32>()) } as usize).min(MAX_HANDLE_SZ);
+    // Only the words the handle fills: a cache limit keeps one per file of the store.
+    Ok(FileHandle(buf[..(8 + len).div_ceil(8)].into()))
 }
 
-/// A `struct file_handle` as the kernel gave it.
+/// A `struct file_handle` as the kernel gave it (header and handle bytes, 8-byte aligned).
 #[derive(Clone)]
-pub struct FileHandle([u64; (8 + MAX_HANDLE_SZ) / 8], usize);
+pub struct FileHandle(Box<[u64]>);
 
 impl std::fmt::Debug for FileHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FileHandle({} bytes)", self.1)
+        write!(f, "FileHandle({} bytes)", self.0.len() * 8 - 8)
     }
 }
 
@@ -992,8 +993,8 @@ pub fn open_by_handle(
     handle: &FileHandle,
     flags: i32,
 ) -> io::Result<OwnedFd> {
-    // SAFETY: `handle.0` is a file_handle filled by name_to_handle_at; open_by_handle_at only
-    // reads it, and returns a new fd.
+    // SAFETY: `handle.0` is a file_handle filled by name_to_handle_at, with all of its
+    // handle_bytes; open_by_handle_at only reads it, and returns a new fd.
     let fd = cvt(unsafe {
         libc::syscall(
             libc::SYS_open_by_handle_at,
