@@ -248,10 +248,21 @@ impl Client {
 
     fn connect(name: &str) -> anyhow::Result<Option<Client>> {
         match UnixStream::connect_addr(&abstract_addr(name)?) {
-            Ok(s) => Ok(Some(Client {
-                writer: s.try_clone()?,
-                reader: BufReader::new(s),
-            })),
+            Ok(s) => {
+                // Any process may bind an abstract name: only root's daemon is believed (or, in
+                // a test run by a user, that user's own).
+                let (pid, uid) = crate::sys::ipc::peer_credentials(s.as_fd())?;
+                if uid != 0 && uid != crate::sys::users::effective_uid() {
+                    anyhow::bail!(
+                        "@{name} is held by pid {pid} of uid {uid}, not by hsm serve (root): \
+                         refusing to use it"
+                    );
+                }
+                Ok(Some(Client {
+                    writer: s.try_clone()?,
+                    reader: BufReader::new(s),
+                }))
+            }
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("cannot connect to @{name}")),
         }

@@ -50,3 +50,9 @@ mod tests {
         assert!(super::group_id("no-such-group-hsm").is_err());
     }
 }
+
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no memory effects.
+    unsafe { libc::geteuid() }
+}
