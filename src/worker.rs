@@ -217,8 +217,13 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let access = crate::control::Access {
         group: opts.control_group,
     };
-    let listener = crate::control::listen(&store.tree())?;
-    crate::control::serve(listener, Arc::new(operations), access);
+    // Not fatal: serving goes on without it (the commands then say the store is in use).
+    match crate::control::listen(&store.tree()) {
+        Ok(listener) => crate::control::serve(listener, Arc::new(operations), access),
+        Err(e) => {
+            warn!("no control socket: {e:#}; hsm hydrate, release and pin cannot reach this daemon")
+        }
+    }
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),
