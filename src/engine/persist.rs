@@ -47,33 +47,12 @@ pub(super) enum Flush {
     /// Shutdown: every changed file.
     All,
     /// An event's thread, the cache over its limit (see `Engine::entry`): the files eviction can
-    /// then drop.
+    /// then drop. Its `syncfs` makes this reader wait for the filesystem's writeback, and holds
+    /// the event thread as back-pressure: one `fdatasync` per file was too slow to keep up (a
+    /// tar over 3,000 files with 4,096 fds allowed ran the worker out of fds, in CI). Moving
+    /// this flush to the flusher thread, with events waiting for room, would take it off the
+    /// event path.
     Pressure,
-}
-
-/// How the data a batch of records claims is put on disk before the records are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// One `syncfs` for the whole batch: cheapest for many files, but it writes back everything
-    /// dirty on the filesystem, other programs' writes included, and can take seconds (2.8 s
-    /// seen for one cold 256 MiB fill). For the flusher thread only.
-    Syncfs,
-    /// `fdatasync` of each file in the batch: only the bytes these records claim (and the
-    /// extents that reach them), so that a thread holding an event waits for its own files'
-    /// writeback, never for the rest of the filesystem's.
-    Fdatasync,
-}
-
-impl Flush {
-    pub(super) fn durability(self) -> Durability {
-        match self {
-            // Reached from an event (a stub opened or read while the cache is full): the
-            // reader waits on this thread, and a `syncfs` there would make its latency that of
-            // the whole filesystem's writeback (issue 17).
-            Flush::Pressure => Durability::Fdatasync,
-            Flush::Periodic | Flush::All => Durability::Syncfs,
-        }
-    }
 }
 
 /// Is the record of a changed file in state `s` due to be written at `now`, in a flush run for
@@ -112,7 +91,7 @@ impl Engine {
     /// the file's ctime, which `tar` reports as "file changed as we read it"), after
     /// `MAX_RECORD_LAG` whatever happens, or at once when more files are cached than the open-files
     /// limit allows; `force` writes them all. Returns the records written. For the flusher thread
-    /// and shutdown: the data goes to disk with one `syncfs` (see `Durability`).
+    /// and shutdown: the data goes to disk with one `syncfs`.
     pub fn flush(&self, force: bool) -> usize {
         self.flush_for(if force { Flush::All } else { Flush::Periodic })
     }
@@ -137,31 +116,16 @@ impl Engine {
         // Only the files being recorded are held from here on: a release (see `forget`) waits
         // for those, not for every cached file, while the data is synced.
         drop(entries);
-        let dirty: Vec<_> = match why.durability() {
-            Durability::Syncfs => {
-                if let Some((first, _)) = dirty.first() {
-                    if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
-                        warn!("syncfs failed, state records not updated: {err}");
-                        for (e, _) in &dirty {
-                            still_dirty(e);
-                        }
-                        return 0;
-                    }
+        // One `syncfs` for the batch, whoever runs it (see `Flush::Pressure`).
+        if let Some((first, _)) = dirty.first() {
+            if let Err(err) = sysfs::syncfs(first.file.as_fd()) {
+                warn!("syncfs failed, state records not updated: {err}");
+                for (e, _) in &dirty {
+                    still_dirty(e);
                 }
-                dirty
+                return 0;
             }
-            Durability::Fdatasync => dirty
-                .into_iter()
-                .filter(|(e, _)| match sysfs::fdatasync(e.file.as_fd()) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        warn!(file = %fd_path(e.file.as_fd()), "fdatasync failed, state record not updated: {err}");
-                        still_dirty(e);
-                        false
-                    }
-                })
-                .collect(),
-        };
+        }
         let mut written = 0;
         for (e, snapshot) in &dirty {
             match sysfs::fsetxattr(e.file.as_fd(), XATTR_STATE, &bounded_encoding(snapshot)) {
@@ -261,11 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pressure_flush_records_only_idle_files_and_never_calls_syncfs() {
-        assert_eq!(Flush::Pressure.durability(), Durability::Fdatasync);
-        assert_eq!(Flush::Periodic.durability(), Durability::Syncfs);
-        assert_eq!(Flush::All.durability(), Durability::Syncfs);
-
+    fn a_pressure_flush_records_only_idle_files() {
         let t0 = Instant::now();
         let mut s = changed_at(t0);
         // Crowded: an idle file is recorded at once, so that it can be evicted...
