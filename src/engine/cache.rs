@@ -153,9 +153,7 @@ impl Engine {
         drop(files);
         // A burst of new files (tar, grep over a tree) outruns the periodic flush: record and
         // drop complete entries now, before their fds exhaust the process's limit. This runs on
-        // the thread serving an event: the records' data goes to disk by `fdatasync` of their
-        // own files, never a `syncfs` that would make the reader wait for all of the
-        // filesystem's writeback (see `persist::Durability`).
+        // the thread serving an event, which waits for it (see `persist::Flush::Pressure`).
         if full
             && !self
                 .pressure_flush
