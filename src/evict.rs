@@ -27,7 +27,6 @@ use tracing::{info, warn};
 use crate::engine::Engine;
 use crate::lifecycle::{Outcome, Refusal, Releaser};
 use crate::metrics::Metrics;
-use crate::record::{SourceRecord, StateRecord, XATTR_SOURCE, XATTR_STATE};
 use crate::sys::fanotify::Group;
 use crate::sys::fs::{self as sysfs, FileHandle};
 
@@ -62,16 +61,6 @@ pub struct Usage {
 
 fn key_of(fd: BorrowedFd<'_>) -> Option<FileKey> {
     sysfs::fstat(fd).ok().map(|st| (st.st_dev, st.st_ino))
-}
-
-/// Present bytes by the file's records; `None` for a file that is not a stub.
-fn present_by_record(fd: BorrowedFd<'_>) -> Option<u64> {
-    let raw = sysfs::fgetxattr(fd, XATTR_SOURCE).ok()??;
-    let source = SourceRecord::decode(&raw).ok()?;
-    Some(match sysfs::fgetxattr(fd, XATTR_STATE).ok()? {
-        Some(raw) => StateRecord::decode(&raw, &source).map_or(0, |s| s.present_bytes()),
-        None => 0,
-    })
 }
 
 fn lock(m: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
@@ -138,7 +127,7 @@ impl Usage {
         }
         drop(t);
         // Not seen yet (the walk has not reached it): counted from its records.
-        if let Some(present) = present_by_record(fd) {
+        if let Some(present) = crate::record::present_on_disk(fd) {
             self.set(fd, present, Some(SystemTime::now()));
         }
     }
@@ -167,7 +156,7 @@ impl Usage {
                     continue;
                 };
                 let (Some(present), Some(key), Ok(handle), Ok(st)) = (
-                    present_by_record(f.as_fd()),
+                    crate::record::present_on_disk(f.as_fd()),
                     key_of(f.as_fd()),
                     sysfs::file_handle(f.as_fd()),
                     sysfs::fstat(f.as_fd()),

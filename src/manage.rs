@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use crate::control::{Client, Done, Op, Reply, Service};
 use crate::engine::{Engine, Need};
 use crate::lifecycle::{self, Outcome, Releaser};
-use crate::record::{SourceRecord, StateRecord, XATTR_SOURCE, XATTR_STATE};
+use crate::record::XATTR_SOURCE;
 use crate::sys::fanotify::Group;
 use crate::sys::fs as sysfs;
 
@@ -33,20 +33,6 @@ pub struct Operations {
     pub zero_pool: Option<File>,
     /// The cache limit's tally, told of releases.
     pub usage: Option<Arc<crate::evict::Usage>>,
-}
-
-/// Bytes of the file present, from its records (0 for a file that is not a stub).
-fn present_bytes(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
-    let Ok(Some(raw)) = sysfs::fgetxattr(fd, XATTR_SOURCE) else {
-        return 0;
-    };
-    let Ok(source) = SourceRecord::decode(&raw) else {
-        return 0;
-    };
-    match sysfs::fgetxattr(fd, XATTR_STATE) {
-        Ok(Some(raw)) => StateRecord::decode(&raw, &source).map_or(0, |s| s.present_bytes()),
-        _ => 0,
-    }
 }
 
 impl Operations {
@@ -65,7 +51,7 @@ impl Operations {
             // Not a stub: its bytes are all here.
             return Ok(0);
         }
-        let before = present_bytes(file.as_fd());
+        let before = crate::record::present_on_disk(file.as_fd()).unwrap_or(0);
         engine.serve(file.as_fd(), Need::Whole)?;
         // Recorded by the engine's flush, with others (one `syncfs` for many files): a crash
         // before it costs a refetch, never a wrong byte.

@@ -183,6 +183,17 @@ pub fn complete_on_disk(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Bytes of the stub behind `fd` that its records say are present; `None` for a file that is
+/// not a stub (or whose source record is unreadable). A missing or corrupt state record: none.
+pub fn present_on_disk(fd: BorrowedFd<'_>) -> Option<u64> {
+    let raw = crate::sys::fs::fgetxattr(fd, XATTR_SOURCE).ok()??;
+    let source = SourceRecord::decode(&raw).ok()?;
+    Some(match crate::sys::fs::fgetxattr(fd, XATTR_STATE) {
+        Ok(Some(raw)) => StateRecord::decode(&raw, &source).map_or(0, |s| s.present_bytes()),
+        _ => 0,
+    })
+}
+
 /// The stub kind of the file behind `fd`, if it has a valid source record.
 pub fn stub_kind(fd: BorrowedFd<'_>) -> Option<StubKind> {
     let raw = crate::sys::fs::fgetxattr(fd, XATTR_SOURCE).ok()??;

@@ -469,6 +469,24 @@ on_each_fs!(
     without_a_daemon
 );
 
+/// The pid of the daemon's worker (which does releases and evictions).
+fn worker_pid(fx: &Fixture) -> i32 {
+    fs::read_to_string(fx.store.join(".hsm/worker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// SIGKILL the worker and the supervisor together, as a crash of the machine's daemon would.
+fn kill_daemon(fx: &mut Fixture, worker: i32) {
+    // SAFETY: our daemon's worker, by pid.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    if let Some(mut d) = fx.daemon.take() {
+        d.kill9();
+    }
+}
+
 fn killed_mid_release(fs_kind: &str) {
     if !require_root() {
         return;
@@ -496,11 +514,7 @@ fn killed_mid_release(fs_kind: &str) {
             .unwrap();
         want[7..7 + local.len()].copy_from_slice(local.as_bytes());
     }
-    let worker: i32 = fs::read_to_string(fx.store.join(".hsm/worker.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let worker = worker_pid(&fx);
     let mut release = Command::new(HSM)
         .arg("release")
         .arg(fx.at("k"))
@@ -509,11 +523,8 @@ fn killed_mid_release(fs_kind: &str) {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(150));
-    // SAFETY: our daemon's worker, by pid.
-    unsafe { libc::kill(worker, libc::SIGKILL) };
-    fx.daemon.as_mut().unwrap().kill9();
+    kill_daemon(&mut fx, worker);
     let _ = release.wait();
-    fx.daemon = None;
     fx.serve(&[]);
     let mut stubs = 0;
     for (path, state, _) in states(&fx.at("k")) {
@@ -786,15 +797,8 @@ fn killed_mid_eviction(fs_kind: &str) {
             &format!("{what}: {rel}"),
         );
     }
-    let worker: i32 = fs::read_to_string(fx.store.join(".hsm/worker.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    // SAFETY: our daemon's worker, by pid.
-    unsafe { libc::kill(worker, libc::SIGKILL) };
-    fx.daemon.as_mut().unwrap().kill9();
-    fx.daemon = None;
+    let worker = worker_pid(&fx);
+    kill_daemon(&mut fx, worker);
     fx.serve(&["--cache-limit", "2M"]);
     for (rel, want) in &files {
         let got = fs::read(fx.at(rel)).unwrap_or_else(|e| panic!("{what}: {rel}: {e}"));

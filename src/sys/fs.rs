@@ -393,13 +393,6 @@ impl<'a> WriteLease<'a> {
         cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) })?;
         Ok(WriteLease(fd))
     }
-
-    /// Whether the lease is still held: a lease broken by an open that waited past the lease
-    /// break time is taken away by the kernel.
-    pub fn held(&self) -> bool {
-        // SAFETY: plain fcntl on an open fd.
-        unsafe { libc::fcntl(self.0.as_raw_fd(), libc::F_GETLEASE) == libc::F_WRLCK }
-    }
 }
 
 impl Drop for WriteLease<'_> {
