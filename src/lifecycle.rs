@@ -223,12 +223,7 @@ impl Releaser<'_> {
             }
         }
         // Freeing the blocks moved the times: put them back as the stub had them.
-        sysfs::set_times(
-            fd,
-            None,
-            (st.st_atime, st.st_atime_nsec),
-            (st.st_mtime, st.st_mtime_nsec),
-        )?;
+        sysfs::set_times(fd, None, sysfs::atime_of(&st), sysfs::mtime_of(&st))?;
         let _ = sysfs::fsync(fd);
         drop(lease);
         Ok(Outcome::Released { bytes: present })

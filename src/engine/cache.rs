@@ -109,7 +109,7 @@ impl Engine {
     /// Look up or load the entry for a file. `None`: not a stub (no source record).
     pub(super) fn entry(
         &self,
-        st: &libc::stat,
+        st: &sysfs::Stat,
         fd: BorrowedFd<'_>,
     ) -> io::Result<Option<Arc<Entry>>> {
         let key: FileKey = (st.st_dev, st.st_ino);

@@ -287,7 +287,7 @@ impl Engine {
             if !matches!(written, Ok(false)) && !entry.keeps_times {
                 // Writing through the fd moved the mtime, even a write that failed part way (a
                 // full disk): the file still is the source's, not a local change.
-                let _ = sysfs::set_mtime(fd, (st.st_mtime, st.st_mtime_nsec));
+                let _ = sysfs::set_mtime(fd, sysfs::mtime_of(&st));
             }
             written?;
         }

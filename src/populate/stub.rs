@@ -72,14 +72,14 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    pub(super) fn of(st: &libc::stat) -> Meta {
+    pub(super) fn of(st: &sysfs::Stat) -> Meta {
         Meta {
             size: st.st_size as u64,
             mode: st.st_mode & 0o7777,
             uid: st.st_uid,
             gid: st.st_gid,
-            atime: (st.st_atime, st.st_atime_nsec),
-            mtime: (st.st_mtime, st.st_mtime_nsec),
+            atime: sysfs::atime_of(st),
+            mtime: sysfs::mtime_of(st),
             version: None,
         }
     }
@@ -171,12 +171,7 @@ impl Walk<'_> {
     ) {
         self.counters.kept.fetch_add(1, Relaxed);
         if let Ok(have) = sysfs::lstatat(dst, name) {
-            if (
-                have.st_uid,
-                have.st_gid,
-                (have.st_mtime, have.st_mtime_nsec),
-            ) != (m.uid, m.gid, m.mtime)
-            {
+            if (have.st_uid, have.st_gid, sysfs::mtime_of(&have)) != (m.uid, m.gid, m.mtime) {
                 self.set_meta(dst, Some(name), m, rel);
             }
         }

@@ -80,7 +80,7 @@ impl Walk<'_> {
         dst: BorrowedFd<'_>,
         rel: &[u8],
         name_bytes: &[u8],
-    ) -> Option<(CString, libc::stat)> {
+    ) -> Option<(CString, sysfs::Stat)> {
         let path = join(rel, name_bytes);
         let Ok(name) = CString::new(name_bytes) else {
             self.error(&path, "name contains NUL");
@@ -154,7 +154,7 @@ impl Walk<'_> {
             }
         }
         self.sweep_staging(dst, rel, |n| names.iter().any(|s| s.as_bytes() == n));
-        let subdirs: Vec<(CString, libc::stat)> = names
+        let subdirs: Vec<(CString, sysfs::Stat)> = names
             .par_iter()
             .with_min_len(64)
             .filter_map(|name_os| self.entry(src, dst, rel, name_os.as_bytes()))
@@ -180,7 +180,7 @@ impl Walk<'_> {
         dst: BorrowedFd<'_>,
         name: &std::ffi::CStr,
         rel: &[u8],
-        st: &libc::stat,
+        st: &sysfs::Stat,
     ) -> anyhow::Result<()> {
         let target = sysfs::readlinkat(src, name)?;
         match sysfs::symlinkat(&target, dst, name) {
@@ -207,7 +207,7 @@ impl Walk<'_> {
         dst: BorrowedFd<'_>,
         name: &std::ffi::CStr,
         rel: &[u8],
-        st: &libc::stat,
+        st: &sysfs::Stat,
     ) -> anyhow::Result<()> {
         if st.st_nlink > 1 {
             let cell = self
@@ -291,7 +291,7 @@ impl Walk<'_> {
         dst: BorrowedFd<'_>,
         name: &std::ffi::CStr,
         rel: &[u8],
-        st: &libc::stat,
+        st: &sysfs::Stat,
     ) -> anyhow::Result<()> {
         let digests = match &self.digest_dir {
             Some(dir) if st.st_size > 0 => {

@@ -7,7 +7,17 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use rustix::fs::{
+    Advice, AtFlags, FallocateFlags, Gid, Mode, OFlags, RenameFlags, ResolveFlags, StatxFlags,
+    Timestamps, Uid, XattrFlags,
+};
+use rustix::io::{retry_on_intr, Errno};
+use rustix::pipe::{PipeFlags, SpliceFlags};
+
 use super::{cvt, cvt_retry};
+
+/// What [`fstat`] and [`lstatat`] return.
+pub use rustix::fs::Stat;
 
 pub fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes)
@@ -18,138 +28,87 @@ pub fn path_cstring(path: &Path) -> io::Result<CString> {
     cstring(path.as_os_str().as_bytes())
 }
 
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-const RESOLVE_BENEATH: u64 = 0x08;
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
+/// The `O_*` flags callers pass (libc's numbers), as rustix takes them.
+fn oflags(flags: i32) -> OFlags {
+    OFlags::from_bits_retain(flags as u32)
 }
 
 /// Open `rel` beneath `root` without following any symlink and without `..` escaping it: a
 /// component swapped for a symlink, or a path that climbs out, fails with ELOOP or EXDEV.
 pub fn open_beneath(root: BorrowedFd<'_>, rel: &[u8], flags: i32) -> io::Result<OwnedFd> {
     let rel = if rel.is_empty() { &b"."[..] } else { rel };
-    let path = cstring(rel)?;
-    let how = OpenHow {
-        flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
-        mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: `path` is NUL-terminated, `how` is a valid open_how of the size passed.
-    let fd = cvt_retry(|| unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
+    Ok(retry_on_intr(|| {
+        rustix::fs::openat2(
+            root,
+            rel,
+            oflags(flags) | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
         )
-    })?;
-    // SAFETY: openat2 returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    })?)
 }
 
 /// Open the file an `O_PATH` fd names, anew with `flags` (through `/proc/self/fd`): the same
 /// inode, whatever its name points at now.
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
-    let path = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
-    // SAFETY: `path` is NUL-terminated.
-    let fd = cvt_retry(|| unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: open returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    Ok(retry_on_intr(|| {
+        rustix::fs::open(
+            path.as_str(),
+            oflags(flags) | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    })?)
 }
 
 /// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, mode)` for a single path component.
 pub fn openat(dir: BorrowedFd<'_>, name: &CStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated.
-    let fd = cvt_retry(|| unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            mode as libc::c_uint,
+    Ok(retry_on_intr(|| {
+        rustix::fs::openat(
+            dir,
+            name,
+            oflags(flags) | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(mode),
         )
-    })?;
-    // SAFETY: openat returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })?)
 }
 
 pub fn fgetxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        // SAFETY: the buffer is valid for writes of its length.
-        let r = unsafe {
-            libc::fgetxattr(
-                fd.as_raw_fd(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if r >= 0 {
-            buf.truncate(r as usize);
-            return Ok(Some(buf));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENODATA) => return Ok(None),
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            _ => return Err(err),
-        }
-    }
+    read_xattr(|buf| rustix::fs::fgetxattr(fd, name, buf))
 }
 
 pub fn fsetxattr(fd: BorrowedFd<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
-    // SAFETY: `value` is valid for reads of its length.
-    cvt(unsafe {
-        libc::fsetxattr(
-            fd.as_raw_fd(),
-            name.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    })?;
-    Ok(())
+    Ok(rustix::fs::fsetxattr(fd, name, value, XattrFlags::empty())?)
 }
 
 pub fn fremovexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated.
-    match cvt(unsafe { libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()) }) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
-        Err(e) => Err(e),
+    match rustix::fs::fremovexattr(fd, name) {
+        Ok(()) | Err(Errno::NODATA) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Read an xattr of a path without following a final symlink and without opening the file (so no
 /// fanotify event is raised, even on a watched mount).
 pub fn lgetxattr(path: &Path, name: &CStr) -> io::Result<Option<Vec<u8>>> {
-    let p = path_cstring(path)?;
+    read_xattr(|buf| rustix::fs::lgetxattr(path, name, buf))
+}
+
+/// Read an xattr value with `get`, growing the buffer while the value is larger (up to 1 MiB);
+/// `None` when the file has no such attribute.
+fn read_xattr(
+    mut get: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> io::Result<Option<Vec<u8>>> {
     let mut buf = vec![0u8; 4096];
     loop {
-        // SAFETY: both strings are NUL-terminated; the buffer is valid for its length.
-        let r = unsafe {
-            libc::lgetxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
-        if r >= 0 {
-            buf.truncate(r as usize);
-            return Ok(Some(buf));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENODATA) => return Ok(None),
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            _ => return Err(err),
+        match get(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(Errno::NODATA) => return Ok(None),
+            Err(Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -226,9 +185,7 @@ impl FsKind {
 }
 
 pub fn fs_kind(fd: BorrowedFd<'_>) -> io::Result<FsKind> {
-    // SAFETY: statfs is plain old data; fstatfs fills it.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    let st = rustix::fs::fstatfs(fd)?;
     #[allow(clippy::unnecessary_cast)]
     Ok(match st.f_type as i64 {
         0xEF53 => FsKind::Ext4,
@@ -241,28 +198,19 @@ pub fn fs_kind(fd: BorrowedFd<'_>) -> io::Result<FsKind> {
 
 /// Free and total bytes of the filesystem holding `fd`, as `df` reports them.
 pub fn fs_space(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
-    // SAFETY: as above.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st) })?;
-    Ok((
-        st.f_bavail as u64 * st.f_frsize as u64,
-        st.f_blocks as u64 * st.f_frsize as u64,
-    ))
+    let st = rustix::fs::fstatvfs(fd)?;
+    Ok((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
 }
 
 /// `df`'s figures for the filesystem holding `path` (`statvfs`, which opens nothing): used,
 /// total and available-to-users bytes. Used is total less free blocks, as `df` counts it.
 pub fn disk_use(path: &Path) -> io::Result<(u64, u64, u64)> {
-    let c = path_cstring(path)?;
-    // SAFETY: statvfs is plain old data that the call fills.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated; `st` is a valid statvfs to write.
-    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
-    let frsize = st.f_frsize as u64;
+    let st = rustix::fs::statvfs(path)?;
+    let frsize = st.f_frsize;
     Ok((
-        (st.f_blocks as u64).saturating_sub(st.f_bfree as u64) * frsize,
-        st.f_blocks as u64 * frsize,
-        st.f_bavail as u64 * frsize,
+        st.f_blocks.saturating_sub(st.f_bfree) * frsize,
+        st.f_blocks * frsize,
+        st.f_bavail * frsize,
     ))
 }
 
@@ -274,21 +222,16 @@ pub fn open_files_limit() -> io::Result<u64> {
 /// Device, inode number and birth time (ns) of the file behind `fd`; `None` where the
 /// filesystem keeps no birth time.
 pub fn inode_incarnation(fd: BorrowedFd<'_>) -> io::Result<Option<(u64, u64, u64)>> {
-    // SAFETY: statx is plain old data; statx fills it.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    cvt(unsafe {
-        libc::statx(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_INO | libc::STATX_BTIME,
-            &mut stx,
-        )
-    })?;
-    if stx.stx_mask & libc::STATX_BTIME == 0 {
+    let stx = rustix::fs::statx(
+        fd,
+        c"",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::INO | StatxFlags::BTIME,
+    )?;
+    if !StatxFlags::from_bits_retain(stx.stx_mask).contains(StatxFlags::BTIME) {
         return Ok(None);
     }
-    let dev = libc::makedev(stx.stx_dev_major, stx.stx_dev_minor);
+    let dev = rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor);
     // An identity, not a time: wrapping is harmless.
     let btime = (stx.stx_btime.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
@@ -296,29 +239,26 @@ pub fn inode_incarnation(fd: BorrowedFd<'_>) -> io::Result<Option<(u64, u64, u64
     Ok(Some((dev, stx.stx_ino, btime)))
 }
 
-pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
-    // SAFETY: stat is plain old data; fstat fills it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st)
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    Ok(rustix::fs::fstat(fd)?)
 }
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
-pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<libc::stat> {
-    // SAFETY: as above; `name` is NUL-terminated.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    cvt(unsafe {
-        libc::fstatat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            &mut st,
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(st)
+pub fn lstatat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Stat> {
+    Ok(rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?)
 }
 
 pub type Timespec = (i64, i64);
+
+/// The modification time of `st`, as [`set_times`] takes it.
+pub fn mtime_of(st: &Stat) -> Timespec {
+    (st.st_mtime, st.st_mtime_nsec as i64)
+}
+
+/// The access time of `st`, as [`set_times`] takes it.
+pub fn atime_of(st: &Stat) -> Timespec {
+    (st.st_atime, st.st_atime_nsec as i64)
+}
 
 /// Set atime and mtime of `name` in `dir` (not following symlinks), or of `dir` itself when
 /// `name` is None.
@@ -328,44 +268,32 @@ pub fn set_times(
     atime: Timespec,
     mtime: Timespec,
 ) -> io::Result<()> {
-    let ts = [
-        libc::timespec {
-            tv_sec: atime.0,
-            tv_nsec: atime.1,
-        },
-        libc::timespec {
-            tv_sec: mtime.0,
-            tv_nsec: mtime.1,
-        },
-    ];
-    // SAFETY: `ts` holds two timespecs; `name` is NUL-terminated when given.
+    let times = Timestamps {
+        last_access: timestamp(atime),
+        last_modification: timestamp(mtime),
+    };
     match name {
-        Some(name) => cvt(unsafe {
-            libc::utimensat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                ts.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?,
-        None => cvt(unsafe { libc::futimens(dir.as_raw_fd(), ts.as_ptr()) })?,
+        Some(name) => rustix::fs::utimensat(dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)?,
+        None => rustix::fs::futimens(dir, &times)?,
     };
     Ok(())
+}
+
+fn timestamp((tv_sec, tv_nsec): Timespec) -> rustix::fs::Timespec {
+    rustix::fs::Timespec { tv_sec, tv_nsec }
 }
 
 /// Give back the blocks of `[offset, offset + len)`, keeping the size (`FALLOC_FL_PUNCH_HOLE`):
 /// the range then reads as zeros, and its cached pages are dropped.
 pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on integer arguments.
-    cvt_retry(|| unsafe {
-        libc::fallocate(
-            fd.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
+    Ok(retry_on_intr(|| {
+        rustix::fs::fallocate(
+            fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
         )
-    })?;
-    Ok(())
+    })?)
 }
 
 /// A write lease on an open file (`F_SETLEASE`, `F_WRLCK`): granted only while no other open
@@ -404,78 +332,47 @@ impl Drop for WriteLease<'_> {
 
 /// `fsync`: data and metadata (the records, which are xattrs, included) durable.
 pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt_retry(|| unsafe { libc::fsync(fd.as_raw_fd()) })?;
-    Ok(())
+    Ok(retry_on_intr(|| rustix::fs::fsync(fd))?)
 }
 
 /// Set only the mtime of an open file, leaving atime alone.
 pub fn set_mtime(fd: BorrowedFd<'_>, mtime: Timespec) -> io::Result<()> {
-    let ts = [
-        libc::timespec {
+    let times = Timestamps {
+        last_access: rustix::fs::Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
+            tv_nsec: rustix::fs::UTIME_OMIT,
         },
-        libc::timespec {
-            tv_sec: mtime.0,
-            tv_nsec: mtime.1,
-        },
-    ];
-    // SAFETY: `ts` holds two timespecs.
-    cvt(unsafe { libc::futimens(fd.as_raw_fd(), ts.as_ptr()) })?;
-    Ok(())
+        last_modification: timestamp(mtime),
+    };
+    Ok(rustix::fs::futimens(fd, &times)?)
 }
 
 /// `fchownat(dir, name, uid, gid, AT_SYMLINK_NOFOLLOW)`, or of `dir` itself.
 pub fn chown(dir: BorrowedFd<'_>, name: Option<&CStr>, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated when given.
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
     match name {
-        Some(name) => cvt(unsafe {
-            libc::fchownat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                uid,
-                gid,
-                libc::AT_SYMLINK_NOFOLLOW,
-            )
-        })?,
-        None => cvt(unsafe { libc::fchown(dir.as_raw_fd(), uid, gid) })?,
+        Some(name) => {
+            rustix::fs::chownat(dir, name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)?
+        }
+        None => rustix::fs::fchown(dir, Some(uid), Some(gid))?,
     };
     Ok(())
 }
 
 pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) })?;
-    Ok(())
+    Ok(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?)
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated.
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })?;
-    Ok(())
+    Ok(rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))?)
 }
 
 pub fn symlinkat(target: &[u8], dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    let target = cstring(target)?;
-    // SAFETY: both strings are NUL-terminated.
-    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) })?;
-    Ok(())
+    Ok(rustix::fs::symlinkat(target, dir, name)?)
 }
 
 pub fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize];
-    // SAFETY: the buffer is valid for writes of its length.
-    let n = cvt(unsafe {
-        libc::readlinkat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    })?;
-    buf.truncate(n as usize);
-    Ok(buf)
+    Ok(rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes())
 }
 
 pub fn linkat(
@@ -484,17 +381,13 @@ pub fn linkat(
     newdir: BorrowedFd<'_>,
     newname: &CStr,
 ) -> io::Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    cvt(unsafe {
-        libc::linkat(
-            olddir.as_raw_fd(),
-            oldname.as_ptr(),
-            newdir.as_raw_fd(),
-            newname.as_ptr(),
-            0,
-        )
-    })?;
-    Ok(())
+    Ok(rustix::fs::linkat(
+        olddir,
+        oldname,
+        newdir,
+        newname,
+        AtFlags::empty(),
+    )?)
 }
 
 /// An unnamed regular file in the directory `dir` (`O_TMPFILE`), open for writing, with
@@ -502,50 +395,33 @@ pub fn linkat(
 /// if the process dies first. Filesystems without `O_TMPFILE` fail with `EOPNOTSUPP` (older
 /// kernels: `EISDIR` or `EINVAL`).
 pub fn open_tmpfile(dir: BorrowedFd<'_>, mode: u32) -> io::Result<OwnedFd> {
-    // SAFETY: the name is NUL-terminated.
-    let fd = cvt_retry(|| unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
-            mode as libc::c_uint,
+    Ok(retry_on_intr(|| {
+        rustix::fs::openat(
+            dir,
+            c".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(mode),
         )
-    })?;
-    // SAFETY: openat returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })?)
 }
 
 /// Give the file open at `fd` (e.g. an [`open_tmpfile`]) the name `newname` in `newdir`, failing
 /// with `EEXIST` if the name is taken. `linkat(fd, "", AT_EMPTY_PATH)` needs CAP_DAC_READ_SEARCH;
 /// without it (`ENOENT`/`EPERM`), the same link is made through `/proc/self/fd`.
 pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &CStr) -> io::Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    let direct = cvt(unsafe {
-        libc::linkat(
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            newdir.as_raw_fd(),
-            newname.as_ptr(),
-            libc::AT_EMPTY_PATH,
-        )
-    });
-    match direct {
-        Ok(_) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EPERM)) => {
-            let path = cstring(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_bytes())?;
-            // SAFETY: both names are NUL-terminated.
-            cvt(unsafe {
-                libc::linkat(
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    newdir.as_raw_fd(),
-                    newname.as_ptr(),
-                    libc::AT_SYMLINK_FOLLOW,
-                )
-            })?;
-            Ok(())
+    match rustix::fs::linkat(fd, c"", newdir, newname, AtFlags::EMPTY_PATH) {
+        Ok(()) => Ok(()),
+        Err(Errno::NOENT | Errno::PERM) => {
+            let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            Ok(rustix::fs::linkat(
+                rustix::fs::CWD,
+                path.as_str(),
+                newdir,
+                newname,
+                AtFlags::SYMLINK_FOLLOW,
+            )?)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -557,37 +433,23 @@ pub fn rename_noreplace(
     newdir: BorrowedFd<'_>,
     newname: &CStr,
 ) -> io::Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    cvt(unsafe {
-        libc::renameat2(
-            olddir.as_raw_fd(),
-            oldname.as_ptr(),
-            newdir.as_raw_fd(),
-            newname.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    })?;
-    Ok(())
+    Ok(rustix::fs::renameat_with(
+        olddir,
+        oldname,
+        newdir,
+        newname,
+        RenameFlags::NOREPLACE,
+    )?)
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt_retry(|| unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
-    Ok(())
+    Ok(retry_on_intr(|| rustix::fs::ftruncate(fd, len))?)
 }
 
 /// Write all of `buf` at `offset`.
 pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: the buffer is valid for reads of its length.
-        let n = cvt_retry(|| unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                offset as libc::off_t,
-            )
-        })? as usize;
+        let n = retry_on_intr(|| rustix::io::pwrite(fd, buf, offset))?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -606,66 +468,40 @@ pub struct Pipe {
 }
 
 pub fn pipe_with_capacity(capacity: usize) -> io::Result<Pipe> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` has room for the two fds pipe2 writes.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 returned two new fds that nothing else owns.
-    let pipe = unsafe {
-        Pipe {
-            read: OwnedFd::from_raw_fd(fds[0]),
-            write: OwnedFd::from_raw_fd(fds[1]),
-        }
-    };
-    let want =
-        libc::c_int::try_from(capacity).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: plain fcntl on an fd we own.
-    let got = cvt(unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) })?;
-    if (got as usize) < capacity {
+    let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+    if rustix::pipe::fcntl_setpipe_size(&write, capacity)? < capacity {
         return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
     }
-    Ok(pipe)
+    Ok(Pipe { read, write })
 }
 
 /// Turn `O_DIRECT` on or off for reads and writes through `fd` (`EINVAL` where its filesystem
 /// has no direct I/O).
 pub fn set_direct(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    // SAFETY: plain fcntl calls on a borrowed fd.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    let flags = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
-    };
-    // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) })?;
-    Ok(())
+    let mut flags = rustix::fs::fcntl_getfl(fd)?;
+    flags.set(OFlags::DIRECT, on);
+    Ok(rustix::fs::fcntl_setfl(fd, flags)?)
 }
 
 /// Start reading `len` bytes of `fd` at `offset` into the page cache, without waiting for them
 /// (`POSIX_FADV_WILLNEED`).
 pub fn will_need(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     let (offset, len) = (offset.min(i64::MAX as u64), len.min(i64::MAX as u64));
-    // SAFETY: posix_fadvise takes a borrowed fd and integers; it returns an errno, not -1.
-    let r = unsafe {
-        libc::posix_fadvise(
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-            len as libc::off_t,
-            libc::POSIX_FADV_WILLNEED,
-        )
+    // A zero length means "to the end of the file" to the kernel.
+    let Some(len) = std::num::NonZeroU64::new(len) else {
+        return Ok(());
     };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    Ok(())
+    Ok(rustix::fs::fadvise(
+        fd,
+        offset,
+        Some(len),
+        Advice::WillNeed,
+    )?)
 }
 
 /// Bytes waiting in the pipe that `end` (either end) belongs to.
 pub fn pipe_pending(end: BorrowedFd<'_>) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer.
-    cvt(unsafe { libc::ioctl(end.as_raw_fd(), libc::FIONREAD, &mut n) })?;
-    Ok(n as usize)
+    Ok(rustix::io::ioctl_fionread(end)? as usize)
 }
 
 /// Move up to `len` bytes of `src` at `offset` into the pipe `pipe_write`, which must have room
@@ -676,14 +512,7 @@ pub fn splice_into_pipe(
     pipe_write: BorrowedFd<'_>,
     len: usize,
 ) -> io::Result<usize> {
-    splice_all(
-        src,
-        Some(offset),
-        pipe_write,
-        None,
-        len,
-        libc::SPLICE_F_MOVE,
-    )
+    splice_all(src, Some(offset), pipe_write, None, len, SpliceFlags::MOVE)
 }
 
 /// Move exactly `len` bytes from the pipe `pipe_read` into `dst` at `offset`.
@@ -693,7 +522,7 @@ pub fn splice_from_pipe(
     offset: u64,
     len: usize,
 ) -> io::Result<()> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     if splice_all(pipe_read, None, dst, Some(offset), len, flags)? < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
@@ -707,21 +536,22 @@ fn splice_all(
     to: BorrowedFd<'_>,
     to_offset: Option<u64>,
     len: usize,
-    flags: libc::c_uint,
+    flags: SpliceFlags,
 ) -> io::Result<usize> {
     let mut done = 0;
     while done < len {
-        let mut from_off = from_offset.map(|o| (o + done as u64) as libc::loff_t);
-        let mut to_off = to_offset.map(|o| (o + done as u64) as libc::loff_t);
-        let ptr = |o: &mut Option<libc::loff_t>| {
-            o.as_mut()
-                .map_or(std::ptr::null_mut(), |o| o as *mut libc::loff_t)
-        };
-        let (fp, tp) = (ptr(&mut from_off), ptr(&mut to_off));
-        // SAFETY: the offset pointers are null or point at live locals; the fds are open.
-        let n = cvt_retry(|| unsafe {
-            libc::splice(from.as_raw_fd(), fp, to.as_raw_fd(), tp, len - done, flags)
-        })? as usize;
+        let mut from_off = from_offset.map(|o| o + done as u64);
+        let mut to_off = to_offset.map(|o| o + done as u64);
+        let n = retry_on_intr(|| {
+            rustix::pipe::splice(
+                from,
+                from_off.as_mut(),
+                to,
+                to_off.as_mut(),
+                len - done,
+                flags,
+            )
+        })?;
         if n == 0 {
             break;
         }
@@ -734,16 +564,7 @@ fn splice_all(
 pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the buffer is valid for writes of its length.
-        let n = cvt_retry(|| unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                rest.as_mut_ptr().cast(),
-                rest.len(),
-                (offset + done as u64) as libc::off_t,
-            )
-        })? as usize;
+        let n = retry_on_intr(|| rustix::io::pread(fd, &mut buf[done..], offset + done as u64))?;
         if n == 0 {
             break;
         }
@@ -753,15 +574,11 @@ pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result
 }
 
 pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt_retry(|| unsafe { libc::fdatasync(fd.as_raw_fd()) })?;
-    Ok(())
+    Ok(retry_on_intr(|| rustix::fs::fdatasync(fd))?)
 }
 
 pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall.
-    cvt_retry(|| unsafe { libc::syncfs(fd.as_raw_fd()) })?;
-    Ok(())
+    Ok(retry_on_intr(|| rustix::fs::syncfs(fd))?)
 }
 
 /// Does this process have CAP_SYS_ADMIN in its effective set?
@@ -793,9 +610,7 @@ pub fn os(bytes: &[u8]) -> &OsStr {
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
-    Ok(())
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?)
 }
 
 /// `struct xfs_fsop_handlereq` (fs/xfs/libxfs/xfs_fs.h).
@@ -861,71 +676,18 @@ pub fn xfs_reopen_invisible(dir: BorrowedFd<'_>, file: BorrowedFd<'_>) -> io::Re
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn bytes_spliced_through_a_pipe_land_at_the_offset_asked() {
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let mut src = tempfile::tempfile().unwrap();
-        src.write_all(&data).unwrap();
-        let dst = tempfile::tempfile().unwrap();
-        let pipe = pipe_with_capacity(256 << 10).unwrap();
-        let moved = splice_into_pipe(src.as_fd(), 1000, pipe.write.as_fd(), 200_000).unwrap();
-        assert_eq!(moved, 200_000);
-        splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 5000, 200_000).unwrap();
-        let mut got = vec![0u8; 200_000];
-        assert_eq!(pread_full(dst.as_fd(), &mut got, 5000).unwrap(), 200_000);
-        assert!(got == data[1000..201_000], "spliced bytes differ");
-
-        // Past the end of the source: fewer bytes, and asking the pipe for more fails.
-        let pipe = pipe_with_capacity(256 << 10).unwrap();
-        let moved = splice_into_pipe(src.as_fd(), 250_000, pipe.write.as_fd(), 100_000).unwrap();
-        assert_eq!(moved, 50_000);
-        drop(pipe.write);
-        let err = splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 0, 100_000).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    #[test]
-    fn read_ahead_is_asked_of_files_and_its_errno_comes_back() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&[7u8; 64 << 10]).unwrap();
-        will_need(f.as_fd(), 0, 64 << 10).unwrap();
-        // posix_fadvise returns the errno itself: a pipe has no page cache to read into.
-        let pipe = pipe_with_capacity(4096).unwrap();
-        let err = will_need(pipe.read.as_fd(), 0, 4096).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ESPIPE));
-    }
-
-    #[test]
-    fn a_pipe_too_small_for_a_piece_is_refused() {
-        // Beyond what an unprivileged pipe may hold, and far beyond what root needs here.
-        assert!(pipe_with_capacity(1 << 40).is_err());
-    }
-}
-
 /// An inotify fd watching the directory `dir` for the end of its filesystem: the kernel sends
 /// `IN_UNMOUNT` (then `IN_IGNORED`) when the superblock is shut down, whatever mount the
 /// directory was reached by, and `IN_DELETE_SELF` when it is removed. The watch holds no mount,
 /// so it keeps nothing busy. The fd becomes readable at either.
 pub fn watch_for_unmount(dir: &Path) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = cvt(unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) })?;
-    // SAFETY: inotify_init1 returned a new fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let p = path_cstring(dir)?;
-    // SAFETY: `p` is NUL-terminated.
-    cvt(unsafe {
-        libc::inotify_add_watch(
-            fd.as_raw_fd(),
-            p.as_ptr(),
-            libc::IN_DELETE_SELF | libc::IN_ONLYDIR,
-        )
-    })?;
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+    inotify::add_watch(
+        &fd,
+        dir,
+        inotify::WatchFlags::DELETE_SELF | inotify::WatchFlags::ONLYDIR,
+    )?;
     Ok(fd)
 }
 
@@ -998,4 +760,51 @@ pub fn open_by_handle(
     })?;
     // SAFETY: a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn bytes_spliced_through_a_pipe_land_at_the_offset_asked() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut src = tempfile::tempfile().unwrap();
+        src.write_all(&data).unwrap();
+        let dst = tempfile::tempfile().unwrap();
+        let pipe = pipe_with_capacity(256 << 10).unwrap();
+        let moved = splice_into_pipe(src.as_fd(), 1000, pipe.write.as_fd(), 200_000).unwrap();
+        assert_eq!(moved, 200_000);
+        splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 5000, 200_000).unwrap();
+        let mut got = vec![0u8; 200_000];
+        assert_eq!(pread_full(dst.as_fd(), &mut got, 5000).unwrap(), 200_000);
+        assert!(got == data[1000..201_000], "spliced bytes differ");
+
+        // Past the end of the source: fewer bytes, and asking the pipe for more fails.
+        let pipe = pipe_with_capacity(256 << 10).unwrap();
+        let moved = splice_into_pipe(src.as_fd(), 250_000, pipe.write.as_fd(), 100_000).unwrap();
+        assert_eq!(moved, 50_000);
+        drop(pipe.write);
+        let err = splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 0, 100_000).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn read_ahead_is_asked_of_files_and_its_errno_comes_back() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 64 << 10]).unwrap();
+        will_need(f.as_fd(), 0, 64 << 10).unwrap();
+        // posix_fadvise returns the errno itself: a pipe has no page cache to read into.
+        let pipe = pipe_with_capacity(4096).unwrap();
+        let err = will_need(pipe.read.as_fd(), 0, 4096).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ESPIPE));
+    }
+
+    #[test]
+    fn a_pipe_too_small_for_a_piece_is_refused() {
+        // Beyond what an unprivileged pipe may hold, and far beyond what root needs here.
+        assert!(pipe_with_capacity(1 << 40).is_err());
+    }
 }

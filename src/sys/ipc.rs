@@ -2,82 +2,73 @@
 //! ends see EOF when the other process dies), with fds passed by `SCM_RIGHTS`, and spawning a
 //! child with chosen fds at fixed numbers.
 
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
-use super::{cvt, cvt_retry};
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::{retry_on_intr, Errno};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType,
+};
+
+use super::cvt;
 
 pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    pair(libc::SOCK_SEQPACKET)
+    pair(SocketType::SEQPACKET)
 }
 
 /// A connected `SOCK_STREAM` pair, for messages larger than a socket buffer.
 pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    pair(libc::SOCK_STREAM)
+    pair(SocketType::STREAM)
 }
 
-fn pair(kind: i32) -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` has room for the two fds socketpair writes.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            kind | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair returned two new fds.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+fn pair(kind: SocketType) -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        kind,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Send one message, with `fd` attached when given.
 pub fn send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    send_flags(sock, msg, fd, 0)
+    send_flags(sock, msg, fd, SendFlags::empty())
 }
 
 /// [`send`], but fail with `WouldBlock` rather than wait for room in the socket.
 pub fn try_send(sock: BorrowedFd<'_>, msg: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-    send_flags(sock, msg, fd, libc::MSG_DONTWAIT)
+    send_flags(sock, msg, fd, SendFlags::DONTWAIT)
 }
 
 fn send_flags(
     sock: BorrowedFd<'_>,
     msg: &[u8],
     fd: Option<BorrowedFd<'_>>,
-    flags: i32,
+    flags: SendFlags,
 ) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: msg.as_ptr() as *mut libc::c_void,
-        iov_len: msg.len(),
-    };
-    // Room for one fd, aligned as cmsghdr requires.
-    let mut cbuf = [0u64; 4];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds;
     if let Some(fd) = fd {
-        // SAFETY: CMSG_SPACE/CMSG_FIRSTHDR/CMSG_DATA address inside `cbuf`, which is large enough
-        // for one cmsghdr carrying one int.
-        unsafe {
-            let space = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
-            debug_assert!(space <= std::mem::size_of_val(&cbuf));
-            hdr.msg_control = cbuf.as_mut_ptr().cast();
-            hdr.msg_controllen = space;
-            let c = libc::CMSG_FIRSTHDR(&hdr);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd.as_raw_fd());
+        fds = [fd];
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("no room for an fd in the control buffer"));
         }
     }
-    // SAFETY: `hdr` is fully initialised above.
-    let n =
-        cvt_retry(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL | flags) })?;
-    if n as usize != msg.len() {
+    let n = retry_on_intr(|| {
+        rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(msg)],
+            &mut control,
+            SendFlags::NOSIGNAL | flags,
+        )
+    })?;
+    if n != msg.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
             "short seqpacket send",
@@ -89,7 +80,7 @@ fn send_flags(
 /// Receive one message into `buf`. Returns its length (0 = the peer closed) and the fd attached,
 /// if any. Any fd received is owned by the caller even when the message is then rejected.
 pub fn recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-    recv_flags(sock, buf, 0)
+    recv_flags(sock, buf, RecvFlags::empty())
 }
 
 /// [`recv`], but `Ok(None)` rather than wait when no message is queued.
@@ -97,7 +88,7 @@ pub fn try_recv(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
-    match recv_flags(sock, buf, libc::MSG_DONTWAIT) {
+    match recv_flags(sock, buf, RecvFlags::DONTWAIT) {
         Ok(x) => Ok(Some(x)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
@@ -107,51 +98,40 @@ pub fn try_recv(
 fn recv_flags(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-    flags: i32,
+    flags: RecvFlags,
 ) -> io::Result<(usize, Option<OwnedFd>)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cbuf = [0u64; 8];
-    // SAFETY: as in `send`.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = cbuf.as_mut_ptr().cast();
-    hdr.msg_controllen = std::mem::size_of_val(&cbuf);
-    // SAFETY: `hdr` points into live buffers.
-    let n = cvt_retry(|| unsafe {
-        libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC | flags)
-    })? as usize;
+    // Room for a few fds: a peer that sends more than one has them closed, not leaked.
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = retry_on_intr(|| {
+        rustix::net::recvmsg(
+            sock,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC | flags,
+        )
+    })?;
     let mut fd = None;
-    // SAFETY: walking the control messages the kernel wrote into `cbuf`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&hdr);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let count =
-                    ((*c).cmsg_len - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned(data.add(i));
-                    let owned = OwnedFd::from_raw_fd(raw);
-                    // Keep the first; extra fds are closed by dropping them.
-                    if fd.is_none() {
-                        fd = Some(owned);
-                    }
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            // Keep the first; extra fds are closed by dropping them.
+            for owned in received {
+                if fd.is_none() {
+                    fd = Some(owned);
                 }
             }
-            c = libc::CMSG_NXTHDR(&hdr, c);
         }
     }
-    if hdr.msg_flags & libc::MSG_TRUNC != 0 {
+    if got
+        .flags
+        .intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "oversized message",
         ));
     }
-    Ok((n, fd))
+    Ok((got.bytes, fd))
 }
 
 /// Spawn `cmd` with `fds[i]` installed as fd `3 + i` in the child (inheritable there, and only
@@ -206,7 +186,9 @@ pub fn close_inherited_from(first: RawFd) -> io::Result<()> {
 
 /// Whether `fd` is a pipe or FIFO (whose reader waits for EOF from every holder).
 pub fn is_pipe(fd: BorrowedFd<'_>) -> bool {
-    super::fs::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+    rustix::fs::fstat(fd).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
+    })
 }
 
 /// Take ownership of fd `n` inherited from the parent (see [`spawn_with_fds`]), checking that it
@@ -328,136 +310,126 @@ pub struct Readiness {
 /// Wait until one of `fds` is ready as asked, for at most `timeout_ms` (an interrupted wait
 /// returns nothing ready).
 pub fn poll(fds: &[Interest<'_>], timeout_ms: i32) -> io::Result<Vec<Readiness>> {
-    let mut p: Vec<libc::pollfd> = fds
+    let mut p: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|i| libc::pollfd {
-            fd: i.fd.as_raw_fd(),
-            events: if i.read { libc::POLLIN } else { 0 } | if i.write { libc::POLLOUT } else { 0 },
-            revents: 0,
+        .map(|i| {
+            let mut events = PollFlags::empty();
+            events.set(PollFlags::IN, i.read);
+            events.set(PollFlags::OUT, i.write);
+            PollFd::from_borrowed_fd(i.fd, events)
         })
         .collect();
-    // SAFETY: `p` is a valid array of pollfd of the length passed.
-    let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![Readiness::default(); fds.len()]);
-        }
-        return Err(e);
+    let timeout = (timeout_ms >= 0).then(|| rustix::event::Timespec {
+        tv_sec: i64::from(timeout_ms / 1000),
+        tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
+    });
+    match rustix::event::poll(&mut p, timeout.as_ref()) {
+        Ok(_) => {}
+        Err(Errno::INTR) => return Ok(vec![Readiness::default(); fds.len()]),
+        Err(e) => return Err(e.into()),
     }
     Ok(p.iter()
         .zip(fds)
         .map(|(x, i)| Readiness {
-            readable: i.read && x.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0,
-            writable: x.revents & libc::POLLOUT != 0,
+            readable: i.read
+                && x.revents()
+                    .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR),
+            writable: x.revents().contains(PollFlags::OUT),
         })
         .collect())
 }
 
-/// The `sockaddr_un` of an abstract socket (no file in any filesystem: it pins no mount, so the
-/// filesystem it names can still be unmounted) and its length.
-fn abstract_addr(name: &str) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = name.as_bytes();
-    if bytes.len() + 1 > addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket name too long",
-        ));
-    }
-    // sun_path[0] stays NUL: the abstract namespace.
-    for (i, b) in bytes.iter().enumerate() {
-        addr.sun_path[i + 1] = *b as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + bytes.len();
-    Ok((addr, len as libc::socklen_t))
+/// The address of an abstract socket (no file in any filesystem: it pins no mount, so the
+/// filesystem it names can still be unmounted).
+fn abstract_addr(name: &str) -> io::Result<SocketAddrUnix> {
+    SocketAddrUnix::new_abstract_name(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "socket name too long"))
 }
 
 fn seqpacket_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: socket returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// Listen on the abstract `SOCK_SEQPACKET` socket `name`. `AddrInUse` when another process does.
 pub fn listen_abstract(name: &str) -> io::Result<OwnedFd> {
-    let (addr, len) = abstract_addr(name)?;
+    let addr = abstract_addr(name)?;
     let sock = seqpacket_socket()?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
-    // SAFETY: plain syscall.
-    cvt(unsafe { libc::listen(sock.as_raw_fd(), 64) })?;
+    rustix::net::bind(&sock, &addr)?;
+    rustix::net::listen(&sock, 64)?;
     Ok(sock)
 }
 
 /// Connect to the abstract `SOCK_SEQPACKET` socket `name`.
 pub fn connect_abstract(name: &str) -> io::Result<OwnedFd> {
-    let (addr, len) = abstract_addr(name)?;
+    let addr = abstract_addr(name)?;
     let sock = seqpacket_socket()?;
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt_retry(|| unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len,
-        )
-    })?;
+    retry_on_intr(|| rustix::net::connect(&sock, &addr))?;
     Ok(sock)
 }
 
 /// Accept one connection on a listening socket.
 pub fn accept(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    // SAFETY: NULL address pointers are allowed.
-    let fd = cvt_retry(|| unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    })?;
-    // SAFETY: accept4 returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(retry_on_intr(|| {
+        rustix::net::accept_with(listener, SocketFlags::CLOEXEC)
+    })?)
 }
 
 /// The (pid, uid) of the process at the other end of a connected unix socket, as of connect.
 pub fn peer_credentials(sock: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` is a valid ucred of `len` bytes.
-    cvt(unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    })?;
-    Ok((cred.pid, cred.uid))
+    let cred = rustix::net::sockopt::socket_peercred(sock)?;
+    Ok((cred.pid.as_raw_nonzero().get(), cred.uid.as_raw()))
 }
 
 /// Move `fd` to a number of at least `min` (close-on-exec), closing the original: for fds that
 /// must stay clear of the low numbers an event's fd could take.
 pub fn move_above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on an open fd returns a new fd that nothing else owns.
-    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: as above: `new` was just made and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, min)?)
+}
+
+/// Send `state` to the service manager (`sd_notify`), with `fd` attached when given (for
+/// `FDSTORE=1`). `Ok(false)` when not run by one (no `NOTIFY_SOCKET`).
+pub fn sd_notify(state: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<bool> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    let addr = match bytes.split_first() {
+        Some((b'@', name)) => SocketAddrUnix::new_abstract_name(name),
+        Some(_) => SocketAddrUnix::new(bytes),
+        None => Err(Errno::INVAL),
+    }
+    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "bad NOTIFY_SOCKET"))?;
+    let sock = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&sock, &addr)?;
+    send_flags(sock.as_fd(), state.as_bytes(), fd, SendFlags::empty())?;
+    Ok(true)
+}
+
+/// The fd the service manager passed under `name` (`LISTEN_FDS`, `LISTEN_FDNAMES`: its fd
+/// store, given back at a restart), owned from here on. Only for this process (`LISTEN_PID`).
+pub fn take_listen_fd(name: &str) -> Option<OwnedFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names.split(':').position(|n| n == name)? as i32;
+    if index >= count {
+        return None;
+    }
+    claim_inherited(3 + index).ok()
 }
 
 #[cfg(test)]
@@ -477,8 +449,7 @@ mod tests {
         let server = accept(listener.as_fd()).unwrap();
         let (pid, uid) = peer_credentials(server.as_fd()).unwrap();
         assert_eq!(pid, std::process::id() as i32);
-        // SAFETY: plain syscall.
-        assert_eq!(uid, unsafe { libc::geteuid() });
+        assert_eq!(uid, rustix::process::geteuid().as_raw());
         let file = std::fs::File::open("/proc/self/status").unwrap();
         send(server.as_fd(), b"G", Some(file.as_fd())).unwrap();
         let mut buf = [0u8; 4];
@@ -489,61 +460,4 @@ mod tests {
         assert_eq!(recv(client.as_fd(), &mut buf).unwrap().0, 0);
         assert!(connect_abstract(&format!("{name}-absent")).is_err());
     }
-}
-
-/// Send `state` to the service manager (`sd_notify`), with `fd` attached when given (for
-/// `FDSTORE=1`). `Ok(false)` when not run by one (no `NOTIFY_SOCKET`).
-pub fn sd_notify(state: &str, fd: Option<BorrowedFd<'_>>) -> io::Result<bool> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return Ok(false);
-    };
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_bytes();
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad NOTIFY_SOCKET",
-        ));
-    }
-    for (i, b) in bytes.iter().enumerate() {
-        addr.sun_path[i] = *b as libc::c_char;
-    }
-    if bytes[0] == b'@' {
-        addr.sun_path[0] = 0;
-    }
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len();
-    // SAFETY: plain syscall.
-    let sock =
-        cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: socket returned a new fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe {
-        libc::connect(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_un).cast(),
-            len as libc::socklen_t,
-        )
-    })?;
-    send_flags(std::os::fd::AsFd::as_fd(&sock), state.as_bytes(), fd, 0)?;
-    Ok(true)
-}
-
-/// The fd the service manager passed under `name` (`LISTEN_FDS`, `LISTEN_FDNAMES`: its fd
-/// store, given back at a restart), owned from here on. Only for this process (`LISTEN_PID`).
-pub fn take_listen_fd(name: &str) -> Option<OwnedFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    if pid != std::process::id() {
-        return None;
-    }
-    let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    let index = names.split(':').position(|n| n == name)? as i32;
-    if index >= count {
-        return None;
-    }
-    claim_inherited(3 + index).ok()
 }

@@ -3,85 +3,47 @@
 //! opened through the exposed tree without the daemon's mark.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use super::cvt;
-use super::fs::path_cstring;
-
-const OPEN_TREE_CLONE: u32 = 1;
-const OPEN_TREE_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
-const MOVE_MOUNT_F_EMPTY_PATH: u32 = 0x04;
+use rustix::fs::CWD;
+use rustix::mount::{
+    mount_bind, mount_change, move_mount, open_tree, unmount, MountPropagationFlags,
+    MoveMountFlags, OpenTreeFlags, UnmountFlags,
+};
 
 /// `open_tree(OPEN_TREE_CLONE)`: a detached bind mount of `dir`, reachable only through the fd.
 pub fn clone_tree(dir: &Path) -> io::Result<OwnedFd> {
-    let p = path_cstring(dir)?;
-    // SAFETY: `p` is NUL-terminated.
-    let fd = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            p.as_ptr(),
-            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC,
-        )
-    })?;
-    // SAFETY: open_tree returned a new fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    Ok(open_tree(
+        CWD,
+        dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )?)
 }
 
 /// Attach a detached mount at `target`.
 pub fn attach(tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
-    let t = path_cstring(target)?;
-    let empty = c"";
-    // SAFETY: both strings are NUL-terminated.
-    cvt(unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    })?;
-    Ok(())
+    Ok(move_mount(
+        tree,
+        c"",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?)
 }
 
 /// Lazily detach the mount at `target`: new lookups fail at once; files already open stay open.
 pub fn detach(target: &Path) -> io::Result<()> {
-    let t = path_cstring(target)?;
-    // SAFETY: `t` is NUL-terminated.
-    cvt(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) })?;
-    Ok(())
+    Ok(unmount(target, UnmountFlags::DETACH)?)
 }
 
 /// Bind `dir` onto itself with private propagation. Attaching the tree on top of this private
 /// mount keeps it from propagating into peer mount namespaces, where copies would carry no mark.
 pub fn bind_self_private(dir: &Path) -> io::Result<()> {
-    let d = path_cstring(dir)?;
-    // SAFETY: the strings are NUL-terminated; NULL fstype and data are allowed for these flags.
-    cvt(unsafe {
-        libc::mount(
-            d.as_ptr(),
-            d.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    })?;
-    // SAFETY: as above.
-    let made_private = cvt(unsafe {
-        libc::mount(
-            std::ptr::null(),
-            d.as_ptr(),
-            std::ptr::null(),
-            libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    });
-    if let Err(e) = made_private {
+    mount_bind(dir, dir)?;
+    if let Err(e) = mount_change(dir, MountPropagationFlags::PRIVATE) {
         let _ = detach(dir);
-        return Err(e);
+        return Err(e.into());
     }
     Ok(())
 }

@@ -41,6 +41,12 @@ pub fn group_id(name: &str) -> io::Result<u32> {
     }
 }
 
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no memory effects.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -49,10 +55,4 @@ mod tests {
         assert_eq!(super::group_id("4242").unwrap(), 4242);
         assert!(super::group_id("no-such-group-hsm").is_err());
     }
-}
-
-/// This process's effective uid.
-pub fn effective_uid() -> u32 {
-    // SAFETY: geteuid cannot fail and has no memory effects.
-    unsafe { libc::geteuid() }
 }
