@@ -250,17 +250,11 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
             })
         })
         .collect();
-    let flusher_stop = Arc::new(AtomicBool::new(false));
     let flusher = {
         let engine = engine.clone();
         let metrics_path = store.metrics_path();
-        let done = flusher_stop.clone();
         std::thread::spawn(move || {
-            while !done.load(Ordering::Relaxed) {
-                std::thread::sleep(FLUSH_INTERVAL);
-                engine.flush(false);
-                engine.metrics.write(&metrics_path);
-            }
+            engine.run_flusher(FLUSH_INTERVAL, || engine.metrics.write(&metrics_path));
         })
     };
 
@@ -284,7 +278,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         let _ = t.join();
     }
     engine.stop_readahead();
-    flusher_stop.store(true, Ordering::Relaxed);
+    engine.stop_flusher();
     let _ = flusher.join();
     engine.flush(true);
     engine.metrics.write(&store.metrics_path());

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::persist::Flush;
 use super::plan::Cursor;
 use super::{fd_path, lock, Engine};
 use crate::digest::Digest;
@@ -149,19 +148,12 @@ impl Engine {
         });
         let mut files = lock(&self.files);
         let entry = files.entry(key).or_insert(entry).clone();
-        let full = files.len() > self.max_cached;
+        let cached = files.len();
         drop(files);
-        // A burst of new files (tar, grep over a tree) outruns the periodic flush: record and
-        // drop complete entries now, before their fds exhaust the process's limit. This runs on
-        // the thread serving an event, which waits for it (see `persist::Flush::Pressure`).
-        if full
-            && !self
-                .pressure_flush
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            self.flush_for(Flush::Pressure);
-            self.pressure_flush
-                .store(false, std::sync::atomic::Ordering::Release);
+        // A burst of new files (tar, grep over a tree) outruns the periodic flush: complete
+        // entries are recorded and dropped early, before their fds exhaust the process's limit.
+        if cached > self.max_cached {
+            self.relieve_pressure(cached);
         }
         Ok(Some(entry))
     }
@@ -197,8 +189,8 @@ impl Engine {
             if Instant::now() >= end {
                 return false;
             }
-            // The flusher and the events' pressure flushes make the room; a flush from here
-            // too would hold every entry while it runs, so that theirs could evict none.
+            // The flusher makes the room (events ring it); a flush from here too would hold
+            // every entry while it runs, so that the flusher's could evict none.
             std::thread::sleep(Duration::from_millis(5));
         }
     }

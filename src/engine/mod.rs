@@ -6,8 +6,8 @@
 //! chunks from the backend, writes them through the fd and marks them present in memory. A flusher
 //! persists the records later, after a `syncfs`, so that a record never claims bytes that are not
 //! on disk (a crash costs a refetch, never zeros taken for content). When the file cache is full,
-//! the thread serving an event records idle files itself, after an `fdatasync` of each: never a
-//! filesystem-wide `syncfs` on the event path.
+//! an event rings the flusher, which records idle files and drops them; the event waits only
+//! when the cache is far over its limit: never a filesystem-wide `syncfs` on the event path.
 //!
 //! Concurrency: per file, chunks being fetched are claimed under the file's lock; a second request
 //! for a claimed chunk waits for the first instead of fetching it again. Different files and
@@ -90,8 +90,10 @@ pub struct Engine {
     files: Mutex<HashMap<FileKey, Arc<Entry>>>,
     /// How many entries `files` may hold before complete ones are recorded and dropped early.
     max_cached: usize,
-    /// One pressure flush at a time (see `entry`).
-    pressure_flush: std::sync::atomic::AtomicBool,
+    /// Runs the flushes a crowded cache needs, off the events' threads (see `persist`).
+    flusher: persist::Flusher,
+    /// One pressure flush at a time where no flusher thread runs.
+    inline_flush: std::sync::atomic::AtomicBool,
     pub metrics: Shared<Metrics>,
     /// Where present ranges are published for the supervisor (see [`crate::published`]).
     published: Option<Shared<PublishedRanges>>,
@@ -157,7 +159,8 @@ impl Engine {
             xfs,
             files: Mutex::new(HashMap::new()),
             max_cached: cache_limit(),
-            pressure_flush: std::sync::atomic::AtomicBool::new(false),
+            flusher: persist::Flusher::default(),
+            inline_flush: std::sync::atomic::AtomicBool::new(false),
             metrics,
             published,
             readahead,
@@ -513,6 +516,61 @@ mod tests {
             .unwrap();
         assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
         assert_eq!(engine.cached_files(), 0);
+    }
+
+    #[test]
+    fn a_crowded_cache_is_relieved_by_the_flusher_thread() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 2 << 20);
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-flusher").unwrap();
+        let mut engine = Engine::new(
+            Arc::new(SlowSource {
+                slow_from: u64::MAX,
+                ..Default::default()
+            }),
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.path().join("digests"),
+            None,
+            false,
+        );
+        engine.max_cached = 0;
+        let engine = Arc::new(engine);
+        let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flusher = {
+            let (engine, rounds) = (engine.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                // An interval far beyond the test: only a pressure round can run in it.
+                engine.run_flusher(Duration::from_secs(3600), || {
+                    rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                })
+            })
+        };
+        while !engine.flusher_running() {
+            std::thread::yield_now();
+        }
+        // The first file rings as it is loaded, but is being filled: nothing to drop yet.
+        assert_eq!(
+            engine.serve(file.as_fd(), Need::Whole).unwrap(),
+            Served::Complete
+        );
+        // The next file rings, and waits for the round that records the first and drops it.
+        std::fs::create_dir(dir.path().join("other")).unwrap();
+        let other = stub_file(&dir.path().join("other"), 1 << 20);
+        assert_eq!(
+            engine.serve(other.as_fd(), Need::Whole).unwrap(),
+            Served::Complete
+        );
+        assert_eq!(engine.cached_files(), 1, "the first file is still cached");
+        assert!(rounds.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        let raw = sysfs::fgetxattr(file.as_fd(), XATTR_STATE)
+            .unwrap()
+            .unwrap();
+        assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
+        engine.stop_flusher();
+        flusher.join().unwrap();
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! its cost (what is synced, from which thread) are a concern of their own.
 
 use std::os::fd::AsFd;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -46,12 +46,9 @@ pub(super) enum Flush {
     Periodic,
     /// Shutdown: every changed file.
     All,
-    /// An event's thread, the cache over its limit (see `Engine::entry`): the files eviction can
-    /// then drop. Its `syncfs` makes this reader wait for the filesystem's writeback, and holds
-    /// the event thread as back-pressure: one `fdatasync` per file was too slow to keep up (a
-    /// tar over 3,000 files with 4,096 fds allowed ran the worker out of fds, in CI). Moving
-    /// this flush to the flusher thread, with events waiting for room, would take it off the
-    /// event path.
+    /// The cache over its limit (see `Engine::entry`): the files eviction can then drop. Run by
+    /// the flusher thread as soon as an event asks (see [`Flusher`]); by the event's own thread
+    /// only where no flusher runs (an in-process hydrate).
     Pressure,
 }
 
@@ -83,6 +80,130 @@ fn still_dirty(e: &Entry) {
     let mut s = lock(&e.state);
     s.dirty = true;
     s.dirty_since.get_or_insert_with(Instant::now);
+}
+
+/// A crowded cache holds this many entries beyond its limit before an event waits for the
+/// flusher to make room: a quarter more (each entry holds up to two fds, and the limit is a
+/// quarter of the open-files limit, so the fds stay bounded at about 60% of it).
+pub(super) fn hard_cache_limit(max_cached: usize) -> usize {
+    max_cached + max_cached / 4
+}
+
+/// The longest an event waits for the flusher to make room in a crowded cache; after that it is
+/// served anyway (the flush may be stuck behind a slow disk: the fds are then spent, not lost).
+const ROOM_WAIT: Duration = Duration::from_secs(5);
+
+/// The flusher thread's doorbell. A crowded cache needs a flush (one `syncfs`, which waits for
+/// the filesystem's writeback: seconds on a busy disk) before idle entries can be dropped: it
+/// runs on the flusher thread, never on a thread serving an event. Events only ring, and wait
+/// for a round only when the cache is past [`hard_cache_limit`] (back-pressure, so that a burst
+/// of new files cannot run the worker out of fds: one `fdatasync` per file on the event path
+/// was too slow to keep up with tar over 3,000 files, and a `syncfs` there stalled readers).
+#[derive(Default)]
+pub(super) struct Flusher {
+    state: Mutex<FlusherState>,
+    /// Rung for the flusher: a pressure round is wanted, or it is to stop.
+    wake: Condvar,
+    /// Rung by the flusher after each round.
+    round_done: Condvar,
+}
+
+#[derive(Default)]
+struct FlusherState {
+    running: bool,
+    stop: bool,
+    pressure: bool,
+    in_round: bool,
+    rounds: u64,
+}
+
+impl Engine {
+    /// Run the flusher on this thread until [`Engine::stop_flusher`]: a round every `interval`,
+    /// and at once when an event finds the cache crowded. `after_each` runs after every round.
+    pub fn run_flusher(&self, interval: Duration, mut after_each: impl FnMut()) {
+        lock(&self.flusher.state).running = true;
+        loop {
+            let pressure = {
+                let mut st = lock(&self.flusher.state);
+                if !st.stop && !st.pressure {
+                    st = match self.flusher.wake.wait_timeout(st, interval) {
+                        Ok((st, _)) => st,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+                if st.stop {
+                    st.running = false;
+                    drop(st);
+                    self.flusher.round_done.notify_all();
+                    return;
+                }
+                st.in_round = true;
+                std::mem::take(&mut st.pressure)
+            };
+            self.flush_for(if pressure {
+                Flush::Pressure
+            } else {
+                Flush::Periodic
+            });
+            {
+                let mut st = lock(&self.flusher.state);
+                st.rounds += 1;
+                st.in_round = false;
+            }
+            self.flusher.round_done.notify_all();
+            after_each();
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn flusher_running(&self) -> bool {
+        lock(&self.flusher.state).running
+    }
+
+    /// Stop [`Engine::run_flusher`] after its current round.
+    pub fn stop_flusher(&self) {
+        lock(&self.flusher.state).stop = true;
+        self.flusher.wake.notify_all();
+    }
+
+    /// The cache holds `cached` entries, more than its limit: ask the flusher for a pressure
+    /// round, and past the hard limit wait for it (up to [`ROOM_WAIT`]). Without a flusher
+    /// thread, flush here.
+    pub(super) fn relieve_pressure(&self, cached: usize) {
+        let mut st = lock(&self.flusher.state);
+        if !st.running || st.stop {
+            drop(st);
+            // One at a time: a second would hold every entry while the first tries to evict.
+            if !self
+                .inline_flush
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                self.flush_for(Flush::Pressure);
+                self.inline_flush
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
+            return;
+        }
+        st.pressure = true;
+        self.flusher.wake.notify_one();
+        if cached <= hard_cache_limit(self.max_cached) {
+            return;
+        }
+        // Wait for one round that starts after this ring (a round under way may have looked at
+        // the entries before): then go on, whatever it freed, as entries being filled free none.
+        let target = st.rounds + if st.in_round { 2 } else { 1 };
+        let end = Instant::now() + ROOM_WAIT;
+        while st.rounds < target && st.running {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            st = match self.flusher.round_done.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
 }
 
 impl Engine {
