@@ -93,6 +93,8 @@ pub struct Engine {
     /// One pressure flush at a time (see `entry`).
     pressure_flush: std::sync::atomic::AtomicBool,
     pub metrics: Shared<Metrics>,
+    /// The files fetched most, for `hsm stats` (per process: not in the shared counters).
+    pub top_files: crate::metrics::TopFiles,
     /// Where present ranges are published for the supervisor (see [`crate::published`]).
     published: Option<Shared<PublishedRanges>>,
     /// How far ahead of a sequential reader to fetch.
@@ -159,11 +161,17 @@ impl Engine {
             max_cached: cache_limit(),
             pressure_flush: std::sync::atomic::AtomicBool::new(false),
             metrics,
+            top_files: Default::default(),
             published,
             readahead,
             readahead_tx: Mutex::new(None),
             space: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The source, as it may be shown (never credentials).
+    pub fn source(&self) -> String {
+        self.backend.describe()
     }
 
     /// Whether a fetch nobody asked for yet is welcome (see [`Space::room_to_fetch_ahead`]).
