@@ -715,6 +715,15 @@ mod exposition {
                 "Range reads issued to the backend.",
                 s.backend_reads,
             )?;
+            labelled(
+                &mut enc,
+                "hsm_credential_reloads",
+                "Re-reads of the source's credentials on SIGHUP, by outcome (failed: the old ones stay).",
+                &[
+                    (&[("outcome", "ok")], s.credential_reloads),
+                    (&[("outcome", "failed")], s.credential_reload_failures),
+                ],
+            )?;
             counter(
                 &mut enc,
                 "hsm_files_completed",
@@ -864,6 +873,7 @@ mod tests {
             "hsm_policy_denials",
             "hsm_readahead_bytes",
             "hsm_prefetched_files",
+            "hsm_credential_reloads",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

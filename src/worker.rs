@@ -77,13 +77,24 @@ pub fn open_backend(
     store: &Store,
     fetch_user: &str,
 ) -> anyhow::Result<Arc<dyn crate::backend::Backend>> {
+    Ok(open_backend_reloadable(store, fetch_user)?.0)
+}
+
+/// [`open_backend`], and for a remote source what re-reads its credentials for the fetcher.
+fn open_backend_reloadable(
+    store: &Store,
+    fetch_user: &str,
+) -> anyhow::Result<(
+    Arc<dyn crate::backend::Backend>,
+    Option<crate::backend::isolated::CredentialReload>,
+)> {
     use crate::backend::{isolated::IsolatedBackend, scheme_of, Scheme};
     if scheme_of(&store.config.source) == Scheme::Local {
         let backend = crate::backend::open(&store.config.source)?;
         backend
             .check()
             .with_context(|| format!("the source {} cannot be used", backend.describe()))?;
-        return Ok(backend);
+        return Ok((backend, None));
     }
     let (mine, theirs) = ipc::stream_pair()?;
     let exe = std::env::current_exe().context("cannot find the hsm executable")?;
@@ -103,7 +114,44 @@ pub fn open_backend(
         let mut child = child;
         let _ = child.wait();
     });
-    Ok(Arc::new(IsolatedBackend::new(mine)?))
+    let fetcher = Arc::new(IsolatedBackend::new(mine)?);
+    let reload = crate::backend::isolated::CredentialReload {
+        source: store.config.source.clone(),
+        fetcher: fetcher.clone(),
+    };
+    Ok((fetcher, Some(reload)))
+}
+
+/// On SIGHUP (forwarded by the supervisor), re-read the source's credentials and hand them to
+/// the fetcher, counted in `credential_reloads` or `credential_reload_failures`. Events are
+/// served meanwhile; a failure leaves the keys in use as they were.
+fn reload_on_sighup(
+    signals: signal_hook::iterator::Signals,
+    reload: Option<crate::backend::isolated::CredentialReload>,
+    metrics: Shared<Metrics>,
+) -> anyhow::Result<()> {
+    let mut signals = signals;
+    std::thread::Builder::new()
+        .name("hsm-sighup".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let Some(reload) = &reload else {
+                    info!("SIGHUP: a local source has no credentials to re-read");
+                    continue;
+                };
+                match reload.reload() {
+                    Ok(what) => {
+                        Metrics::add(&metrics.credential_reloads, 1);
+                        info!("SIGHUP: {what}");
+                    }
+                    Err(e) => {
+                        Metrics::add(&metrics.credential_reload_failures, 1);
+                        error!("SIGHUP: the credentials were not reloaded, the old ones stay in use: {e:#}");
+                    }
+                }
+            }
+        })?;
+    Ok(())
 }
 
 /// Opens for exec seen, by (pid, dev, ino): the plain open event that follows is not a plain open.
@@ -131,6 +179,8 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
     }
+    // A SIGHUP (from the supervisor) re-reads the credentials: caught from here on.
+    let sighup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     let metrics = Shared::<Metrics>::from_fd(
         ipc::claim_inherited(METRICS_FD).context("worker started without the shared counters")?,
     )
@@ -150,10 +200,16 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     let policy = Policy::new(&opts.policy).map_err(anyhow::Error::msg)?;
     // Every backend read timed into the fetch duration histogram.
+    let (inner, reload) = open_backend_reloadable(&store, &opts.fetch_user)?;
     let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
-        inner: open_backend(&store, &opts.fetch_user)?,
+        inner,
         metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
     });
+    reload_on_sighup(
+        sighup,
+        reload,
+        Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    )?;
     if !backend.reads_may_stall() {
         info!(
             "the source is on local disks: a missing piece is read by the thread serving its event"
