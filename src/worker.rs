@@ -115,40 +115,55 @@ fn open_backend_reloadable(
         let _ = child.wait();
     });
     let fetcher = Arc::new(IsolatedBackend::new(mine)?);
-    let reload = crate::backend::isolated::CredentialReload {
-        source: store.config.source.clone(),
-        fetcher: fetcher.clone(),
-    };
+    let reload =
+        crate::backend::isolated::CredentialReload::new(&store.config.source, fetcher.clone());
     Ok((fetcher, Some(reload)))
 }
 
-/// On SIGHUP (forwarded by the supervisor), re-read the source's credentials and hand them to
-/// the fetcher, counted in `credential_reloads` or `credential_reload_failures`. Events are
-/// served meanwhile; a failure leaves the keys in use as they were.
-fn reload_on_sighup(
-    signals: signal_hook::iterator::Signals,
+/// How often the static keys are read again to see whether they changed (see
+/// `CredentialReload::reload_if_changed`).
+const CREDENTIALS_LOOK_EVERY: Duration = Duration::from_secs(10);
+
+/// On SIGHUP (forwarded by the supervisor), and when the static keys changed, re-read the
+/// source's credentials and hand them to the fetcher, counted in `credential_reloads` or
+/// `credential_reload_failures`. Events are served meanwhile; a failure leaves the keys in use
+/// as they were.
+fn reload_credentials(
+    mut signals: signal_hook::iterator::Signals,
     reload: Option<crate::backend::isolated::CredentialReload>,
     metrics: Shared<Metrics>,
 ) -> anyhow::Result<()> {
-    let mut signals = signals;
+    let counted = move |r: anyhow::Result<Option<&str>>, why: &str| match r {
+        Ok(None) => {}
+        Ok(Some(what)) => {
+            Metrics::add(&metrics.credential_reloads, 1);
+            info!("{why}: {what}");
+        }
+        Err(e) => {
+            Metrics::add(&metrics.credential_reload_failures, 1);
+            error!("{why}: the credentials were not reloaded, the old ones stay in use: {e:#}");
+        }
+    };
     std::thread::Builder::new()
-        .name("hsm-sighup".into())
+        .name("hsm-credentials".into())
         .spawn(move || {
-            for _ in signals.forever() {
-                let Some(reload) = &reload else {
-                    info!("SIGHUP: a local source has no credentials to re-read");
-                    continue;
-                };
-                match reload.reload() {
-                    Ok(what) => {
-                        Metrics::add(&metrics.credential_reloads, 1);
-                        info!("SIGHUP: {what}");
-                    }
-                    Err(e) => {
-                        Metrics::add(&metrics.credential_reload_failures, 1);
-                        error!("SIGHUP: the credentials were not reloaded, the old ones stay in use: {e:#}");
+            let mut looked = Instant::now();
+            loop {
+                for _ in signals.pending() {
+                    match &reload {
+                        Some(r) => counted(r.reload().map(Some), "SIGHUP"),
+                        None => info!("SIGHUP: a local source has no credentials to re-read"),
                     }
                 }
+                let look = looked.elapsed() >= CREDENTIALS_LOOK_EVERY;
+                if let Some(r) = reload.as_ref().filter(|_| look) {
+                    looked = Instant::now();
+                    let what = r.reload_if_changed().map(|changed| {
+                        changed.then_some("new keys in the credentials file, used from now on")
+                    });
+                    counted(what, "credentials");
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
         })?;
     Ok(())
@@ -205,7 +220,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         inner,
         metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
     });
-    reload_on_sighup(
+    reload_credentials(
         sighup,
         reload,
         Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,

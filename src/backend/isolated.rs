@@ -221,28 +221,65 @@ impl IsolatedBackend {
     }
 }
 
-/// Re-reads the source's credentials as root and hands them to the fetcher (on SIGHUP).
+/// Re-reads the source's credentials as root and hands them to the fetcher: on SIGHUP, and
+/// when the credentials file holds other keys than were last handed over (a tool that renews
+/// session keys before they expire rewrites it).
 pub struct CredentialReload {
-    pub source: String,
-    pub fetcher: Arc<IsolatedBackend>,
+    s3: bool,
+    fetcher: Arc<IsolatedBackend>,
+    /// The keys the fetcher has (as read at start: the fetcher read the same a moment before).
+    last: Mutex<Option<super::s3::StaticKeys>>,
 }
 
 impl CredentialReload {
+    pub fn new(source: &str, fetcher: Arc<IsolatedBackend>) -> CredentialReload {
+        let s3 = super::scheme_of(source) == super::Scheme::S3;
+        let last = if s3 {
+            super::s3::static_keys().ok().flatten()
+        } else {
+            None
+        };
+        CredentialReload {
+            s3,
+            fetcher,
+            last: Mutex::new(last),
+        }
+    }
+
     /// What was done, for the log; an error leaves the keys in use as they were.
     pub fn reload(&self) -> anyhow::Result<&'static str> {
-        if super::scheme_of(&self.source) != super::Scheme::S3 {
+        if !self.s3 {
             return Ok("this source has no credentials to re-read");
         }
         match super::s3::static_keys()? {
             Some(keys) => {
                 self.fetcher.send_keys(&keys)?;
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys);
                 Ok("the S3 keys were re-read and are used from now on")
             }
             None => Ok(
                 "no static S3 keys (environment, credentials file): web identity, \
-                        container or instance credentials are refreshed by the client itself",
+                 container or instance credentials are refreshed by the client itself",
             ),
         }
+    }
+
+    /// Hand over the static keys if they are not those last handed over: `Ok(true)` if it did.
+    /// Keys that cannot be read now (a file being rewritten) are left for the next look.
+    pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
+        if !self.s3 {
+            return Ok(false);
+        }
+        let Ok(Some(keys)) = super::s3::static_keys() else {
+            return Ok(false);
+        };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&keys) {
+            return Ok(false);
+        }
+        self.fetcher.send_keys(&keys)?;
+        *last = Some(keys);
+        Ok(true)
     }
 }
 
