@@ -193,7 +193,12 @@ fn connection(stream: UnixStream, service: &dyn Service) {
                 }));
                 let reply =
                     run.unwrap_or_else(|_| Err("internal error (a bug): see the log".into()));
-                info!(op = ?req.op, path = %String::from_utf8_lossy(&req.path), ?reply, "control request");
+                if req.op == Op::Stats {
+                    // A page of figures: not worth a log line each time someone looks.
+                    tracing::debug!("control request: stats");
+                } else {
+                    info!(op = ?req.op, path = %String::from_utf8_lossy(&req.path), ?reply, "control request");
+                }
                 reply
             }
             Err(e) => Err(format!("malformed request: {e}")),
