@@ -1636,7 +1636,7 @@ fn s3_credentials_rotate_on_sighup_while_reads_run() {
     // On xfs, files of `--whole-below` or more are filled range by range, as they are read.
     let mut fx = Fixture::new("xfs", "1G");
     let moto = Moto::start(&fx.scratch.path, true);
-    let files: Vec<(String, Vec<u8>)> = (0..5)
+    let files: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
             let data = pattern((3 << 20) + i * 4099, 40 + i as u64);
             let key = format!("r/f{i}");
@@ -1731,9 +1731,30 @@ fn s3_credentials_rotate_on_sighup_while_reads_run() {
     let before = reloads(&fx);
     write_credentials(&creds, &key3);
     wait_for_reload(&fx, before, Duration::from_secs(25));
-    for (key, data) in &files[3..] {
+    for (key, data) in &files[3..5] {
         assert_bytes_eq(&std::fs::read(fx.at(key)).unwrap(), data, key);
     }
+    // A credentials file others can read is refused at SIGHUP: said in the log, counted, and
+    // the keys in use stay.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pid = fx.daemon.as_ref().unwrap().pid() as i32;
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let end = Instant::now() + Duration::from_secs(20);
+    while stats_counters(&fx)["credential_reload_failures"] != 1 {
+        assert!(
+            Instant::now() < end,
+            "no failed reload:\n{}",
+            daemon_log(&fx)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon_log(&fx).contains("can be read by other users"));
+    assert_bytes_eq(
+        &std::fs::read(fx.at(&files[5].0)).unwrap(),
+        &files[5].1,
+        "after a refused reload",
+    );
     let c = stats_counters(&fx);
     assert_eq!(c["worker_starts"], 1, "the worker restarted");
     let log = daemon_log(&fx);
