@@ -187,7 +187,7 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    // SIGHUP: re-read the credentials (the worker does, see `worker::reload_on_sighup`).
+    // SIGHUP: re-read the credentials (the worker does, see `worker::reload_credentials`).
     let reload = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
     info!(store = %store_root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");

@@ -80,7 +80,7 @@ pub fn open_backend(
     Ok(open_backend_reloadable(store, fetch_user)?.0)
 }
 
-/// [`open_backend`], and for a remote source what re-reads its credentials for the fetcher.
+/// [`open_backend`], and for an S3 source what re-reads its credentials for the fetcher.
 fn open_backend_reloadable(
     store: &Store,
     fetch_user: &str,
@@ -115,9 +115,9 @@ fn open_backend_reloadable(
         let _ = child.wait();
     });
     let fetcher = Arc::new(IsolatedBackend::new(mine)?);
-    let reload =
-        crate::backend::isolated::CredentialReload::new(&store.config.source, fetcher.clone());
-    Ok((fetcher, Some(reload)))
+    let reload = (scheme_of(&store.config.source) == Scheme::S3)
+        .then(|| crate::backend::isolated::CredentialReload::new(fetcher.clone()));
+    Ok((fetcher, reload))
 }
 
 /// How often the static keys are read again to see whether they changed (see
@@ -147,16 +147,18 @@ fn reload_credentials(
     std::thread::Builder::new()
         .name("hsm-credentials".into())
         .spawn(move || {
+            let Some(r) = reload else {
+                for _ in signals.forever() {
+                    info!("SIGHUP: this source has no credentials to re-read");
+                }
+                return;
+            };
             let mut looked = Instant::now();
             loop {
                 for _ in signals.pending() {
-                    match &reload {
-                        Some(r) => counted(r.reload().map(Some), "SIGHUP"),
-                        None => info!("SIGHUP: a local source has no credentials to re-read"),
-                    }
+                    counted(r.reload().map(Some), "SIGHUP");
                 }
-                let look = looked.elapsed() >= CREDENTIALS_LOOK_EVERY;
-                if let Some(r) = reload.as_ref().filter(|_| look) {
+                if looked.elapsed() >= CREDENTIALS_LOOK_EVERY {
                     looked = Instant::now();
                     let what = r.reload_if_changed().map(|changed| {
                         changed.then_some("new keys in the credentials file, used from now on")

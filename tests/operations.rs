@@ -440,6 +440,16 @@ fn stats_show_the_bytes_read_and_the_files_read_most() {
         assert_bytes_eq(&std::fs::read(fx.at(rel)).unwrap(), data, rel);
     }
     let total: usize = sizes.iter().map(|s| s.1).sum();
+    // A SIGHUP (credentials reload) neither stops nor restarts a daemon of a local source.
+    let daemon = fx.daemon.as_ref().unwrap();
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
+    let end = Instant::now() + Duration::from_secs(10);
+    let log = || std::fs::read_to_string(&daemon.stderr_log).unwrap_or_default();
+    while !log().contains("SIGHUP: this source has no credentials to re-read") {
+        assert!(Instant::now() < end, "SIGHUP not handled:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let out = stats(&fx.store, &["--json"]);
     assert!(
@@ -474,6 +484,7 @@ fn stats_show_the_bytes_read_and_the_files_read_most() {
         "{s:#}"
     );
     assert_eq!(s["counters"]["pending_events"], 0);
+    assert_eq!(s["counters"]["worker_starts"], 1, "the worker restarted");
     // The walk of the records: what was read is present, the unread file is not.
     assert_eq!(s["present_bytes"], total as u64, "{s:#}");
     assert_eq!(s["total_bytes"], (total + (2 << 20)) as u64);

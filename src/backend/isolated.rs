@@ -221,36 +221,25 @@ impl IsolatedBackend {
     }
 }
 
-/// Re-reads the source's credentials as root and hands them to the fetcher: on SIGHUP, and
+/// Re-reads an S3 source's keys as root and hands them to the fetcher: on SIGHUP, and
 /// when the credentials file holds other keys than were last handed over (a tool that renews
 /// session keys before they expire rewrites it).
 pub struct CredentialReload {
-    s3: bool,
     fetcher: Arc<IsolatedBackend>,
     /// The keys the fetcher has (as read at start: the fetcher read the same a moment before).
     last: Mutex<Option<super::s3::StaticKeys>>,
 }
 
 impl CredentialReload {
-    pub fn new(source: &str, fetcher: Arc<IsolatedBackend>) -> CredentialReload {
-        let s3 = super::scheme_of(source) == super::Scheme::S3;
-        let last = if s3 {
-            super::s3::static_keys().ok().flatten()
-        } else {
-            None
-        };
+    pub fn new(fetcher: Arc<IsolatedBackend>) -> CredentialReload {
         CredentialReload {
-            s3,
             fetcher,
-            last: Mutex::new(last),
+            last: Mutex::new(super::s3::static_keys().ok().flatten()),
         }
     }
 
     /// What was done, for the log; an error leaves the keys in use as they were.
     pub fn reload(&self) -> anyhow::Result<&'static str> {
-        if !self.s3 {
-            return Ok("this source has no credentials to re-read");
-        }
         match super::s3::static_keys()? {
             Some(keys) => {
                 self.fetcher.send_keys(&keys)?;
@@ -267,9 +256,6 @@ impl CredentialReload {
     /// Hand over the static keys if they are not those last handed over: `Ok(true)` if it did.
     /// Keys that cannot be read now (a file being rewritten) are left for the next look.
     pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
-        if !self.s3 {
-            return Ok(false);
-        }
         let Ok(Some(keys)) = super::s3::static_keys() else {
             return Ok(false);
         };
