@@ -1,5 +1,7 @@
 //! The control interface: `hsm hydrate`, `release`, `pin` and `unpin` act through the running
-//! daemon when the store is served, so that one process changes the store at a time.
+//! daemon when the store is served, so that one process changes the store at a time; `hsm
+//! stats` asks it for its figures (the worker serves the socket: it has the shared counters and
+//! the per-file ones).
 //!
 //! An abstract unix stream socket named after the store's tree (`hsm-control:DEV:INO`, the
 //! tree's device and inode): a user who may not look into STORE (it is root's alone) still finds
@@ -36,6 +38,8 @@ pub enum Op {
     Unpin,
     /// Write the records of what was filled (after a hydrate): `hsm status` says complete.
     Flush,
+    /// The daemon's figures (`hsm stats`); the path is not used.
+    Stats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,8 @@ pub enum Done {
     Unpinned,
     /// Records written.
     Flushed,
+    /// The figures of `hsm stats`.
+    Stats(Box<crate::metrics::Stats>),
 }
 
 pub type Reply = Result<Done, String>;
@@ -187,7 +193,12 @@ fn connection(stream: UnixStream, service: &dyn Service) {
                 }));
                 let reply =
                     run.unwrap_or_else(|_| Err("internal error (a bug): see the log".into()));
-                info!(op = ?req.op, path = %String::from_utf8_lossy(&req.path), ?reply, "control request");
+                if req.op == Op::Stats {
+                    // A page of figures: not worth a log line each time someone looks.
+                    tracing::debug!("control request: stats");
+                } else {
+                    info!(op = ?req.op, path = %String::from_utf8_lossy(&req.path), ?reply, "control request");
+                }
                 reply
             }
             Err(e) => Err(format!("malformed request: {e}")),

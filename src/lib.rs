@@ -41,6 +41,7 @@ pub mod protocol;
 pub mod published;
 pub mod ranges;
 pub mod record;
+pub mod stats;
 pub mod status;
 pub mod store;
 pub mod supervisor;

@@ -179,6 +179,18 @@ enum Command {
     Pin(ManageArgs),
     /// Let pinned files be released or evicted again.
     Unpin(ManageArgs),
+    /// The running daemon's figures: events by kind and outcome, bytes fetched, fetch latency
+    /// percentiles, denials, prefetch, present and evicted bytes, the files fetched most.
+    Stats {
+        /// The store, its mount point, or a path under either.
+        path: PathBuf,
+        /// Machine-readable output (JSON).
+        #[arg(long)]
+        json: bool,
+        /// How many of the files fetched most to show.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        top: usize,
+    },
     /// The fetching process of `hsm serve` (started by it, not by hand).
     #[command(hide = true)]
     ServeWorker {
@@ -598,6 +610,7 @@ fn main() -> ExitCode {
         Command::Release(a) => return manage(Op::Release, a),
         Command::Pin(a) => return manage(Op::Pin, a),
         Command::Unpin(a) => return manage(Op::Unpin, a),
+        Command::Stats { path, json, top } => hsm::stats::run(&path, json, top),
         Command::ServeWorker {
             store,
             mountpoint,

@@ -108,6 +108,13 @@ impl Service for Operations {
                 }
                 Ok(Done::Flushed)
             }
+            Op::Stats => self
+                .engine
+                .as_ref()
+                .context("no fetch engine here: stats come from a running daemon")
+                .map(|engine| {
+                    Done::Stats(Box::new(crate::stats::gather(engine, self.tree.as_fd())))
+                }),
         };
         done.map_err(|e| format!("{e:#}"))
     }
@@ -189,6 +196,7 @@ fn verb(op: Op) -> &'static str {
         Op::Pin => "pin",
         Op::Unpin => "unpin",
         Op::Flush => "flush",
+        Op::Stats => "stats",
     }
 }
 
@@ -382,6 +390,7 @@ fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> 
         Op::Pin => format!("{done} files pinned, {} fetched", mib(bytes)),
         Op::Unpin => format!("{done} files unpinned"),
         Op::Flush => format!("{done} flushed"),
+        Op::Stats => format!("{done} answered"),
     };
     let mut line = what;
     if refused > 0 {

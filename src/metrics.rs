@@ -26,7 +26,7 @@ macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
         /// Shared between processes (`sys::shm`, whose `Shareable` impl relies on this):
         /// `#[repr(C)]`, atomics only, all-zero the default.
-        #[derive(Default, Debug)]
+        #[derive(Debug)]
         #[repr(C)]
         pub struct Metrics {
             $(#[doc = $doc] pub $name: AtomicU64,)*
@@ -35,6 +35,9 @@ macro_rules! counters {
             pub fetch_buckets: [AtomicU64; NB],
             /// Sum of the backend reads' durations, in microseconds.
             pub fetch_micros: AtomicU64,
+            /// Backend reads by duration, finer than `fetch_buckets`, for the percentiles of
+            /// `hsm stats` (see [`fine_bucket`]); not in the snapshot written to metrics.json.
+            pub fetch_fine: [AtomicU64; FINE],
         }
 
         #[derive(Default, Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -45,6 +48,18 @@ macro_rules! counters {
             pub fetch_buckets: Vec<u64>,
             #[serde(default)]
             pub fetch_micros: u64,
+        }
+
+        impl Default for Metrics {
+            fn default() -> Metrics {
+                let zero = |_| AtomicU64::new(0);
+                Metrics {
+                    $($name: AtomicU64::new(0),)*
+                    fetch_buckets: std::array::from_fn(zero),
+                    fetch_micros: AtomicU64::new(0),
+                    fetch_fine: std::array::from_fn(zero),
+                }
+            }
         }
 
         impl Metrics {
@@ -93,6 +108,9 @@ counters! {
     evicted_bytes: "Bytes released from stubs by eviction.",
     evicted_files: "Files released by eviction (the cache limit).",
     released_bytes: "Bytes released by hsm release.",
+    fetch_max_micros: "Gauge: the longest backend read, in microseconds.",
+    credential_reloads: "Times the source's credentials were re-read (SIGHUP) and handed to the fetcher.",
+    credential_reload_failures: "Re-reads of the credentials that failed (the old ones stay in use).",
 }
 
 /// How an event was answered, for [`Metrics::answered`].
@@ -173,10 +191,84 @@ impl Metrics {
             .position(|&le| s <= le)
             .unwrap_or(NB - 1);
         Metrics::add(&self.fetch_buckets[i], 1);
-        Metrics::add(
-            &self.fetch_micros,
-            d.as_micros().min(u64::MAX as u128) as u64,
-        );
+        let micros = d.as_micros().min(u64::MAX as u128) as u64;
+        Metrics::add(&self.fetch_micros, micros);
+        Metrics::add(&self.fetch_fine[fine_bucket(micros)], 1);
+        self.fetch_max_micros.fetch_max(micros, Relaxed);
+    }
+
+    /// The backend reads' latency so far, from the fine histogram.
+    pub fn latency(&self) -> Latency {
+        let counts: Vec<u64> = self.fetch_fine.iter().map(|b| b.load(Relaxed)).collect();
+        Latency::of(
+            &counts,
+            self.fetch_micros.load(Relaxed),
+            self.fetch_max_micros.load(Relaxed),
+        )
+    }
+}
+
+/// Buckets of the fine histogram: exact below 8 µs, then 8 per doubling (each at most 1/8 of
+/// its lower bound wide: a percentile is known within about 6%), up to 2^40 µs (12 days).
+const FINE: usize = 8 + 37 * 8;
+
+/// The fine bucket of a read of `micros`.
+pub fn fine_bucket(micros: u64) -> usize {
+    if micros < 8 {
+        return micros as usize;
+    }
+    let e = 63 - micros.leading_zeros() as usize; // 2^e <= micros, e >= 3
+    let sub = ((micros >> (e - 3)) & 7) as usize;
+    (8 + (e - 3) * 8 + sub).min(FINE - 1)
+}
+
+/// The durations fine bucket `i` holds: [low, low + width).
+fn fine_bounds(i: usize) -> (u64, u64) {
+    if i < 8 {
+        return (i as u64, 1);
+    }
+    let (e, sub) = (3 + (i - 8) / 8, ((i - 8) % 8) as u64);
+    ((8 + sub) << (e - 3), 1 << (e - 3))
+}
+
+/// Backend read latency for a person: microseconds, percentiles within about 6% (the middle of
+/// their bucket of the fine histogram, never above the maximum).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean_us: Option<u64>,
+    pub p50_us: Option<u64>,
+    pub p90_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+}
+
+impl Latency {
+    fn of(counts: &[u64], sum_micros: u64, max_micros: u64) -> Latency {
+        let count: u64 = counts.iter().sum();
+        if count == 0 {
+            return Latency::default();
+        }
+        let quantile = |q: f64| {
+            let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
+            let mut seen = 0;
+            for (i, &c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    let (low, width) = fine_bounds(i);
+                    return Some((low + width / 2).min(max_micros));
+                }
+            }
+            Some(max_micros)
+        };
+        Latency {
+            count,
+            mean_us: Some(sum_micros / count),
+            p50_us: quantile(0.5),
+            p90_us: quantile(0.9),
+            p99_us: quantile(0.99),
+            max_us: Some(max_micros),
+        }
     }
 }
 
@@ -242,34 +334,109 @@ impl Snapshot {
         }
         (out, cum)
     }
+}
 
-    /// The `q` quantile (0..=1) of the fetch durations, as the upper bound of its bucket (None:
-    /// no fetch yet; +Inf: beyond the last bound).
-    pub fn fetch_quantile(&self, q: f64) -> Option<f64> {
-        let (buckets, count) = self.fetch_histogram();
-        if count == 0 {
-            return None;
+/// How many files [`TopFiles`] keeps counts for: more than are shown, so that the ones shown
+/// are exact unless many more files were fetched.
+const TOP_TRACKED: usize = 64;
+
+/// The files fetched most, in bounded memory: the space-saving algorithm (Metwally et al.,
+/// 2005) over [`TOP_TRACKED`] counters. A file not counted yet takes the place of the least
+/// fetched one and inherits its count as `overcount`: a count is never too low, and any file
+/// fetched more than 1/64 of all bytes is sure to be kept. Per worker (a restart starts over),
+/// by the file's path in the tree as populate recorded it (the source key: no lookup on the
+/// fetch path, and the same name whatever path the reader took).
+#[derive(Default)]
+pub struct TopFiles {
+    counts: std::sync::Mutex<std::collections::HashMap<Vec<u8>, (u64, u64)>>,
+}
+
+impl TopFiles {
+    /// `bytes` more were fetched for the file whose source key is `key`.
+    pub fn add(&self, key: &[u8], bytes: u64) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = counts.get_mut(key) {
+            c.0 += bytes;
+            return;
         }
-        let rank = (q.clamp(0.0, 1.0) * count as f64).ceil().max(1.0) as u64;
-        buckets.iter().find(|(_, c)| *c >= rank).map(|(le, _)| *le)
+        let mut overcount = 0;
+        if counts.len() >= TOP_TRACKED {
+            let least = counts
+                .iter()
+                .min_by_key(|(_, c)| c.0)
+                .map(|(k, c)| (k.clone(), c.0));
+            if let Some((k, n)) = least {
+                counts.remove(&k);
+                overcount = n;
+            }
+        }
+        counts.insert(key.to_vec(), (overcount + bytes, overcount));
+    }
+
+    /// The `n` files fetched most, most first.
+    pub fn top(&self, n: usize) -> Vec<TopFile> {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<TopFile> = counts
+            .iter()
+            .map(|(k, &(bytes, overcount))| TopFile {
+                path: String::from_utf8_lossy(k).into_owned(),
+                bytes,
+                overcount,
+            })
+            .collect();
+        all.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.path.cmp(&b.path)));
+        all.truncate(n);
+        all
     }
 }
 
-/// The figures of a snapshot for a person (what `hsm stats` prints): events, fetches with
-/// latency percentiles, prefetch, denials. The per-file figures ("fetched most") are not in the
-/// shared counters; a caller that keeps them appends its own lines.
-pub fn render_stats(s: &Snapshot) -> String {
+/// One of the files fetched most.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TopFile {
+    /// Its path in the tree, as populated.
+    pub path: String,
+    /// Bytes fetched for it since the worker started.
+    pub bytes: u64,
+    /// Of `bytes`, at most this many may belong to other files (0: exact; see [`TopFiles`]).
+    pub overcount: u64,
+}
+
+/// What `hsm stats` shows: the daemon's counters (those of `/metrics`), latency percentiles,
+/// the store's present bytes and the files fetched most.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// The source, as it may be shown (never credentials).
+    pub source: String,
+    /// The label of `hsm_fetched_bytes`: local, s3, http.
+    pub backend: String,
+    pub counters: Snapshot,
+    pub latency: Latency,
+    /// Bytes of the store's files present, and their size (a walk of the store's records, at
+    /// most a minute old).
+    pub present_bytes: u64,
+    pub total_bytes: u64,
+    /// Most fetched first.
+    pub top_files: Vec<TopFile>,
+}
+
+/// The backend label of a source as [`Backend::describe`] shows it: its URL scheme (`file`:
+/// `local`).
+pub fn backend_label(describe: &str) -> String {
+    match describe.split_once("://") {
+        Some(("file", _)) | None => "local".into(),
+        Some((scheme, _)) => scheme.to_ascii_lowercase(),
+    }
+}
+
+/// The figures for a person (what `hsm stats` prints).
+pub fn render_stats(st: &Stats) -> String {
     use crate::status::human;
-    let ms = |q: f64| match s.fetch_quantile(q) {
+    use std::fmt::Write;
+    let s = &st.counters;
+    let ms = |us: Option<u64>| match us {
         None => "-".to_string(),
-        Some(v) if v.is_infinite() => format!("> {} s", FETCH_BUCKETS[FETCH_BUCKETS.len() - 1]),
-        Some(v) => format!("<= {} ms", v * 1000.0),
-    };
-    let (_, fetches) = s.fetch_histogram();
-    let mean = if fetches > 0 {
-        format!("{:.1} ms", s.fetch_micros as f64 / fetches as f64 / 1000.0)
-    } else {
-        "-".into()
+        Some(us) if us < 10_000 => format!("{:.2} ms", us as f64 / 1000.0),
+        Some(us) => format!("{:.0} ms", us as f64 / 1000.0),
     };
     let errnos = [
         ("EPERM", s.denied_eperm),
@@ -285,41 +452,72 @@ pub fn render_stats(s: &Snapshot) -> String {
     .map(|(e, n)| format!("{e} {n}"))
     .collect::<Vec<_>>()
     .join(", ");
-    format!(
-        "events      {} opens, {} accesses ({} answered from published ranges), {} pending\n\
-         answers     {} allowed, {} denied{}\n\
-         policy      {} denied as scanners, {} over their uid's rate\n\
-         fetched     {} in {} backend reads ({} ahead of readers), {} files completed\n\
-         latency     mean {mean}, p50 {}, p90 {}, p99 {}\n\
-         prefetch    {} files by directory walks\n\
-         present     {}; evicted {}\n\
-         workers     {} started ({} restarts)\n",
-        s.events_open,
-        s.events_pre_access,
+    let l = &st.latency;
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "source       {} ({})\n\
+         opens        {} allowed, {} denied, {} denied by policy\n\
+         accesses     {} allowed ({} answered from published ranges), {} denied, {} denied by \
+         policy; {} pending now\n\
+         denials      {}\n\
+         policy       {} as scanners, {} over their uid's rate\n\
+         fetched      {} ({}) in {} backend reads, {} files completed\n\
+         latency      p50 {}, p90 {}, p99 {}, max {} (mean {}, {} reads)\n\
+         prefetch     {} ahead of readers, {} files for directory walks\n\
+         present      {} of {}\n\
+         evicted      {} ({} files); released by hsm release {}\n\
+         workers      {} restarts\n\
+         credentials  {} reloads, {} failed\n",
+        st.source,
+        st.backend,
+        s.open_allowed,
+        s.open_denied,
+        s.open_policy_denied,
+        s.access_allowed,
         s.answered_published,
+        s.access_denied,
+        s.access_policy_denied,
         s.pending_events,
-        s.allowed,
-        s.denied,
-        if errnos.is_empty() {
-            String::new()
-        } else {
-            format!(" ({errnos})")
-        },
+        if errnos.is_empty() { "none" } else { &errnos },
         s.policy_denied_listed,
         s.policy_denied_rate,
         human(s.fetched_bytes),
+        st.backend,
         s.backend_reads,
-        human(s.readahead_bytes),
         s.files_completed,
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
+        ms(l.p50_us),
+        ms(l.p90_us),
+        ms(l.p99_us),
+        ms(l.max_us),
+        ms(l.mean_us),
+        l.count,
+        human(s.readahead_bytes),
         s.prefetched_files,
-        human(s.present_bytes),
+        human(st.present_bytes),
+        human(st.total_bytes),
         human(s.evicted_bytes),
-        s.worker_starts,
+        s.evicted_files,
+        human(s.released_bytes),
         s.worker_starts.saturating_sub(1),
-    )
+        s.credential_reloads,
+        s.credential_reload_failures,
+    );
+    if !st.top_files.is_empty() {
+        out.push_str("fetched most (since the worker started):\n");
+        for f in &st.top_files {
+            let _ = write!(out, "  {:>10}  {}", human(f.bytes), f.path);
+            if f.overcount > 0 {
+                let _ = write!(
+                    out,
+                    " (at most {} of it for other files)",
+                    human(f.overcount)
+                );
+            }
+            out.push('\n');
+        }
+    }
+    out
 }
 
 mod exposition {
@@ -517,6 +715,15 @@ mod exposition {
                 "Range reads issued to the backend.",
                 s.backend_reads,
             )?;
+            labelled(
+                &mut enc,
+                "hsm_credential_reloads",
+                "Re-reads of the source's credentials on SIGHUP, by outcome (failed: the old ones stay).",
+                &[
+                    (&[("outcome", "ok")], s.credential_reloads),
+                    (&[("outcome", "failed")], s.credential_reload_failures),
+                ],
+            )?;
             counter(
                 &mut enc,
                 "hsm_files_completed",
@@ -564,9 +771,55 @@ mod tests {
         assert_eq!(b[0], (0.0005, 1));
         assert_eq!(b[1], (0.001, 2));
         assert_eq!(b.last().copied(), Some((f64::INFINITY, 6)));
-        assert_eq!(s.fetch_quantile(0.5), Some(0.005));
-        assert_eq!(s.fetch_quantile(1.0), Some(f64::INFINITY));
-        assert_eq!(Snapshot::default().fetch_quantile(0.5), None);
+        // The percentiles, from the fine histogram: within 1/16 of the true value.
+        let l = m.latency();
+        assert_eq!(l.count, 6);
+        let near = |got: Option<u64>, want: u64| {
+            let got = got.unwrap() as f64;
+            assert!(
+                (got - want as f64).abs() <= want as f64 / 16.0,
+                "{got} vs {want}"
+            );
+        };
+        near(l.p50_us, 3000);
+        near(l.p90_us, 40_000_000);
+        assert_eq!(l.max_us, Some(40_000_000));
+        assert!(l.p99_us <= l.max_us);
+        assert_eq!(Metrics::default().latency(), Latency::default());
+    }
+
+    #[test]
+    fn every_duration_falls_in_a_fine_bucket_that_holds_it() {
+        let mut last = 0;
+        for us in (0..100_000).chain([1 << 30, u64::MAX / 2]) {
+            let i = fine_bucket(us);
+            assert!(i >= last, "buckets go up with durations");
+            last = i;
+            let (low, width) = fine_bounds(i);
+            if i < FINE - 1 {
+                assert!(low <= us && us < low + width, "{us} not in bucket {i}");
+                assert!(width * 8 <= low.max(8), "bucket {i} too wide");
+            }
+        }
+    }
+
+    #[test]
+    fn the_files_fetched_most_are_kept_and_never_undercounted() {
+        let top = TopFiles::default();
+        // Two big files among many small ones, more than are tracked.
+        for i in 0..1000u64 {
+            top.add(format!("small/{i}").as_bytes(), 10);
+            if i % 10 == 0 {
+                top.add(b"big/a", 1000);
+                top.add(b"big/b", 500);
+            }
+        }
+        let t = top.top(3);
+        assert_eq!(t[0].path, "big/a");
+        assert_eq!(t[1].path, "big/b");
+        assert!(t[0].bytes >= 100_000 && t[0].bytes - t[0].overcount <= 100_000);
+        assert!(t[1].bytes >= 50_000 && t[1].bytes - t[1].overcount <= 50_000);
+        assert_eq!(top.top(1000).len(), TOP_TRACKED);
     }
 
     #[test]
@@ -620,6 +873,7 @@ mod tests {
             "hsm_policy_denials",
             "hsm_readahead_bytes",
             "hsm_prefetched_files",
+            "hsm_credential_reloads",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
@@ -630,7 +884,14 @@ mod tests {
             Some(Value::Histogram(h)) => assert_eq!(h.last().map(|b| b.count), Some(1.0)),
             other => panic!("histogram: {other:?}\n{text}"),
         }
-        let stats = render_stats(&m.snapshot());
-        assert!(stats.contains("p50 <= 5 ms"), "{stats}");
+        let stats = render_stats(&Stats {
+            counters: m.snapshot(),
+            latency: m.latency(),
+            ..Default::default()
+        });
+        assert!(
+            stats.contains("max 3.00 ms (mean 3.00 ms, 1 reads)"),
+            "{stats}"
+        );
     }
 }

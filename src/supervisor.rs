@@ -187,6 +187,9 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
+    // SIGHUP: re-read the credentials (the worker does, see `worker::reload_credentials`).
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
     info!(store = %store_root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
     println!("ready");
     let _ = ipc::sd_notify("READY=1", None);
@@ -228,6 +231,13 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         }
         if drain_until.is_some_and(|t| Instant::now() >= t) {
             break;
+        }
+        // A worker still starting reads the credentials anew anyway: kept for when it is up.
+        if worker.ready && reload.swap(false, Ordering::Relaxed) {
+            info!("SIGHUP: the worker re-reads the source's credentials");
+            if let Err(e) = crate::sys::process::kill(worker.child.id() as i32, libc::SIGHUP) {
+                warn!("cannot pass SIGHUP on to the worker: {e}");
+            }
         }
         // Nothing here blocks: the group is read only while fewer than MAX_IN_FLIGHT events are
         // held (the kernel queues the rest), events go to the worker as its socket takes them,

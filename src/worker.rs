@@ -77,13 +77,24 @@ pub fn open_backend(
     store: &Store,
     fetch_user: &str,
 ) -> anyhow::Result<Arc<dyn crate::backend::Backend>> {
+    Ok(open_backend_reloadable(store, fetch_user)?.0)
+}
+
+/// [`open_backend`], and for an S3 source what re-reads its credentials for the fetcher.
+fn open_backend_reloadable(
+    store: &Store,
+    fetch_user: &str,
+) -> anyhow::Result<(
+    Arc<dyn crate::backend::Backend>,
+    Option<crate::backend::isolated::CredentialReload>,
+)> {
     use crate::backend::{isolated::IsolatedBackend, scheme_of, Scheme};
     if scheme_of(&store.config.source) == Scheme::Local {
         let backend = crate::backend::open(&store.config.source)?;
         backend
             .check()
             .with_context(|| format!("the source {} cannot be used", backend.describe()))?;
-        return Ok(backend);
+        return Ok((backend, None));
     }
     let (mine, theirs) = ipc::stream_pair()?;
     let exe = std::env::current_exe().context("cannot find the hsm executable")?;
@@ -103,7 +114,61 @@ pub fn open_backend(
         let mut child = child;
         let _ = child.wait();
     });
-    Ok(Arc::new(IsolatedBackend::new(mine)?))
+    let fetcher = Arc::new(IsolatedBackend::new(mine)?);
+    let reload = (scheme_of(&store.config.source) == Scheme::S3)
+        .then(|| crate::backend::isolated::CredentialReload::new(fetcher.clone()));
+    Ok((fetcher, reload))
+}
+
+/// How often the static keys are read again to see whether they changed (see
+/// `CredentialReload::reload_if_changed`).
+const CREDENTIALS_LOOK_EVERY: Duration = Duration::from_secs(10);
+
+/// On SIGHUP (forwarded by the supervisor), and when the static keys changed, re-read the
+/// source's credentials and hand them to the fetcher, counted in `credential_reloads` or
+/// `credential_reload_failures`. Events are served meanwhile; a failure leaves the keys in use
+/// as they were.
+fn reload_credentials(
+    mut signals: signal_hook::iterator::Signals,
+    reload: Option<crate::backend::isolated::CredentialReload>,
+    metrics: Shared<Metrics>,
+) -> anyhow::Result<()> {
+    let counted = move |r: anyhow::Result<Option<&str>>, why: &str| match r {
+        Ok(None) => {}
+        Ok(Some(what)) => {
+            Metrics::add(&metrics.credential_reloads, 1);
+            info!("{why}: {what}");
+        }
+        Err(e) => {
+            Metrics::add(&metrics.credential_reload_failures, 1);
+            error!("{why}: the credentials were not reloaded, the old ones stay in use: {e:#}");
+        }
+    };
+    std::thread::Builder::new()
+        .name("hsm-credentials".into())
+        .spawn(move || {
+            let Some(r) = reload else {
+                for _ in signals.forever() {
+                    info!("SIGHUP: this source has no credentials to re-read");
+                }
+                return;
+            };
+            let mut looked = Instant::now();
+            loop {
+                for _ in signals.pending() {
+                    counted(r.reload().map(Some), "SIGHUP");
+                }
+                if looked.elapsed() >= CREDENTIALS_LOOK_EVERY {
+                    looked = Instant::now();
+                    let what = r.reload_if_changed().map(|changed| {
+                        changed.then_some("new keys in the credentials file, used from now on")
+                    });
+                    counted(what, "credentials");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })?;
+    Ok(())
 }
 
 /// Opens for exec seen, by (pid, dev, ino): the plain open event that follows is not a plain open.
@@ -131,6 +196,8 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::new(AtomicBool::new(false)))?;
     }
+    // A SIGHUP (from the supervisor) re-reads the credentials: caught from here on.
+    let sighup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     let metrics = Shared::<Metrics>::from_fd(
         ipc::claim_inherited(METRICS_FD).context("worker started without the shared counters")?,
     )
@@ -150,10 +217,16 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
     let policy = Policy::new(&opts.policy).map_err(anyhow::Error::msg)?;
     // Every backend read timed into the fetch duration histogram.
+    let (inner, reload) = open_backend_reloadable(&store, &opts.fetch_user)?;
     let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
-        inner: open_backend(&store, &opts.fetch_user)?,
+        inner,
         metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
     });
+    reload_credentials(
+        sighup,
+        reload,
+        Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    )?;
     if !backend.reads_may_stall() {
         info!(
             "the source is on local disks: a missing piece is read by the thread serving its event"

@@ -400,3 +400,122 @@ fn notifications_and_one_event_id_across_both_processes() {
         "no event id in both the supervisor's ({passed:?}) and the worker's ({answered:?}) lines:\n{text}"
     );
 }
+
+/// `hsm stats STORE [--json]`.
+fn stats(path: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(HSM)
+        .arg("stats")
+        .arg(path)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Known files read through a served store: `hsm stats` shows the bytes read as fetched, the
+/// files read most at the top (and none that was not read), latency percentiles in order, and
+/// its `--json` parses; asked by the store or by the mount point alike. With no daemon, a clear
+/// error.
+#[test]
+fn stats_show_the_bytes_read_and_the_files_read_most() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "1G");
+    let sizes = [
+        ("d/big", (9 << 20) + 123),
+        ("d/mid", 5 << 20),
+        ("d/small", (1 << 20) + 7),
+    ];
+    let files: Vec<(&str, Vec<u8>)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(rel, len))| (rel, fx.write_source(rel, len, i as u64 + 7)))
+        .collect();
+    fx.write_source("d/unread", 2 << 20, 99);
+    fx.populate(&[]);
+    fx.serve(&["--dir-prefetch", "0"]);
+    // Smallest first, the small one twice: the order shown is by bytes, not by time or reads.
+    for (rel, data) in files.iter().rev().chain(files.last()) {
+        assert_bytes_eq(&std::fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    let total: usize = sizes.iter().map(|s| s.1).sum();
+    // A SIGHUP (credentials reload) neither stops nor restarts a daemon of a local source.
+    let daemon = fx.daemon.as_ref().unwrap();
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(daemon.pid() as i32, libc::SIGHUP) };
+    let end = Instant::now() + Duration::from_secs(10);
+    let log = || std::fs::read_to_string(&daemon.stderr_log).unwrap_or_default();
+    while !log().contains("SIGHUP: this source has no credentials to re-read") {
+        assert!(Instant::now() < end, "SIGHUP not handled:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = stats(&fx.store, &["--json"]);
+    assert!(
+        out.status.success(),
+        "hsm stats --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json parses");
+    assert_eq!(s["backend"], "local", "{s:#}");
+    assert_eq!(s["counters"]["fetched_bytes"], total as u64, "{s:#}");
+    let top = s["top_files"].as_array().unwrap();
+    let shown: Vec<(&str, u64)> = top
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap(), f["bytes"].as_u64().unwrap()))
+        .collect();
+    let want: Vec<(&str, u64)> = sizes.iter().map(|&(r, l)| (r, l as u64)).collect();
+    assert_eq!(shown, want, "the files fetched most, most first");
+    assert!(top.iter().all(|f| f["overcount"] == 0));
+    let lat = &s["latency"];
+    let us = |k: &str| {
+        lat[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency {k}: {lat}"))
+    };
+    assert_eq!(lat["count"], s["counters"]["backend_reads"]);
+    assert!(us("count") >= 1);
+    assert!(us("p50_us") <= us("p90_us") && us("p90_us") <= us("p99_us"));
+    assert!(us("p99_us") <= us("max_us") && us("max_us") > 0, "{lat}");
+    let allowed = |k: &str| s["counters"][k].as_u64().unwrap();
+    assert!(
+        allowed("open_allowed") + allowed("access_allowed") >= 3,
+        "{s:#}"
+    );
+    assert_eq!(s["counters"]["pending_events"], 0);
+    assert_eq!(s["counters"]["worker_starts"], 1, "the worker restarted");
+    // The walk of the records: what was read is present, the unread file is not.
+    assert_eq!(s["present_bytes"], total as u64, "{s:#}");
+    assert_eq!(s["total_bytes"], (total + (2 << 20)) as u64);
+
+    // For a person, through the mount point, the top two only.
+    let out = stats(&fx.view, &["--top", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let big = text.find("d/big").expect("d/big shown");
+    let mid = text.find("d/mid").expect("d/mid shown");
+    assert!(big < mid, "{text}");
+    assert!(
+        !text.contains("d/small") && !text.contains("d/unread"),
+        "{text}"
+    );
+    for line in [
+        "fetched      ",
+        "latency      p50 ",
+        "denials      none",
+        "present      ",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    eprintln!("{text}");
+
+    fx.stop();
+    let out = stats(&fx.store, &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no hsm serve serves"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

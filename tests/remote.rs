@@ -1488,3 +1488,282 @@ fn s3_deleted_objects_are_eio_and_populate_again_picks_up_changes() {
     assert_bytes_eq(&std::fs::read(fx.at("keep")).unwrap(), &keep, "kept");
     fx.stop();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credentials that rotate (SIGHUP)
+
+const PY_IAM: &str = r#"
+import json, sys, boto3
+ep, kid, sec, action = sys.argv[1:5]
+iam = boto3.client("iam", endpoint_url=ep, region_name="us-east-1",
+                   aws_access_key_id=kid, aws_secret_access_key=sec)
+if action == "create":
+    k = iam.create_access_key(UserName="hsm")["AccessKey"]
+    print(json.dumps({"id": k["AccessKeyId"], "secret": k["SecretAccessKey"]}))
+else:
+    iam.delete_access_key(UserName="hsm", AccessKeyId=sys.argv[5])
+"#;
+
+/// A new access key of moto's IAM user `hsm` (asked with the key `by`): (id, secret).
+fn iam_create_key(moto: &Moto, by: &(String, String)) -> (String, String) {
+    let out = run(Command::new("python3").arg("-c").arg(PY_IAM).args([
+        &moto.endpoint(),
+        &by.0,
+        &by.1,
+        "create",
+    ]));
+    let k: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        k["id"].as_str().unwrap().to_string(),
+        k["secret"].as_str().unwrap().to_string(),
+    )
+}
+
+fn iam_delete_key(moto: &Moto, by: &(String, String), id: &str) {
+    run(Command::new("python3").arg("-c").arg(PY_IAM).args([
+        &moto.endpoint(),
+        &by.0,
+        &by.1,
+        "delete",
+        id,
+    ]));
+}
+
+/// Whether moto accepts the key for an S3 request (a listing of the bucket).
+fn key_accepted(moto: &Moto, key: &(String, String)) -> bool {
+    let script = "import sys, boto3\n\
+        s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+            aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])\n\
+        s3.list_objects_v2(Bucket=sys.argv[4], MaxKeys=1)\n";
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([&moto.endpoint(), &key.0, &key.1, BUCKET])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// An AWS shared credentials file holding `key` as the default profile (mode 600).
+fn write_credentials(path: &Path, key: &(String, String)) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            key.0, key.1
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `hsm stats STORE --json`'s counters.
+fn stats_counters(fx: &Fixture) -> serde_json::Value {
+    let out = Command::new(HSM)
+        .arg("stats")
+        .arg(&fx.store)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_ok(&out, "hsm stats");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s["counters"].clone()
+}
+
+/// How many times the daemon handed new keys to its fetcher.
+fn reloads(fx: &Fixture) -> u64 {
+    let c = stats_counters(fx);
+    assert_eq!(c["credential_reload_failures"], 0, "{}", daemon_log(fx));
+    c["credential_reloads"].as_u64().unwrap()
+}
+
+/// Wait until the daemon has handed keys to its fetcher more than `before` times.
+fn wait_for_reload(fx: &Fixture, before: u64, within: Duration) {
+    let end = Instant::now() + within;
+    while reloads(fx) <= before {
+        assert!(
+            Instant::now() < end,
+            "no reload in {within:?}:\n{}",
+            daemon_log(fx)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGHUP to the daemon, then wait until its worker has handed the keys to the fetcher.
+fn sighup_and_wait(fx: &Fixture) {
+    let before = reloads(fx);
+    let pid = fx.daemon.as_ref().unwrap().pid() as i32;
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for_reload(fx, before, Duration::from_secs(20));
+}
+
+/// Read `path` in 128 KiB steps, pausing between them: (bytes, first error).
+fn slow_read(path: &Path, pause: Duration) -> (Vec<u8>, Option<std::io::Error>) {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return (Vec::new(), Some(e)),
+    };
+    let len = f.metadata().unwrap().len() as usize;
+    let mut got = vec![0u8; len];
+    let mut off = 0;
+    while off < len {
+        let end = (off + (128 << 10)).min(len);
+        if let Err(e) = f.read_exact_at(&mut got[off..end], off as u64) {
+            got.truncate(off);
+            return (got, Some(e));
+        }
+        off = end;
+        std::thread::sleep(pause);
+    }
+    (got, None)
+}
+
+/// S3 keys rotated while files are read, as an operator does: a new key made, written into the
+/// credentials file, SIGHUP, the old key deleted. Every byte read equals the source's, no read
+/// fails, the daemon and its worker never restart. Then the same without the SIGHUP: reads fail
+/// with EIO (moto refuses the deleted key); and once a new key is written into the file, the
+/// daemon finds it by itself within seconds (as when a tool renews keys before they expire).
+#[test]
+fn s3_credentials_rotate_on_sighup_while_reads_run() {
+    if !require_root() {
+        return;
+    }
+    // On xfs, files of `--whole-below` or more are filled range by range, as they are read.
+    let mut fx = Fixture::new("xfs", "1G");
+    let moto = Moto::start(&fx.scratch.path, true);
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            let data = pattern((3 << 20) + i * 4099, 40 + i as u64);
+            let key = format!("r/f{i}");
+            moto.put_bytes(&key, &data);
+            (key, data)
+        })
+        .collect();
+    let out = populate_url(
+        &fx,
+        &format!("s3://{BUCKET}/"),
+        &moto.env(),
+        &[
+            "--endpoint",
+            &moto.endpoint(),
+            "--fetch-deadline",
+            "3",
+            "--chunk-size",
+            "256K",
+            "--whole-below",
+            "1M",
+        ],
+    );
+    assert_ok(&out, "populate");
+    let creds = fx.scratch.path.join("aws-credentials");
+    let key1 = (moto.id.clone(), moto.secret.clone());
+    write_credentials(&creds, &key1);
+    serve_with(
+        &mut fx,
+        &[
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                creds.to_string_lossy().into_owned(),
+            ),
+            ("AWS_REGION", "us-east-1".into()),
+        ],
+        &["--readahead", "0", "--dir-prefetch", "0"],
+    );
+
+    // Two readers, slow enough to be mid-file during the rotation.
+    let readers: Vec<_> = files[..2]
+        .iter()
+        .map(|(key, data)| {
+            let (p, data) = (fx.at(key), data.clone());
+            std::thread::spawn(move || {
+                let (got, err) = slow_read(&p, Duration::from_millis(250));
+                (got == data, got.len(), err)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let key2 = iam_create_key(&moto, &key1);
+    write_credentials(&creds, &key2);
+    sighup_and_wait(&fx);
+    iam_delete_key(&moto, &key2, &key1.0);
+    let rotated_at = Instant::now();
+    assert!(
+        !key_accepted(&moto, &key1),
+        "moto still accepts the deleted key"
+    );
+    for (r, (key, data)) in readers.into_iter().zip(&files) {
+        let (same, n, err) = r.join().unwrap();
+        assert!(err.is_none(), "{key}: read failed after {n} bytes: {err:?}");
+        assert!(
+            same,
+            "{key}: bytes differ from the source ({n} of {})",
+            data.len()
+        );
+    }
+    let after = rotated_at.elapsed();
+    assert!(
+        after > Duration::from_millis(500),
+        "the readers were done {after:?} after the old key was deleted: too little was read \
+         with the new one"
+    );
+    eprintln!("the readers went on for {after:?} after the old key was deleted");
+    // A file not read before: every byte fetched with the new key.
+    assert_bytes_eq(
+        &std::fs::read(fx.at(&files[2].0)).unwrap(),
+        &files[2].1,
+        "after rotation",
+    );
+
+    // Without the SIGHUP: a third key exists, the file still names the second, which is deleted.
+    let key3 = iam_create_key(&moto, &key2);
+    iam_delete_key(&moto, &key3, &key2.0);
+    let c = stats_counters(&fx);
+    let eio_before = c["denied_eio"].as_u64().unwrap();
+    let (_, err) = slow_read(&fx.at(&files[3].0), Duration::ZERO);
+    assert_eio(err.map_or(Ok(()), Err), "a read signed with a deleted key");
+    assert!(stats_counters(&fx)["denied_eio"].as_u64().unwrap() > eio_before);
+    // A new key written into the file is found without a SIGHUP, by the same daemon.
+    let before = reloads(&fx);
+    write_credentials(&creds, &key3);
+    wait_for_reload(&fx, before, Duration::from_secs(25));
+    for (key, data) in &files[3..5] {
+        assert_bytes_eq(&std::fs::read(fx.at(key)).unwrap(), data, key);
+    }
+    // A credentials file others can read is refused at SIGHUP: said in the log, counted, and
+    // the keys in use stay.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let pid = fx.daemon.as_ref().unwrap().pid() as i32;
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let end = Instant::now() + Duration::from_secs(20);
+    while stats_counters(&fx)["credential_reload_failures"] != 1 {
+        assert!(
+            Instant::now() < end,
+            "no failed reload:\n{}",
+            daemon_log(&fx)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon_log(&fx).contains("can be read by other users"));
+    assert_bytes_eq(
+        &std::fs::read(fx.at(&files[5].0)).unwrap(),
+        &files[5].1,
+        "after a refused reload",
+    );
+    let c = stats_counters(&fx);
+    assert_eq!(c["worker_starts"], 1, "the worker restarted");
+    let log = daemon_log(&fx);
+    for secret in [&key1.1, &key2.1, &key3.1] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret in the daemon's log"
+        );
+    }
+    assert!(log.contains("SIGHUP: the S3 keys were re-read"), "{log}");
+    assert!(log.contains("new keys in the credentials file"), "{log}");
+}

@@ -17,9 +17,16 @@
 //! Credentials fetched later (web identity token files, instance roles) are read as the fetch
 //! user.
 //!
+//! Credentials are re-read the same way: the fetcher can no longer read what only root may, so
+//! on SIGHUP the worker (root) re-reads the static S3 keys and hands them over this socket
+//! ([`CredentialReload`]); the fetcher swaps them into its client in place (`s3::RotatingKeys`),
+//! and reads in flight go on.
+//!
 //! Framing on a `SOCK_STREAM` socket pair, little-endian:
 //! request `len u32 | id u64 | offset u64 | want u32 | SourceRecord (postcard)`,
-//! response `len u32 | id u64 | status u8 | payload` (the bytes, or an error message).
+//! response `len u32 | id u64 | status u8 | payload` (the bytes, or an error message);
+//! new keys `len u32 | RELOAD_ID | StaticKeys (postcard)`, answered `len u32 | RELOAD_ID |
+//! status u8 | message`.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -42,6 +49,8 @@ const STATUS_SHORT: u8 = 3;
 const STATUS_ESCAPE: u8 = 4;
 const STATUS_IO: u8 = 5;
 const STATUS_REMOTE: u8 = 6;
+/// The id of a frame that carries new keys, and of its answer (requests count up from 1).
+const RELOAD_ID: u64 = u64::MAX;
 /// Largest frame accepted either way: a chunk plus headers, with room to spare.
 const MAX_FRAME: usize = 256 << 20;
 
@@ -184,6 +193,82 @@ impl IsolatedBackend {
     }
 }
 
+impl IsolatedBackend {
+    /// Hand `keys` to the fetcher; its answer.
+    fn send_keys(&self, keys: &super::s3::StaticKeys) -> anyhow::Result<()> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(RELOAD_ID, tx);
+        let mut body = RELOAD_ID.to_le_bytes().to_vec();
+        body.extend_from_slice(&postcard::to_allocvec(keys)?);
+        write_frame(
+            &mut *self.writer.lock().unwrap_or_else(|p| p.into_inner()),
+            &body,
+        )
+        .context("cannot reach the fetcher")?;
+        let (status, message) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .context("the fetcher did not answer")?;
+        if status != STATUS_OK {
+            anyhow::bail!(
+                "the fetcher refused them: {}",
+                String::from_utf8_lossy(&message)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Re-reads an S3 source's keys as root and hands them to the fetcher: on SIGHUP, and
+/// when the credentials file holds other keys than were last handed over (a tool that renews
+/// session keys before they expire rewrites it).
+pub struct CredentialReload {
+    fetcher: Arc<IsolatedBackend>,
+    /// The keys the fetcher has (as read at start: the fetcher read the same a moment before).
+    last: Mutex<Option<super::s3::StaticKeys>>,
+}
+
+impl CredentialReload {
+    pub fn new(fetcher: Arc<IsolatedBackend>) -> CredentialReload {
+        CredentialReload {
+            fetcher,
+            last: Mutex::new(super::s3::static_keys().ok().flatten()),
+        }
+    }
+
+    /// What was done, for the log; an error leaves the keys in use as they were.
+    pub fn reload(&self) -> anyhow::Result<&'static str> {
+        match super::s3::static_keys()? {
+            Some(keys) => {
+                self.fetcher.send_keys(&keys)?;
+                *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys);
+                Ok("the S3 keys were re-read and are used from now on")
+            }
+            None => Ok(
+                "no static S3 keys (environment, credentials file): web identity, \
+                 container or instance credentials are refreshed by the client itself",
+            ),
+        }
+    }
+
+    /// Hand over the static keys if they are not those last handed over: `Ok(true)` if it did.
+    /// Keys that cannot be read now (a file being rewritten) are left for the next look.
+    pub fn reload_if_changed(&self) -> anyhow::Result<bool> {
+        let Ok(Some(keys)) = super::s3::static_keys() else {
+            return Ok(false);
+        };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref() == Some(&keys) {
+            return Ok(false);
+        }
+        self.fetcher.send_keys(&keys)?;
+        *last = Some(keys);
+        Ok(true)
+    }
+}
+
 impl Backend for IsolatedBackend {
     fn read_range(
         &self,
@@ -243,9 +328,19 @@ pub fn fetcher_main(url: &str, user: &str) -> anyhow::Result<()> {
 /// socket. See the module doc.
 pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
     let mut stream = UnixStream::from(sock);
+    // A SIGHUP is for the daemon (its worker re-reads the credentials and sends them here):
+    // one sent to the whole process group must not end this process.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    )?;
+    let mut keys = None;
     let opened = (|| {
         let ids = privilege::lookup(user).with_context(|| format!("no fetch user {user:?}"))?;
         let prepared = super::prepare(url)?;
+        if let super::Prepared::S3(p) = &prepared {
+            keys = p.keys();
+        }
         privilege::drop_to(ids)
             .with_context(|| format!("cannot drop privileges to user {user:?}"))?;
         if !seccomp::restrict_fetcher().context("cannot restrict the fetcher's syscalls")? {
@@ -293,6 +388,28 @@ pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
         });
     }
     while let Some(frame) = read_frame(&mut reader)? {
+        if frame.get(..8) == Some(&RELOAD_ID.to_le_bytes()[..]) {
+            let mut reply = RELOAD_ID.to_le_bytes().to_vec();
+            match (&keys, postcard::from_bytes(&frame[8..])) {
+                (Some(k), Ok(new)) => {
+                    k.set(&new);
+                    reply.push(STATUS_OK);
+                }
+                (None, _) => {
+                    reply.push(STATUS_REMOTE);
+                    reply.extend_from_slice(b"this source was opened without static keys");
+                }
+                (_, Err(e)) => {
+                    reply.push(STATUS_REMOTE);
+                    reply.extend_from_slice(format!("malformed keys: {e}").as_bytes());
+                }
+            }
+            write_frame(
+                &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
+                &reply,
+            )?;
+            continue;
+        }
         if tx.send(frame).is_err() {
             break;
         }

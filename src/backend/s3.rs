@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
+use object_store::aws::{
+    AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredential,
+};
 use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tracing::warn;
@@ -198,10 +200,95 @@ pub struct Prepared {
     virtual_hosted: bool,
     skip_signature: bool,
     http_allowed: bool,
+    /// Static keys requests are signed with, if any (see [`RotatingKeys`]).
+    keys: Option<Arc<RotatingKeys>>,
 }
 
 fn env_set(k: &str) -> bool {
     std::env::var_os(k).is_some_and(|v| !v.is_empty())
+}
+
+/// Static S3 keys: from the environment or the shared credentials file.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StaticKeys {
+    pub id: String,
+    pub secret: String,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for StaticKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret or the token: this may be logged.
+        write!(f, "StaticKeys({})", self.id)
+    }
+}
+
+impl StaticKeys {
+    fn credential(&self) -> Arc<AwsCredential> {
+        Arc::new(AwsCredential {
+            key_id: self.id.clone(),
+            secret_key: self.secret.clone(),
+            token: self.token.clone(),
+        })
+    }
+}
+
+/// The static keys requests are signed with, swapped in place when they are re-read (SIGHUP,
+/// see `backend::isolated`): every request signed after the swap, retries of reads already
+/// under way included, uses the new ones; nothing is rebuilt, no read is dropped. Keys that
+/// expire on their own (web identity / STS, container and instance credentials) are not
+/// static: `object_store`'s own providers fetch them and refresh them five minutes before
+/// they expire.
+#[derive(Debug)]
+pub struct RotatingKeys {
+    current: std::sync::RwLock<Arc<AwsCredential>>,
+}
+
+impl RotatingKeys {
+    fn new(keys: &StaticKeys) -> RotatingKeys {
+        RotatingKeys {
+            current: std::sync::RwLock::new(keys.credential()),
+        }
+    }
+
+    /// Sign with `keys` from now on.
+    pub fn set(&self, keys: &StaticKeys) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = keys.credential();
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::CredentialProvider for RotatingKeys {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        Ok(self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+}
+
+/// The static keys, as they are now: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+/// `AWS_SESSION_TOKEN` from the environment, else the shared credentials file's profile.
+/// `None`: no static keys (then web identity, container or instance credentials, or none).
+/// Reads a file only root may read: call it as root (the fetcher before it drops privileges,
+/// the worker on SIGHUP).
+pub fn static_keys() -> anyhow::Result<Option<StaticKeys>> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        (Some(id), Some(secret)) => Ok(Some(StaticKeys {
+            id,
+            secret,
+            token: var("AWS_SESSION_TOKEN"),
+        })),
+        (Some(_), None) => bail!("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not"),
+        (None, Some(_)) => bail!("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not"),
+        (None, None) => {
+            Ok(shared_credentials()?.map(|(id, secret, token)| StaticKeys { id, secret, token }))
+        }
+    }
 }
 
 /// `[profile]` of an AWS shared credentials file: (key id, secret, session token).
@@ -285,12 +372,12 @@ impl Prepared {
             object_store::ClientConfigKey::AllowHttp,
         ))
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        if !env_set("AWS_ACCESS_KEY_ID") && !skip_signature {
-            if let Some((id, secret, token)) = shared_credentials()? {
-                b = b.with_access_key_id(id).with_secret_access_key(secret);
-                if let Some(t) = token {
-                    b = b.with_token(t);
-                }
+        let mut keys = None;
+        if !skip_signature {
+            if let Some(k) = static_keys()? {
+                let rotating = Arc::new(RotatingKeys::new(&k));
+                b = b.with_credentials(rotating.clone());
+                keys = Some(rotating);
             } else if !(env_set("AWS_WEB_IDENTITY_TOKEN_FILE")
                 || env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
                 || env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
@@ -311,7 +398,13 @@ impl Prepared {
             virtual_hosted,
             skip_signature,
             http_allowed,
+            keys,
         })
+    }
+
+    /// The static keys the client will sign with, to swap later (see [`RotatingKeys`]).
+    pub fn keys(&self) -> Option<Arc<RotatingKeys>> {
+        self.keys.clone()
     }
 
     /// Build the clients and the runtime (whose threads start here). Nothing is sent yet.
@@ -324,6 +417,7 @@ impl Prepared {
             virtual_hosted,
             skip_signature,
             http_allowed,
+            keys: _,
         } = self;
         let deadline = url.deadline.unwrap_or(object::DEFAULT_DEADLINE);
         let allow_http = endpoint

@@ -292,6 +292,8 @@ impl Engine {
             written?;
         }
         Metrics::add(&self.metrics.fetched_bytes, pe_now.saturating_sub(ps));
+        self.top_files
+            .add(&entry.source.key, pe_now.saturating_sub(ps));
         let mut s = lock(&entry.state);
         if size < s.record.backed_len {
             s.record.backed_len = size;

@@ -95,6 +95,8 @@ pub struct Engine {
     /// One pressure flush at a time where no flusher thread runs.
     inline_flush: std::sync::atomic::AtomicBool,
     pub metrics: Shared<Metrics>,
+    /// The files fetched most, for `hsm stats` (per process: not in the shared counters).
+    pub top_files: crate::metrics::TopFiles,
     /// Where present ranges are published for the supervisor (see [`crate::published`]).
     published: Option<Shared<PublishedRanges>>,
     /// How far ahead of a sequential reader to fetch.
@@ -162,11 +164,17 @@ impl Engine {
             flusher: persist::Flusher::default(),
             inline_flush: std::sync::atomic::AtomicBool::new(false),
             metrics,
+            top_files: Default::default(),
             published,
             readahead,
             readahead_tx: Mutex::new(None),
             space: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The source, as it may be shown (never credentials).
+    pub fn source(&self) -> String {
+        self.backend.describe()
     }
 
     /// Whether a fetch nobody asked for yet is welcome (see [`Space::room_to_fetch_ahead`]).
