@@ -93,6 +93,7 @@ counters! {
     evicted_bytes: "Bytes released from stubs by eviction.",
     evicted_files: "Files released by eviction (the cache limit).",
     released_bytes: "Bytes released by hsm release.",
+    fuse_passthrough_opens: "FUSE front end: opens in passthrough mode (complete files: the kernel reads and writes the store's file).",
 }
 
 /// How an event was answered, for [`Metrics::answered`].
