@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub control_group: Option<String>,
     /// `--nonempty`: mount over a mount point that is not empty.
     pub nonempty: Option<bool>,
+    /// `--frontend`: `auto`, `fanotify` or `fuse`.
+    pub frontend: Option<crate::fuse::Frontend>,
     /// `--cache-limit`: bytes, or with a unit (`"20G"`).
     pub cache_limit: Option<crate::units::Size>,
     /// `--metrics ADDR:PORT`.

@@ -27,6 +27,7 @@ pub mod event;
 pub mod evict;
 pub mod exporter;
 pub mod fault;
+pub mod fuse;
 pub mod guard;
 pub mod kernel_reader;
 pub mod lifecycle;

@@ -140,6 +140,11 @@ enum Command {
         /// Mount over MOUNTPOINT even when it is not empty (its entries are hidden meanwhile).
         #[arg(long)]
         nonempty: bool,
+        /// How accesses reach the daemon: `fanotify` (pre-content events, Linux 6.14+), `fuse`
+        /// (a FUSE mount, any current kernel; complete files in passthrough from 6.9), or `auto`:
+        /// fanotify where the kernel and the store's filesystem support it, else FUSE.
+        #[arg(long, value_enum, default_value_t = hsm::fuse::Frontend::Auto)]
+        frontend: hsm::fuse::Frontend,
         /// A TOML file with any of these options, by their long names with `_`
         /// (`fetch_deadline = 20`); options given here override it. See README, "Operating it".
         #[arg(long, value_name = "PATH")]
@@ -340,6 +345,7 @@ impl Command {
             fetch_user,
             control_group,
             nonempty,
+            frontend,
             cache_limit,
             metrics,
             deny_comm,
@@ -383,6 +389,7 @@ impl Command {
             &Some(cfg.control_group.clone()),
         );
         take(nonempty, given(&["nonempty"]), &cfg.nonempty);
+        take(frontend, given(&["frontend"]), &cfg.frontend);
         take(
             cache_limit,
             given(&["cache_limit"]),
@@ -561,6 +568,7 @@ fn main() -> ExitCode {
             fetch_user,
             control_group,
             nonempty,
+            frontend,
             cache_limit,
             metrics,
             deny_comm,
@@ -604,7 +612,12 @@ fn main() -> ExitCode {
                 nonempty,
                 metrics,
             };
-            hsm::supervisor::serve(&store, &mountpoint, opts)
+            match hsm::fuse::choose(frontend, &store) {
+                hsm::fuse::Frontend::Fuse => {
+                    hsm::fuse::serve(&store, &mountpoint, &opts.worker, opts.nonempty)
+                }
+                _ => hsm::supervisor::serve(&store, &mountpoint, opts),
+            }
         })(),
         Command::Hydrate(a) => return manage(Op::Hydrate, a),
         Command::Release(a) => return manage(Op::Release, a),

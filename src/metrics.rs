@@ -111,6 +111,7 @@ counters! {
     fetch_max_micros: "Gauge: the longest backend read, in microseconds.",
     credential_reloads: "Times the source's credentials were re-read (SIGHUP) and handed to the fetcher.",
     credential_reload_failures: "Re-reads of the credentials that failed (the old ones stay in use).",
+    fuse_passthrough_opens: "FUSE front end: opens in passthrough mode (complete files: the kernel reads and writes the store's file).",
 }
 
 /// How an event was answered, for [`Metrics::answered`].

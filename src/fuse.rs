@@ -1,0 +1,1334 @@
+//! The FUSE front end: the store's tree served through a FUSE mount, for kernels (and
+//! filesystems) without pre-content events.
+//!
+//! Same store, records, backends and engine as the fanotify front end, so a file fetched under one
+//! is complete under the other. Where the fanotify front end answers the kernel's pre-content
+//! events, this one is asked for every operation and does it on the store's file itself:
+//!
+//! - A read of a stub has the engine make its range present first, then reads the store's file.
+//! - A complete file (or one that is not a stub) is opened in passthrough mode (`FOPEN_PASSTHROUGH`,
+//!   Linux 6.9+) where the kernel offers it: its reads, writes and mmaps go straight to the
+//!   store's file, at native speed. A stub being filled switches on its next open.
+//! - A write, and a truncation, first have the engine fill the page it lands on and note any local
+//!   shrink, exactly as the kernel's pre-content event for them does (see the design notes): what
+//!   a user wrote or cut is never fetched over.
+//!
+//! Inodes are named by an `O_PATH` fd each (as libfuse's passthrough_hp does): a rename or unlink
+//! by another path cannot make one name another file. The kernel checks owners and modes
+//! (`default_permissions`); the daemon runs as root and acts on the store's files for it.
+//!
+//! When the daemon dies the kernel fails every access with ENOTCONN: the mount fails closed, never
+//! with zeros. `serve` clears such a dead mount left on the mount point before mounting.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, Need};
+use crate::metrics::Metrics;
+use crate::sys::fs as sysfs;
+
+/// How long the kernel may cache attributes and entries. The daemon is the only writer of the
+/// tree while it is mounted, so a walk of a hydrated tree need not ask again each time.
+const TTL: Duration = Duration::from_secs(1);
+
+/// The flags an inode's open may not pass on to the store's file.
+/// The kernel has resolved the path (`O_NOFOLLOW` would refuse the `/proc/self/fd` link), done
+/// any truncation (a `setattr` first), and gives each write its offset (`O_APPEND` would move
+/// it) and buffers that `O_DIRECT` would refuse.
+const OPEN_FLAGS_DROPPED: i32 = libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOCTTY
+    | libc::O_TRUNC
+    | libc::O_NOFOLLOW
+    | libc::O_APPEND
+    | libc::O_DIRECT;
+
+/// The page a truncation or write that keeps part of it must find filled first.
+const PAGE: u64 = 4096;
+
+struct Node {
+    /// `O_PATH`, no follow: names the inode, whatever its names become.
+    fd: OwnedFd,
+    key: (u64, u64),
+    lookups: u64,
+}
+
+#[derive(Default)]
+struct Inodes {
+    by_ino: HashMap<u64, Arc<Node>>,
+    by_key: HashMap<(u64, u64), u64>,
+    next: u64,
+}
+
+struct Handle {
+    file: OwnedFd,
+    /// The inode, for [`IoModes`] (0: a directory's handle, not counted).
+    ino: u64,
+    /// A stub not yet complete at open: its reads and writes go through the engine.
+    filled_here: bool,
+    /// Held while the file is open in passthrough mode.
+    backing: Option<BackingId>,
+}
+
+/// Open files per inode, by how the kernel does their I/O. The kernel refuses (EIO) a
+/// passthrough open of an inode that has opens using the page cache, and the other way round:
+/// an inode's opens all take the mode of the first still open.
+#[derive(Default)]
+struct IoModes(HashMap<u64, (u32, u32)>);
+
+impl IoModes {
+    /// May an open of `ino` be in passthrough mode now?
+    fn passthrough_allowed(&self, ino: u64) -> bool {
+        self.0.get(&ino).is_none_or(|&(cached, _)| cached == 0)
+    }
+
+    /// May an open of `ino` use the page cache now?
+    fn cached_allowed(&self, ino: u64) -> bool {
+        self.0
+            .get(&ino)
+            .is_none_or(|&(_, passthrough)| passthrough == 0)
+    }
+
+    fn opened(&mut self, ino: u64, passthrough: bool) {
+        let counts = self.0.entry(ino).or_default();
+        if passthrough {
+            counts.1 += 1;
+        } else {
+            counts.0 += 1;
+        }
+    }
+
+    fn closed(&mut self, ino: u64, passthrough: bool) {
+        if let Some(counts) = self.0.get_mut(&ino) {
+            if passthrough {
+                counts.1 = counts.1.saturating_sub(1);
+            } else {
+                counts.0 = counts.0.saturating_sub(1);
+            }
+            if *counts == (0, 0) {
+                self.0.remove(&ino);
+            }
+        }
+    }
+}
+
+/// The FUSE filesystem over one store's tree.
+pub struct HsmFs {
+    io_modes: Mutex<IoModes>,
+    engine: Arc<Engine>,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    /// The kernel agreed to passthrough at init.
+    passthrough: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn name_cstr(name: &OsStr) -> Result<CString, Errno> {
+    if name.is_empty() || name.as_bytes().contains(&b'/') || name == ".." || name == "." {
+        return Err(Errno::from_i32(libc::EINVAL));
+    }
+    CString::new(name.as_bytes()).map_err(|_| Errno::from_i32(libc::EINVAL))
+}
+
+fn proc_path(fd: BorrowedFd<'_>) -> CString {
+    // Digits only: no NUL can be in it.
+    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap_or_default()
+}
+
+fn time_of(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec.clamp(0, 999_999_999) as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs())
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr_of(ino: u64, st: &sysfs::Stat) -> FileAttr {
+    let (atime, mtime) = (sysfs::atime_of(st), sysfs::mtime_of(st));
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time_of(atime.0, atime.1),
+        mtime: time_of(mtime.0, mtime.1),
+        ctime: time_of(st.st_ctime, st.st_ctime_nsec as i64),
+        crtime: UNIX_EPOCH,
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+impl HsmFs {
+    pub fn new(engine: Arc<Engine>, tree: OwnedFd) -> io::Result<HsmFs> {
+        let st = sysfs::fstat(tree.as_fd())?;
+        let mut inodes = Inodes {
+            next: 2,
+            ..Inodes::default()
+        };
+        let key = (st.st_dev, st.st_ino);
+        inodes.by_key.insert(key, INodeNo::ROOT.0);
+        inodes.by_ino.insert(
+            INodeNo::ROOT.0,
+            Arc::new(Node {
+                fd: tree,
+                key,
+                lookups: 1,
+            }),
+        );
+        Ok(HsmFs {
+            engine,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            io_modes: Mutex::new(IoModes::default()),
+            next_handle: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+        })
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
+        lock(&self.inodes)
+            .by_ino
+            .get(&ino.0)
+            .cloned()
+            .ok_or(Errno::from_i32(libc::ESTALE))
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        lock(&self.handles)
+            .get(&fh.0)
+            .cloned()
+            .ok_or(Errno::from_i32(libc::EBADF))
+    }
+
+    /// The inode number for the file at `fd` (an `O_PATH` fd), counting one more lookup.
+    fn remember(&self, fd: OwnedFd) -> io::Result<(u64, sysfs::Stat)> {
+        let st = sysfs::fstat(fd.as_fd())?;
+        let key = (st.st_dev, st.st_ino);
+        let mut inodes = lock(&self.inodes);
+        if let Some(&ino) = inodes.by_key.get(&key) {
+            if let Some(node) = inodes.by_ino.get_mut(&ino) {
+                if let Some(n) = Arc::get_mut(node) {
+                    n.lookups += 1;
+                } else {
+                    // In use by a request right now: a fresh node with the count carried over.
+                    let lookups = node.lookups + 1;
+                    *node = Arc::new(Node { fd, key, lookups });
+                }
+                return Ok((ino, st));
+            }
+        }
+        let ino = inodes.next;
+        inodes.next += 1;
+        inodes.by_key.insert(key, ino);
+        inodes.by_ino.insert(
+            ino,
+            Arc::new(Node {
+                fd,
+                key,
+                lookups: 1,
+            }),
+        );
+        Ok((ino, st))
+    }
+
+    fn lookup_at(&self, parent: &Node, name: &CStr) -> io::Result<(u64, sysfs::Stat)> {
+        let fd = sysfs::openat(parent.fd.as_fd(), name, libc::O_PATH, 0)?;
+        self.remember(fd)
+    }
+
+    fn entry(&self, parent: &Node, name: &CStr, reply: ReplyEntry) {
+        match self.lookup_at(parent, name) {
+            Ok((ino, st)) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Give what the caller made to the caller: files made by the daemon are root's otherwise.
+    fn own(&self, dir: BorrowedFd<'_>, name: &CStr, req: &Request) -> io::Result<()> {
+        sysfs::chown(dir, Some(name), req.uid(), req.gid())
+    }
+
+    /// Open the inode anew with `flags`, through its `O_PATH` fd.
+    fn reopen(node: &Node, flags: i32) -> io::Result<OwnedFd> {
+        sysfs::reopen(node.fd.as_fd(), flags & !OPEN_FLAGS_DROPPED)
+    }
+
+    /// What an access about to change the file at `fd` needs from the engine first: the page it
+    /// lands on filled, and any local shrink noted (see the module doc).
+    fn before_change(&self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
+        let page = offset & !(PAGE - 1);
+        self.engine
+            .serve(
+                fd,
+                Need::Range {
+                    offset: page,
+                    count: PAGE,
+                },
+            )
+            .map(|_| ())
+    }
+
+    fn open_handle(&self, ino: u64, file: OwnedFd, reply: ReplyOpen) {
+        // Complete as the engine knows it (its record may not be written yet): nothing left to
+        // fill, so the kernel may go straight to the store's file.
+        let filled_here = !self
+            .engine
+            .is_present(file.as_fd(), Need::Whole)
+            .unwrap_or(false);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let mut modes = lock(&self.io_modes);
+        let mut backing = None;
+        if !filled_here
+            && self.passthrough.load(Ordering::Relaxed)
+            && modes.passthrough_allowed(ino)
+        {
+            match reply.open_backing(file.as_fd()) {
+                Ok(id) => backing = Some(id),
+                Err(e) => debug!("no passthrough for this open: {e}"),
+            }
+        }
+        if backing.is_none() && !modes.cached_allowed(ino) {
+            // Open in passthrough elsewhere, and this open could not be: the kernel would refuse
+            // a cached one, so it is refused here with the errno it would give.
+            return reply.error(Errno::from_i32(libc::ETXTBSY));
+        }
+        modes.opened(ino, backing.is_some());
+        drop(modes);
+        // In the table before the kernel hears of it: its first read may come at once.
+        let handle = Arc::new(Handle {
+            file,
+            ino,
+            filled_here,
+            backing,
+        });
+        lock(&self.handles).insert(fh, handle.clone());
+        match &handle.backing {
+            Some(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+                Metrics::add(&self.engine.metrics.fuse_passthrough_opens, 1);
+            }
+            None => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        }
+    }
+
+    fn close_handle(&self, fh: FileHandle) {
+        if let Some(h) = lock(&self.handles).remove(&fh.0) {
+            if h.ino != 0 {
+                lock(&self.io_modes).closed(h.ino, h.backing.is_some());
+            }
+        }
+    }
+}
+
+impl Filesystem for HsmFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(offered, Ordering::Relaxed);
+        info!(
+            "FUSE passthrough for complete files: {}",
+            if offered {
+                "on"
+            } else {
+                "off (kernel older than 6.9)"
+            }
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        self.entry(&parent, &name, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino == INodeNo::ROOT {
+            return;
+        }
+        let mut inodes = lock(&self.inodes);
+        let Some(node) = inodes.by_ino.get_mut(&ino.0) else {
+            return;
+        };
+        let left = node.lookups.saturating_sub(nlookup);
+        if left > 0 {
+            match Arc::get_mut(node) {
+                Some(n) => n.lookups = left,
+                None => {
+                    // Shared by a request in flight: count on a copy of the fd.
+                    if let Ok(fd) = node.fd.try_clone() {
+                        let key = node.key;
+                        *node = Arc::new(Node {
+                            fd,
+                            key,
+                            lookups: left,
+                        });
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(node) = inodes.by_ino.remove(&ino.0) {
+            inodes.by_key.remove(&node.key);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let st = match fh.and_then(|fh| self.handle(fh).ok()) {
+            Some(h) => sysfs::fstat(h.file.as_fd()),
+            None => match self.node(ino) {
+                Ok(n) => sysfs::fstat(n.fd.as_fd()),
+                Err(e) => return reply.error(e),
+            },
+        };
+        match st {
+            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let done = (|| -> io::Result<sysfs::Stat> {
+            let path = proc_path(node.fd.as_fd());
+            if let Some(mode) = mode {
+                rustix::fs::chmod(path.as_c_str(), rustix::fs::Mode::from_raw_mode(mode))?;
+            }
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::chownat(
+                    node.fd.as_fd(),
+                    c"",
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                )?;
+            }
+            if let Some(size) = size {
+                let own;
+                let file = match fh.and_then(|fh| self.handle(fh).ok()) {
+                    Some(h) => {
+                        own = h;
+                        own.file.as_fd()
+                    }
+                    None => {
+                        let f = Self::reopen(&node, libc::O_WRONLY)?;
+                        own = Arc::new(Handle {
+                            file: f,
+                            ino: 0,
+                            filled_here: true,
+                            backing: None,
+                        });
+                        own.file.as_fd()
+                    }
+                };
+                let now = sysfs::fstat(file)?.st_size as u64;
+                self.before_change(file, size.min(now))?;
+                sysfs::ftruncate(file, size)?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                let spec = |t: Option<TimeOrNow>| match t {
+                    None => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rustix::fs::UTIME_OMIT,
+                    },
+                    Some(TimeOrNow::Now) => rustix::fs::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: rustix::fs::UTIME_NOW,
+                    },
+                    Some(TimeOrNow::SpecificTime(t)) => {
+                        let (s, ns) = match t.duration_since(UNIX_EPOCH) {
+                            Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                            Err(e) => (-(e.duration().as_secs() as i64), 0),
+                        };
+                        rustix::fs::Timespec {
+                            tv_sec: s,
+                            tv_nsec: ns,
+                        }
+                    }
+                };
+                let times = rustix::fs::Timestamps {
+                    last_access: spec(atime),
+                    last_modification: spec(mtime),
+                };
+                rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    path.as_c_str(),
+                    &times,
+                    rustix::fs::AtFlags::empty(),
+                )?;
+            }
+            sysfs::fstat(node.fd.as_fd())
+        })();
+        match done {
+            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .node(ino)
+            .and_then(|n| sysfs::readlinkat(n.fd.as_fd(), c"").map_err(|e| errno(&e)))
+        {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let made = rustix::fs::mknodat(
+            parent.fd.as_fd(),
+            name.as_c_str(),
+            rustix::fs::FileType::from_raw_mode(mode),
+            rustix::fs::Mode::from_raw_mode(mode & !umask & 0o7777),
+            rdev as u64,
+        )
+        .map_err(io::Error::from)
+        .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
+        match made {
+            Ok(()) => self.entry(&parent, &name, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let made = sysfs::mkdirat(parent.fd.as_fd(), &name, mode & !umask & 0o7777)
+            .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
+        match made {
+            Ok(()) => self.entry(&parent, &name, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let done = self.node(parent).and_then(|p| {
+            let name = name_cstr(name)?;
+            sysfs::unlinkat(p.fd.as_fd(), &name).map_err(|e| errno(&e))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let done = self.node(parent).and_then(|p| {
+            let name = name_cstr(name)?;
+            rustix::fs::unlinkat(
+                p.fd.as_fd(),
+                name.as_c_str(),
+                rustix::fs::AtFlags::REMOVEDIR,
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (parent, name) = match (self.node(parent), name_cstr(link_name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let made = sysfs::symlinkat(target.as_os_str().as_bytes(), parent.fd.as_fd(), &name)
+            .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
+        match made {
+            Ok(()) => self.entry(&parent, &name, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let done = (|| {
+            let (from, to) = (self.node(parent)?, self.node(newparent)?);
+            let (name, newname) = (name_cstr(name)?, name_cstr(newname)?);
+            rustix::fs::renameat_with(
+                from.fd.as_fd(),
+                name.as_c_str(),
+                to.fd.as_fd(),
+                newname.as_c_str(),
+                rustix::fs::RenameFlags::from_bits_retain(flags.bits()),
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        })();
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (node, parent, name) = match (self.node(ino), self.node(newparent), name_cstr(newname))
+        {
+            (Ok(n), Ok(p), Ok(name)) => (n, p, name),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return reply.error(e),
+        };
+        let made = rustix::fs::linkat(
+            node.fd.as_fd(),
+            c"",
+            parent.fd.as_fd(),
+            name.as_c_str(),
+            rustix::fs::AtFlags::EMPTY_PATH,
+        );
+        match made {
+            Ok(()) => self.entry(&parent, &name, reply),
+            Err(e) => reply.error(Errno::from_i32(e.raw_os_error())),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Read and write, whatever the caller asked (the kernel checked its rights): the engine
+        // reads back a stub's pieces to check them, and a write lands on filled pages.
+        let rw = (flags.0 & !libc::O_ACCMODE) | libc::O_RDWR;
+        let file = self.node(ino).and_then(|n| {
+            Self::reopen(&n, rw)
+                .or_else(|_| Self::reopen(&n, flags.0))
+                .map_err(|e| errno(&e))
+        });
+        match file {
+            Ok(file) => self.open_handle(ino.0, file, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let read = (|| {
+            if h.filled_here {
+                self.engine.serve(
+                    h.file.as_fd(),
+                    Need::Range {
+                        offset,
+                        count: u64::from(size.max(1)),
+                    },
+                )?;
+            }
+            let mut buf = vec![0u8; size as usize];
+            let n = sysfs::pread_full(h.file.as_fd(), &mut buf, offset)?;
+            buf.truncate(n);
+            Ok::<_, io::Error>(buf)
+        })();
+        match read {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let written = (|| {
+            if h.filled_here {
+                // The pages the write lands on: filled first, so that the write lands on top.
+                let end = offset.saturating_add(data.len() as u64);
+                self.before_change(h.file.as_fd(), offset)?;
+                if end.saturating_sub(1) / PAGE != offset / PAGE {
+                    self.before_change(h.file.as_fd(), end - 1)?;
+                }
+            }
+            // O_APPEND handles were opened with it: the kernel gives the offset to write at.
+            sysfs::pwrite_all(h.file.as_fd(), data, offset)
+        })();
+        match written {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.close_handle(fh);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let done = self.handle(fh).and_then(|h| {
+            let r = if datasync {
+                sysfs::fdatasync(h.file.as_fd())
+            } else {
+                sysfs::fsync(h.file.as_fd())
+            };
+            r.map_err(|e| errno(&e))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let dir = self.node(ino).and_then(|n| {
+            sysfs::openat(n.fd.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                .map_err(|e| errno(&e))
+        });
+        match dir {
+            Ok(file) => {
+                let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+                lock(&self.handles).insert(
+                    fh,
+                    Arc::new(Handle {
+                        file,
+                        ino: 0,
+                        filled_here: false,
+                        backing: None,
+                    }),
+                );
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let dir = match rustix::fs::Dir::read_from(h.file.as_fd()) {
+            Ok(d) => d,
+            Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+        };
+        // Offsets are positions in the listing: the directory is read from its start each time.
+        let mut position = 0u64;
+        for entry in dir {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+            };
+            position += 1;
+            if position <= offset {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                rustix::fs::FileType::Directory => FileType::Directory,
+                rustix::fs::FileType::Symlink => FileType::Symlink,
+                rustix::fs::FileType::Fifo => FileType::NamedPipe,
+                rustix::fs::FileType::Socket => FileType::Socket,
+                rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+                rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+                _ => FileType::RegularFile,
+            };
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if reply.add(INodeNo(entry.ino()), position, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.close_handle(fh);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let st = self.node(ino).and_then(|n| {
+            rustix::fs::fstatvfs(n.fd.as_fd()).map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match st {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        if is_ours(name) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let done = self.node(ino).and_then(|n| {
+            rustix::fs::setxattr(
+                proc_path(n.fd.as_fd()).as_c_str(),
+                name.as_bytes(),
+                value,
+                rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+            )
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if is_ours(name) {
+            return reply.error(Errno::from_i32(libc::ENODATA));
+        }
+        let got = self.node(ino).and_then(|n| {
+            let mut buf = vec![0u8; if size == 0 { 64 << 10 } else { size as usize }];
+            rustix::fs::getxattr(
+                proc_path(n.fd.as_fd()).as_c_str(),
+                name.as_bytes(),
+                &mut buf,
+            )
+            .map(|len| {
+                buf.truncate(len);
+                buf
+            })
+            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match got {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let got = self.node(ino).and_then(|n| {
+            let mut buf = vec![0u8; 64 << 10];
+            rustix::fs::listxattr(proc_path(n.fd.as_fd()).as_c_str(), &mut buf)
+                .map(|len| {
+                    buf.truncate(len);
+                    // Our records are the daemon's, not the user's.
+                    buf.split(|&b| b == 0)
+                        .filter(|n| !n.is_empty() && !is_ours(OsStr::from_bytes(n)))
+                        .flat_map(|n| n.iter().copied().chain([0]))
+                        .collect::<Vec<u8>>()
+                })
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match got {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if is_ours(name) {
+            return reply.error(Errno::from_i32(libc::EPERM));
+        }
+        let done = self.node(ino).and_then(|n| {
+            rustix::fs::removexattr(proc_path(n.fd.as_fd()).as_c_str(), name.as_bytes())
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let made = (|| {
+            let file = sysfs::openat(
+                parent.fd.as_fd(),
+                &name,
+                (flags | libc::O_CREAT) & !libc::O_NOCTTY,
+                mode & !umask & 0o7777,
+            )?;
+            self.own(parent.fd.as_fd(), &name, req)?;
+            let (ino, st) = self.lookup_at(&parent, &name)?;
+            Ok::<_, io::Error>((file, ino, st))
+        })();
+        let (file, ino, st) = match made {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // A new file is never a stub: passthrough from the start where the kernel offers it.
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let attr = attr_of(ino, &st);
+        let backing = if self.passthrough.load(Ordering::Relaxed) {
+            reply.open_backing(file.as_fd()).ok()
+        } else {
+            None
+        };
+        lock(&self.io_modes).opened(ino, backing.is_some());
+        // In the table before the kernel hears of it: its first write may come at once.
+        let handle = Arc::new(Handle {
+            file,
+            ino,
+            filled_here: false,
+            backing,
+        });
+        lock(&self.handles).insert(fh, handle.clone());
+        match &handle.backing {
+            Some(id) => {
+                Metrics::add(&self.engine.metrics.fuse_passthrough_opens, 1);
+                reply.created_passthrough(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    id,
+                )
+            }
+            None => reply.created(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+        }
+    }
+}
+
+/// The store's own extended attributes (`trusted.hsm.*`): hidden from the mount's users.
+fn is_ours(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(b"trusted.hsm.")
+}
+
+/// Whether the kernel can give pre-content events for the store's filesystem (else FUSE).
+pub fn pre_content_supported(tree: &Path) -> bool {
+    crate::sys::fanotify::Group::new()
+        .and_then(|g| g.probe_pre_content(tree))
+        .is_ok()
+}
+
+/// Clear a dead FUSE mount of hsm's left on `mountpoint` by a daemon that died (its accesses
+/// fail with ENOTCONN): detached, so that a new mount can take its place. Any other mount there
+/// is left alone (and the mount that follows fails on it or stacks on it, as the user asked).
+pub fn clear_dead_mount(mountpoint: &Path) -> anyhow::Result<()> {
+    let dead = matches!(
+        std::fs::metadata(mountpoint),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
+    );
+    if !dead {
+        return Ok(());
+    }
+    let at = std::path::absolute(mountpoint)?;
+    let ours = crate::sys::mount::mounts()?
+        .iter()
+        .any(|m| m.mount_point == at && m.fstype.starts_with("fuse") && m.source == "hsm");
+    if !ours {
+        bail!(
+            "{} is a dead FUSE mount of another program: unmount it (umount -l) or choose \
+             another mount point",
+            mountpoint.display()
+        );
+    }
+    warn!(
+        "{}: a dead FUSE mount of hsm's (its daemon is gone): detaching it",
+        mountpoint.display()
+    );
+    crate::sys::mount::detach(mountpoint)
+        .with_context(|| format!("cannot detach the dead mount on {}", mountpoint.display()))
+}
+
+/// Options of the FUSE front end's session.
+pub struct SessionOptions {
+    /// Threads answering the kernel's requests (reads of stubs wait on fetches in them).
+    pub threads: usize,
+    /// `allow_other`: users other than root may use the mount (owners and modes still apply).
+    pub allow_other: bool,
+}
+
+/// Mount `fs` on `mountpoint` and serve it until `stop` is set (or the mount is taken away).
+pub fn run(
+    fs: HsmFs,
+    mountpoint: &Path,
+    opts: &SessionOptions,
+    stop: &AtomicBool,
+    on_ready: impl FnOnce(),
+) -> anyhow::Result<()> {
+    if !mountpoint.is_dir() {
+        bail!(
+            "the mount point {} is not a directory",
+            mountpoint.display()
+        );
+    }
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("hsm".into()),
+        MountOption::Subtype("hsm".into()),
+        MountOption::DefaultPermissions,
+        MountOption::RW,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+    ];
+    config.acl = if opts.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::RootAndOwner
+    };
+    config.n_threads = Some(opts.threads.max(2));
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &config).with_context(|| {
+        format!(
+            "cannot mount FUSE on {} (is /dev/fuse there, and the fuse module loaded?)",
+            mountpoint.display()
+        )
+    })?;
+    let background = session.spawn().context("cannot start the FUSE session")?;
+    on_ready();
+    while !stop.load(Ordering::Relaxed) && !background.guard.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    info!("unmounting {}", mountpoint.display());
+    background
+        .umount_and_join()
+        .with_context(|| format!("cannot unmount {}", mountpoint.display()))
+}
+
+/// `hsm serve --frontend fuse`: serve the store at `store_root` on `mountpoint` through FUSE
+/// until SIGINT or SIGTERM. One process: there is no event to hold across a crash (the kernel
+/// fails the mount's accesses with ENOTCONN when it dies), so no supervisor is needed.
+pub fn serve(
+    store_root: &Path,
+    mountpoint: &Path,
+    opts: &crate::worker::WorkerOptions,
+    nonempty: bool,
+) -> anyhow::Result<()> {
+    use crate::store::Store;
+    use crate::sys::shm::Shared;
+    if rustix::process::geteuid().as_raw() != 0 {
+        bail!(
+            "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"
+        );
+    }
+    let store_root = store_root
+        .canonicalize()
+        .with_context(|| format!("cannot find the store {}", store_root.display()))?;
+    Store::check_exists(&store_root)?;
+    Store::check_private_at(&store_root)?;
+    // A guard left by the fanotify front end holds the filesystem's mark: this process reads
+    // the store's files directly, so the guard goes (the tree is then reached through FUSE).
+    if crate::guard::stop(&store_root)? {
+        info!("stopped the store's fanotify guard: the store is served by FUSE now");
+    }
+    let store = Store::open(&store_root)?;
+    let _lock = match store.try_lock("hsm serve --frontend fuse")? {
+        Ok(lock) => lock,
+        Err(holder) => bail!(
+            "the store {} is in use by {holder}; start hsm serve when it is done",
+            store_root.display()
+        ),
+    };
+    // A dead FUSE mount cannot even be resolved: cleared first.
+    clear_dead_mount(mountpoint)?;
+    std::fs::create_dir_all(mountpoint)
+        .with_context(|| format!("cannot create mount point {}", mountpoint.display()))?;
+    let mountpoint = mountpoint
+        .canonicalize()
+        .with_context(|| format!("cannot find the mount point {}", mountpoint.display()))?;
+    let entries = std::fs::read_dir(&mountpoint)?.count();
+    if entries > 0 && !nonempty {
+        bail!(
+            "{} is not empty ({entries} entries): the tree mounted there would hide them; \
+             choose an empty directory, or pass --nonempty",
+            mountpoint.display()
+        );
+    }
+    let metrics = Shared::<Metrics>::create(c"hsm-metrics").context("cannot map the metrics")?;
+    let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
+        inner: crate::worker::open_backend(&store, &opts.fetch_user)?,
+        metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    });
+    let open_tree = || -> anyhow::Result<OwnedFd> {
+        Ok(std::fs::File::open(store.tree())
+            .with_context(|| format!("cannot open {}", store.tree().display()))?
+            .into())
+    };
+    let engine = Arc::new(Engine::new(
+        backend,
+        metrics,
+        None,
+        opts.readahead,
+        opts.fetch_deadline,
+        store.digest_dir(),
+        Some(open_tree()?),
+        store.config.fs == sysfs::FsKind::Xfs,
+    ));
+    Metrics::add(&engine.metrics.worker_starts, 1);
+    engine.start_readahead(8);
+    let operations = crate::manage::Operations {
+        engine: Some(engine.clone()),
+        tree: open_tree()?,
+        group: None,
+        zero_pool: store.zero_pool().ok(),
+        usage: None,
+    };
+    match crate::control::listen(&store.tree()) {
+        Ok(listener) => crate::control::serve(
+            listener,
+            Arc::new(operations),
+            crate::control::Access {
+                group: opts.control_group,
+            },
+        ),
+        Err(e) => {
+            warn!("no control socket: {e:#}; hsm hydrate, release and pin cannot reach this daemon")
+        }
+    }
+    let flusher = {
+        let engine = engine.clone();
+        let metrics_path = store.metrics_path();
+        std::thread::spawn(move || {
+            engine.run_flusher(Duration::from_millis(500), || {
+                engine.metrics.write(&metrics_path)
+            })
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    let fs = HsmFs::new(engine.clone(), open_tree()?)?;
+    let session = SessionOptions {
+        threads: opts.threads,
+        allow_other: true,
+    };
+    let served = run(fs, &mountpoint, &session, &stop, || {
+        println!("ready");
+        let _ = crate::sys::ipc::sd_notify("READY=1", None);
+        info!(
+            "serving {} on {} through FUSE",
+            store_root.display(),
+            mountpoint.display()
+        );
+    });
+    let _ = crate::sys::ipc::sd_notify("STOPPING=1", None);
+    engine.stop_readahead();
+    engine.stop_flusher();
+    let _ = flusher.join();
+    engine.flush(true);
+    engine.metrics.write(&store.metrics_path());
+    served
+}
+
+/// Which front end `hsm serve` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frontend {
+    Auto,
+    Fanotify,
+    Fuse,
+}
+
+/// The front end to run for the store at `store_root`: `auto` becomes fanotify where the
+/// kernel and the store's filesystem give pre-content events, else FUSE. Printed and logged.
+pub fn choose(asked: Frontend, store_root: &Path) -> Frontend {
+    let chosen = match asked {
+        Frontend::Auto if pre_content_supported(&store_root.join("tree")) => Frontend::Fanotify,
+        Frontend::Auto => Frontend::Fuse,
+        other => other,
+    };
+    let why = match (asked, chosen) {
+        (Frontend::Auto, Frontend::Fanotify) => " (auto: pre-content events supported)",
+        (Frontend::Auto, _) => " (auto: no pre-content events on this kernel or filesystem)",
+        _ => "",
+    };
+    let name = if chosen == Frontend::Fuse {
+        "fuse"
+    } else {
+        "fanotify"
+    };
+    eprintln!("hsm: front end: {name}{why}");
+    info!("front end: {name}{why}");
+    chosen
+}

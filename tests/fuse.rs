@@ -1,0 +1,285 @@
+//! Issue 22, the FUSE front end, on the real kernel: loop-mounted xfs and ext4 stores, the real
+//! `hsm serve --frontend fuse`, and real programs reading and writing through the FUSE mount.
+//! Every byte read is compared with the source; what was fetched is read from the daemon's
+//! counters.
+mod common;
+use common::*;
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::process::Command;
+
+const MIB: usize = 1 << 20;
+/// Fetched range by range (a cloned stub on xfs; `--lazy-sparse` on ext4); odd-sized.
+const BIG: usize = 9 * MIB + 4097;
+const FUSE: &[&str] = &["--frontend", "fuse"];
+
+/// A source of one big file and `small` small ones in two directories, populated.
+fn fixture(fs: &str, small: usize) -> (Fixture, Vec<(String, Vec<u8>)>) {
+    fixture_with(fs, small, &[])
+}
+
+/// [`fixture`], with `extra` source files (copied from paths on this machine, executable).
+fn fixture_with(
+    fs: &str,
+    small: usize,
+    extra: &[(&str, &str)],
+) -> (Fixture, Vec<(String, Vec<u8>)>) {
+    let fx = Fixture::new(fs, "1G");
+    let mut files = vec![("big".to_string(), pattern(BIG, 7))];
+    for i in 0..small {
+        files.push((
+            format!("d{}/f{i}", i % 2),
+            pattern(1000 + i * 37, i as u64 + 11),
+        ));
+    }
+    for (rel, data) in &files {
+        let p = fx.src(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, data).unwrap();
+    }
+    for (rel, from) in extra {
+        let p = fx.src(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::copy(from, &p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let lazy: &[&str] = if fs == "ext4" {
+        &["--lazy-sparse"]
+    } else {
+        &[]
+    };
+    fx.populate(lazy);
+    (fx, files)
+}
+
+fn status_of(p: &std::path::Path) -> String {
+    let out = run(Command::new(HSM).arg("status").arg(p));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn stubs_read_through_fuse_as_their_source_and_only_what_is_read_is_fetched() {
+    if !require_root() {
+        return;
+    }
+    for fs in ["xfs", "ext4"] {
+        let (mut fx, files) = fixture(fs, 40);
+        fx.serve(FUSE);
+        let big = &files[0].1;
+        // One random read in the middle of the big stub: its bytes, and not the whole file.
+        let f = File::open(fx.at("big")).unwrap();
+        let mut got = vec![0u8; 64 << 10];
+        f.read_exact_at(&mut got, 5 * MIB as u64 + 123).unwrap();
+        assert_bytes_eq(
+            &got,
+            &big[5 * MIB + 123..5 * MIB + 123 + (64 << 10)],
+            "pread",
+        );
+        let m = fx.settled_metrics();
+        let fetched = metric(&m, "fetched_bytes");
+        assert!(
+            fetched > 0 && fetched < (BIG / 2) as u64,
+            "{fs}: one 64 KiB read fetched {fetched} bytes of {BIG}"
+        );
+        // Every file, whole, by cat and by std reads.
+        for (rel, data) in &files {
+            let out = run(Command::new("cat").arg(fx.at(rel)));
+            assert_bytes_eq(&out.stdout, data, &format!("{fs}: cat {rel}"));
+        }
+        // A tree copy through the mount equals the source.
+        let copy = fx.scratch.path.join("copy");
+        run(Command::new("cp").arg("-a").arg(&fx.view).arg(&copy));
+        for (rel, data) in &files {
+            assert_bytes_eq(
+                &fs::read(copy.join(rel)).unwrap(),
+                data,
+                &format!("cp -a {rel}"),
+            );
+        }
+        let m = fx.stop();
+        let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+        assert_eq!(
+            metric(&m, "fetched_bytes"),
+            total as u64,
+            "{fs}: each byte fetched once"
+        );
+        let status = status_of(&fx.store.join("tree"));
+        assert!(
+            status.contains(&format!("{} complete", files.len())),
+            "{fs}: {status}"
+        );
+    }
+}
+
+#[test]
+fn a_stub_binary_runs_from_the_fuse_mount_and_complete_files_map_shared() {
+    if !require_root() {
+        return;
+    }
+    let (mut fx, files) = fixture_with("xfs", 2, &[("tools/ls", "/usr/bin/ls")]);
+    fx.serve(FUSE);
+    let out = run(Command::new(fx.at("tools/ls")).arg(fx.at("d0")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "f0");
+    // Once its record says complete, the binary is opened in passthrough: it runs again.
+    let before = metric(&fx.settled_metrics(), "fuse_passthrough_opens");
+    let out = run(Command::new(fx.at("tools/ls")).arg(fx.at("d1")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "f1");
+    assert!(
+        metric(&fx.settled_metrics(), "fuse_passthrough_opens") > before,
+        "the complete binary was not opened in passthrough (kernel {})",
+        String::from_utf8_lossy(&run(Command::new("uname").arg("-r")).stdout)
+    );
+    // Read whole (complete), then reopened (passthrough where the kernel offers it) and
+    // written through a shared mapping: the write reaches the store's file.
+    let small = &files[1];
+    assert_bytes_eq(&fs::read(fx.at(&small.0)).unwrap(), &small.1, "read");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fx.at(&small.0))
+        .unwrap();
+    let len = small.1.len();
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file, unmapped below.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let bytes = std::slice::from_raw_parts_mut(p.cast::<u8>(), len);
+        assert_bytes_eq(bytes, &small.1, "mapped bytes");
+        bytes[..4].copy_from_slice(b"MMAP");
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0);
+        libc::munmap(p, len);
+    }
+    drop(f);
+    fx.stop();
+    let mut want = small.1.clone();
+    want[..4].copy_from_slice(b"MMAP");
+    assert_bytes_eq(
+        &fs::read(fx.store.join("tree").join(&small.0)).unwrap(),
+        &want,
+        "the store's file after the mapped write",
+    );
+}
+
+#[test]
+fn writes_through_fuse_land_on_filled_pages_and_a_truncation_is_never_refetched() {
+    if !require_root() {
+        return;
+    }
+    for fs in ["xfs", "ext4"] {
+        let (mut fx, files) = fixture(fs, 2);
+        fx.serve(FUSE);
+        let big = &files[0].1;
+        // A 3-byte write into a stub that nobody read: the page around it is the source's.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(fx.at("big"))
+            .unwrap();
+        f.write_all_at(b"abc", 3 * MIB as u64 + 100).unwrap();
+        drop(f);
+        let mut want = big.clone();
+        want[3 * MIB + 100..3 * MIB + 103].copy_from_slice(b"abc");
+        assert_bytes_eq(
+            &fs::read(fx.at("big")).unwrap(),
+            &want,
+            &format!("{fs}: after write"),
+        );
+
+        // Cut, then grown again: what was cut reads as zeros, never as the source's bytes.
+        let small = &files[1];
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fx.at(&small.0))
+            .unwrap();
+        f.set_len(500).unwrap();
+        f.set_len(small.1.len() as u64).unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        let mut want = small.1[..500].to_vec();
+        want.resize(small.1.len(), 0);
+        assert_bytes_eq(&got, &want, &format!("{fs}: cut and grown"));
+        // O_TRUNC, then a write: the file is the user's bytes alone.
+        let other = &files[2];
+        let mut f = File::create(fx.at(&other.0)).unwrap();
+        f.write_all(b"mine").unwrap();
+        drop(f);
+        assert_eq!(fs::read(fx.at(&other.0)).unwrap(), b"mine");
+        // A new file, a rename and a directory: plain files of the store.
+        fs::create_dir(fx.at("new")).unwrap();
+        fs::write(fx.at("new/x"), b"new file").unwrap();
+        fs::rename(fx.at("new/x"), fx.at("new/y")).unwrap();
+        assert_eq!(fs::read(fx.at("new/y")).unwrap(), b"new file");
+        fx.stop();
+        let status = status_of(&fx.store.join("tree"));
+        assert!(status.contains("3 modified"), "{fs}: {status}");
+        assert!(status.contains("1 local"), "{fs}: {status}");
+    }
+}
+
+#[test]
+fn the_fuse_mount_fails_closed_when_its_daemon_dies_and_a_restart_clears_it() {
+    if !require_root() {
+        return;
+    }
+    let (mut fx, files) = fixture("xfs", 2);
+    fx.serve(FUSE);
+    let big = &files[0].1;
+    let mut head = vec![0u8; 4096];
+    File::open(fx.at("big"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    assert_bytes_eq(&head, &big[..4096], "head");
+    let mut daemon = fx.daemon.take().unwrap();
+    daemon.kill9();
+    // Never the stub's zeros: the kernel fails every access of a dead FUSE mount.
+    let err = File::open(fx.at("big"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // Dropped without unmounting: the dead mount is what the next serve finds.
+    std::mem::forget(daemon);
+    fx.serve(FUSE);
+    assert_bytes_eq(&fs::read(fx.at("big")).unwrap(), big, "after the restart");
+}
+
+#[test]
+fn one_store_served_by_fanotify_then_fuse_then_fanotify_refetches_nothing() {
+    if !require_root() {
+        return;
+    }
+    let (mut fx, files) = fixture("xfs", 4);
+    let (a, b) = (&files[0], &files[1]);
+    fx.serve(&["--frontend", "fanotify"]);
+    assert_bytes_eq(&fs::read(fx.at(&a.0)).unwrap(), &a.1, "fanotify: a");
+    assert_eq!(metric(&fx.stop(), "fetched_bytes"), a.1.len() as u64);
+
+    fx.serve(FUSE);
+    assert_bytes_eq(&fs::read(fx.at(&a.0)).unwrap(), &a.1, "fuse: a");
+    assert_bytes_eq(&fs::read(fx.at(&b.0)).unwrap(), &b.1, "fuse: b");
+    assert_eq!(
+        metric(&fx.stop(), "fetched_bytes"),
+        b.1.len() as u64,
+        "fuse fetched only what fanotify had not"
+    );
+
+    fx.serve(&["--frontend", "fanotify"]);
+    assert_bytes_eq(&fs::read(fx.at(&a.0)).unwrap(), &a.1, "fanotify again: a");
+    assert_bytes_eq(&fs::read(fx.at(&b.0)).unwrap(), &b.1, "fanotify again: b");
+    assert_eq!(metric(&fx.stop(), "fetched_bytes"), 0, "nothing refetched");
+}
