@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
@@ -34,7 +34,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use tracing::warn;
 
 use super::object::{self, Remote};
-use super::{Backend, FetchError};
+use super::{Backend, FetchError, Listed, Lister};
 use crate::record::SourceRecord;
 
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded (as SigV4 wants).
@@ -158,15 +158,6 @@ impl S3Url {
             format!("{}/", self.prefix)
         }
     }
-}
-
-/// One object from a listing, its key relative to the prefix (decoded, unvalidated).
-#[derive(Clone, Debug)]
-pub struct Listed {
-    pub key: String,
-    pub size: u64,
-    pub mtime: (i64, u32),
-    pub etag: Option<String>,
 }
 
 pub struct S3Backend {
@@ -379,40 +370,6 @@ impl S3Backend {
         Prepared::new(url)?.open()
     }
 
-    /// Every object under the prefix, in key order. Directory markers (keys ending in `/`) are
-    /// returned too; the caller decides. Fails on refused credentials, a missing bucket, or a
-    /// server that stays unreachable past the deadline.
-    pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
-        let prefix = self.url.key_prefix();
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .remote
-                .block_on(self.list_page(&prefix, token.as_deref(), 1000))
-                .map_err(|e| anyhow!("{e}"))?;
-            for o in page.objects {
-                match o.key.strip_prefix(&prefix) {
-                    Some(rel) => out.push(Listed {
-                        key: rel.to_string(),
-                        ..o
-                    }),
-                    None => {
-                        warn!(key = %o.key, "listing returned a key outside the prefix; ignored")
-                    }
-                }
-            }
-            match page.next {
-                Some(t) if page.truncated => token = Some(t),
-                _ if page.truncated => {
-                    bail!("the S3 listing is truncated but gives no continuation token")
-                }
-                _ => break,
-            }
-        }
-        Ok(out)
-    }
-
     async fn list_page(
         &self,
         prefix: &str,
@@ -428,20 +385,12 @@ impl S3Backend {
             query.push_str(&utf8_percent_encode(t, STRICT).to_string());
         }
         let url = format!("{}?{query}", self.bucket_url);
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let err = match self.list_once(&url).await {
-                Ok(body) => return parse_list(&body),
-                Err(e) => e,
-            };
-            let transient = matches!(err, ListError::Transient(_));
-            if !transient || start.elapsed() + backoff >= self.remote.deadline {
-                return Err(err);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+        let transient = |e: &ListError| matches!(e, ListError::Transient(_));
+        let body = object::retrying(self.remote.deadline, transient, async || {
+            self.list_once(&url).await
+        })
+        .await?;
+        parse_list(&body)
     }
 
     async fn list_once(&self, url: &str) -> Result<String, ListError> {
@@ -680,14 +629,46 @@ impl Backend for S3Backend {
     }
 }
 
-impl S3Backend {
-    /// Like [`Backend::check`], but an unreachable server is an error too (for populate).
-    pub fn check_strict(&self) -> anyhow::Result<()> {
+/// Listing is done here (ListObjectsV2) rather than by `object_store`: see the module doc.
+impl Lister for S3Backend {
+    fn describe(&self) -> String {
+        self.remote.describe.clone()
+    }
+
+    fn source_url(&self) -> String {
+        self.url.to_url()
+    }
+
+    /// Directory markers (keys ending in `/`) are returned too; the caller decides.
+    fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let prefix = self.url.key_prefix();
-        self.remote
-            .block_on(self.list_page(&prefix, None, 1))
-            .map(|_| ())
-            .map_err(|e| anyhow!("{e}"))
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .remote
+                .block_on(self.list_page(&prefix, token.as_deref(), 1000))
+                .map_err(|e| anyhow!("{e}"))?;
+            for o in page.objects {
+                match o.key.strip_prefix(&prefix) {
+                    Some(rel) => out.push(Listed {
+                        key: rel.to_string(),
+                        ..o
+                    }),
+                    None => {
+                        warn!(key = %o.key, "listing returned a key outside the prefix; ignored")
+                    }
+                }
+            }
+            match page.next {
+                Some(t) if page.truncated => token = Some(t),
+                _ if page.truncated => {
+                    bail!("the S3 listing is truncated but gives no continuation token")
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 }
 
