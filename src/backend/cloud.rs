@@ -35,7 +35,8 @@
 //! The store is built by [`Prepared::new`], which reads every credentials file (a key file
 //! may be readable by root only) and starts no thread, so that the fetcher can build it as root
 //! and drop root before anything runs (see `backend::isolated`). A workload identity token file
-//! is read later, as the fetch user, when a token is needed.
+//! is read later, as the fetch user, when a token is needed. The Azure CLI credential
+//! (`AZURE_USE_AZURE_CLI`) runs a program, which the fetcher's seccomp filter refuses.
 //!
 //! Listing is `object_store`'s, which fails as a whole on a key it cannot represent (`a//b`,
 //! `../x`): populate then says which key and stops, where for S3 it reports and skips the key
@@ -288,15 +289,14 @@ impl Prepared {
                 if let Some(e) = &url.endpoint {
                     b = b.with_base_url(e);
                 }
-                let configured = [
-                    GoogleConfigKey::ServiceAccount,
-                    GoogleConfigKey::ServiceAccountKey,
-                    GoogleConfigKey::ApplicationCredentials,
-                    GoogleConfigKey::BearerToken,
-                    GoogleConfigKey::SkipSignature,
-                ]
-                .iter()
-                .any(|k| b.get_config_value(k).is_some_and(|v| !v.is_empty()))
+                let set =
+                    |k: GoogleConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+                let configured = set(GoogleConfigKey::ServiceAccount)
+                    || set(GoogleConfigKey::ServiceAccountKey)
+                    || set(GoogleConfigKey::ApplicationCredentials)
+                    || set(GoogleConfigKey::BearerToken)
+                    || b.get_config_value(&GoogleConfigKey::SkipSignature)
+                        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
                     || std::env::var_os("HOME").is_some_and(|h| {
                         std::path::Path::new(&h)
                             .join(".config/gcloud/application_default_credentials.json")
