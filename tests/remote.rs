@@ -1865,8 +1865,9 @@ fn azure_tree_listing_ranged_reads_and_replaced_object() {
     cloud_tree_round_trip(CloudKind::Azure);
 }
 
-/// Wrong or missing credentials and a missing bucket fail populate at once, saying which; a
-/// SAS token (read and list only) is enough to populate and read, and is never shown.
+/// Wrong or missing credentials, a missing bucket and a key no path can name (GCS) fail populate
+/// at once, saying which; a SAS token (read and list only) is enough to populate and read, and is
+/// never shown.
 #[test]
 fn cloud_credentials_and_missing_buckets_fail_populate_clearly() {
     if !require_root() {
@@ -1917,6 +1918,21 @@ fn cloud_credentials_and_missing_buckets_fail_populate_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("no GCS credentials"),
+        "{err}"
+    );
+    // object_store's listing refuses a whole page for one such key: populate names it.
+    let gcs = CloudEmulator::start(CloudKind::Gcs, &fx.scratch.path);
+    gcs.put_bytes(&[("fine", b"x"), ("bad//key", b"y")]);
+    let gcs_endpoint = gcs.endpoint();
+    let out = populate_url(
+        &fx,
+        &gcs.url(""),
+        &gcs.env(),
+        &["--endpoint", &gcs_endpoint, "--fetch-deadline", "5"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad//key") && err.contains("rename the object"),
         "{err}"
     );
     assert!(!fx.store.join(".hsm").exists(), "nothing made on failure");
