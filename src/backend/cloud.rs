@@ -650,4 +650,22 @@ mod tests {
             assert!(CloudUrl::parse(bad).is_err(), "{bad} should be refused");
         }
     }
+
+    #[test]
+    fn server_errors_are_told_in_one_line() {
+        let azure =
+            "Generic MicrosoftAzure error: Error performing GET http://h/c in 4ms - Server \
+            returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error>\n  \
+            <Code>AuthorizationFailure</Code>\n  <Message>Server failed to authenticate.\n\
+            RequestId:1</Message>\n</Error>";
+        assert_eq!(http_status(azure), Some(403));
+        assert_eq!(
+            short(azure),
+            "Generic MicrosoftAzure error: Error performing GET http://h/c in 4ms - Server \
+             returned non-2xx status code: 403 Forbidden: AuthorizationFailure: Server failed to \
+             authenticate."
+        );
+        assert_eq!(http_status("connection refused"), None);
+        assert_eq!(short("a\n  b"), "a b");
+    }
 }

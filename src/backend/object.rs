@@ -393,3 +393,37 @@ pub fn flatten(e: &(dyn std::error::Error + 'static)) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one policy: a failure that may pass is tried again, 100 ms then 200 ms later, while
+    /// the next try starts within the deadline; a final failure or a success ends it at once.
+    #[test]
+    fn retries_follow_one_policy_within_the_deadline() {
+        let rt = runtime().unwrap();
+        let tries = |deadline_ms: u64, fail: &'static [Result<(), bool>]| {
+            let mut n = 0usize;
+            let start = std::time::Instant::now();
+            let r = rt.block_on(retrying(
+                Duration::from_millis(deadline_ms),
+                |again: &bool| *again,
+                async || {
+                    n += 1;
+                    fail.get(n - 1).copied().unwrap_or(Err(true))
+                },
+            ));
+            (r, n, start.elapsed())
+        };
+        // Always transient: tries at 0, 100 and 300 ms; the next (700 ms) is past 350 ms.
+        let (r, n, took) = tries(350, &[]);
+        assert_eq!((r, n), (Err(true), 3));
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        // A final failure is not tried again; a success after a transient one is kept.
+        assert_eq!(tries(5000, &[Err(false)]).0, Err(false));
+        assert_eq!(tries(5000, &[Err(false)]).1, 1);
+        let (r, n, _) = tries(5000, &[Err(true), Ok(())]);
+        assert_eq!((r, n), (Ok(()), 2));
+    }
+}
