@@ -538,26 +538,11 @@ fn s3_wrong_credentials_fail_populate_clearly() {
     );
 }
 
-#[test]
-fn s3_wrong_credentials_fail_serve_start() {
-    if !require_root() {
-        return;
-    }
-    let fx = Fixture::new("ext4", "256M");
-    let moto = Moto::start(&fx.scratch.path, true);
-    moto.put_bytes("f", b"content");
-    let out = populate_url(
-        &fx,
-        &format!("s3://{BUCKET}"),
-        &moto.env(),
-        &["--endpoint", &moto.endpoint()],
-    );
-    assert_ok(&out, "populate");
-    let wrong_secret = "WRONGwrongWRONGwrongWRONGwrong0123456789";
-    let mut env = moto.env();
-    env[1].1 = wrong_secret.into();
+/// `hsm serve` with these (wrong) credentials exits within 30 s without printing "ready",
+/// saying the source refused them, without showing `secret`.
+fn assert_serve_refuses_credentials(fx: &Fixture, env: &[(&str, String)], secret: &str) {
     std::fs::create_dir_all(&fx.view).unwrap();
-    let mut child = hsm_cmd(&env)
+    let mut child = hsm_cmd(env)
         .arg("serve")
         .arg(&fx.store)
         .arg(&fx.view)
@@ -606,7 +591,28 @@ fn s3_wrong_credentials_fail_serve_start() {
     );
     assert!(!stdout.contains("ready"), "serve printed ready: {stdout}");
     assert!(stderr.contains("refused our credentials"), "{stderr}");
-    assert!(!stderr.contains(wrong_secret), "secret in serve's error");
+    assert!(!stderr.contains(secret), "secret in serve's error");
+}
+
+#[test]
+fn s3_wrong_credentials_fail_serve_start() {
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new("ext4", "256M");
+    let moto = Moto::start(&fx.scratch.path, true);
+    moto.put_bytes("f", b"content");
+    let out = populate_url(
+        &fx,
+        &format!("s3://{BUCKET}"),
+        &moto.env(),
+        &["--endpoint", &moto.endpoint()],
+    );
+    assert_ok(&out, "populate");
+    let wrong_secret = "WRONGwrongWRONGwrongWRONGwrong0123456789";
+    let mut env = moto.env();
+    env[1].1 = wrong_secret.into();
+    assert_serve_refuses_credentials(&fx, &env, wrong_secret);
 }
 
 #[test]
@@ -1972,4 +1978,20 @@ fn cloud_credentials_and_missing_buckets_fail_populate_clearly() {
         }
     }
     fx.stop();
+}
+
+#[test]
+fn azure_wrong_credentials_fail_serve_start() {
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new("ext4", "256M");
+    let az = CloudEmulator::start(CloudKind::Azure, &fx.scratch.path);
+    az.put_bytes(&[("f", b"content")]);
+    let endpoint = az.endpoint();
+    let out = populate_url(&fx, &az.url(""), &az.env(), &["--endpoint", &endpoint]);
+    assert_ok(&out, "populate");
+    let wrong_key = AZURITE_KEY.replace("Eby8", "AAAA");
+    let env = [("AZURE_STORAGE_ACCOUNT_KEY", wrong_key.clone())];
+    assert_serve_refuses_credentials(&fx, &env, &wrong_key);
 }
