@@ -1738,16 +1738,15 @@ fn names_in(dir: &Path) -> Vec<String> {
     v
 }
 
-/// The uid the process `pid` runs as (real, from /proc).
-fn uid_of(pid: i32) -> Option<u32> {
+/// A field of /proc/PID/status (its first word).
+fn proc_status(pid: i32, field: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))?
         .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+        .next()
+        .map(str::to_string)
 }
 
 /// A tree in a bucket: listed (nested prefixes, a folder marker), populated whole and by a
@@ -1817,8 +1816,10 @@ fn cloud_tree_round_trip(kind: CloudKind) {
         .ok()
         .and_then(|t| t.trim().parse::<i32>().ok())
         .expect("the fetcher's pid file");
-    let uid = uid_of(fetcher).expect("the fetcher runs");
-    assert_ne!(uid, 0, "the fetcher runs unprivileged");
+    let field = |f: &str| proc_status(fetcher, f).unwrap_or_else(|| panic!("fetcher's {f}"));
+    assert_ne!(field("Uid"), "0", "the fetcher runs unprivileged");
+    assert_eq!(field("CapEff"), "0000000000000000", "no capabilities");
+    assert_eq!(field("Seccomp"), "2", "under its seccomp filter");
     // Ranges of a file too big to be fetched whole, before any whole read.
     let f = std::fs::File::open(fx.at("dir/sub/deeper/big")).unwrap();
     for (off, len) in [

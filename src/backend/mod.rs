@@ -1,6 +1,8 @@
 //! Where stub content lives. A backend reads a byte range of one object and proves it is the object
 //! that `populate` recorded: same size, same mtime or version. It never decides what to do about a
-//! failure; it says precisely what went wrong and the fetch engine picks the errno.
+//! failure; it says precisely what went wrong and the fetch engine picks the errno. An object
+//! store also lists what is under its prefix ([`Lister`]), for populate: the listing, like the
+//! reads, is the backend's business, with the same client, credentials and retry policy.
 
 pub mod cloud;
 pub mod http;
