@@ -398,7 +398,7 @@ pub fn flatten(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    /// The one policy: a failure that may pass is tried again, 100 ms then 200 ms later, while
+    /// The one policy: a failure that may pass is tried again, 100, 200, 400 ms later, while
     /// the next try starts within the deadline; a final failure or a success ends it at once.
     #[test]
     fn retries_follow_one_policy_within_the_deadline() {
@@ -416,10 +416,11 @@ mod tests {
             ));
             (r, n, start.elapsed())
         };
-        // Always transient: tries at 0, 100 and 300 ms; the next (700 ms) is past 350 ms.
-        let (r, n, took) = tries(350, &[]);
-        assert_eq!((r, n), (Err(true), 3));
-        assert!(took >= Duration::from_millis(300), "{took:?}");
+        // Always transient: tries at 0, 100, 300 and 700 ms; the next (1500 ms) would start past
+        // the 1 s deadline. (Each wait has 300 ms of slack for a loaded machine.)
+        let (r, n, took) = tries(1000, &[]);
+        assert_eq!((r, n), (Err(true), 4));
+        assert!(took >= Duration::from_millis(700), "{took:?}");
         // A final failure is not tried again; a success after a transient one is kept.
         assert_eq!(tries(5000, &[Err(false)]).0, Err(false));
         assert_eq!(tries(5000, &[Err(false)]).1, 1);
