@@ -270,10 +270,6 @@ fn instance_credentials() -> bool {
     std::env::var(INSTANCE_CREDENTIALS).as_deref() == Ok("1")
 }
 
-fn env_set(k: &str) -> bool {
-    std::env::var_os(k).is_some_and(|v| !v.is_empty())
-}
-
 impl Prepared {
     /// Read the environment and the credentials files, and build the client. Sends nothing.
     pub fn new(mut url: CloudUrl) -> anyhow::Result<Prepared> {
@@ -348,14 +344,14 @@ impl Prepared {
                     );
                 };
                 url.account = Some(account.clone());
-                let configured = env_set("AZURE_STORAGE_ACCOUNT_KEY")
-                    || env_set("AZURE_STORAGE_ACCESS_KEY")
-                    || env_set("AZURE_STORAGE_SAS_KEY")
-                    || env_set("AZURE_STORAGE_SAS_TOKEN")
-                    || env_set("AZURE_STORAGE_TOKEN")
-                    || env_set("AZURE_CLIENT_SECRET")
-                    || env_set("AZURE_STORAGE_CLIENT_SECRET")
-                    || env_set("AZURE_FEDERATED_TOKEN_FILE")
+                let set = |k: AzureConfigKey| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+                // A key, a SAS, a bearer token, a service principal's secret or a workload
+                // identity's token file; or the emulator's well-known key.
+                let configured = set(AzureConfigKey::AccessKey)
+                    || set(AzureConfigKey::SasKey)
+                    || set(AzureConfigKey::Token)
+                    || set(AzureConfigKey::ClientSecret)
+                    || set(AzureConfigKey::FederatedTokenFile)
                     || emulator
                     || b.get_config_value(&AzureConfigKey::SkipSignature)
                         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
