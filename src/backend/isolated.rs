@@ -1,17 +1,17 @@
 //! Remote backends run in a separate, unprivileged process.
 //!
 //! The code that talks to the network and parses what a server sends (HTTP, TLS, XML listings) is
-//! the part most exposed to hostile input, and the daemon runs as root. So for `s3://` and
-//! `http(s)://` sources the worker does not call the backend itself: it starts `hsm serve-fetcher`,
-//! which drops to an unprivileged user and answers range requests over a socket. A compromised
-//! fetcher can return wrong bytes (which the per-chunk digests and size checks catch) and
-//! nothing more: it holds no fd on the store.
+//! the part most exposed to hostile input, and the daemon runs as root. So for `s3://`, `gs://`,
+//! `az://` and `http(s)://` sources the worker does not call the backend itself: it starts
+//! `hsm serve-fetcher`, which drops to an unprivileged user and answers range requests over a
+//! socket. A compromised fetcher can return wrong bytes (which the per-chunk digests and size
+//! checks catch) and nothing more: it holds no fd on the store.
 //!
 //! Every thread of the fetcher is unprivileged, because the drop happens before any other
 //! thread exists: credentials, capabilities, `no_new_privs` and seccomp filters are per thread,
 //! and threads created later inherit them. So the fetcher reads, as root and without threads,
-//! only what root alone may read (the fetch user's ids, the S3 shared credentials file:
-//! `backend::prepare`); then drops to the user (no groups, every capability set empty, no new
+//! only what root alone may read (the fetch user's ids, the S3 shared credentials file, a GCS
+//! key file: `backend::prepare`); then drops to the user (no groups, every capability set empty, no new
 //! privileges, not dumpable: `sys::privilege`), installs its seccomp filter (`sys::seccomp`), and
 //! only then builds the backend, whose async runtime starts the threads that do the I/O.
 //! Credentials fetched later (web identity token files, instance roles) are read as the fetch

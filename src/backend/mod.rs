@@ -1,7 +1,10 @@
 //! Where stub content lives. A backend reads a byte range of one object and proves it is the object
 //! that `populate` recorded: same size, same mtime or version. It never decides what to do about a
-//! failure; it says precisely what went wrong and the fetch engine picks the errno.
+//! failure; it says precisely what went wrong and the fetch engine picks the errno. An object
+//! store also lists what is under its prefix ([`Lister`]), for populate: the listing, like the
+//! reads, is the backend's business, with the same client, credentials and retry policy.
 
+pub mod cloud;
 pub mod http;
 pub mod isolated;
 pub mod local;
@@ -114,11 +117,93 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// One object of a remote listing: its key relative to the source's prefix, not validated (the
+/// caller reports and skips the keys no file can have), and what identifies this version of it.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub mtime: (i64, u32),
+    pub etag: Option<String>,
+}
+
+/// A source whose objects can be listed: the object stores (S3, GCS, Azure). A local tree is
+/// walked instead, and an HTTP server describes itself with a manifest.
+pub trait Lister: Send + Sync {
+    /// A description safe to log: never credentials.
+    fn describe(&self) -> String;
+
+    /// The source URL to record, resolved (endpoint, region, account filled in from the
+    /// environment): what `serve` opens, whatever its own environment.
+    fn source_url(&self) -> String;
+
+    /// Every object under the prefix, in key order. Fails on refused credentials, a missing
+    /// bucket, or a server that stays unreachable past the deadline (retried as reads are, see
+    /// [`object::retrying`]).
+    fn list(&self) -> anyhow::Result<Vec<Listed>>;
+}
+
+/// The lister of an object store's source URL (`s3://`, `gs://`, `az://`); see
+/// [`with_overrides`] for flags that change the URL first.
+pub fn lister(url: &str) -> anyhow::Result<Box<dyn Lister>> {
+    Ok(match scheme_of(url) {
+        Scheme::S3 => Box::new(s3::S3Backend::open(s3::S3Url::parse(url)?)?),
+        Scheme::Gcs | Scheme::Azure => {
+            Box::new(cloud::CloudBackend::open(cloud::CloudUrl::parse(url)?)?)
+        }
+        Scheme::Http | Scheme::Local => {
+            anyhow::bail!("only object stores (s3://, gs://, az://) can be listed")
+        }
+    })
+}
+
+/// A source URL with the endpoint, region and fetch deadline given as flags put in, in its
+/// canonical form (validated as a typed URL would be).
+pub fn with_overrides(
+    url: &str,
+    endpoint: Option<&str>,
+    region: Option<&str>,
+    deadline: Option<f64>,
+) -> anyhow::Result<String> {
+    let deadline = deadline
+        .map(|d| object::parse_deadline(&d.to_string()))
+        .transpose()?;
+    match scheme_of(url) {
+        Scheme::S3 => {
+            let mut u = s3::S3Url::parse(url)?;
+            if let Some(e) = endpoint {
+                u.endpoint = Some(e.trim_end_matches('/').to_string());
+            }
+            if let Some(r) = region {
+                u.region = Some(r.to_string());
+            }
+            u.deadline = deadline.or(u.deadline);
+            Ok(s3::S3Url::parse(&u.to_url())?.to_url())
+        }
+        Scheme::Gcs | Scheme::Azure => {
+            if region.is_some() {
+                anyhow::bail!("--region is for s3:// sources");
+            }
+            let mut u = cloud::CloudUrl::parse(url)?;
+            if let Some(e) = endpoint {
+                u.endpoint = Some(e.to_string());
+            }
+            u.deadline = deadline.or(u.deadline);
+            Ok(cloud::CloudUrl::parse(&u.to_url())?.to_url())
+        }
+        Scheme::Http | Scheme::Local => Ok(url.to_string()),
+    }
+}
+
 /// What kind of source a URL names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scheme {
     Local,
     S3,
+    /// `gs://`: Google Cloud Storage.
+    Gcs,
+    /// `az://`: Azure Blob Storage.
+    Azure,
     Http,
 }
 
@@ -126,6 +211,10 @@ pub fn scheme_of(url: &str) -> Scheme {
     let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
     if lower.starts_with("s3://") {
         Scheme::S3
+    } else if lower.starts_with("gs://") {
+        Scheme::Gcs
+    } else if lower.starts_with("az://") {
+        Scheme::Azure
     } else if lower.starts_with("http://") || lower.starts_with("https://") {
         Scheme::Http
     } else {
@@ -137,7 +226,7 @@ pub fn scheme_of(url: &str) -> Scheme {
 /// `fetch_deadline=`. Both are read; the old names go in a later release.
 pub fn old_url_options(url: &str) -> Vec<(&'static str, &'static str)> {
     let options = match scheme_of(url) {
-        Scheme::S3 => url.split_once('?').map(|(_, q)| q),
+        Scheme::S3 | Scheme::Gcs | Scheme::Azure => url.split_once('?').map(|(_, q)| q),
         Scheme::Http => url.split_once('#').map(|(_, f)| f),
         Scheme::Local => None,
     };
@@ -153,7 +242,8 @@ pub fn old_url_options(url: &str) -> Vec<(&'static str, &'static str)> {
 }
 
 /// Open the backend a store's source URL names: a local path or `file://` URL, `s3://BUCKET/PREFIX`
-/// (options in the query, see [`s3`]) or `http(s)://HOST/BASE/` (see [`http`]).
+/// (options in the query, see [`s3`]), `gs://BUCKET/PREFIX` or `az://CONTAINER/PREFIX` (see
+/// [`cloud`]) or `http(s)://HOST/BASE/` (see [`http`]).
 pub fn open(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
     prepare(url)?.open()
 }
@@ -162,16 +252,20 @@ pub fn open(url: &str) -> anyhow::Result<Arc<dyn Backend>> {
 /// threads that come with them, are not made yet: see [`prepare`].
 pub enum Prepared {
     S3(Box<s3::Prepared>),
+    Cloud(Box<cloud::Prepared>),
     Http(String),
     Local(String),
 }
 
 /// The first half of [`open`]: parse the URL and read what the backend needs from the
-/// environment and from files (the S3 shared credentials file), starting no thread and sending
-/// nothing. The fetcher does this as root, then drops root, then calls [`Prepared::open`].
+/// environment and from files (the S3 shared credentials file, a GCS key file), starting no
+/// thread and sending nothing. The fetcher does this as root, then drops root, then calls [`Prepared::open`].
 pub fn prepare(url: &str) -> anyhow::Result<Prepared> {
     Ok(match scheme_of(url) {
         Scheme::S3 => Prepared::S3(Box::new(s3::Prepared::new(s3::S3Url::parse(url)?)?)),
+        Scheme::Gcs | Scheme::Azure => Prepared::Cloud(Box::new(cloud::Prepared::new(
+            cloud::CloudUrl::parse(url)?,
+        )?)),
         Scheme::Http => Prepared::Http(url.to_string()),
         Scheme::Local => Prepared::Local(url.to_string()),
     })
@@ -182,6 +276,7 @@ impl Prepared {
     pub fn open(self) -> anyhow::Result<Arc<dyn Backend>> {
         match self {
             Prepared::S3(p) => Ok(Arc::new(p.open()?)),
+            Prepared::Cloud(p) => Ok(Arc::new(p.open()?)),
             Prepared::Http(url) => Ok(Arc::new(http::open(&url)?)),
             Prepared::Local(url) => {
                 let path = local::path_from_url(&url)?;

@@ -50,17 +50,45 @@ pub fn client_options(deadline: Duration, allow_http: bool) -> ClientOptions {
         .with_pool_idle_timeout(Duration::from_secs(60))
 }
 
-/// Retries for 5xx, connection resets and timeouts, with exponential backoff capped at 2 s (so a
-/// server that comes back is found quickly), all within `deadline`.
+/// The one retry policy of remote sources, for reads, listings and manifests alike: the first
+/// retry after 100 ms, the wait doubling up to 2 s (so a server that comes back is found
+/// quickly), for as long as the deadline allows. `object_store` applies it to each request
+/// ([`retry_config`]: 5xx, 429, connection resets, timeouts); [`retrying`] applies it again to
+/// what the client's retries cannot see (a body cut short, a listing failing mid-way).
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// See [`FIRST_BACKOFF`].
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// [`FIRST_BACKOFF`]'s policy for `object_store`'s requests, within `deadline`.
 pub fn retry_config(deadline: Duration) -> RetryConfig {
     RetryConfig {
         backoff: BackoffConfig {
-            init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
+            init_backoff: FIRST_BACKOFF,
+            max_backoff: MAX_BACKOFF,
             base: 2.0,
         },
         max_retries: 1000,
         retry_timeout: deadline,
+    }
+}
+
+/// Run `op` until it succeeds, fails for good (`transient` says no), or the next try would
+/// start past `deadline`, waiting as [`FIRST_BACKOFF`] says between tries.
+pub async fn retrying<T, E>(
+    deadline: Duration,
+    transient: impl Fn(&E) -> bool,
+    mut op: impl AsyncFnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let start = tokio::time::Instant::now();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match op().await {
+            Err(e) if transient(&e) && start.elapsed() + backoff < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            done => return done,
+        }
     }
 }
 
@@ -191,31 +219,26 @@ impl Remote {
         Ok(())
     }
 
-    /// [`Remote::get_range`], tried again with backoff (100 ms doubling to 2 s) after failures
-    /// that may pass (connection reset or refused mid-body, a short body, errors the client's
-    /// own retries gave up on) for as long as the deadline allows. A replaced or missing object
-    /// is final at once.
+    /// [`Remote::get_range`], tried again (see [`retrying`]) after failures that may pass
+    /// (connection reset or refused mid-body, a short body, errors the client's own retries gave
+    /// up on). A replaced or missing object is final at once.
     pub async fn get_range_retrying(
         &self,
         obj: &SourceRecord,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
-        let start = tokio::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.get_range(obj, offset, buf).await {
-                Err(e @ (FetchError::Remote(_) | FetchError::Short { .. })) => {
-                    if start.elapsed() + backoff >= self.deadline {
-                        return Err(e);
-                    }
-                    tracing::debug!("retrying a read of {}: {e}", self.describe);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                other => return other,
+        let transient = |e: &FetchError| {
+            let again = matches!(e, FetchError::Remote(_) | FetchError::Short { .. });
+            if again {
+                tracing::debug!("retrying a read of {}: {e}", self.describe);
             }
-        }
+            again
+        };
+        retrying(self.deadline, transient, async || {
+            self.get_range(obj, offset, buf).await
+        })
+        .await
     }
 
     /// Fill `buf` from `offset` of the object `obj` names, proving it is the recorded object.
@@ -369,4 +392,39 @@ pub fn flatten(e: &(dyn std::error::Error + 'static)) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one policy: a failure that may pass is tried again, 100, 200, 400 ms later, while
+    /// the next try starts within the deadline; a final failure or a success ends it at once.
+    #[test]
+    fn retries_follow_one_policy_within_the_deadline() {
+        let rt = runtime().unwrap();
+        let tries = |deadline_ms: u64, fail: &'static [Result<(), bool>]| {
+            let mut n = 0usize;
+            let start = std::time::Instant::now();
+            let r = rt.block_on(retrying(
+                Duration::from_millis(deadline_ms),
+                |again: &bool| *again,
+                async || {
+                    n += 1;
+                    fail.get(n - 1).copied().unwrap_or(Err(true))
+                },
+            ));
+            (r, n, start.elapsed())
+        };
+        // Always transient: tries at 0, 100, 300 and 700 ms; the next (1500 ms) would start past
+        // the 1 s deadline. (Each wait has 300 ms of slack for a loaded machine.)
+        let (r, n, took) = tries(1000, &[]);
+        assert_eq!((r, n), (Err(true), 4));
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+        // A final failure is not tried again; a success after a transient one is kept.
+        assert_eq!(tries(5000, &[Err(false)]).0, Err(false));
+        assert_eq!(tries(5000, &[Err(false)]).1, 1);
+        let (r, n, _) = tries(5000, &[Err(true), Ok(())]);
+        assert_eq!((r, n), (Ok(()), 2));
+    }
 }

@@ -18,14 +18,15 @@
 //!   credentials when their variables are set, else `AWS_SKIP_SIGNATURE=true` for a public bucket.
 //!   The EC2 instance metadata service is asked only when `HSM_S3_INSTANCE_CREDENTIALS=1`.
 //!
-//! Listing is done here (ListObjectsV2, signed with `object_store`'s SigV4 signer) rather than by
-//! `object_store`, whose listing fails as a whole on a key it cannot represent (`a//b`, `../x`):
-//! populate must report and skip such keys, not give up. Reads go through `object_store`: ranged
+//! Listing is done here (ListObjectsV2, signed with `object_store`'s SigV4 signer, its XML read
+//! with `quick-xml`) rather than by `object_store`, whose listing (0.14) fails a whole page on a
+//! key `Path::parse` refuses (`a//b`, `../x`): populate must report and skip such keys, not give
+//! up. It is the [`Lister`] of `s3://` sources, as `object_store`'s listing is for GCS and Azure. Reads go through `object_store`: ranged
 //! GETs with `If-Match` on the ETag recorded at populate, see [`super::object`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use object_store::aws::{
@@ -36,7 +37,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use tracing::warn;
 
 use super::object::{self, Remote};
-use super::{Backend, FetchError};
+use super::{Backend, FetchError, Listed, Lister};
 use crate::record::SourceRecord;
 
 /// RFC 3986 unreserved characters stay; everything else is percent-encoded (as SigV4 wants).
@@ -160,15 +161,6 @@ impl S3Url {
             format!("{}/", self.prefix)
         }
     }
-}
-
-/// One object from a listing, its key relative to the prefix (decoded, unvalidated).
-#[derive(Clone, Debug)]
-pub struct Listed {
-    pub key: String,
-    pub size: u64,
-    pub mtime: (i64, u32),
-    pub etag: Option<String>,
 }
 
 pub struct S3Backend {
@@ -473,40 +465,6 @@ impl S3Backend {
         Prepared::new(url)?.open()
     }
 
-    /// Every object under the prefix, in key order. Directory markers (keys ending in `/`) are
-    /// returned too; the caller decides. Fails on refused credentials, a missing bucket, or a
-    /// server that stays unreachable past the deadline.
-    pub fn list(&self) -> anyhow::Result<Vec<Listed>> {
-        let prefix = self.url.key_prefix();
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .remote
-                .block_on(self.list_page(&prefix, token.as_deref(), 1000))
-                .map_err(|e| anyhow!("{e}"))?;
-            for o in page.objects {
-                match o.key.strip_prefix(&prefix) {
-                    Some(rel) => out.push(Listed {
-                        key: rel.to_string(),
-                        ..o
-                    }),
-                    None => {
-                        warn!(key = %o.key, "listing returned a key outside the prefix; ignored")
-                    }
-                }
-            }
-            match page.next {
-                Some(t) if page.truncated => token = Some(t),
-                _ if page.truncated => {
-                    bail!("the S3 listing is truncated but gives no continuation token")
-                }
-                _ => break,
-            }
-        }
-        Ok(out)
-    }
-
     async fn list_page(
         &self,
         prefix: &str,
@@ -522,20 +480,12 @@ impl S3Backend {
             query.push_str(&utf8_percent_encode(t, STRICT).to_string());
         }
         let url = format!("{}?{query}", self.bucket_url);
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let err = match self.list_once(&url).await {
-                Ok(body) => return parse_list(&body),
-                Err(e) => e,
-            };
-            let transient = matches!(err, ListError::Transient(_));
-            if !transient || start.elapsed() + backoff >= self.remote.deadline {
-                return Err(err);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
+        let transient = |e: &ListError| matches!(e, ListError::Transient(_));
+        let body = object::retrying(self.remote.deadline, transient, async || {
+            self.list_once(&url).await
+        })
+        .await?;
+        parse_list(&body)
     }
 
     async fn list_once(&self, url: &str) -> Result<String, ListError> {
@@ -573,10 +523,7 @@ impl S3Backend {
         if status.is_success() {
             return Ok(body);
         }
-        let code = xml_tag(&body, "Code").map(xml_unescape).unwrap_or_default();
-        let message = xml_tag(&body, "Message")
-            .map(xml_unescape)
-            .unwrap_or_default();
+        let ErrorBody { code, message } = quick_xml::de::from_str(&body).unwrap_or_default();
         let what = format!("{} {code} {message}", status.as_u16());
         let what = what.trim();
         if status.is_server_error() || status.as_u16() == 429 {
@@ -631,116 +578,76 @@ struct Page {
     next: Option<String>,
 }
 
+/// An S3 error answer's `<Error>`, as far as it says.
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct ErrorBody {
+    code: String,
+    message: String,
+}
+
+/// A ListObjectsV2 answer's `<ListBucketResult>`, the parts used. Keys stay strings, so that a
+/// key no path can name is reported by populate rather than failing the page.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListBucketResult {
+    #[serde(default)]
+    encoding_type: Option<String>,
+    #[serde(default)]
+    is_truncated: bool,
+    #[serde(default)]
+    next_continuation_token: Option<String>,
+    #[serde(default)]
+    contents: Vec<ListedXml>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListedXml {
+    key: String,
+    size: u64,
+    #[serde(default)]
+    last_modified: Option<String>,
+    #[serde(default, rename = "ETag")]
+    etag: Option<String>,
+}
+
 fn parse_list(body: &str) -> Result<Page, ListError> {
     if !body.contains("<ListBucketResult") {
         return Err(ListError::Fatal(
             "the server's answer to a listing is not a ListBucketResult".into(),
         ));
     }
-    let url_encoded = xml_tag(body, "EncodingType").is_some_and(|e| e.trim() == "url");
-    let decode_key = |raw: &str| -> Result<String, ListError> {
-        let k = xml_unescape(raw);
-        if !url_encoded {
-            return Ok(k);
-        }
-        percent_decode_str(&k.replace('+', " "))
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| ListError::Fatal(format!("listed key {k:?} is not UTF-8")))
-    };
-    let mut objects = Vec::new();
-    for block in xml_blocks(body, "Contents") {
-        let key = decode_key(
-            xml_tag(block, "Key")
-                .ok_or_else(|| ListError::Fatal("listed object without a Key".into()))?,
-        )?;
-        let size = xml_tag(block, "Size")
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| ListError::Fatal(format!("listed object {key:?} without a Size")))?;
-        let mtime = xml_tag(block, "LastModified")
+    let result: ListBucketResult = quick_xml::de::from_str(body)
+        .map_err(|e| ListError::Fatal(format!("the server's listing does not parse: {e}")))?;
+    let url_encoded = result.encoding_type.as_deref().map(str::trim) == Some("url");
+    let mut objects = Vec::with_capacity(result.contents.len());
+    for o in result.contents {
+        let key = if url_encoded {
+            percent_decode_str(&o.key.replace('+', " "))
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| ListError::Fatal(format!("listed key {:?} is not UTF-8", o.key)))?
+        } else {
+            o.key
+        };
+        let mtime = o
+            .last_modified
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t.trim()).ok())
             .map(|t| (t.timestamp(), t.timestamp_subsec_nanos()))
             .unwrap_or((0, 0));
-        let etag = xml_tag(block, "ETag")
-            .map(xml_unescape)
-            .filter(|e| !e.is_empty());
         objects.push(Listed {
             key,
-            size,
+            size: o.size,
             mtime,
-            etag,
+            etag: o.etag.filter(|e| !e.is_empty()),
         });
     }
     Ok(Page {
         objects,
-        truncated: xml_tag(body, "IsTruncated").is_some_and(|t| t.trim() == "true"),
-        next: xml_tag(body, "NextContinuationToken").map(xml_unescape),
+        truncated: result.is_truncated,
+        next: result.next_continuation_token,
     })
-}
-
-/// The text of the first `<name>...</name>` in `s` (S3's answers are flat enough for this).
-fn xml_tag<'a>(s: &'a str, name: &str) -> Option<&'a str> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let start = s.find(&open)? + open.len();
-    let end = s[start..].find(&close)? + start;
-    Some(&s[start..end])
-}
-
-/// The insides of every `<name>...</name>` block.
-fn xml_blocks<'a>(s: &'a str, name: &str) -> Vec<&'a str> {
-    let open = format!("<{name}>");
-    let close = format!("</{name}>");
-    let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find(&open) {
-        let after = &rest[i + open.len()..];
-        let Some(j) = after.find(&close) else { break };
-        out.push(&after[..j]);
-        rest = &after[j + close.len()..];
-    }
-    out
-}
-
-fn xml_unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let Some(j) = tail.find(';') else {
-            out.push_str(tail);
-            return out;
-        };
-        let ent = &tail[1..j];
-        let ch = match ent {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            _ => {
-                let n = if let Some(h) = ent.strip_prefix("#x").or_else(|| ent.strip_prefix("#X")) {
-                    u32::from_str_radix(h, 16).ok()
-                } else {
-                    ent.strip_prefix('#').and_then(|d| d.parse().ok())
-                };
-                n.and_then(char::from_u32)
-            }
-        };
-        match ch {
-            Some(c) => {
-                out.push(c);
-                rest = &tail[j + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 impl Backend for S3Backend {
@@ -774,14 +681,46 @@ impl Backend for S3Backend {
     }
 }
 
-impl S3Backend {
-    /// Like [`Backend::check`], but an unreachable server is an error too (for populate).
-    pub fn check_strict(&self) -> anyhow::Result<()> {
+/// Listing is done here (ListObjectsV2) rather than by `object_store`: see the module doc.
+impl Lister for S3Backend {
+    fn describe(&self) -> String {
+        self.remote.describe.clone()
+    }
+
+    fn source_url(&self) -> String {
+        self.url.to_url()
+    }
+
+    /// Directory markers (keys ending in `/`) are returned too; the caller decides.
+    fn list(&self) -> anyhow::Result<Vec<Listed>> {
         let prefix = self.url.key_prefix();
-        self.remote
-            .block_on(self.list_page(&prefix, None, 1))
-            .map(|_| ())
-            .map_err(|e| anyhow!("{e}"))
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .remote
+                .block_on(self.list_page(&prefix, token.as_deref(), 1000))
+                .map_err(|e| anyhow!("{e}"))?;
+            for o in page.objects {
+                match o.key.strip_prefix(&prefix) {
+                    Some(rel) => out.push(Listed {
+                        key: rel.to_string(),
+                        ..o
+                    }),
+                    None => {
+                        warn!(key = %o.key, "listing returned a key outside the prefix; ignored")
+                    }
+                }
+            }
+            match page.next {
+                Some(t) if page.truncated => token = Some(t),
+                _ if page.truncated => {
+                    bail!("the S3 listing is truncated but gives no continuation token")
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -835,5 +774,21 @@ mod tests {
         assert_eq!(page.objects[0].mtime, (1704164645, 500_000_000));
         assert_eq!(page.objects[0].etag.as_deref(), Some("\"abc\""));
         assert_eq!(page.objects[1].key, "p/../x");
+        // An empty bucket, and an answer that is not a listing.
+        let Ok(empty) = parse_list(
+            "<ListBucketResult><Name>b</Name><IsTruncated>false</IsTruncated></ListBucketResult>",
+        ) else {
+            panic!()
+        };
+        assert!(empty.objects.is_empty() && !empty.truncated);
+        assert!(parse_list("<Error><Code>AccessDenied</Code></Error>").is_err());
+        let e: ErrorBody = quick_xml::de::from_str(
+            "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The bucket &amp; all</Message><BucketName>b</BucketName></Error>",
+        )
+        .unwrap();
+        assert_eq!(
+            (e.code.as_str(), e.message.as_str()),
+            ("NoSuchBucket", "The bucket & all")
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Populate from a remote source: an S3 prefix (listed) or an HTTP(S) base (a manifest). The
+//! Populate from a remote source: an object store's prefix (S3, GCS, Azure: listed by the
+//! backend's [`Lister`]) or an HTTP(S) base (a manifest). The
 //! whole plan is made and checked first (credentials, listing, HEADs), then the store is created
 //! and the tree built under it; every name is created relative to a directory opened beneath the
 //! tree with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so no key can write outside it.
@@ -18,8 +19,7 @@ use rayon::prelude::*;
 use super::{Meta, PopulateOptions, PopulateReport, Walk};
 use crate::backend::http::{HttpBackend, HttpUrl};
 use crate::backend::object::{self, LAST_MODIFIED_PREFIX};
-use crate::backend::s3::{S3Backend, S3Url};
-use crate::backend::{scheme_of, FetchError, Scheme};
+use crate::backend::{scheme_of, FetchError, Lister, Scheme};
 use crate::manifest::{self, EntryType};
 use crate::store::{Store, StoreConfig};
 use crate::sys::fs::{self as sysfs, FsKind};
@@ -80,22 +80,16 @@ fn entry_meta(e: &manifest::Entry, default_mode: u32) -> Meta {
     }
 }
 
-fn plan_s3(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
-    let mut url = S3Url::parse(source)?;
-    if let Some(e) = &opts.endpoint {
-        url.endpoint = Some(e.trim_end_matches('/').to_string());
-    }
-    if let Some(r) = &opts.region {
-        url.region = Some(r.clone());
-    }
-    if let Some(d) = opts.deadline {
-        url.deadline = Some(object::parse_deadline(&d.to_string())?);
-    }
-    // Re-parse the canonical form so that flags get the URL's own validation.
-    let url = S3Url::parse(&url.to_url())?;
-    let backend = S3Backend::open(url)?;
-    eprintln!("listing {}", crate::backend::Backend::describe(&backend));
-    let listed = backend.list()?;
+fn plan_listed(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
+    let url = crate::backend::with_overrides(
+        source,
+        opts.endpoint.as_deref(),
+        opts.region.as_deref(),
+        opts.deadline,
+    )?;
+    let lister: Box<dyn Lister> = crate::backend::lister(&url)?;
+    eprintln!("listing {}", lister.describe());
+    let listed = lister.list()?;
     let mut plan = Plan::default();
     for o in listed {
         if let Some(dir) = o.key.strip_suffix('/') {
@@ -175,12 +169,12 @@ fn plan_s3(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan
             }
         }
     }
-    Ok((backend.url.to_url(), plan))
+    Ok((lister.source_url(), plan))
 }
 
 fn plan_http(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
     if opts.endpoint.is_some() || opts.region.is_some() {
-        bail!("--endpoint and --region are for s3:// sources");
+        bail!("--endpoint and --region are for object stores (s3://, gs://, az://)");
     }
     let mut url = HttpUrl::parse(source)?;
     if let Some(d) = opts.deadline {
@@ -281,6 +275,15 @@ fn complete(plan: &mut Plan) {
         };
         match plan.nodes.get(&d) {
             Some(Node::Dir(_)) => {}
+            // A "folder" marker where a store shows `dir/` as a zero-byte `dir` (GCS, Azure).
+            Some(Node::File(m)) if m.size == 0 => {
+                let marker = Meta {
+                    mtime: m.mtime,
+                    atime: m.atime,
+                    ..default_meta(DIR_MODE)
+                };
+                plan.nodes.insert(d, Node::Dir(marker));
+            }
             Some(_) => {
                 plan.skipped.push(format!(
                     "{d:?}: is both an object and a directory of other objects; the directory wins"
@@ -312,7 +315,7 @@ pub(super) fn populate(
     opts: &PopulateOptions,
 ) -> anyhow::Result<PopulateReport> {
     let (url, mut plan) = match scheme_of(source) {
-        Scheme::S3 => plan_s3(source, opts)?,
+        Scheme::S3 | Scheme::Gcs | Scheme::Azure => plan_listed(source, opts)?,
         Scheme::Http => plan_http(source, opts)?,
         Scheme::Local => unreachable!("local sources are populated by the walk"),
     };
