@@ -59,6 +59,9 @@ const OPEN_FLAGS_DROPPED: i32 = libc::O_CREAT
     | libc::O_APPEND
     | libc::O_DIRECT;
 
+/// `__FMODE_EXEC`: the kernel's mark on the open flags of an open for `execve`.
+const FMODE_EXEC: i32 = 0x20;
+
 /// The page a truncation or write that keeps part of it must find filled first.
 const PAGE: u64 = 4096;
 
@@ -179,6 +182,44 @@ fn kind_of(mode: u32) -> FileType {
     }
 }
 
+/// How long the kernel may keep `st`: not at all for a regular file with fewer blocks than bytes
+/// (a sparse stub, likely): its blocks, times and ctime change as it is filled, and tools that
+/// trust them (`tar --sparse` skips a file without blocks, and warns when a ctime moves) must see
+/// the store's figures. Hydrated files keep [`TTL`], so a walk of them is not all lookups.
+fn ttl_of(st: &sysfs::Stat) -> Duration {
+    let sparse = (st.st_blocks as u64).saturating_mul(512) < st.st_size as u64;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && sparse {
+        Duration::ZERO
+    } else {
+        TTL
+    }
+}
+
+/// Is the regular file at `fd` (an `O_PATH` fd) with fewer blocks than bytes a stub? Asked of
+/// such files only: a stub reports its full size in blocks, as if present (see `attr_of`).
+fn sparse_stub(fd: BorrowedFd<'_>, st: &sysfs::Stat) -> bool {
+    let sparse = (st.st_blocks as u64).saturating_mul(512) < st.st_size as u64;
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+        && sparse
+        && rustix::fs::getxattr(
+            proc_path(fd).as_c_str(),
+            crate::record::XATTR_SOURCE,
+            &mut [0u8; 0][..],
+        )
+        .is_ok()
+}
+
+/// The attributes of `st`, at `fd`. A stub counts its whole size in blocks, as a complete file
+/// would: hole-aware tools (`tar --sparse`, `cp --sparse=always`) decide from the blocks, before
+/// any open, that a file without them is all holes and copy zeros without reading it.
+fn attr_at(ino: u64, fd: BorrowedFd<'_>, st: &sysfs::Stat) -> FileAttr {
+    let mut attr = attr_of(ino, st);
+    if sparse_stub(fd, st) {
+        attr.blocks = (st.st_size as u64).div_ceil(512);
+    }
+    attr
+}
+
 fn attr_of(ino: u64, st: &sysfs::Stat) -> FileAttr {
     let (atime, mtime) = (sysfs::atime_of(st), sysfs::mtime_of(st));
     FileAttr {
@@ -280,7 +321,13 @@ impl HsmFs {
 
     fn entry(&self, parent: &Node, name: &CStr, reply: ReplyEntry) {
         match self.lookup_at(parent, name) {
-            Ok((ino, st)) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
+            Ok((ino, st)) => {
+                let attr = match self.node(INodeNo(ino)) {
+                    Ok(n) => attr_at(ino, n.fd.as_fd(), &st),
+                    Err(_) => attr_of(ino, &st),
+                };
+                reply.entry_with_ttls(&ttl_of(&st), &TTL, &attr, Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -417,16 +464,13 @@ impl Filesystem for HsmFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let st = match fh.and_then(|fh| self.handle(fh).ok()) {
-            Some(h) => sysfs::fstat(h.file.as_fd()),
-            None => match self.node(ino) {
-                Ok(n) => sysfs::fstat(n.fd.as_fd()),
-                Err(e) => return reply.error(e),
-            },
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
-        match st {
-            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+        match sysfs::fstat(node.fd.as_fd()) {
+            Ok(st) => reply.attr(&ttl_of(&st), &attr_at(ino.0, node.fd.as_fd(), &st)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -524,7 +568,7 @@ impl Filesystem for HsmFs {
             sysfs::fstat(node.fd.as_fd())
         })();
         match done {
-            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Ok(st) => reply.attr(&ttl_of(&st), &attr_at(ino.0, node.fd.as_fd(), &st)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -698,6 +742,20 @@ impl Filesystem for HsmFs {
             Self::reopen(&n, rw)
                 .or_else(|_| Self::reopen(&n, flags.0))
                 .map_err(|e| errno(&e))
+        });
+        // What the fanotify front end does at an open: a sparse stub is fetched whole before
+        // the open returns (hole-aware tools would copy its holes as zeros), except for exec,
+        // served range by range.
+        let file = file.and_then(|f| {
+            let need = if flags.0 & FMODE_EXEC != 0 {
+                return Ok(f);
+            } else {
+                Need::Open
+            };
+            match self.engine.serve(f.as_fd(), need) {
+                Ok(_) => Ok(f),
+                Err(e) => Err(errno(&e)),
+            }
         });
         match file {
             Ok(file) => self.open_handle(ino.0, file, reply),

@@ -206,7 +206,11 @@ fn tar_create(tar: &Path, dir: &Path, name: &str, fs: &str) {
     }
 }
 
-fn copy_tools_on(fs: &str) {
+/// `serve`'s arguments for each front end the copy tests run under.
+const FANOTIFY: &[&str] = &[];
+const FUSE: &[&str] = &["--frontend", "fuse"];
+
+fn copy_tools_on(fs: &str, frontend: &[&str]) {
     let t0 = Instant::now();
     let mut fx = Fixture::new(fs, "2G");
     for (t, tool) in TOOLS.iter().enumerate() {
@@ -221,7 +225,7 @@ fn copy_tools_on(fs: &str) {
     }
     let out = fx.populate(&[]);
     check_method_line(fs, &out.stderr);
-    fx.serve(&[]);
+    fx.serve(frontend);
     let out_dir = fx.scratch.path.join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     let view = fx.view.clone();
@@ -293,21 +297,35 @@ fn copy_tools_on(fs: &str) {
 #[test]
 fn copy_tools_get_source_bytes_ext4() {
     if require_root() {
-        copy_tools_on("ext4");
+        copy_tools_on("ext4", FANOTIFY);
     }
 }
 
 #[test]
 fn copy_tools_get_source_bytes_xfs() {
     if require_root() {
-        copy_tools_on("xfs");
+        copy_tools_on("xfs", FANOTIFY);
+    }
+}
+
+#[test]
+fn copy_tools_get_source_bytes_ext4_fuse() {
+    if require_root() {
+        copy_tools_on("ext4", FUSE);
+    }
+}
+
+#[test]
+fn copy_tools_get_source_bytes_xfs_fuse() {
+    if require_root() {
+        copy_tools_on("xfs", FUSE);
     }
 }
 
 #[test]
 fn copy_tools_get_source_bytes_btrfs() {
     if require_root() {
-        copy_tools_on("btrfs");
+        copy_tools_on("btrfs", FANOTIFY);
     }
 }
 
@@ -492,7 +510,7 @@ fn stub_tree_df_cost_and_seek_btrfs() {
 /// whose write does move ctime, is written only once the file has had no access for 1 s. The
 /// second half checks that window directly: ctime must not move between the open, the end of
 /// the read and 0.4 s later (a reader slower than that is outside what hsm promises).
-fn tar_exits_0_on(fs: &str) {
+fn tar_exits_0_on(fs: &str, frontend: &[&str]) {
     let mut fx = Fixture::new(fs, "1G");
     fx.write_source("t/big", (24 * MIB + 5) as usize, 1);
     fx.write_source("t/small", 100_000, 2);
@@ -501,7 +519,7 @@ fn tar_exits_0_on(fs: &str) {
         fx.write_source(name, len as usize, 3);
     }
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     let tar = fx.scratch.path.join("t.tar");
     let out = Command::new("tar")
         .arg("--sparse")
@@ -548,14 +566,28 @@ fn tar_exits_0_on(fs: &str) {
 #[test]
 fn tar_exits_0_on_never_read_stubs_ext4() {
     if require_root() {
-        tar_exits_0_on("ext4");
+        tar_exits_0_on("ext4", FANOTIFY);
+    }
+}
+
+#[test]
+fn tar_exits_0_on_never_read_stubs_xfs_fuse() {
+    if require_root() {
+        tar_exits_0_on("xfs", FUSE);
+    }
+}
+
+#[test]
+fn tar_exits_0_on_never_read_stubs_ext4_fuse() {
+    if require_root() {
+        tar_exits_0_on("ext4", FUSE);
     }
 }
 
 #[test]
 fn tar_exits_0_on_never_read_stubs_xfs() {
     if require_root() {
-        tar_exits_0_on("xfs");
+        tar_exits_0_on("xfs", FANOTIFY);
     }
 }
 
@@ -563,6 +595,6 @@ fn tar_exits_0_on_never_read_stubs_xfs() {
 #[ignore = "known limitation: btrfs has no invisible I/O, so filling a cloned stub's ranges while tar reads it moves its ctime and tar exits 1, 'file changed as we read it' (the bytes are right)"]
 fn tar_exits_0_on_never_read_stubs_btrfs() {
     if require_root() {
-        tar_exits_0_on("btrfs");
+        tar_exits_0_on("btrfs", FANOTIFY);
     }
 }
