@@ -36,6 +36,9 @@ pub enum Op {
     Unpin,
     /// Write the records of what was filled (after a hydrate): `hsm status` says complete.
     Flush,
+    /// `hsm sync`: apply a listing of the source (the path field holds the request, see
+    /// `sync::serve_request`).
+    Sync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +72,10 @@ pub enum Done {
     Unpinned,
     /// Records written.
     Flushed,
+    /// What a sync did.
+    Synced {
+        report: crate::sync::SyncReport,
+    },
 }
 
 pub type Reply = Result<Done, String>;

@@ -44,6 +44,7 @@ pub mod record;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod sync;
 pub mod sys;
 pub mod units;
 pub mod verify;

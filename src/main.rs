@@ -169,6 +169,30 @@ enum Command {
         /// second's worth).
         #[arg(long, value_name = "N")]
         uid_fetch_burst: Option<f64>,
+        /// Run `hsm sync STORE` this often while serving (90s, 10m, 1h; see `hsm sync`).
+        #[arg(long, value_name = "DURATION", value_parser = hsm::sync::parse_every)]
+        sync_every: Option<std::time::Duration>,
+    },
+    /// Bring STORE's tree up to date with its source: new files appear, changed ones become
+    /// stubs of the new version, removed ones go; files changed here are kept (a conflict
+    /// when the source changed them too). Through the daemon while `hsm serve` runs. Exit
+    /// status 0, 1 when there were conflicts, 2 on errors.
+    Sync {
+        /// The store `hsm populate` built.
+        store: PathBuf,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remote sources: the manifest populate was given (HTTP default:
+        /// SOURCE/.hsm-manifest.jsonl), as a path or an http(s) URL.
+        #[arg(long)]
+        manifest: Option<String>,
+        /// Threads comparing and making stubs (default: number of CPUs).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Print the counts, conflicts and errors, not a line per change.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Make files complete (directories: every file below), fetching what is missing.
     Hydrate(ManageArgs),
@@ -336,6 +360,7 @@ impl Command {
             deny_errno,
             uid_fetch_rate,
             uid_fetch_burst,
+            sync_every,
             ..
         } = self
         else {
@@ -394,6 +419,14 @@ impl Command {
             given(&["uid_fetch_burst"]),
             &Some(cfg.uid_fetch_burst),
         );
+        take(
+            sync_every,
+            given(&["sync_every"]),
+            // Checked when the file is loaded (see `load_serve_config`).
+            &cfg.sync_every
+                .as_deref()
+                .map(|s| hsm::sync::parse_every(s).ok()),
+        );
         if !given(&["metrics"]) {
             if let Some(addr) = &cfg.metrics {
                 // Checked when the file is loaded (see `load_serve_config`).
@@ -428,6 +461,10 @@ fn parse_command_line(
 
 fn load_serve_config(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
     let cfg = ServeConfig::load(path)?;
+    if let Some(every) = &cfg.sync_every {
+        hsm::sync::parse_every(every)
+            .map_err(|e| anyhow::anyhow!("{}: sync_every: {e}", path.display()))?;
+    }
     if let Some(addr) = &cfg.metrics {
         addr.parse::<SocketAddr>().map_err(|e| {
             anyhow::anyhow!(
@@ -557,6 +594,7 @@ fn main() -> ExitCode {
             deny_errno,
             uid_fetch_rate,
             uid_fetch_burst,
+            sync_every,
             ..
         } => (|| {
             if let Some(addr) = metrics {
@@ -591,9 +629,32 @@ fn main() -> ExitCode {
                 drain: defaults::secs(drain),
                 nonempty,
                 metrics,
+                sync_every,
             };
             hsm::supervisor::serve(&store, &mountpoint, opts)
         })(),
+        Command::Sync {
+            store,
+            dry_run,
+            manifest,
+            threads,
+            quiet,
+        } => {
+            let opts = hsm::sync::SyncOptions {
+                dry_run,
+                manifest,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                quiet,
+            };
+            return match hsm::sync::run(&store, &opts) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("hsm: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Hydrate(a) => return manage(Op::Hydrate, a),
         Command::Release(a) => return manage(Op::Release, a),
         Command::Pin(a) => return manage(Op::Pin, a),

@@ -108,6 +108,15 @@ impl Service for Operations {
                 }
                 Ok(Done::Flushed)
             }
+            Op::Sync => {
+                let forget = |fd: std::os::fd::BorrowedFd<'_>| {
+                    if let Some(engine) = &self.engine {
+                        engine.forget(fd);
+                    }
+                };
+                crate::sync::serve_request(self.tree.as_fd(), &forget, rel)
+                    .map(|report| Done::Synced { report })
+            }
         };
         done.map_err(|e| format!("{e:#}"))
     }
@@ -189,6 +198,7 @@ fn verb(op: Op) -> &'static str {
         Op::Pin => "pin",
         Op::Unpin => "unpin",
         Op::Flush => "flush",
+        Op::Sync => "sync",
     }
 }
 
@@ -382,6 +392,7 @@ fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> 
         Op::Pin => format!("{done} files pinned, {} fetched", mib(bytes)),
         Op::Unpin => format!("{done} files unpinned"),
         Op::Flush => format!("{done} flushed"),
+        Op::Sync => format!("{done} synced"),
     };
     let mut line = what;
     if refused > 0 {
