@@ -170,8 +170,8 @@ enum Command {
         #[arg(long, value_name = "N")]
         uid_fetch_burst: Option<f64>,
         /// Run `hsm sync STORE` this often while serving (90s, 10m, 1h; see `hsm sync`).
-        #[arg(long, value_name = "DURATION", value_parser = hsm::sync::parse_every)]
-        sync_every: Option<std::time::Duration>,
+        #[arg(long, value_name = "DURATION", value_parser = hsm::sync::parse_every_secs)]
+        sync_every: Option<u32>,
     },
     /// Bring STORE's tree up to date with its source: new files appear, changed ones become
     /// stubs of the new version, removed ones go; files changed here are kept (a conflict
@@ -425,7 +425,7 @@ impl Command {
             // Checked when the file is loaded (see `load_serve_config`).
             &cfg.sync_every
                 .as_deref()
-                .map(|s| hsm::sync::parse_every(s).ok()),
+                .map(|s| hsm::sync::parse_every_secs(s).ok()),
         );
         if !given(&["metrics"]) {
             if let Some(addr) = &cfg.metrics {
@@ -629,7 +629,7 @@ fn main() -> ExitCode {
                 drain: defaults::secs(drain),
                 nonempty,
                 metrics,
-                sync_every,
+                sync_every: sync_every.map(|s| std::time::Duration::from_secs(s.into())),
             };
             hsm::supervisor::serve(&store, &mountpoint, opts)
         })(),

@@ -652,6 +652,14 @@ impl Syncer<'_> {
                 self.conflict(rel, Some(fd.as_fd()), why, instead);
                 return Ok(false);
             }
+            // A stub the user moved here (its record names another path, and this is no
+            // leftover of ours): the user's own now, kept as it is.
+            Some(r) if !quiet && instead.is_none() && r.source.key != rel => {
+                if sysfs::fgetxattr(fd.as_fd(), XATTR_CONFLICT)?.is_some() {
+                    self.clear_conflict(fd.as_fd());
+                }
+                return Ok(false);
+            }
             Some(r) if r.changed_locally => {
                 self.conflict(rel, Some(fd.as_fd()), why, instead);
                 return Ok(false);

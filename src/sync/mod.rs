@@ -426,6 +426,12 @@ pub fn start_periodic(store: PathBuf, every: Duration) {
     }
 }
 
+/// [`parse_every`] in whole seconds (what the command line keeps: small).
+pub fn parse_every_secs(s: &str) -> Result<u32, String> {
+    let d = parse_every(s)?;
+    u32::try_from(d.as_secs()).map_err(|_| format!("{s:?}: too long a sync period"))
+}
+
 /// A duration as `--sync-every` takes it: `90s`, `10m`, `1h 30m`, or plain seconds.
 pub fn parse_every(s: &str) -> Result<Duration, String> {
     let d = match s.trim().parse::<u64>() {
