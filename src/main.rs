@@ -888,6 +888,42 @@ mod config_tests {
         assert!(matches!(cmd, Command::Serve { threads: 5, .. }), "{cmd:?}");
     }
 
+    /// `sync_every` in the file, `--sync-every` on the command line (which wins); a period
+    /// that is not one is refused, naming the key.
+    #[test]
+    fn sync_every_comes_from_the_file_or_the_flag() {
+        let f = config_file("sync_every = \"10m\"\n", 0o644);
+        let path = f.path().to_str().unwrap();
+        let every = |args: &[&str]| match parse(args).unwrap().0 {
+            Command::Serve { sync_every, .. } => sync_every,
+            cmd => panic!("{cmd:?}"),
+        };
+        assert_eq!(every(&["serve", "st", "mnt", "--config", path]), Some(600));
+        assert_eq!(
+            every(&[
+                "serve",
+                "st",
+                "mnt",
+                "--config",
+                path,
+                "--sync-every",
+                "90s"
+            ]),
+            Some(90)
+        );
+        assert_eq!(every(&["serve", "st", "mnt"]), None);
+        let bad = config_file("sync_every = \"often\"\n", 0o644);
+        let err = parse(&[
+            "serve",
+            "st",
+            "mnt",
+            "--config",
+            bad.path().to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("sync_every"), "{err:#}");
+    }
+
     #[test]
     fn bad_files_are_refused_with_the_reason() {
         let err = |text: &str, mode: u32| {

@@ -109,9 +109,14 @@ impl Service for Operations {
                 Ok(Done::Flushed)
             }
             Op::Sync => {
+                // An inode sync replaces or removes: the engine lets go of it, and the cache
+                // limit no longer counts it.
                 let forget = |fd: std::os::fd::BorrowedFd<'_>| {
                     if let Some(engine) = &self.engine {
                         engine.forget(fd);
+                    }
+                    if let Some(usage) = &self.usage {
+                        usage.filled(fd, 0);
                     }
                 };
                 crate::sync::serve_request(self.tree.as_fd(), &forget, rel)

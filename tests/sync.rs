@@ -69,6 +69,36 @@ impl Source {
         }
     }
 
+    /// Many files at once (S3: one upload process for all).
+    fn put_many(&self, items: &[(String, Vec<u8>)]) {
+        match &self.backend {
+            Backend::S3(m) => {
+                let dir = m.dir.join(format!("batch-{}", rand::random::<u32>()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let paths: Vec<(String, PathBuf)> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, d))| {
+                        let p = dir.join(i.to_string());
+                        std::fs::write(&p, d).unwrap();
+                        (k.clone(), p)
+                    })
+                    .collect();
+                let refs: Vec<(&str, &Path)> = paths
+                    .iter()
+                    .map(|(k, p)| (k.as_str(), p.as_path()))
+                    .collect();
+                m.put(&refs);
+                std::fs::remove_dir_all(&dir).unwrap();
+            }
+            _ => {
+                for (k, d) in items {
+                    self.put(k, d);
+                }
+            }
+        }
+    }
+
     fn put(&self, rel: &str, data: &[u8]) {
         match &self.backend {
             Backend::S3(m) => m.put_bytes(rel, data),
@@ -440,9 +470,11 @@ fn killed(kind: &str, fs: &str) {
     let src = Source::new(kind, &fx);
     let n = 1500;
     let name = |i: usize| format!("d{:02}/f{i:04}", i % 15);
-    for i in 0..n {
-        src.put(&name(i), &pattern(3000, i as u64));
-    }
+    src.put_many(
+        &(0..n)
+            .map(|i| (name(i), pattern(3000, i as u64)))
+            .collect::<Vec<_>>(),
+    );
     src.publish();
     src.populate(&fx);
     src.serve(&mut fx);
@@ -453,9 +485,11 @@ fn killed(kind: &str, fs: &str) {
     }
     fx.stop();
     std::thread::sleep(Duration::from_millis(1100));
-    for i in 0..n {
-        src.put(&name(i), &pattern(3100, 10_000 + i as u64));
-    }
+    src.put_many(
+        &(0..n)
+            .map(|i| (name(i), pattern(3100, 10_000 + i as u64)))
+            .collect::<Vec<_>>(),
+    );
     src.publish();
 
     let mut killed_mid_way = 0;
@@ -532,6 +566,11 @@ fn local_killed_sync_converges_xfs() {
 #[test]
 fn local_killed_sync_converges_ext4() {
     killed("local", "ext4");
+}
+
+#[test]
+fn s3_killed_sync_converges() {
+    killed("s3", "xfs");
 }
 
 #[test]
