@@ -597,3 +597,64 @@ fn serve_sync_every_follows_the_source() {
     assert_bytes_eq(&std::fs::read(fx.at("b")).unwrap(), &b, "b");
     let _ = std::fs::metadata(fx.at("a")).unwrap().size();
 }
+
+/// With digests recorded (populate --digests), a new version gets digests of its own: it reads
+/// right (a digest of the old version would fail it with EIO) and `hsm verify` passes. A source
+/// that lists nothing (not mounted) removes nothing.
+#[test]
+fn local_digests_follow_and_an_empty_source_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    fx.write_source("a", 3 << 20, 1);
+    fx.write_source("b", 1000, 2);
+    fx.populate(&["--digests"]);
+    std::thread::sleep(Duration::from_millis(20));
+    let a2 = fx.write_source("a", 3 << 20, 3);
+    let c = fx.write_source("c", 5000, 4);
+    let src = Source {
+        backend: Backend::Local,
+        dir: fx.source.clone(),
+    };
+    let out = src.sync(&fx, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    fx.serve(&[]);
+    assert_bytes_eq(
+        &std::fs::read(fx.at("a")).unwrap(),
+        &a2,
+        "a, checked against its digests",
+    );
+    assert_bytes_eq(
+        &std::fs::read(fx.at("c")).unwrap(),
+        &c,
+        "c, checked against its digests",
+    );
+    run(Command::new(HSM).arg("hydrate").arg(&fx.view));
+    let verify = Command::new(HSM)
+        .arg("verify")
+        .arg(&fx.view)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+    let said = String::from_utf8_lossy(&verify.stdout);
+    for f in ["a", "b", "c"] {
+        assert!(
+            said.lines().any(|l| l.starts_with("ok ") && l.ends_with(&format!("/{f}"))),
+            "{f} not verified against digests:\n{said}"
+        );
+    }
+    fx.stop();
+
+    // The source's directory emptied (as an unmounted source looks): refused, nothing removed.
+    for f in ["a", "b", "c"] {
+        std::fs::remove_file(fx.src(f)).unwrap();
+    }
+    let out = src.sync(&fx, &[]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lists nothing"));
+    assert!(
+        fx.stub("a").exists() && fx.stub("c").exists(),
+        "stubs removed"
+    );
+}

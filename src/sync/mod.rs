@@ -346,11 +346,31 @@ pub fn run(store: &Path, opts: &SyncOptions) -> anyhow::Result<u8> {
         crate::backend::object::redact_url(&config.source)
     );
     let mut listing = list_source(&config, opts)?;
+    refuse_empty_source(store, &listing, &config.source)?;
     let report = match Client::find(&store.join("tree"))? {
         Some((client, _)) => through_daemon(client, store, &config.source, &mut listing, opts)?,
         None => in_process(store, &mut listing, opts)?,
     };
     Ok(print(&report, opts))
+}
+
+/// A source that lists nothing while the tree holds entries is far more often a source not
+/// there (a mount missing, a wrong prefix, a manifest emptied) than one emptied on purpose:
+/// refused, rather than removing every stub.
+fn refuse_empty_source(store: &Path, listing: &Listing, source: &str) -> anyhow::Result<()> {
+    let listed = listing.nodes.keys().any(|k| !k.is_empty());
+    // A directory listing raises no fanotify event, served or not.
+    let tree_has_entries = std::fs::read_dir(store.join("tree"))
+        .with_context(|| format!("cannot list {}", store.join("tree").display()))?
+        .next()
+        .is_some();
+    if !listed && tree_has_entries && listing.errors.is_empty() {
+        bail!(
+            "the source {} lists nothing, and the tree has entries: refusing to remove them all              (is the source mounted, the prefix right?). Remove the files by hand if the source              was emptied on purpose",
+            crate::backend::object::redact_url(source)
+        );
+    }
+    Ok(())
 }
 
 fn print(r: &SyncReport, opts: &SyncOptions) -> u8 {
