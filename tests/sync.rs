@@ -640,7 +640,8 @@ fn local_digests_follow_and_an_empty_source_is_refused() {
     let said = String::from_utf8_lossy(&verify.stdout);
     for f in ["a", "b", "c"] {
         assert!(
-            said.lines().any(|l| l.starts_with("ok ") && l.ends_with(&format!("/{f}"))),
+            said.lines()
+                .any(|l| l.starts_with("ok ") && l.ends_with(&format!("/{f}"))),
             "{f} not verified against digests:\n{said}"
         );
     }

@@ -243,6 +243,7 @@ impl Syncer<'_> {
         }
         // What each directory of the source holds, by name.
         let mut by_dir: BTreeMap<&[u8], Vec<(&[u8], &Node)>> = BTreeMap::new();
+        by_dir.entry(b"").or_default();
         for (rel, node) in &self.listing.nodes {
             if rel.is_empty() {
                 by_dir.entry(b"").or_default();

@@ -79,14 +79,8 @@ pub fn list_source(config: &StoreConfig, opts: &super::SyncOptions) -> anyhow::R
                 };
                 listing.nodes.insert(path.into_bytes(), node);
             }
-            // The tree's root, as populate leaves it.
-            listing.nodes.insert(
-                Vec::new(),
-                Node::Dir(Meta {
-                    mode: 0o755,
-                    ..Meta::default()
-                }),
-            );
+            // The tree's root is not the source's (populate gives it mode 0755 alone): it is
+            // compared like any directory, its owner, mode and times left as they are.
             Ok(listing)
         }
     }
