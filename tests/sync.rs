@@ -659,3 +659,57 @@ fn local_digests_follow_and_an_empty_source_is_refused() {
         "stubs removed"
     );
 }
+
+/// A served sync that replaces a complete file gives its bytes back: the daemon's engine lets
+/// go of the old inode, and nothing else holds it.
+#[test]
+fn local_replaced_file_gives_its_space_back_while_served() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let len = 48 << 20;
+    fx.write_source("big", len, 1);
+    fx.populate(&[]);
+    fx.serve(&[]);
+    run(Command::new(HSM).arg("hydrate").arg(fx.at("big")));
+    let used = || {
+        let out = run(Command::new("df")
+            .args(["--output=used", "-B1"])
+            .arg(&fx.store));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = used();
+    std::thread::sleep(Duration::from_millis(20));
+    let new = fx.write_source("big", len, 2);
+    let src = Source {
+        backend: Backend::Local,
+        dir: fx.source.clone(),
+    };
+    let out = src.sync(&fx, &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        sh("sync");
+        let now = used();
+        if before.saturating_sub(now) >= (len as u64) * 3 / 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the old version's {len} bytes were not given back: used {before} -> {now}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_bytes_eq(
+        &std::fs::read(fx.at("big")).unwrap(),
+        &new,
+        "the new version",
+    );
+}
