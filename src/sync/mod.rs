@@ -270,6 +270,26 @@ impl ListingFile {
     }
 }
 
+/// Listings left by a `hsm sync` that was killed: those whose process is gone.
+fn sweep_listings(meta: &Path) {
+    let Ok(rd) = std::fs::read_dir(meta) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(LISTING_PREFIX))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn through_daemon(
     mut client: Client,
     store: &Path,
@@ -277,6 +297,7 @@ fn through_daemon(
     listing: &mut Listing,
     opts: &SyncOptions,
 ) -> anyhow::Result<SyncReport> {
+    sweep_listings(&store.join(".hsm"));
     let name = format!("{LISTING_PREFIX}{}", std::process::id());
     let file = ListingFile(store.join(".hsm").join(&name));
     file.write(listing)?;
