@@ -536,7 +536,7 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         state.present.covered(state.backed_len.min(size)) + size.saturating_sub(state.backed_len);
     f.percent = percent(f.present_bytes, size);
     let mtime = (md.mtime(), md.mtime_nsec() as u32);
-    f.state = if state.modified || size != source.size || mtime != source.mtime {
+    f.state = if state.changed_locally(&source, size, mtime) {
         State::Modified
     } else if state.is_complete() {
         State::Complete
