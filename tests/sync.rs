@@ -463,6 +463,27 @@ fn http_old_reader() {
 /// every file is the old version or the new one whole, and the rerun converges (leaving no
 /// staging names).
 fn killed(kind: &str, fs: &str) {
+    killed_with(kind, fs, false);
+}
+
+/// The daemon's worker (`.hsm/worker.pid`), once it is up.
+fn worker_pid(fx: &Fixture) -> i32 {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid = std::fs::read_to_string(fx.store.join(".hsm/worker.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
+            return pid;
+        }
+        assert!(Instant::now() < end, "no worker within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `served`: the sync runs in the daemon, and it is the daemon's worker that is killed (the
+/// supervisor starts another); otherwise the `hsm sync` process itself.
+fn killed_with(kind: &str, fs: &str, served: bool) {
     if !require_root() {
         return;
     }
@@ -491,6 +512,9 @@ fn killed(kind: &str, fs: &str) {
             .collect::<Vec<_>>(),
     );
     src.publish();
+    if served {
+        src.serve(&mut fx);
+    }
 
     let mut killed_mid_way = 0;
     for delay_ms in [150u64, 400, 900] {
@@ -503,13 +527,27 @@ fn killed(kind: &str, fs: &str) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let worker = if served { worker_pid(&fx) } else { 0 };
         std::thread::sleep(Duration::from_millis(delay_ms));
         if child.try_wait().unwrap().is_none() {
             killed_mid_way += 1;
         }
-        // SAFETY: killing our own child by pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        // SAFETY: killing our own child, or the daemon's worker, by pid.
+        unsafe {
+            libc::kill(
+                if served { worker } else { child.id() as i32 },
+                libc::SIGKILL,
+            )
+        };
         let _ = child.wait();
+        if served {
+            // The supervisor starts another worker.
+            let end = Instant::now() + Duration::from_secs(30);
+            while worker_pid(&fx) == worker {
+                assert!(Instant::now() < end, "no new worker within 30 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         // Every stub is whole: no record corrupt, every size the old or the new one.
         let out = run(Command::new(HSM).arg("status").arg("--json").arg(&fx.store));
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -544,7 +582,9 @@ fn killed(kind: &str, fs: &str) {
         "0",
         "staging names left"
     );
-    src.serve(&mut fx);
+    if !served {
+        src.serve(&mut fx);
+    }
     for (i, want) in local.iter().enumerate() {
         assert_bytes_eq(
             &std::fs::read(fx.at(&name(i))).unwrap(),
@@ -566,6 +606,11 @@ fn local_killed_sync_converges_xfs() {
 #[test]
 fn local_killed_sync_converges_ext4() {
     killed("local", "ext4");
+}
+
+#[test]
+fn local_worker_killed_mid_sync_converges_xfs() {
+    killed_with("local", "xfs", true);
 }
 
 #[test]
