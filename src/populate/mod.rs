@@ -389,15 +389,17 @@ impl<'a> Stubber<'a> {
         self.0.stub_with(dir, name, rel, m, digests)
     }
 
-    /// A new stub, synced, under a fresh staging name in `dir`: that name and the stub.
+    /// A new stub under a fresh staging name in `dir`, synced when `durable` (else the caller
+    /// syncs it before it is given a name that matters): that name and the stub.
     pub(crate) fn stub_staged(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
         rel: &[u8],
         m: &Meta,
         digests: Option<[u8; 32]>,
+        durable: bool,
     ) -> anyhow::Result<(std::ffi::CString, File)> {
-        self.0.stub_staged(dir, rel, m, digests)
+        self.0.stub_staged(dir, rel, m, digests, durable)
     }
 
     /// Owner, mode (of a directory: `name` None) and times; failures are kept for

@@ -224,14 +224,16 @@ impl Walk<'_> {
         }
     }
 
-    /// A whole stub of `rel`, synced, under a fresh staging name in `dir` (for `hsm sync`, which
-    /// then swaps it with the old version at its name); returns that name and the stub.
+    /// A whole stub of `rel` under a fresh staging name in `dir` (for `hsm sync`, which then
+    /// swaps it with the old version at its name), synced when `durable`; returns that name and
+    /// the stub.
     pub(super) fn stub_staged(
         &self,
         dir: BorrowedFd<'_>,
         rel: &[u8],
         m: &Meta,
         digests: Option<[u8; 32]>,
+        durable: bool,
     ) -> anyhow::Result<(CString, File)> {
         let record = self.record_for(rel, m, digests);
         let made = self.make(dir, &record, m)?;
@@ -246,9 +248,11 @@ impl Walk<'_> {
                 }
             },
         };
-        if let Err(e) = sysfs::fsync(made.file.as_fd()) {
-            let _ = sysfs::unlinkat(dir, &name);
-            return Err(e).context("cannot sync the new stub");
+        if durable {
+            if let Err(e) = sysfs::fsync(made.file.as_fd()) {
+                let _ = sysfs::unlinkat(dir, &name);
+                return Err(e).context("cannot sync the new stub");
+            }
         }
         Ok((name, made.file))
     }
