@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub deny_errno: Option<String>,
     pub uid_fetch_rate: Option<f64>,
     pub uid_fetch_burst: Option<f64>,
+    /// `--sync-every`: a duration (`"10m"`, `"1h"`, or seconds).
+    pub sync_every: Option<String>,
     /// S3 credentials for remote sources (else the environment, the credentials file, web
     /// identity or instance metadata). A file holding them must be readable by its owner only.
     pub aws_access_key_id: Option<String>,

@@ -40,6 +40,9 @@ pub enum Op {
     Flush,
     /// The daemon's figures (`hsm stats`); the path is not used.
     Stats,
+    /// `hsm sync`: apply a listing of the source (the path field holds the request, see
+    /// `sync::serve_request`).
+    Sync,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,10 @@ pub enum Done {
     Flushed,
     /// The figures of `hsm stats`.
     Stats(Box<crate::metrics::Stats>),
+    /// What a sync did.
+    Synced {
+        report: crate::sync::SyncReport,
+    },
 }
 
 pub type Reply = Result<Done, String>;

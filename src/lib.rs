@@ -46,6 +46,7 @@ pub mod stats;
 pub mod status;
 pub mod store;
 pub mod supervisor;
+pub mod sync;
 pub mod sys;
 pub mod units;
 pub mod verify;

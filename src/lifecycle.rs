@@ -87,11 +87,7 @@ fn check(fd: BorrowedFd<'_>, source: &SourceRecord, state: &StateRecord) -> Resu
     let size = st.st_size as u64;
     // A write in place moves only the mtime: the record cannot know of it.
     let mtime = (st.st_mtime, st.st_mtime_nsec as u32);
-    if state.modified
-        || state.backed_len != source.size
-        || size != source.size
-        || mtime != source.mtime
-    {
+    if state.changed_locally(source, size, mtime) {
         return Err(Refusal::Modified);
     }
     if is_pinned(fd) {

@@ -177,6 +177,30 @@ enum Command {
         /// second's worth).
         #[arg(long, value_name = "N")]
         uid_fetch_burst: Option<f64>,
+        /// Run `hsm sync STORE` this often while serving (90s, 10m, 1h; see `hsm sync`).
+        #[arg(long, value_name = "DURATION", value_parser = hsm::sync::parse_every_secs)]
+        sync_every: Option<u32>,
+    },
+    /// Bring STORE's tree up to date with its source: new files appear, changed ones become
+    /// stubs of the new version, removed ones go; files changed here are kept (a conflict
+    /// when the source changed them too). Through the daemon while `hsm serve` runs. Exit
+    /// status 0, 1 when there were conflicts, 2 on errors.
+    Sync {
+        /// The store `hsm populate` built.
+        store: PathBuf,
+        /// Print what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remote sources: the manifest populate was given (HTTP default:
+        /// SOURCE/.hsm-manifest.jsonl), as a path or an http(s) URL.
+        #[arg(long)]
+        manifest: Option<String>,
+        /// Threads comparing and making stubs (default: number of CPUs).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Print the counts, conflicts and errors, not a line per change.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Make files complete (directories: every file below), fetching what is missing.
     Hydrate(ManageArgs),
@@ -357,6 +381,7 @@ impl Command {
             deny_errno,
             uid_fetch_rate,
             uid_fetch_burst,
+            sync_every,
             ..
         } = self
         else {
@@ -416,6 +441,14 @@ impl Command {
             given(&["uid_fetch_burst"]),
             &Some(cfg.uid_fetch_burst),
         );
+        take(
+            sync_every,
+            given(&["sync_every"]),
+            // Checked when the file is loaded (see `load_serve_config`).
+            &cfg.sync_every
+                .as_deref()
+                .map(|s| hsm::sync::parse_every_secs(s).ok()),
+        );
         if !given(&["metrics"]) {
             if let Some(addr) = &cfg.metrics {
                 // Checked when the file is loaded (see `load_serve_config`).
@@ -450,6 +483,10 @@ fn parse_command_line(
 
 fn load_serve_config(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
     let cfg = ServeConfig::load(path)?;
+    if let Some(every) = &cfg.sync_every {
+        hsm::sync::parse_every(every)
+            .map_err(|e| anyhow::anyhow!("{}: sync_every: {e}", path.display()))?;
+    }
     if let Some(addr) = &cfg.metrics {
         addr.parse::<SocketAddr>().map_err(|e| {
             anyhow::anyhow!(
@@ -580,6 +617,7 @@ fn main() -> ExitCode {
             deny_errno,
             uid_fetch_rate,
             uid_fetch_burst,
+            sync_every,
             ..
         } => (|| {
             if let Some(addr) = metrics {
@@ -614,6 +652,7 @@ fn main() -> ExitCode {
                 drain: defaults::secs(drain),
                 nonempty,
                 metrics,
+                sync_every: sync_every.map(|s| std::time::Duration::from_secs(s.into())),
             };
             match hsm::fuse::choose(frontend, &store) {
                 hsm::fuse::Frontend::Fuse => {
@@ -622,6 +661,28 @@ fn main() -> ExitCode {
                 _ => hsm::supervisor::serve(&store, &mountpoint, opts),
             }
         })(),
+        Command::Sync {
+            store,
+            dry_run,
+            manifest,
+            threads,
+            quiet,
+        } => {
+            let opts = hsm::sync::SyncOptions {
+                dry_run,
+                manifest,
+                threads: threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                quiet,
+            };
+            return match hsm::sync::run(&store, &opts) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("hsm: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Hydrate(a) => return manage(Op::Hydrate, a),
         Command::Release(a) => return manage(Op::Release, a),
         Command::Pin(a) => return manage(Op::Pin, a),
@@ -854,6 +915,42 @@ mod config_tests {
         // An old option name counts as given.
         let (cmd, _) = parse(&["serve", "st", "mnt", "--config", path, "--workers", "5"]).unwrap();
         assert!(matches!(cmd, Command::Serve { threads: 5, .. }), "{cmd:?}");
+    }
+
+    /// `sync_every` in the file, `--sync-every` on the command line (which wins); a period
+    /// that is not one is refused, naming the key.
+    #[test]
+    fn sync_every_comes_from_the_file_or_the_flag() {
+        let f = config_file("sync_every = \"10m\"\n", 0o644);
+        let path = f.path().to_str().unwrap();
+        let every = |args: &[&str]| match parse(args).unwrap().0 {
+            Command::Serve { sync_every, .. } => sync_every,
+            cmd => panic!("{cmd:?}"),
+        };
+        assert_eq!(every(&["serve", "st", "mnt", "--config", path]), Some(600));
+        assert_eq!(
+            every(&[
+                "serve",
+                "st",
+                "mnt",
+                "--config",
+                path,
+                "--sync-every",
+                "90s"
+            ]),
+            Some(90)
+        );
+        assert_eq!(every(&["serve", "st", "mnt"]), None);
+        let bad = config_file("sync_every = \"often\"\n", 0o644);
+        let err = parse(&[
+            "serve",
+            "st",
+            "mnt",
+            "--config",
+            bad.path().to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("sync_every"), "{err:#}");
     }
 
     #[test]

@@ -115,6 +115,20 @@ impl Service for Operations {
                 .map(|engine| {
                     Done::Stats(Box::new(crate::stats::gather(engine, self.tree.as_fd())))
                 }),
+            Op::Sync => {
+                // An inode sync replaces or removes: the engine lets go of it, and the cache
+                // limit no longer counts it.
+                let forget = |fd: std::os::fd::BorrowedFd<'_>| {
+                    if let Some(engine) = &self.engine {
+                        engine.forget(fd);
+                    }
+                    if let Some(usage) = &self.usage {
+                        usage.filled(fd, 0);
+                    }
+                };
+                crate::sync::serve_request(self.tree.as_fd(), &forget, rel)
+                    .map(|report| Done::Synced { report })
+            }
         };
         done.map_err(|e| format!("{e:#}"))
     }
@@ -197,6 +211,7 @@ fn verb(op: Op) -> &'static str {
         Op::Unpin => "unpin",
         Op::Flush => "flush",
         Op::Stats => "stats",
+        Op::Sync => "sync",
     }
 }
 
@@ -391,6 +406,7 @@ fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> 
         Op::Unpin => format!("{done} files unpinned"),
         Op::Flush => format!("{done} flushed"),
         Op::Stats => format!("{done} answered"),
+        Op::Sync => format!("{done} synced"),
     };
     let mut line = what;
     if refused > 0 {

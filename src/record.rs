@@ -161,6 +161,15 @@ impl StateRecord {
         Ok(rec)
     }
 
+    /// The file was changed locally: the record says so, or its size or mtime (`size`, `mtime`:
+    /// the file's now) is no longer the source's. Its only copy is here.
+    pub fn changed_locally(&self, source: &SourceRecord, size: u64, mtime: (i64, u32)) -> bool {
+        self.modified
+            || self.backed_len != source.size
+            || size != source.size
+            || mtime != source.mtime
+    }
+
     /// Every byte that must come from the source is here.
     pub fn is_complete(&self) -> bool {
         self.present.contains(0, self.backed_len)

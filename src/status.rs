@@ -20,6 +20,8 @@
 //! - `modified`: changed locally: the state record says so, or the file's current mtime or size
 //!   differs from what the source record says the source had. Such a file is never refetched over;
 //! - `local`: no record, not managed by hsm (e.g. a file created through MOUNTPOINT);
+//! - `[conflict]` after any of these: `hsm sync` found the file changed here and at the source;
+//!   the local version is kept.
 //! - `corrupt`: a record that fails its checksum or does not decode; the daemon serves such a file
 //!   with EIO. The reason is printed after the path.
 //!
@@ -99,6 +101,10 @@ pub struct FileStatus {
     /// Pinned (`hsm pin`): kept complete, never released or evicted.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pinned: bool,
+    /// Changed here and at the source (`hsm sync`): the local version is kept; move it away to
+    /// get the source's at the next sync.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
 }
 
 /// Space use of one filesystem, as `df` shows it.
@@ -344,6 +350,9 @@ pub fn file_line(f: &FileStatus) -> String {
     if f.pinned {
         line.push_str("  [pinned]");
     }
+    if f.conflict {
+        line.push_str("  [conflict: changed here and at the source]");
+    }
     line
 }
 
@@ -477,6 +486,10 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         reason: None,
         loop_device: None,
         pinned: false,
+        conflict: matches!(
+            sysfs::lgetxattr(path, crate::sync::XATTR_CONFLICT),
+            Ok(Some(_))
+        ),
     };
     let raw = match sysfs::lgetxattr(path, XATTR_SOURCE) {
         Ok(Some(raw)) => raw,
@@ -523,7 +536,7 @@ pub fn file_status(path: &Path, md: &std::fs::Metadata) -> io::Result<FileStatus
         state.present.covered(state.backed_len.min(size)) + size.saturating_sub(state.backed_len);
     f.percent = percent(f.present_bytes, size);
     let mtime = (md.mtime(), md.mtime_nsec() as u32);
-    f.state = if state.modified || size != source.size || mtime != source.mtime {
+    f.state = if state.changed_locally(&source, size, mtime) {
         State::Modified
     } else if state.is_complete() {
         State::Complete

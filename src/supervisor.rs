@@ -50,6 +50,8 @@ pub struct ServeOptions {
     pub nonempty: bool,
     /// Serve Prometheus metrics here (see `exporter`; checked to be loopback by the caller).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Run `hsm sync` of the store this often (see `sync::start_periodic`).
+    pub sync_every: Option<Duration>,
 }
 
 impl ServeOptions {
@@ -76,6 +78,7 @@ impl Default for ServeOptions {
             drain: defaults::secs(defaults::DRAIN_SECS),
             nonempty: false,
             metrics: None,
+            sync_every: None,
         }
     }
 }
@@ -194,6 +197,9 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
     info!(store = %store_root.display(), mountpoint = %mountpoint.display(), source = %store.config.source, "serving");
     println!("ready");
+    if let Some(every) = opts.sync_every {
+        crate::sync::start_periodic(store_root.to_path_buf(), every);
+    }
     let _ = ipc::sd_notify("READY=1", None);
     let watchdog = watchdog_interval();
     let mut watchdog_at = Instant::now();

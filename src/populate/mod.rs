@@ -31,6 +31,10 @@ mod report;
 mod stub;
 mod walk;
 
+pub(crate) use remote::{http_versions, plan_for_sync, Node as PlanNode};
+pub(crate) use stub::is_staging_name;
+pub use stub::Meta;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
@@ -48,8 +52,8 @@ use crate::store::{Store, StoreConfig};
 use crate::sys::fs::{self as sysfs, FsKind};
 
 use report::{method_line, print_report, progress_style};
+use stub::STAGING_ENV;
 pub use stub::STAGING_PREFIX;
-use stub::{Meta, STAGING_ENV};
 
 #[derive(Clone, Debug, Default)]
 pub struct PopulateOptions {
@@ -307,8 +311,17 @@ impl<'a> Walk<'a> {
         store: &Store,
         digests: bool,
     ) -> anyhow::Result<(Walk<'a>, OwnedFd)> {
-        let fs = store.config.fs;
         eprintln!("{}", method_line(&store.config));
+        Walk::build(opts, store, digests)
+    }
+
+    /// As [`Walk::new`], saying nothing.
+    fn build(
+        opts: &'a PopulateOptions,
+        store: &Store,
+        digests: bool,
+    ) -> anyhow::Result<(Walk<'a>, OwnedFd)> {
+        let fs = store.config.fs;
         let tree: OwnedFd = File::open(store.tree())
             .with_context(|| format!("cannot open {}", store.tree().display()))?
             .into();
@@ -347,4 +360,70 @@ impl<'a> Walk<'a> {
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("{}: {what}", display(rel)));
     }
+}
+
+/// Stub making for `hsm sync`: the very stubs, records, owners, modes and times populate makes,
+/// so that a synced tree is one populate could have built.
+pub(crate) struct Stubber<'a>(Walk<'a>);
+
+impl<'a> Stubber<'a> {
+    /// For `store`, with its chunk size and stub kinds (`opts`); returns the tree's fd too.
+    pub(crate) fn new(
+        opts: &'a PopulateOptions,
+        store: &Store,
+    ) -> anyhow::Result<(Stubber<'a>, OwnedFd)> {
+        let (walk, tree) = Walk::build(opts, store, false)?;
+        walk.progress.set_draw_target(ProgressDrawTarget::hidden());
+        Ok((Stubber(walk), tree))
+    }
+
+    /// A new stub `name` in `dir` for the source object `rel` (see [`Walk::stub_with`]).
+    pub(crate) fn stub(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        rel: &[u8],
+        m: &Meta,
+        digests: Option<[u8; 32]>,
+    ) -> anyhow::Result<()> {
+        self.0.stub_with(dir, name, rel, m, digests)
+    }
+
+    /// A new stub under a fresh staging name in `dir`, synced when `durable` (else the caller
+    /// syncs it before it is given a name that matters): that name and the stub.
+    pub(crate) fn stub_staged(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        rel: &[u8],
+        m: &Meta,
+        digests: Option<[u8; 32]>,
+        durable: bool,
+    ) -> anyhow::Result<(std::ffi::CString, File)> {
+        self.0.stub_staged(dir, rel, m, digests, durable)
+    }
+
+    /// Owner, mode (of a directory: `name` None) and times; failures are kept for
+    /// [`Stubber::take_errors`].
+    pub(crate) fn set_meta(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: Option<&std::ffi::CStr>,
+        m: &Meta,
+        rel: &[u8],
+    ) {
+        self.0.set_meta(dir, name, m, rel)
+    }
+
+    pub(crate) fn take_errors(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.errors.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// BLAKE3 of each `chunk`-sized piece of the file's first `size` bytes (for `hsm sync`).
+pub(crate) fn chunk_digests(
+    fd: std::os::fd::BorrowedFd<'_>,
+    size: u64,
+    chunk: u32,
+) -> anyhow::Result<Vec<[u8; 32]>> {
+    walk::chunk_digests(fd, size, chunk)
 }

@@ -28,7 +28,7 @@ const FILE_MODE: u32 = 0o644;
 const DIR_MODE: u32 = 0o755;
 const MANIFEST_LIMIT: u64 = 1 << 30;
 
-enum Node {
+pub(crate) enum Node {
     Dir(Meta),
     File(Meta),
     Symlink(String, Meta),
@@ -36,10 +36,53 @@ enum Node {
 
 /// What will be made, by relative path, plus what was refused and why.
 #[derive(Default)]
-struct Plan {
-    nodes: BTreeMap<String, Node>,
-    skipped: Vec<String>,
-    errors: Vec<String>,
+pub(crate) struct Plan {
+    pub(crate) nodes: BTreeMap<String, Node>,
+    pub(crate) skipped: Vec<String>,
+    pub(crate) errors: Vec<String>,
+}
+
+/// For `hsm sync`: the source's listing (S3) or manifest (HTTP) as a plan, every ancestor
+/// directory in it, and the source URL as the store records it. HTTP files are not checked on
+/// the server here (no HEAD): their versions are `None` until [`http_versions`] asks.
+pub(crate) fn plan_for_sync(source: &str, opts: &PopulateOptions) -> anyhow::Result<Plan> {
+    let (_, mut plan) = match scheme_of(source) {
+        Scheme::S3 | Scheme::Gcs | Scheme::Azure => plan_listed(source, opts)?,
+        Scheme::Http => plan_http_with(source, opts, false)?,
+        Scheme::Local => bail!("a local source is walked, not planned"),
+    };
+    complete(&mut plan);
+    Ok(plan)
+}
+
+/// One file's size and version on the server, or why not.
+pub(crate) type Head = Result<(u64, Option<String>), String>;
+
+/// For `hsm sync`: the size and version (ETag, else Last-Modified) of each of `paths` on the
+/// HTTP(S) server of `source`, by HEAD requests, several at once.
+pub(crate) fn http_versions(
+    source: &str,
+    paths: &[String],
+    jobs: usize,
+) -> anyhow::Result<Vec<Head>> {
+    let backend = HttpBackend::open(HttpUrl::parse(source)?)?;
+    Ok(backend
+        .head_all(paths, jobs.max(1) * 8)
+        .into_iter()
+        .map(|h| match h {
+            Ok(h) => Ok((h.size, version_of(h.e_tag, h.last_modified.timestamp()))),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect())
+}
+
+/// An HTTP object's version: its ETag, else its Last-Modified time.
+fn version_of(e_tag: Option<String>, last_modified_secs: i64) -> Option<String> {
+    match (e_tag, last_modified_secs) {
+        (Some(tag), _) => Some(tag),
+        (None, secs) if secs > 0 => Some(format!("{LAST_MODIFIED_PREFIX}{secs}")),
+        _ => None,
+    }
 }
 
 fn default_meta(mode: u32) -> Meta {
@@ -173,6 +216,15 @@ fn plan_listed(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, 
 }
 
 fn plan_http(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Plan)> {
+    plan_http_with(source, opts, true)
+}
+
+/// The manifest as a plan; `head`: each file checked on the server (size, version).
+fn plan_http_with(
+    source: &str,
+    opts: &PopulateOptions,
+    head: bool,
+) -> anyhow::Result<(String, Plan)> {
     if opts.endpoint.is_some() || opts.region.is_some() {
         bail!("--endpoint and --region are for object stores (s3://, gs://, az://)");
     }
@@ -214,6 +266,13 @@ fn plan_http(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Pl
             EntryType::File => files.push(e),
         }
     }
+    if !head {
+        for e in files {
+            plan.nodes
+                .insert(e.path.clone(), Node::File(entry_meta(&e, FILE_MODE)));
+        }
+        return Ok((backend.url.to_url(), plan));
+    }
     eprintln!("checking {} files on the server (HEAD)", files.len());
     let paths: Vec<String> = files.iter().map(|e| e.path.clone()).collect();
     let heads = backend.head_all(&paths, opts.jobs.max(1) * 8);
@@ -226,14 +285,10 @@ fn plan_http(source: &str, opts: &PopulateOptions) -> anyhow::Result<(String, Pl
                 e.path, m.size, h.size
             )),
             Ok(h) => {
-                m.version = match (h.e_tag, h.last_modified.timestamp()) {
-                    (Some(tag), _) => Some(tag),
-                    (None, secs) if secs > 0 => Some(format!("{LAST_MODIFIED_PREFIX}{secs}")),
-                    _ => {
-                        unversioned += 1;
-                        None
-                    }
-                };
+                m.version = version_of(h.e_tag, h.last_modified.timestamp());
+                if m.version.is_none() {
+                    unversioned += 1;
+                }
                 plan.nodes.insert(e.path.clone(), Node::File(m));
             }
             Err(FetchError::NotFound) => plan.errors.push(format!(

@@ -21,13 +21,23 @@ use crate::sys::fs as sysfs;
 pub const STAGING_PREFIX: &str = ".hsm-staging.";
 
 /// `.hsm-staging.<pid, hex>.<sequence number, hex>`.
-fn is_staging_name(name: &[u8]) -> bool {
+pub(crate) fn is_staging_name(name: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(STAGING_PREFIX.as_bytes()) else {
         return false;
     };
     let hex = |p: &[u8]| !p.is_empty() && p.len() <= 16 && p.iter().all(u8::is_ascii_hexdigit);
     let mut parts = rest.split(|&b| b == b'.');
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if hex(a) && hex(b))
+}
+
+/// A fresh staging name: `.hsm-staging.<pid, hex>.<sequence number, hex>`.
+fn staging_name() -> anyhow::Result<CString> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    Ok(CString::new(format!(
+        "{STAGING_PREFIX}{:x}.{:x}",
+        std::process::id(),
+        SEQ.fetch_add(1, Relaxed)
+    ))?)
 }
 
 /// Testing: make stubs under staging names even where `O_TMPFILE` works.
@@ -58,8 +68,8 @@ impl Made {
 }
 
 /// What a stub, directory or symlink looks like, whichever kind of source it came from.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Meta {
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
     pub size: u64,
     /// Permission bits (`& 0o7777`).
     pub mode: u32,
@@ -72,7 +82,7 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    pub(super) fn of(st: &sysfs::Stat) -> Meta {
+    pub(crate) fn of(st: &sysfs::Stat) -> Meta {
         Meta {
             size: st.st_size as u64,
             mode: st.st_mode & 0o7777,
@@ -188,14 +198,8 @@ impl Walk<'_> {
         self.stub_with(dst, name, rel, m, None)
     }
 
-    pub(super) fn stub_with(
-        &self,
-        dst: BorrowedFd<'_>,
-        name: &std::ffi::CStr,
-        rel: &[u8],
-        m: &Meta,
-        digests: Option<[u8; 32]>,
-    ) -> anyhow::Result<()> {
+    /// The source record of a stub of `rel` as `m` describes it.
+    fn record_for(&self, rel: &[u8], m: &Meta, digests: Option<[u8; 32]>) -> SourceRecord {
         let size = m.size;
         let kind = if self.fs.reflinks() && size >= self.opts.whole_below {
             StubKind::Cloned
@@ -204,7 +208,7 @@ impl Walk<'_> {
         } else {
             StubKind::Sparse
         };
-        let record = SourceRecord {
+        SourceRecord {
             key: rel.to_vec(),
             size,
             mtime: (m.mtime.0, m.mtime.1 as u32),
@@ -212,7 +216,52 @@ impl Walk<'_> {
             chunk_size: self.opts.chunk_size,
             kind,
             digests,
+        }
+    }
+
+    /// A whole stub of `rel` under a fresh staging name in `dir` (for `hsm sync`, which then
+    /// swaps it with the old version at its name), synced when `durable`; returns that name and
+    /// the stub.
+    pub(super) fn stub_staged(
+        &self,
+        dir: BorrowedFd<'_>,
+        rel: &[u8],
+        m: &Meta,
+        digests: Option<[u8; 32]>,
+        durable: bool,
+    ) -> anyhow::Result<(CString, File)> {
+        let record = self.record_for(rel, m, digests);
+        let made = self.make(dir, &record, m)?;
+        let name = match &made.staged {
+            Some(name) => name.clone(),
+            None => loop {
+                let name = staging_name()?;
+                match sysfs::link_fd(made.file.as_fd(), dir, &name) {
+                    Ok(()) => break name,
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            },
         };
+        if durable {
+            if let Err(e) = sysfs::fsync(made.file.as_fd()) {
+                let _ = sysfs::unlinkat(dir, &name);
+                return Err(e).context("cannot sync the new stub");
+            }
+        }
+        Ok((name, made.file))
+    }
+
+    pub(super) fn stub_with(
+        &self,
+        dst: BorrowedFd<'_>,
+        name: &std::ffi::CStr,
+        rel: &[u8],
+        m: &Meta,
+        digests: Option<[u8; 32]>,
+    ) -> anyhow::Result<()> {
+        let record = self.record_for(rel, m, digests);
+        let (size, kind) = (record.size, record.kind);
         // Made whole before it has a name (see the module's documentation): no path, and so no
         // user or daemon, ever reaches a stub without its record, owner, mode and times.
         let made = self.make(dst, &record, m)?;
@@ -257,7 +306,6 @@ impl Walk<'_> {
     /// fresh staging name instead, mode 0600 and root's until its owner and mode are set: a
     /// daemon serving the tree already shows that name.
     fn create_unnamed(&self, dir: BorrowedFd<'_>, mode: u32) -> anyhow::Result<Made> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
         if self.tmpfile.load(Relaxed) {
             match sysfs::open_tmpfile(dir, mode & 0o777) {
                 Ok(fd) => {
@@ -278,11 +326,7 @@ impl Walk<'_> {
             }
         }
         loop {
-            let staged = CString::new(format!(
-                "{STAGING_PREFIX}{:x}.{:x}",
-                std::process::id(),
-                SEQ.fetch_add(1, Relaxed)
-            ))?;
+            let staged = staging_name()?;
             match sysfs::openat(
                 dir,
                 &staged,

@@ -18,7 +18,11 @@ use crate::record::{SourceRecord, XATTR_SOURCE, XATTR_STATE};
 use crate::sys::fs as sysfs;
 
 /// BLAKE3 of each `chunk`-sized piece of the file's first `size` bytes.
-fn chunk_digests(fd: BorrowedFd<'_>, size: u64, chunk: u32) -> anyhow::Result<Vec<[u8; 32]>> {
+pub(super) fn chunk_digests(
+    fd: BorrowedFd<'_>,
+    size: u64,
+    chunk: u32,
+) -> anyhow::Result<Vec<[u8; 32]>> {
     let mut buf = vec![0u8; chunk as usize];
     let mut out = Vec::with_capacity(size.div_ceil(chunk as u64) as usize);
     let mut off = 0;

@@ -442,6 +442,37 @@ pub fn rename_noreplace(
     )?)
 }
 
+/// `renameat2(dir, a, dir, b, RENAME_EXCHANGE)`: the two names swap their inodes atomically
+/// (both must exist). A file replaced this way stays reachable under the other name until it is
+/// unlinked, so a replacement can still be undone.
+pub fn rename_exchange(dir: BorrowedFd<'_>, a: &CStr, b: &CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    cvt(unsafe {
+        libc::renameat2(
+            dir.as_raw_fd(),
+            a.as_ptr(),
+            dir.as_raw_fd(),
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    })?;
+    Ok(())
+}
+
+/// `renameat(dir, old, dir, new)`: `new` is replaced atomically if it exists.
+pub fn rename_replace(dir: BorrowedFd<'_>, old: &CStr, new: &CStr) -> io::Result<()> {
+    // SAFETY: both names are NUL-terminated.
+    cvt(unsafe { libc::renameat(dir.as_raw_fd(), old.as_ptr(), dir.as_raw_fd(), new.as_ptr()) })?;
+    Ok(())
+}
+
+/// `unlinkat(dir, name, AT_REMOVEDIR)`: remove an empty directory.
+pub fn rmdirat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // SAFETY: `name` is NUL-terminated.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
+    Ok(())
+}
+
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     Ok(retry_on_intr(|| rustix::fs::ftruncate(fd, len))?)
 }
