@@ -517,7 +517,8 @@ fn killed_with(kind: &str, fs: &str, served: bool) {
     }
 
     let mut killed_mid_way = 0;
-    for delay_ms in [150u64, 400, 900] {
+    // From early on: a fast disk may finish a sync within 150 ms.
+    for delay_ms in [20u64, 60, 150, 400, 900] {
         let mut child = src
             .hsm()
             .arg("sync")

@@ -102,7 +102,7 @@ for key, path in json.load(sys.stdin):
 /// start. (moto 5.x miscomputes signatures of query strings holding `/` and of keys holding `+`,
 /// so authenticated tests list the bucket root and avoid `+` in keys.)
 pub struct Moto {
-    child: Child,
+    pub child: Child,
     pub port: u16,
     pub id: String,
     pub secret: String,
@@ -236,15 +236,15 @@ impl Drop for Moto {
 }
 
 pub struct Nginx {
-    child: Option<Child>,
-    port: u16,
+    pub child: Option<Child>,
+    pub port: u16,
     /// With TLS: the server's certificate and key (signed by a throw-away CA).
     tls: Option<(PathBuf, PathBuf)>,
     /// A reverse proxy to this loopback port instead of serving files.
     proxy_to: Option<u16>,
     dir: PathBuf,
     pub root: PathBuf,
-    fail_flag: PathBuf,
+    pub fail_flag: PathBuf,
 }
 
 impl Nginx {
