@@ -86,16 +86,35 @@ struct Handle {
     /// A stub not yet complete at open: its reads and writes go through the engine.
     filled_here: bool,
     /// Held while the file is open in passthrough mode.
-    backing: Option<BackingId>,
+    backing: Option<Arc<BackingId>>,
 }
 
 /// Open files per inode, by how the kernel does their I/O. The kernel refuses (EIO) a
 /// passthrough open of an inode that has opens using the page cache, and the other way round:
 /// an inode's opens all take the mode of the first still open.
+/// Each inode in passthrough has one backing file, shared by its opens: the kernel refuses
+/// (EIO) a passthrough open that names another backing file than the inode's.
 #[derive(Default)]
-struct IoModes(HashMap<u64, (u32, u32)>);
+struct IoModes(
+    HashMap<u64, (u32, u32)>,
+    HashMap<u64, std::sync::Weak<BackingId>>,
+);
 
 impl IoModes {
+    /// The backing file of `ino`'s passthrough opens, or one made by `make`.
+    fn backing(
+        &mut self,
+        ino: u64,
+        make: impl FnOnce() -> io::Result<BackingId>,
+    ) -> io::Result<Arc<BackingId>> {
+        if let Some(id) = self.1.get(&ino).and_then(|w| w.upgrade()) {
+            return Ok(id);
+        }
+        let id = Arc::new(make()?);
+        self.1.insert(ino, Arc::downgrade(&id));
+        Ok(id)
+    }
+
     /// May an open of `ino` be in passthrough mode now?
     fn passthrough_allowed(&self, ino: u64) -> bool {
         self.0.get(&ino).is_none_or(|&(cached, _)| cached == 0)
@@ -123,6 +142,9 @@ impl IoModes {
                 counts.1 = counts.1.saturating_sub(1);
             } else {
                 counts.0 = counts.0.saturating_sub(1);
+            }
+            if counts.1 == 0 {
+                self.1.remove(&ino);
             }
             if *counts == (0, 0) {
                 self.0.remove(&ino);
@@ -371,7 +393,7 @@ impl HsmFs {
             && self.passthrough.load(Ordering::Relaxed)
             && modes.passthrough_allowed(ino)
         {
-            match reply.open_backing(file.as_fd()) {
+            match modes.backing(ino, || reply.open_backing(file.as_fd())) {
                 Ok(id) => backing = Some(id),
                 Err(e) => debug!("no passthrough for this open: {e}"),
             }
@@ -1098,12 +1120,14 @@ impl Filesystem for HsmFs {
         // A new file is never a stub: passthrough from the start where the kernel offers it.
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let attr = attr_of(ino, &st);
+        let mut modes = lock(&self.io_modes);
         let backing = if self.passthrough.load(Ordering::Relaxed) {
-            reply.open_backing(file.as_fd()).ok()
+            modes.backing(ino, || reply.open_backing(file.as_fd())).ok()
         } else {
             None
         };
-        lock(&self.io_modes).opened(ino, backing.is_some());
+        modes.opened(ino, backing.is_some());
+        drop(modes);
         // In the table before the kernel hears of it: its first write may come at once.
         let handle = Arc::new(Handle {
             file,
