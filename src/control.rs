@@ -36,6 +36,10 @@ pub enum Op {
     Unpin,
     /// Write the records of what was filled (after a hydrate): `hsm status` says complete.
     Flush,
+    /// Write the access list being recorded now (`hsm record --flush`, see `access_list`).
+    WriteAccessList,
+    /// Fetch an access list ahead; the request's `path` carries the list's text.
+    PrefetchList,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +73,11 @@ pub enum Done {
     Unpinned,
     /// Records written.
     Flushed,
+    /// The access list was written, with this many files.
+    AccessListWritten {
+        files: u64,
+    },
+    ListPrefetched(crate::access_list::Summary),
 }
 
 pub type Reply = Result<Done, String>;

@@ -108,6 +108,9 @@ impl Service for Operations {
                 }
                 Ok(Done::Flushed)
             }
+            Op::WriteAccessList | Op::PrefetchList => {
+                Err(anyhow::anyhow!("not served here (see access_list)"))
+            }
         };
         done.map_err(|e| format!("{e:#}"))
     }
@@ -189,6 +192,17 @@ fn verb(op: Op) -> &'static str {
         Op::Pin => "pin",
         Op::Unpin => "unpin",
         Op::Flush => "flush",
+        Op::WriteAccessList => "record",
+        Op::PrefetchList => "hydrate --list",
+    }
+}
+
+/// The operations on `store` in this process (no daemon serves it), and what must be held
+/// while they run (`hsm hydrate --list`, see `access_list`).
+pub fn operations_here(op: Op, store: &Path) -> anyhow::Result<(Arc<Operations>, impl Sized)> {
+    match here(op, store)? {
+        (Reach::Here(ops), held) => Ok((ops, held)),
+        (Reach::Daemon(_), _) => bail!("the store is served by a daemon"),
     }
 }
 
@@ -381,7 +395,7 @@ fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> 
         Op::Release => format!("{done} files released, {} given back", mib(bytes)),
         Op::Pin => format!("{done} files pinned, {} fetched", mib(bytes)),
         Op::Unpin => format!("{done} files unpinned"),
-        Op::Flush => format!("{done} flushed"),
+        Op::Flush | Op::WriteAccessList | Op::PrefetchList => format!("{done} done"),
     };
     let mut line = what;
     if refused > 0 {
