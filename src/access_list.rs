@@ -61,7 +61,7 @@ pub const HEADER: &str = "hsm-access-list 1";
 const ESCAPED: &AsciiSet = &CONTROLS.add(b' ').add(b'%').add(b'#');
 
 /// Requests a list's prefetch keeps in flight.
-pub const IN_FLIGHT: usize = 32;
+pub const IN_FLIGHT: usize = 64;
 
 /// Accesses waiting for the recorder, at most; more are dropped and counted.
 const QUEUE: usize = 16384;

@@ -226,6 +226,9 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         group: opts.control_group,
     };
     // A restarted worker goes on with the list the one before it wrote.
+    if let (Some(p), true) = (&prefetch, opts.record_access.is_some()) {
+        p.without_marks();
+    }
     let recorder = match opts.record_access.clone() {
         Some(path) => Some(crate::access_list::Recorder::start(
             path,
@@ -265,8 +268,9 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
             for path in paths {
                 match crate::access_list::load(&path) {
                     Ok(entries) => {
+                        let t = Instant::now();
                         let s = lists.run(&entries, crate::access_list::IN_FLIGHT);
-                        info!(list = %path.display(), ?s, "access list fetched ahead");
+                        info!(list = %path.display(), ?s, took = ?t.elapsed(), "access list fetched ahead");
                     }
                     Err(e) => warn!("access list not fetched: {e:#}"),
                 }

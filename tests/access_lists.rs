@@ -492,3 +492,33 @@ fn a_reader_is_not_held_up_by_a_running_list_prefetch() {
     let m = fx.stop();
     assert_eq!(metric(&m, "denied"), 0, "{m}");
 }
+
+/// A walk through a directory sets off its prefetch; the files it fetched ahead are still
+/// recorded when the walk opens them (they get no ignore mark while accesses are recorded).
+#[test]
+fn files_fetched_ahead_by_a_directory_walk_are_recorded_when_opened() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let mut files = Vec::new();
+    for i in 0..12 {
+        files.push(fx.write_source(&format!("walk/f{i:02}"), 3000 + i, 100 + i as u64));
+    }
+    fx.populate(&[]);
+    let list = fx.scratch.path.join("walk.list");
+    fx.serve(&["--record-access", list.to_str().unwrap()]);
+    // Opened in reverse listing order, one at a time, slowly enough for the prefetch to have
+    // fetched the rest after the first three.
+    for i in (0..12).rev() {
+        let got = std::fs::read(fx.at(&format!("walk/f{i:02}"))).unwrap();
+        assert_bytes_eq(&got, &files[i], "walk");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = fx.stop();
+    assert!(metric(&m, "prefetched_files") > 0, "no walk detected: {m}");
+    let lines = list_lines(&list);
+    let want: Vec<String> = (0..12).rev().map(|i| format!("walk/f{i:02}")).collect();
+    let got: Vec<String> = lines.iter().map(|l| l.0.clone()).collect();
+    assert_eq!(got, want, "{lines:?}");
+}

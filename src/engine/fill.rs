@@ -94,7 +94,7 @@ pub(super) const FETCH_THREADS: usize = 32;
 /// Threads of the low-priority pool: a recorded access list's prefetch (see
 /// `crate::access_list`) reads the backend on these only, so that a reader's miss never queues
 /// behind it.
-pub(super) const LOW_FETCH_THREADS: usize = 32;
+pub(super) const LOW_FETCH_THREADS: usize = 64;
 
 /// Fetched bytes on their way into a stub.
 enum Piece<'a> {

@@ -46,6 +46,9 @@ use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS, LOW_FETCH_THREADS};
 use plan::{plan, Shape};
 use readahead::Readahead;
 
+/// Backend reads the engine may have in flight at once, readers' and access lists' together.
+pub const FETCHES_IN_FLIGHT: usize = FETCH_THREADS + LOW_FETCH_THREADS;
+
 /// What an access needs present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
