@@ -13,7 +13,7 @@
 //! ```text
 //! hsm-access-list 1
 //! # comments and blank lines are ignored
-//! PATH<TAB>SIZE<TAB>WHAT<TAB>CGROUP
+//! PATH<TAB>SIZE<TAB>WHAT<TAB>CGROUP[<TAB>SEEN/STARTS]
 //! ```
 //!
 //! one line per file, in the order of its first access. PATH is relative to the tree,
@@ -21,7 +21,9 @@
 //! recorded; WHAT a comma-separated list of `open` (the file was opened: replayed as what an open
 //! fetches, the whole file for a file fetched whole at open) and `START-END` byte ranges read
 //! (end exclusive, merged); CGROUP the cgroup (v2 path, percent-encoded) of the first process
-//! that opened or read it, or `-` when it was gone before it could be read.
+//! that opened or read it, or `-` when it was gone before it could be read; and, in a list
+//! merged over several starts (see [`merge`]), SEEN/STARTS: of the starts remembered, how many
+//! read the file.
 //!
 //! Recording stays off the event path's critical section: an event costs a `dup` of its fd and a
 //! non-blocking send into a bounded channel; a thread resolves paths and cgroups (each pid's
@@ -84,6 +86,57 @@ pub struct Entry {
     /// Byte ranges read, sorted and merged.
     pub ranges: Vec<(u64, u64)>,
     pub cgroup: Option<String>,
+    /// Of the last `.1` starts recorded into this list, how many read this file (see
+    /// [`merge`]); `None`: one start, which did.
+    pub history: Option<(u32, u32)>,
+}
+
+/// Starts a merged list remembers: beyond, the counts are halved.
+const HISTORY: u32 = 8;
+
+/// The list after one more start: `now` (this start's, in its order) followed by the files of
+/// `before` this start did not read that most of the remembered starts did (read in more than
+/// half of them). So a file read in most starts stays, and one read once ages out at the next
+/// start that does not read it. Counts are kept over the last [`HISTORY`] starts at most
+/// (halved beyond).
+pub fn merge(before: &[Entry], now: Vec<Entry>) -> Vec<Entry> {
+    let old: HashMap<&[u8], &Entry> = before.iter().map(|e| (&e.path[..], e)).collect();
+    let starts_before = before
+        .iter()
+        .map(|e| e.history.map_or(1, |h| h.1))
+        .max()
+        .unwrap_or(0);
+    let age = |seen: u32, starts: u32| {
+        if starts > HISTORY {
+            (seen.div_ceil(2), starts.div_ceil(2))
+        } else {
+            (seen, starts)
+        }
+    };
+    let mut out = Vec::with_capacity(now.len());
+    let mut in_now = std::collections::HashSet::new();
+    for mut e in now {
+        let seen = old
+            .get(&e.path[..])
+            .map_or(0, |o| o.history.map_or(1, |h| h.0));
+        let (seen, starts) = age(seen + 1, starts_before + 1);
+        e.history = (starts > 1).then_some((seen, starts));
+        in_now.insert(e.path.clone());
+        out.push(e);
+    }
+    for e in before {
+        if in_now.contains(&e.path) {
+            continue;
+        }
+        let seen = e.history.map_or(1, |h| h.0);
+        let (seen, starts) = age(seen, starts_before + 1);
+        if seen * 2 > starts {
+            let mut e = e.clone();
+            e.history = Some((seen, starts));
+            out.push(e);
+        }
+    }
+    out
 }
 
 /// Parse a list; errors name the line and what is wrong with it.
@@ -105,7 +158,10 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Entry>> {
         let n = i + 1;
         let fields: Vec<&str> = line.split('\t').collect();
         if fields.len() < 3 {
-            bail!("line {n}: expected PATH<TAB>SIZE<TAB>WHAT[<TAB>CGROUP], got {line:?}");
+            bail!(
+                "line {n}: expected PATH<TAB>SIZE<TAB>WHAT[<TAB>CGROUP[<TAB>SEEN/STARTS]], got \
+                 {line:?}"
+            );
         }
         let path: Vec<u8> = percent_decode(fields[0].as_bytes()).collect();
         if path.is_empty() || path.starts_with(b"/") {
@@ -145,6 +201,16 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Entry>> {
                 String::from_utf8_lossy(&percent_decode(c.as_bytes()).collect::<Vec<u8>>())
                     .into_owned()
             });
+        if let Some(h) = fields.get(4) {
+            let history = h.split_once('/').and_then(|(a, b)| {
+                let (a, b) = (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?);
+                (a <= b && b > 0).then_some((a, b))
+            });
+            let Some(history) = history else {
+                bail!("line {n}: {h:?} is not SEEN/STARTS (SEEN <= STARTS)");
+            };
+            entry.history = Some(history);
+        }
         out.push(entry);
     }
     Ok(out)
@@ -165,12 +231,16 @@ pub fn render(entries: &[Entry]) -> String {
             percent_encode(c.as_bytes(), ESCAPED).to_string()
         });
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}",
             percent_encode(&e.path, ESCAPED),
             e.size,
             what.join(","),
             cgroup
         ));
+        if let Some((seen, starts)) = e.history {
+            out.push_str(&format!("\t{seen}/{starts}"));
+        }
+        out.push('\n');
     }
     out
 }
@@ -245,6 +315,8 @@ struct Recording {
     files: HashMap<Vec<u8>, Seen>,
     cgroups: HashMap<i32, Option<String>>,
     dirty: bool,
+    /// The list this file held when the daemon started: merged with this start's.
+    before: Vec<Entry>,
 }
 
 impl Recording {
@@ -296,6 +368,10 @@ impl Recording {
     }
 
     fn entries(&self) -> Vec<Entry> {
+        merge(&self.before, self.this_start())
+    }
+
+    fn this_start(&self) -> Vec<Entry> {
         self.order
             .iter()
             .filter_map(|p| {
@@ -306,6 +382,7 @@ impl Recording {
                     open: s.open,
                     ranges: s.ranges.pairs().to_vec(),
                     cgroup: s.cgroup.clone(),
+                    history: None,
                 })
             })
             .collect()
@@ -356,10 +433,15 @@ impl Recorder {
             files: HashMap::new(),
             cgroups: HashMap::new(),
             dirty: false,
+            before: Vec::new(),
         };
-        if resume {
-            if let Ok(entries) = load(&path) {
+        // A list from earlier starts is merged with this one's; a restarted worker goes on
+        // with this start's (the older starts' counts then start again).
+        if let Ok(entries) = load(&path) {
+            if resume {
                 rec.load(entries);
+            } else {
+                rec.before = entries;
             }
         }
         let (tx, rx) = crossbeam_channel::bounded::<Msg>(QUEUE);
@@ -702,6 +784,7 @@ mod tests {
                 open: true,
                 ranges: vec![],
                 cgroup: Some("/user.slice/x y".into()),
+                history: None,
             },
             Entry {
                 path: b"big".to_vec(),
@@ -709,12 +792,68 @@ mod tests {
                 open: true,
                 ranges: vec![(0, 4096), (1 << 20, (1 << 20) + 8192)],
                 cgroup: None,
+                history: Some((3, 4)),
             },
         ];
         let text = render(&entries);
         assert!(text.starts_with("hsm-access-list 1\nlib/a%20b%09%25%23%FF.py\t10\topen\t"));
         assert_eq!(text.lines().count(), 3, "{text}");
         assert_eq!(parse(&text).unwrap(), entries);
+    }
+
+    fn named(paths: &[&str]) -> Vec<Entry> {
+        paths
+            .iter()
+            .map(|p| Entry {
+                path: p.as_bytes().to_vec(),
+                open: true,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    fn paths(list: &[Entry]) -> Vec<String> {
+        list.iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn merged_starts_keep_what_most_read_and_age_out_what_one_read() {
+        // Start 1 reads a, b, once; start 2 reads a, c; start 3 reads a, c; start 4 reads a.
+        let l1 = merge(&[], named(&["a", "once", "b"]));
+        assert_eq!(paths(&l1), ["a", "once", "b"]);
+        assert!(
+            l1.iter().all(|e| e.history.is_none()),
+            "one start: no counts"
+        );
+        let l2 = merge(&parse(&render(&l1)).unwrap(), named(&["a", "c"]));
+        // "once" and "b" were read in 1 of 2 starts: not most, gone.
+        assert_eq!(paths(&l2), ["a", "c"]);
+        assert_eq!(l2[0].history, Some((2, 2)));
+        assert_eq!(l2[1].history, Some((1, 2)));
+        let l3 = merge(&parse(&render(&l2)).unwrap(), named(&["a", "c"]));
+        assert_eq!(l3[1].history, Some((2, 3)));
+        let l4 = merge(&parse(&render(&l3)).unwrap(), named(&["a"]));
+        // c: read in 2 of 4 starts: not more than half, gone; a in all.
+        assert_eq!(paths(&l4), ["a"]);
+        assert_eq!(l4[0].history, Some((4, 4)));
+        // Counts stay within the window.
+        let mut l = l4;
+        for _ in 0..20 {
+            l = merge(&l, named(&["a"]));
+        }
+        assert!(
+            l[0].history.is_some_and(|(s, n)| s == n && n <= HISTORY),
+            "{l:?}"
+        );
+        // A file read in 3 of the last 4 starts stays while not read this time.
+        let l = merge(&[], named(&["x", "y"]));
+        let l = merge(&l, named(&["x", "y"]));
+        let l = merge(&l, named(&["x", "y"]));
+        let l = merge(&l, named(&["x"]));
+        assert_eq!(paths(&l), ["x", "y"]);
+        assert_eq!(l[1].history, Some((3, 4)));
     }
 
     #[test]

@@ -22,7 +22,7 @@ fn list_lines(path: &Path) -> Vec<(String, u64, String, String)> {
     lines
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            assert_eq!(f.len(), 4, "{l:?}");
+            assert!(f.len() == 4 || f.len() == 5, "{l:?}");
             (
                 f[0].to_string(),
                 f[1].parse().unwrap(),
@@ -131,6 +131,27 @@ fn a_recorded_list_matches_a_scripted_runs_accesses() {
     let lines = list_lines(&list);
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines[2].2.starts_with("open,0-4096,2097152-"), "{lines:?}");
+
+    // The next start records into the same list: merged. It reads only `lib/small` (made a
+    // stub again): the files read in one start of two age out.
+    release_all(&fx);
+    fx.serve(&[
+        "--record-access",
+        list.to_str().unwrap(),
+        "--dir-prefetch",
+        "0",
+    ]);
+    assert_bytes_eq(&std::fs::read(fx.at("lib/small")).unwrap(), &small, "small");
+    fx.stop();
+    let text = std::fs::read_to_string(&list).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "hsm-access-list 1\nlib/small\t5000\topen\t{}\t2/2\n",
+            lines[0].3
+        ),
+        "merged"
+    );
 }
 
 /// Make every file a stub again (no daemon runs).
