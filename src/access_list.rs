@@ -532,6 +532,10 @@ pub struct Lists {
     /// Per file (dev, ino): the prefetched ranges no reader has used yet.
     unused: Mutex<HashMap<FileKey, Vec<(u64, u64)>>>,
     tracking: AtomicBool,
+    /// A list waiting for an open of its first file (`--prefetch-on-first-open`): that file,
+    /// and who to tell.
+    first: Mutex<Option<(FileKey, crossbeam_channel::Sender<()>)>>,
+    waiting: AtomicBool,
 }
 
 impl Lists {
@@ -541,7 +545,24 @@ impl Lists {
             tree,
             unused: Mutex::new(HashMap::new()),
             tracking: AtomicBool::new(false),
+            first: Mutex::new(None),
+            waiting: AtomicBool::new(false),
         })
+    }
+
+    /// Return once a reader opens or reads the first of `entries` that is in the tree (at once
+    /// when none is).
+    pub fn wait_for_first_open(&self, entries: &[Entry]) {
+        let key = entries.iter().find_map(|e| {
+            let fd = sysfs::open_beneath(self.tree.as_fd(), &e.path, libc::O_PATH).ok()?;
+            let st = sysfs::fstat(fd.as_fd()).ok()?;
+            (st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some((st.st_dev, st.st_ino))
+        });
+        let Some(key) = key else { return };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        *lock(&self.first) = Some((key, tx));
+        self.waiting.store(true, Ordering::Relaxed);
+        let _ = rx.recv();
     }
 
     /// Fetch `entries` ahead, in their order, `in_flight` files at once.
@@ -621,10 +642,23 @@ impl Lists {
     /// A reader opened (`range` None: every prefetched byte of it counts) or read the file
     /// behind `fd`: prefetched bytes it uses for the first time are hits.
     pub fn note_read(&self, fd: BorrowedFd<'_>, range: Option<(u64, u64)>) {
-        if !self.tracking.load(Ordering::Relaxed) {
+        let waiting = self.waiting.load(Ordering::Relaxed);
+        if !waiting && !self.tracking.load(Ordering::Relaxed) {
             return;
         }
         let Ok(st) = sysfs::fstat(fd) else { return };
+        if waiting {
+            let mut first = lock(&self.first);
+            if first
+                .as_ref()
+                .is_some_and(|f| f.0 == (st.st_dev, st.st_ino))
+            {
+                if let Some((_, tx)) = first.take() {
+                    self.waiting.store(false, Ordering::Relaxed);
+                    let _ = tx.try_send(());
+                }
+            }
+        }
         let mut unused = lock(&self.unused);
         let key = (st.st_dev, st.st_ino);
         let Some(ranges) = unused.get_mut(&key) else {

@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub record_access: Option<PathBuf>,
     /// `--prefetch-list FILE`, repeated: `prefetch_list = ["a.list", "b.list"]`.
     pub prefetch_list: Option<Vec<PathBuf>>,
+    /// `--prefetch-on-first-open`.
+    pub prefetch_on_first_open: Option<bool>,
     /// S3 credentials for remote sources (else the environment, the credentials file, web
     /// identity or instance metadata). A file holding them must be readable by its owner only.
     pub aws_access_key_id: Option<String>,

@@ -192,6 +192,10 @@ enum Command {
         /// lower priority than readers' fetches. Repeatable.
         #[arg(long, value_name = "FILE")]
         prefetch_list: Vec<PathBuf>,
+        /// Start each --prefetch-list only when a program opens (or reads) its first file,
+        /// rather than at once.
+        #[arg(long)]
+        prefetch_on_first_open: bool,
     },
     /// Make files complete (directories: every file below), fetching what is missing.
     Hydrate(HydrateArgs),
@@ -237,6 +241,8 @@ enum Command {
         record_access: Option<PathBuf>,
         #[arg(long)]
         prefetch_list: Vec<PathBuf>,
+        #[arg(long)]
+        prefetch_on_first_open: bool,
     },
     /// The process that keeps a store's stubs failing closed (never read as zeros) through every
     /// mount while no `hsm serve` runs. `hsm serve` starts it; it exits when the store's
@@ -374,6 +380,7 @@ impl Command {
             uid_fetch_burst,
             record_access,
             prefetch_list,
+            prefetch_on_first_open,
             ..
         } = self
         else {
@@ -438,6 +445,11 @@ impl Command {
             &Some(cfg.record_access.clone()),
         );
         take(prefetch_list, given(&["prefetch_list"]), &cfg.prefetch_list);
+        take(
+            prefetch_on_first_open,
+            given(&["prefetch_on_first_open"]),
+            &cfg.prefetch_on_first_open,
+        );
         if !given(&["metrics"]) {
             if let Some(addr) = &cfg.metrics {
                 // Checked when the file is loaded (see `load_serve_config`).
@@ -603,6 +615,7 @@ fn main() -> ExitCode {
             uid_fetch_burst,
             record_access,
             prefetch_list,
+            prefetch_on_first_open,
             ..
         } => (|| {
             if let Some(addr) = metrics {
@@ -642,6 +655,7 @@ fn main() -> ExitCode {
                     policy,
                     record_access,
                     prefetch_lists,
+                    prefetch_on_first_open,
                 },
                 drain: defaults::secs(drain),
                 nonempty,
@@ -689,6 +703,7 @@ fn main() -> ExitCode {
             policy,
             record_access,
             prefetch_list,
+            prefetch_on_first_open,
         } => serde_json::from_str::<PolicyConfig>(&policy)
             .map_err(anyhow::Error::from)
             .and_then(|policy| {
@@ -706,6 +721,7 @@ fn main() -> ExitCode {
                         policy,
                         record_access,
                         prefetch_lists: prefetch_list,
+                        prefetch_on_first_open,
                     },
                 )
             }),

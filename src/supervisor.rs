@@ -74,6 +74,7 @@ impl Default for ServeOptions {
                 policy: Default::default(),
                 record_access: None,
                 prefetch_lists: Vec::new(),
+                prefetch_on_first_open: false,
             },
             drain: defaults::secs(defaults::DRAIN_SECS),
             nonempty: false,
@@ -538,6 +539,9 @@ fn spawn_worker(
     }
     for path in &opts.prefetch_lists {
         cmd.arg("--prefetch-list").arg(path);
+    }
+    if opts.prefetch_on_first_open {
+        cmd.arg("--prefetch-on-first-open");
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD, VIEW_FD, GUARD_FD.

@@ -72,6 +72,8 @@ pub struct WorkerOptions {
     pub record_access: Option<std::path::PathBuf>,
     /// Access lists fetched ahead at start, in this order.
     pub prefetch_lists: Vec<std::path::PathBuf>,
+    /// Each list waits for an open or read of its first file before it is fetched.
+    pub prefetch_on_first_open: bool,
 }
 
 /// A local source is read here. A remote one is read by `hsm serve-fetcher`, a child process
@@ -261,13 +263,18 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         recorder: recorder.clone(),
         lists: lists.clone(),
     });
-    // In the background, at once: the program the lists were recorded from is starting now.
+    // In the background, at once (the program the lists were recorded from is starting now),
+    // or when its first file is opened.
     if let (Some(lists), false) = (&lists, opts.prefetch_lists.is_empty()) {
         let (lists, paths) = (lists.clone(), opts.prefetch_lists.clone());
+        let on_open = opts.prefetch_on_first_open;
         std::thread::spawn(move || {
             for path in paths {
                 match crate::access_list::load(&path) {
                     Ok(entries) => {
+                        if on_open {
+                            lists.wait_for_first_open(&entries);
+                        }
                         let t = Instant::now();
                         let s = lists.run(&entries, crate::access_list::IN_FLIGHT);
                         info!(list = %path.display(), ?s, took = ?t.elapsed(), "access list fetched ahead");

@@ -236,6 +236,34 @@ fn a_list_fetched_ahead_makes_its_reads_find_their_bytes_present() {
     scripted_run(&fx, &small, &odd, &big);
     let m = fx.stop();
     assert_eq!(metric(&m, "backend_reads"), 0, "{m}");
+
+    // --prefetch-on-first-open: nothing is fetched until the list's first file is opened.
+    release_all(&fx);
+    fx.serve(&[
+        "--prefetch-list",
+        list.to_str().unwrap(),
+        "--prefetch-on-first-open",
+        "--dir-prefetch",
+        "0",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = fx.settled_metrics();
+    assert_eq!(
+        metric(&m, "backend_reads"),
+        0,
+        "fetched before the first open: {m}"
+    );
+    assert_bytes_eq(&std::fs::read(fx.at("lib/small")).unwrap(), &small, "small");
+    let m = settle(&fx, "list_prefetched_bytes", 3000);
+    // The list the rest (and the first file too if it got there before the reader's fill),
+    // each piece read from the source once.
+    let ahead = metric(&m, "list_prefetched_bytes");
+    assert!((15288..=20288).contains(&ahead), "{m}");
+    let reads = metric(&m, "backend_reads");
+    assert_eq!(reads, 4, "{m}");
+    scripted_run(&fx, &small, &odd, &big);
+    assert_eq!(metric(&fx.settled_metrics(), "backend_reads"), reads);
+    fx.stop();
 }
 
 #[test]
