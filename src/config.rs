@@ -43,6 +43,12 @@ pub struct ServeConfig {
     pub uid_fetch_burst: Option<f64>,
     /// `--sync-every`: a duration (`"10m"`, `"1h"`, or seconds).
     pub sync_every: Option<String>,
+    /// `--record-access FILE`.
+    pub record_access: Option<PathBuf>,
+    /// `--prefetch-list FILE`, repeated: `prefetch_list = ["a.list", "b.list"]`.
+    pub prefetch_list: Option<Vec<PathBuf>>,
+    /// `--prefetch-on-first-open`.
+    pub prefetch_on_first_open: Option<bool>,
     /// S3 credentials for remote sources (else the environment, the credentials file, web
     /// identity or instance metadata). A file holding them must be readable by its owner only.
     pub aws_access_key_id: Option<String>,
@@ -145,6 +151,8 @@ mod tests {
             deny_errno = "EAGAIN"
             uid_fetch_rate = 50
             uid_fetch_burst = 100
+            record_access = "/var/lib/hsm/app.list"
+            prefetch_list = ["/etc/hsm/app.list"]
             "#,
         )
         .unwrap();
@@ -153,6 +161,10 @@ mod tests {
         assert_eq!(cfg.drain, Some(1.0));
         assert_eq!(cfg.policy().deny_uid, vec![65534]);
         assert_eq!(cfg.policy().uid_fetch_rate, Some(50.0));
+        assert_eq!(
+            cfg.prefetch_list,
+            Some(vec![PathBuf::from("/etc/hsm/app.list")])
+        );
         assert!(!cfg.has_secrets());
     }
 

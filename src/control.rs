@@ -43,6 +43,10 @@ pub enum Op {
     /// `hsm sync`: apply a listing of the source (the path field holds the request, see
     /// `sync::serve_request`).
     Sync,
+    /// Write the access list being recorded now (`hsm record --flush`, see `access_list`).
+    WriteAccessList,
+    /// Fetch an access list ahead; the request's `path` carries the list's text.
+    PrefetchList,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +86,11 @@ pub enum Done {
     Synced {
         report: crate::sync::SyncReport,
     },
+    /// The access list was written, with this many files.
+    AccessListWritten {
+        files: u64,
+    },
+    ListPrefetched(crate::access_list::Summary),
 }
 
 pub type Reply = Result<Done, String>;

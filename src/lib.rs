@@ -15,7 +15,9 @@
 //!   without losing or mis-answering an event; [`defaults`]: its options' defaults.
 //! - [`populate`], [`status`], [`demo`]: the other commands.
 //! - [`manifest`]: the list of files an HTTP(S) source holds (`hsm manifest DIR`).
+//! - [`access_list`]: recording what a program reads, and fetching it ahead next time.
 
+pub mod access_list;
 pub mod backend;
 pub mod config;
 pub mod control;

@@ -37,6 +37,19 @@ struct ManageArgs {
     threads: usize,
 }
 
+#[derive(clap::Args, Debug, PartialEq)]
+struct HydrateArgs {
+    #[command(flatten)]
+    manage: ManageArgs,
+    /// Fetch the files and ranges of this access list (`hsm serve --record-access`), in its
+    /// order, many at once, instead of whole files: its paths are relative to the one PATH given
+    /// (the mount point or STORE/tree).
+    #[arg(long, value_name = "FILE")]
+    list: Option<PathBuf>,
+}
+
+// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug, PartialEq)]
 enum Command {
     /// Build a stub tree in STORE that mirrors SOURCE, recording where each file's content lives.
@@ -177,6 +190,20 @@ enum Command {
         /// second's worth).
         #[arg(long, value_name = "N")]
         uid_fetch_burst: Option<f64>,
+        /// Record the files opened and the ranges read, in the order of their first access,
+        /// into FILE (an access list: written when the daemon stops, every few seconds while it
+        /// changes, and at `hsm record --flush`). See README, "Recording and replaying what a
+        /// program reads".
+        #[arg(long, value_name = "FILE")]
+        record_access: Option<PathBuf>,
+        /// Fetch this access list's files and ranges ahead as soon as the daemon starts, at a
+        /// lower priority than readers' fetches. Repeatable.
+        #[arg(long, value_name = "FILE")]
+        prefetch_list: Vec<PathBuf>,
+        /// Start each --prefetch-list only when a program opens (or reads) its first file,
+        /// rather than at once.
+        #[arg(long)]
+        prefetch_on_first_open: bool,
         /// Run `hsm sync STORE` this often while serving (90s, 10m, 1h; see `hsm sync`).
         #[arg(long, value_name = "DURATION", value_parser = hsm::sync::parse_every_secs)]
         sync_every: Option<u32>,
@@ -203,7 +230,16 @@ enum Command {
         quiet: bool,
     },
     /// Make files complete (directories: every file below), fetching what is missing.
-    Hydrate(ManageArgs),
+    Hydrate(HydrateArgs),
+    /// `hsm record --flush PATH`: the daemon serving PATH (its mount point or a path below it)
+    /// writes the access list it records (`hsm serve --record-access`) now.
+    Record {
+        /// Write the list now.
+        #[arg(long, required = true)]
+        flush: bool,
+        /// The mount point, or a path below it.
+        path: PathBuf,
+    },
     /// Give the space of files back: they become stubs again, fetched anew when read. Files
     /// with local changes, pinned files and files in use are refused (exit status 1).
     Release(ManageArgs),
@@ -245,6 +281,12 @@ enum Command {
         /// The fetch policy, as JSON.
         #[arg(long, default_value = "{}")]
         policy: String,
+        #[arg(long)]
+        record_access: Option<PathBuf>,
+        #[arg(long)]
+        prefetch_list: Vec<PathBuf>,
+        #[arg(long)]
+        prefetch_on_first_open: bool,
     },
     /// The process that keeps a store's stubs failing closed (never read as zeros) through every
     /// mount while no `hsm serve` runs. `hsm serve` starts it; it exits when the store's
@@ -382,6 +424,9 @@ impl Command {
             uid_fetch_rate,
             uid_fetch_burst,
             sync_every,
+            record_access,
+            prefetch_list,
+            prefetch_on_first_open,
             ..
         } = self
         else {
@@ -448,6 +493,17 @@ impl Command {
             &cfg.sync_every
                 .as_deref()
                 .map(|s| hsm::sync::parse_every_secs(s).ok()),
+        );
+        take(
+            record_access,
+            given(&["record_access"]),
+            &Some(cfg.record_access.clone()),
+        );
+        take(prefetch_list, given(&["prefetch_list"]), &cfg.prefetch_list);
+        take(
+            prefetch_on_first_open,
+            given(&["prefetch_on_first_open"]),
+            &cfg.prefetch_on_first_open,
         );
         if !given(&["metrics"]) {
             if let Some(addr) = &cfg.metrics {
@@ -618,6 +674,9 @@ fn main() -> ExitCode {
             uid_fetch_rate,
             uid_fetch_burst,
             sync_every,
+            record_access,
+            prefetch_list,
+            prefetch_on_first_open,
             ..
         } => (|| {
             if let Some(addr) = metrics {
@@ -638,6 +697,13 @@ fn main() -> ExitCode {
                 uid_fetch_burst,
             };
             policy.validate().map_err(anyhow::Error::msg)?;
+            // The worker runs elsewhere: absolute paths. A bad list fails the start.
+            let record_access = record_access.map(std::path::absolute).transpose()?;
+            let mut prefetch_lists = Vec::new();
+            for list in prefetch_list {
+                hsm::access_list::load(&list)?;
+                prefetch_lists.push(std::path::absolute(&list)?);
+            }
             let opts = ServeOptions {
                 worker: WorkerOptions {
                     threads,
@@ -648,6 +714,9 @@ fn main() -> ExitCode {
                     control_group,
                     cache_limit,
                     policy,
+                    record_access,
+                    prefetch_lists,
+                    prefetch_on_first_open,
                 },
                 drain: defaults::secs(drain),
                 nonempty,
@@ -683,7 +752,30 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Hydrate(a) => return manage(Op::Hydrate, a),
+        Command::Hydrate(HydrateArgs {
+            manage: a,
+            list: Some(list),
+        }) => {
+            if a.paths.len() != 1 {
+                eprintln!(
+                    "hsm: hydrate --list takes one PATH: the root its list's paths are under"
+                );
+                return ExitCode::FAILURE;
+            }
+            return match hsm::access_list::hydrate_command(&list, &a.paths[0]) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("hsm: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Hydrate(HydrateArgs {
+            manage: a,
+            list: None,
+        }) => return manage(Op::Hydrate, a),
+        Command::Record { flush: _, path } => hsm::access_list::flush_command(&path),
         Command::Release(a) => return manage(Op::Release, a),
         Command::Pin(a) => return manage(Op::Pin, a),
         Command::Unpin(a) => return manage(Op::Unpin, a),
@@ -699,6 +791,9 @@ fn main() -> ExitCode {
             control_group,
             cache_limit,
             policy,
+            record_access,
+            prefetch_list,
+            prefetch_on_first_open,
         } => serde_json::from_str::<PolicyConfig>(&policy)
             .map_err(anyhow::Error::from)
             .and_then(|policy| {
@@ -714,6 +809,9 @@ fn main() -> ExitCode {
                         control_group,
                         cache_limit,
                         policy,
+                        record_access,
+                        prefetch_lists: prefetch_list,
+                        prefetch_on_first_open,
                     },
                 )
             }),

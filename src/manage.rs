@@ -129,6 +129,9 @@ impl Service for Operations {
                 crate::sync::serve_request(self.tree.as_fd(), &forget, rel)
                     .map(|report| Done::Synced { report })
             }
+            Op::WriteAccessList | Op::PrefetchList => {
+                Err(anyhow::anyhow!("not served here (see access_list)"))
+            }
         };
         done.map_err(|e| format!("{e:#}"))
     }
@@ -212,6 +215,17 @@ fn verb(op: Op) -> &'static str {
         Op::Flush => "flush",
         Op::Stats => "stats",
         Op::Sync => "sync",
+        Op::WriteAccessList => "record",
+        Op::PrefetchList => "hydrate --list",
+    }
+}
+
+/// The operations on `store` in this process (no daemon serves it), and what must be held
+/// while they run (`hsm hydrate --list`, see `access_list`).
+pub fn operations_here(op: Op, store: &Path) -> anyhow::Result<(Arc<Operations>, impl Sized)> {
+    match here(op, store)? {
+        (Reach::Here(ops), held) => Ok((ops, held)),
+        (Reach::Daemon(_), _) => bail!("the store is served by a daemon"),
     }
 }
 
@@ -404,9 +418,9 @@ fn report(op: Op, items: &[Item], results: &[(usize, Result<Done, String>)]) -> 
         Op::Release => format!("{done} files released, {} given back", mib(bytes)),
         Op::Pin => format!("{done} files pinned, {} fetched", mib(bytes)),
         Op::Unpin => format!("{done} files unpinned"),
-        Op::Flush => format!("{done} flushed"),
         Op::Stats => format!("{done} answered"),
         Op::Sync => format!("{done} synced"),
+        Op::Flush | Op::WriteAccessList | Op::PrefetchList => format!("{done} done"),
     };
     let mut line = what;
     if refused > 0 {

@@ -112,6 +112,11 @@ counters! {
     credential_reloads: "Times the source's credentials were re-read (SIGHUP) and handed to the fetcher.",
     credential_reload_failures: "Re-reads of the credentials that failed (the old ones stay in use).",
     fuse_passthrough_opens: "FUSE front end: opens in passthrough mode (complete files: the kernel reads and writes the store's file).",
+    list_prefetched_bytes: "Bytes fetched ahead from access lists (hsm serve --prefetch-list, hsm hydrate --list).",
+    list_hit_bytes: "Of those, bytes a reader then opened or read: how well the list still fits.",
+    list_missing_files: "Access list entries skipped: no such regular file in the tree.",
+    list_changed_files: "Access list entries whose file changed size since the list was recorded.",
+    access_records_dropped: "Accesses not recorded (hsm serve --record-access) because the recorder lagged.",
 }
 
 /// How an event was answered, for [`Metrics::answered`].
@@ -656,6 +661,18 @@ mod exposition {
                 "hsm_pending_events",
                 "Events the supervisor holds, not yet answered.",
                 s.pending_events.min(i64::MAX as u64) as i64,
+            )?;
+            counter(
+                &mut enc,
+                "hsm_list_prefetched_bytes",
+                "Bytes fetched ahead from access lists.",
+                s.list_prefetched_bytes,
+            )?;
+            counter(
+                &mut enc,
+                "hsm_list_hit_bytes",
+                "Bytes fetched ahead from access lists that a reader then used.",
+                s.list_hit_bytes,
             )?;
             counter(
                 &mut enc,

@@ -192,6 +192,9 @@ pub struct DirPrefetch {
     starved_until: Mutex<Option<Instant>>,
     windows: crossbeam_channel::Sender<Window>,
     jobs: crossbeam_channel::Sender<Vec<u8>>,
+    /// Files made complete get their ignore mark (no event at their next open). Off while
+    /// accesses are recorded (`access_list`): the opens that follow must still be seen.
+    marks: std::sync::atomic::AtomicBool,
 }
 
 impl DirPrefetch {
@@ -223,6 +226,7 @@ impl DirPrefetch {
             starved_until: Mutex::new(None),
             windows,
             jobs,
+            marks: std::sync::atomic::AtomicBool::new(true),
         });
         // Threads hold weak references: they end when the prefetcher is dropped.
         let weak = Arc::downgrade(&me);
@@ -246,6 +250,12 @@ impl DirPrefetch {
             });
         }
         Some(me)
+    }
+
+    /// Place no ignore marks on the files fetched ahead (see `marks`).
+    pub fn without_marks(&self) {
+        self.marks
+            .store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// An open of the file behind `fd` (an event's fd) raised an event: a stub's, served by the
@@ -358,7 +368,7 @@ impl DirPrefetch {
                 }
                 done.complete
             };
-            if complete {
+            if complete && self.marks.load(std::sync::atomic::Ordering::Relaxed) {
                 self.group
                     .ignore_inode(fd.as_fd(), crate::event::ignore_mask())?;
                 Metrics::add(&self.engine.metrics.ignore_marks, 1);

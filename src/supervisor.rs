@@ -74,6 +74,9 @@ impl Default for ServeOptions {
                 control_group: None,
                 cache_limit: None,
                 policy: Default::default(),
+                record_access: None,
+                prefetch_lists: Vec::new(),
+                prefetch_on_first_open: false,
             },
             drain: defaults::secs(defaults::DRAIN_SECS),
             nonempty: false,
@@ -218,8 +221,11 @@ pub fn serve(store_root: &Path, mountpoint: &Path, opts: ServeOptions) -> anyhow
     let mut busy_at = Instant::now();
     // The worker's directory prefetch wants to hear of opens answered here.
     // So does the cache limit, which counts every open as a use (see `evict`).
-    let notes =
-        crate::prefetch::enabled(opts.worker.dir_prefetch) || opts.worker.cache_limit.is_some();
+    let notes = crate::prefetch::enabled(opts.worker.dir_prefetch)
+            || opts.worker.cache_limit.is_some()
+            // The access recorder sees opens of complete files, the lists' hits count them.
+            || opts.worker.record_access.is_some()
+            || !opts.worker.prefetch_lists.is_empty();
     if opts.worker.cache_limit.is_some() {
         crate::event::ignore_only_accesses();
     }
@@ -545,6 +551,15 @@ fn spawn_worker(
     }
     if let Some(limit) = opts.cache_limit {
         cmd.arg("--cache-limit").arg(limit.to_string());
+    }
+    if let Some(path) = &opts.record_access {
+        cmd.arg("--record-access").arg(path);
+    }
+    for path in &opts.prefetch_lists {
+        cmd.arg("--prefetch-list").arg(path);
+    }
+    if opts.prefetch_on_first_open {
+        cmd.arg("--prefetch-on-first-open");
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
     // In the order of worker::SOCKET_FD, GROUP_FD, METRICS_FD, PUBLISHED_FD, VIEW_FD, GUARD_FD.

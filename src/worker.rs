@@ -68,6 +68,12 @@ pub struct WorkerOptions {
     pub cache_limit: Option<u64>,
     /// Which processes may cause fetches (see `policy`).
     pub policy: PolicyConfig,
+    /// Record what is opened and read into this file (see `access_list`).
+    pub record_access: Option<std::path::PathBuf>,
+    /// Access lists fetched ahead at start, in this order.
+    pub prefetch_lists: Vec<std::path::PathBuf>,
+    /// Each list waits for an open or read of its first file before it is fetched.
+    pub prefetch_on_first_open: bool,
 }
 
 /// A local source is read here. A remote one is read by `hsm serve-fetcher`, a child process
@@ -184,6 +190,10 @@ struct Ctx {
     policy: Option<Policy>,
     /// The cache limit's tally of uses, when one is set.
     usage: Option<Arc<crate::evict::Usage>>,
+    /// `--record-access`.
+    recorder: Option<Arc<crate::access_list::Recorder>>,
+    /// Access lists' prefetch, for its hits.
+    lists: Option<Arc<crate::access_list::Lists>>,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -290,9 +300,28 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let access = crate::control::Access {
         group: opts.control_group,
     };
+    // A restarted worker goes on with the list the one before it wrote.
+    if let (Some(p), true) = (&prefetch, opts.record_access.is_some()) {
+        p.without_marks();
+    }
+    let recorder = match opts.record_access.clone() {
+        Some(path) => Some(crate::access_list::Recorder::start(
+            path,
+            mountpoint,
+            Shared::<Metrics>::from_fd(engine.metrics.fd().try_clone_to_owned()?)?,
+            engine.metrics.snapshot().worker_starts > 1,
+        )),
+        None => None,
+    };
+    let lists = store_tree(&store).map(|tree| crate::access_list::Lists::new(engine.clone(), tree));
+    let service = crate::access_list::ListService {
+        inner: Arc::new(operations),
+        recorder: recorder.clone(),
+        lists: lists.clone(),
+    };
     // Not fatal: serving goes on without it (the commands then say the store is in use).
     match crate::control::listen(&store.tree()) {
-        Ok(listener) => crate::control::serve(listener, Arc::new(operations), access),
+        Ok(listener) => crate::control::serve(listener, Arc::new(service), access),
         Err(e) => {
             warn!("no control socket: {e:#}; hsm hydrate, release and pin cannot reach this daemon")
         }
@@ -304,7 +333,30 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         handed_off: AtomicUsize::new(0),
         policy,
         usage,
+        recorder: recorder.clone(),
+        lists: lists.clone(),
     });
+    // In the background, at once (the program the lists were recorded from is starting now),
+    // or when its first file is opened.
+    if let (Some(lists), false) = (&lists, opts.prefetch_lists.is_empty()) {
+        let (lists, paths) = (lists.clone(), opts.prefetch_lists.clone());
+        let on_open = opts.prefetch_on_first_open;
+        std::thread::spawn(move || {
+            for path in paths {
+                match crate::access_list::load(&path) {
+                    Ok(entries) => {
+                        if on_open {
+                            lists.wait_for_first_open(&entries);
+                        }
+                        let t = Instant::now();
+                        let s = lists.run(&entries, crate::access_list::IN_FLIGHT);
+                        info!(list = %path.display(), ?s, took = ?t.elapsed(), "access list fetched ahead");
+                    }
+                    Err(e) => warn!("access list not fetched: {e:#}"),
+                }
+            }
+        });
+    }
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
         group: group.clone(),
@@ -355,6 +407,10 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let _ = flusher.join();
     engine.flush(true);
     engine.metrics.write(&store.metrics_path());
+    drop(ctx);
+    if let Some(r) = recorder {
+        r.finish();
+    }
     Ok(())
 }
 
@@ -407,6 +463,10 @@ fn receive_from_supervisor(
             }
             if let (Some(usage), Some(fd)) = (&ctx.usage, &fd) {
                 usage.used(fd.as_fd());
+            }
+            if let Some(fd) = &fd {
+                let range = (msg.mask & FAN_PRE_ACCESS != 0).then(|| msg.range.unwrap_or((0, 0)));
+                note_access_list(ctx, fd.as_fd(), msg.pid, range);
             }
             match fd {
                 // An access inside a published range: the readahead goes on from it.
@@ -485,6 +545,8 @@ fn dispatch(
     if let Some(usage) = &ctx.usage {
         usage.used(ev.as_fd());
     }
+    let range = (ev.mask & FAN_PRE_ACCESS != 0).then(|| ev.range.unwrap_or((0, 0)));
+    note_access_list(ctx, ev.as_fd(), ev.pid, range);
     // Answered inline: the plain open event of this exec comes only after this answer. Not an
     // exec through a stacking filesystem's hidden mount (overlayfs): it maps the real file with
     // no event, so that file is served as an open for a kernel reader (fetched whole).
@@ -552,6 +614,16 @@ fn dispatch(
     ctx.handed_off.fetch_add(1, Ordering::Relaxed);
     if tx.send(ev).is_err() {
         ctx.handed_off.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Tell the access recorder and the lists' hit count of an open (`range` None) or access.
+fn note_access_list(ctx: &Ctx, fd: BorrowedFd<'_>, pid: i32, range: Option<(u64, u64)>) {
+    if let Some(r) = &ctx.recorder {
+        r.note(fd, pid, range);
+    }
+    if let Some(l) = &ctx.lists {
+        l.note_read(fd, range);
     }
 }
 

@@ -368,8 +368,10 @@ pub fn run_fetcher(url: &str, sock: OwnedFd, user: &str) -> anyhow::Result<()> {
     };
     let mut reader = stream.try_clone()?;
     let writer = Arc::new(Mutex::new(stream));
+    // As many threads as the worker's fetch pools have requests in flight: a reader's request
+    // never queues here behind an access list's (see `engine::fill`).
     let (tx, rx) = crossbeam_channel::bounded::<Vec<u8>>(64);
-    for _ in 0..32 {
+    for _ in 0..crate::engine::FETCHES_IN_FLIGHT {
         let rx = rx.clone();
         let backend = backend.clone();
         let writer = writer.clone();

@@ -91,6 +91,10 @@ impl Fetched {
 /// Backend reads in flight at once for one request (each up to a chunk in memory).
 const FETCH_WINDOW: usize = 8;
 pub(super) const FETCH_THREADS: usize = 32;
+/// Threads of the low-priority pool: a recorded access list's prefetch (see
+/// `crate::access_list`) reads the backend on these only, so that a reader's miss never queues
+/// behind it.
+pub(super) const LOW_FETCH_THREADS: usize = 64;
 
 /// Fetched bytes on their way into a stub.
 enum Piece<'a> {
@@ -126,6 +130,19 @@ impl Engine {
         start: u64,
         end: u64,
         readahead: bool,
+    ) -> io::Result<bool> {
+        self.fill_at(entry, fd, start, end, readahead, false)
+    }
+
+    /// [`Engine::fill`]; `low`: the backend reads go to the low-priority pool.
+    pub(super) fn fill_at(
+        &self,
+        entry: &Arc<Entry>,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        end: u64,
+        readahead: bool,
+        low: bool,
     ) -> io::Result<bool> {
         let chunk = entry.source.chunk_size as u64;
         let mut wrote = false;
@@ -173,7 +190,7 @@ impl Engine {
                     let Some(&(c, ps, pe)) = todo.next() else {
                         break;
                     };
-                    let (started, from) = self.submit(entry, c, ps, pe, here);
+                    let (started, from) = self.submit(entry, c, ps, pe, here, low);
                     let deadline = std::time::Instant::now() + self.fetch_timeout;
                     in_flight.push_back((c, ps, pe, started, from, deadline));
                 }
@@ -237,7 +254,15 @@ impl Engine {
     /// Start the backend read for piece `[ps, pe)` of chunk `c`: the whole chunk when it must be
     /// checked against its digest; on this thread if `here`, else on a fetch thread. Returns
     /// where the read starts.
-    fn submit(&self, entry: &Arc<Entry>, c: u64, ps: u64, pe: u64, here: bool) -> (Started, u64) {
+    fn submit(
+        &self,
+        entry: &Arc<Entry>,
+        c: u64,
+        ps: u64,
+        pe: u64,
+        here: bool,
+        low: bool,
+    ) -> (Started, u64) {
         let (from, to) = read_span(Shape::of(entry), entry.source.size, c, ps, pe);
         Metrics::add(&self.metrics.backend_reads, 1);
         let len = (to - from) as usize;
@@ -256,7 +281,12 @@ impl Engine {
             );
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let _ = self.fetch_tx.send((job, tx));
+        let queue = if low {
+            &self.low_fetch_tx
+        } else {
+            &self.fetch_tx
+        };
+        let _ = queue.send((job, tx));
         (Started::Queued(rx), from)
     }
 

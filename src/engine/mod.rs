@@ -42,9 +42,12 @@ use crate::sys::fs as sysfs;
 use crate::sys::shm::Shared;
 
 use cache::{cache_limit, Entry, FileKey};
-use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS};
+use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS, LOW_FETCH_THREADS};
 use plan::{plan, Shape};
 use readahead::Readahead;
+
+/// Backend reads the engine may have in flight at once, readers' and access lists' together.
+pub const FETCHES_IN_FLIGHT: usize = FETCH_THREADS + LOW_FETCH_THREADS;
 
 /// What an access needs present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +84,9 @@ pub struct Engine {
     /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
     /// deadline: the reader gets EAGAIN after `fetch_timeout`.
     fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
+    /// The same for fetches nobody waits on yet (an access list's prefetch): threads of their
+    /// own, so that they never hold up a reader's.
+    low_fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
     fetch_timeout: Duration,
     digest_dir: PathBuf,
     /// The store's tree, on the daemon's ignore-marked view, to reopen stubs for writing.
@@ -141,20 +147,26 @@ impl Engine {
         store_tree: Option<OwnedFd>,
         xfs: bool,
     ) -> Engine {
-        let (fetch_tx, fetch_rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
-        for _ in 0..FETCH_THREADS {
-            let rx = fetch_rx.clone();
-            let backend = backend.clone();
-            std::thread::spawn(move || {
-                for (job, reply) in rx {
-                    // The requester may have given up (timeout): then the bytes are dropped.
-                    let _ = reply.send(Fetched::read_guarded(&*backend, &job));
-                }
-            });
-        }
+        let pool = |threads: usize| {
+            let (tx, rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
+            for _ in 0..threads {
+                let rx = rx.clone();
+                let backend = backend.clone();
+                std::thread::spawn(move || {
+                    for (job, reply) in rx {
+                        // The requester may have given up (timeout): then the bytes are dropped.
+                        let _ = reply.send(Fetched::read_guarded(&*backend, &job));
+                    }
+                });
+            }
+            tx
+        };
+        let fetch_tx = pool(FETCH_THREADS);
+        let low_fetch_tx = pool(LOW_FETCH_THREADS);
         Engine {
             backend,
             fetch_tx,
+            low_fetch_tx,
             fetch_timeout,
             digest_dir,
             store_tree,
@@ -298,6 +310,58 @@ impl Engine {
         let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
         let complete = lock(&entry.state).record.is_complete();
         Ok(Prefetched { fetched, complete })
+    }
+
+    /// Fetch, at low priority, what an open of the stub behind `fd` would (`open`) and the
+    /// `ranges` (clipped to the file): an access list's prefetch (see `crate::access_list`).
+    /// Returns the ranges this call found missing and made present (a reader may have fetched
+    /// some of them meanwhile).
+    pub fn prefetch_ranges(
+        &self,
+        fd: BorrowedFd<'_>,
+        open: bool,
+        ranges: &[(u64, u64)],
+    ) -> io::Result<Vec<(u64, u64)>> {
+        let st = sysfs::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Ok(Vec::new());
+        }
+        let Some(entry) = self.entry(&st, fd)? else {
+            return Ok(Vec::new());
+        };
+        let size = st.st_size as u64;
+        let mut wanted: Vec<(u64, u64)> = Vec::new();
+        if open {
+            let p = plan(
+                Shape::of(&entry),
+                &mut lock(&entry.state),
+                size,
+                Need::Open,
+                self.backend.random_piece(),
+                Instant::now(),
+            );
+            if !p.complete && p.start < p.end {
+                wanted.push((p.start, p.end));
+            }
+        }
+        for &(start, end) in ranges {
+            // Whole pages, as the kernel asks for them.
+            let start = start & !4095;
+            let end = end.saturating_add(4095) & !4095;
+            if start < size.min(end) {
+                wanted.push((start, end.min(size)));
+            }
+        }
+        let mut made = Vec::new();
+        for (start, end) in wanted {
+            let gaps = lock(&entry.state).record.present.gaps(start, end);
+            if gaps.is_empty() {
+                continue;
+            }
+            self.fill_at(&entry, fd, start, end, true, true)?;
+            made.extend(gaps);
+        }
+        Ok(made)
     }
 
     /// An access the supervisor allowed from a published range: note it as a served one, so
