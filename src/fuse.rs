@@ -1268,6 +1268,24 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     use crate::store::Store;
     use crate::sys::shm::Shared;
+    let fanotify_only = [
+        ("--cache-limit", opts.cache_limit.is_some()),
+        ("--record-access", opts.record_access.is_some()),
+        ("--prefetch-list", !opts.prefetch_lists.is_empty()),
+        (
+            "--deny-comm, --deny-exe, --deny-uid or --uid-fetch-rate",
+            !opts.policy.deny_comm.is_empty()
+                || !opts.policy.deny_exe.is_empty()
+                || !opts.policy.deny_uid.is_empty()
+                || opts.policy.uid_fetch_rate.is_some(),
+        ),
+    ];
+    if let Some((option, _)) = fanotify_only.iter().find(|(_, given)| *given) {
+        bail!(
+            "{option}: not supported by the FUSE front end yet; serve with --frontend fanotify \
+             (Linux 6.14+), or without it"
+        );
+    }
     if rustix::process::geteuid().as_raw() != 0 {
         bail!(
             "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"

@@ -283,3 +283,31 @@ fn one_store_served_by_fanotify_then_fuse_then_fanotify_refetches_nothing() {
     assert_bytes_eq(&fs::read(fx.at(&b.0)).unwrap(), &b.1, "fanotify again: b");
     assert_eq!(metric(&fx.stop(), "fetched_bytes"), 0, "nothing refetched");
 }
+
+#[test]
+fn options_the_fuse_front_end_lacks_are_refused_by_name() {
+    if !require_root() {
+        return;
+    }
+    let (fx, _) = fixture("xfs", 1);
+    for (option, value) in [
+        ("--cache-limit", "1G"),
+        ("--record-access", "/tmp/hsm-never-written.list"),
+        ("--deny-comm", "updatedb"),
+    ] {
+        let out = Command::new(HSM)
+            .args(["serve", "--frontend", "fuse", option, value])
+            .arg(&fx.store)
+            .arg(&fx.view)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{option}: served anyway");
+        assert!(
+            stderr.contains(option) && stderr.contains("not supported by the FUSE front end"),
+            "{option}: {stderr}"
+        );
+        assert!(!is_mounted(&fx.view), "{option}: left a mount");
+    }
+}
