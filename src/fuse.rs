@@ -1164,11 +1164,15 @@ fn is_ours(name: &OsStr) -> bool {
     name.as_bytes().starts_with(b"trusted.hsm.")
 }
 
-/// Whether the kernel can give pre-content events for the store's filesystem (else FUSE).
-pub fn pre_content_supported(tree: &Path) -> bool {
-    crate::sys::fanotify::Group::new()
-        .and_then(|g| g.probe_pre_content(tree))
-        .is_ok()
+/// Whether the kernel or the store's filesystem lacks pre-content events: only then does `auto`
+/// choose FUSE. Any other failure (no CAP_SYS_ADMIN, no such store) is the fanotify front end's
+/// to explain: a missing privilege must not quietly change how the tree is served.
+pub fn pre_content_unsupported(tree: &Path) -> bool {
+    let probed = crate::sys::fanotify::Group::new().and_then(|g| g.probe_pre_content(tree));
+    matches!(
+        probed.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS))
+    )
 }
 
 /// Clear a dead FUSE mount of hsm's left on `mountpoint` by a daemon that died (its accesses
@@ -1296,6 +1300,10 @@ pub fn serve(
         .with_context(|| format!("cannot find the store {}", store_root.display()))?;
     Store::check_exists(&store_root)?;
     Store::check_private_at(&store_root)?;
+    crate::store::check_supported(
+        crate::store::filesystem_of(&store_root.join("tree"))?,
+        &store_root,
+    )?;
     // A guard left by the fanotify front end holds the filesystem's mark: this process reads
     // the store's files directly, so the guard goes (the tree is then reached through FUSE).
     if crate::guard::stop(&store_root)? {
@@ -1414,12 +1422,20 @@ pub enum Frontend {
 /// kernel and the store's filesystem give pre-content events, else FUSE. Printed and logged.
 pub fn choose(asked: Frontend, store_root: &Path) -> Frontend {
     let chosen = match asked {
-        Frontend::Auto if pre_content_supported(&store_root.join("tree")) => Frontend::Fanotify,
-        Frontend::Auto => Frontend::Fuse,
+        // A store on a filesystem that stores are not made on is the fanotify front end's to
+        // refuse, with its reason.
+        Frontend::Auto
+            if crate::store::filesystem_of(&store_root.join("tree"))
+                .is_ok_and(|k| crate::store::check_supported(k, store_root).is_ok())
+                && pre_content_unsupported(&store_root.join("tree")) =>
+        {
+            Frontend::Fuse
+        }
+        Frontend::Auto => Frontend::Fanotify,
         other => other,
     };
     let why = match (asked, chosen) {
-        (Frontend::Auto, Frontend::Fanotify) => " (auto: pre-content events supported)",
+        (Frontend::Auto, Frontend::Fanotify) => " (auto)",
         (Frontend::Auto, _) => " (auto: no pre-content events on this kernel or filesystem)",
         _ => "",
     };
