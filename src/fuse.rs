@@ -769,12 +769,10 @@ impl Filesystem for HsmFs {
         // the open returns (hole-aware tools would copy its holes as zeros), except for exec,
         // served range by range.
         let file = file.and_then(|f| {
-            let need = if flags.0 & FMODE_EXEC != 0 {
+            if flags.0 & FMODE_EXEC != 0 {
                 return Ok(f);
-            } else {
-                Need::Open
-            };
-            match self.engine.serve(f.as_fd(), need) {
+            }
+            match self.engine.serve(f.as_fd(), Need::Open) {
                 Ok(_) => Ok(f),
                 Err(e) => Err(errno(&e)),
             }
@@ -846,7 +844,7 @@ impl Filesystem for HsmFs {
                     self.before_change(h.file.as_fd(), end - 1)?;
                 }
             }
-            // O_APPEND handles were opened with it: the kernel gives the offset to write at.
+            // At the offset the kernel gives (`O_APPEND` is not passed on to the store's file).
             sysfs::pwrite_all(h.file.as_fd(), data, offset)
         })();
         match written {
