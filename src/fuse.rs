@@ -669,12 +669,7 @@ impl Filesystem for HsmFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let done = self.node(parent).and_then(|p| {
             let name = name_cstr(name)?;
-            rustix::fs::unlinkat(
-                p.fd.as_fd(),
-                name.as_c_str(),
-                rustix::fs::AtFlags::REMOVEDIR,
-            )
-            .map_err(|e| Errno::from_i32(e.raw_os_error()))
+            sysfs::rmdirat(p.fd.as_fd(), &name).map_err(|e| errno(&e))
         });
         match done {
             Ok(()) => reply.ok(),

@@ -446,31 +446,23 @@ pub fn rename_noreplace(
 /// (both must exist). A file replaced this way stays reachable under the other name until it is
 /// unlinked, so a replacement can still be undone.
 pub fn rename_exchange(dir: BorrowedFd<'_>, a: &CStr, b: &CStr) -> io::Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    cvt(unsafe {
-        libc::renameat2(
-            dir.as_raw_fd(),
-            a.as_ptr(),
-            dir.as_raw_fd(),
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    })?;
-    Ok(())
+    Ok(rustix::fs::renameat_with(
+        dir,
+        a,
+        dir,
+        b,
+        RenameFlags::EXCHANGE,
+    )?)
 }
 
 /// `renameat(dir, old, dir, new)`: `new` is replaced atomically if it exists.
 pub fn rename_replace(dir: BorrowedFd<'_>, old: &CStr, new: &CStr) -> io::Result<()> {
-    // SAFETY: both names are NUL-terminated.
-    cvt(unsafe { libc::renameat(dir.as_raw_fd(), old.as_ptr(), dir.as_raw_fd(), new.as_ptr()) })?;
-    Ok(())
+    Ok(rustix::fs::renameat(dir, old, dir, new)?)
 }
 
 /// `unlinkat(dir, name, AT_REMOVEDIR)`: remove an empty directory.
 pub fn rmdirat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
-    // SAFETY: `name` is NUL-terminated.
-    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) })?;
-    Ok(())
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)?)
 }
 
 pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
