@@ -379,6 +379,44 @@ impl HsmFs {
             .map(|_| ())
     }
 
+    /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
+    fn make(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEntry,
+        make: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
+    ) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        match make(parent.fd.as_fd(), &name).and_then(|()| self.own(parent.fd.as_fd(), &name, req))
+        {
+            Ok(()) => self.entry(&parent, &name, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Remove `name` from `parent` with `remove` (unlink, rmdir).
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        remove: impl FnOnce(BorrowedFd<'_>, &CStr) -> io::Result<()>,
+    ) {
+        let done = self.node(parent).and_then(|p| {
+            let name = name_cstr(name)?;
+            remove(p.fd.as_fd(), &name).map_err(|e| errno(&e))
+        });
+        match done {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn open_handle(&self, ino: u64, file: OwnedFd, reply: ReplyOpen) {
         // Complete as the engine knows it (its record may not be written yet): nothing left to
         // fill, so the kernel may go straight to the store's file.
@@ -615,23 +653,15 @@ impl Filesystem for HsmFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let (parent, name) = match (self.node(parent), name_cstr(name)) {
-            (Ok(p), Ok(n)) => (p, n),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let made = rustix::fs::mknodat(
-            parent.fd.as_fd(),
-            name.as_c_str(),
-            rustix::fs::FileType::from_raw_mode(mode),
-            rustix::fs::Mode::from_raw_mode(mode & !umask & 0o7777),
-            rdev as u64,
-        )
-        .map_err(io::Error::from)
-        .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
-        match made {
-            Ok(()) => self.entry(&parent, &name, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.make(req, parent, name, reply, |dir, name| {
+            Ok(rustix::fs::mknodat(
+                dir,
+                name,
+                rustix::fs::FileType::from_raw_mode(mode),
+                rustix::fs::Mode::from_raw_mode(mode & !umask & 0o7777),
+                rdev as u64,
+            )?)
+        });
     }
 
     fn mkdir(
@@ -643,38 +673,17 @@ impl Filesystem for HsmFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let (parent, name) = match (self.node(parent), name_cstr(name)) {
-            (Ok(p), Ok(n)) => (p, n),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let made = sysfs::mkdirat(parent.fd.as_fd(), &name, mode & !umask & 0o7777)
-            .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
-        match made {
-            Ok(()) => self.entry(&parent, &name, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.make(req, parent, name, reply, |dir, name| {
+            sysfs::mkdirat(dir, name, mode & !umask & 0o7777)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let done = self.node(parent).and_then(|p| {
-            let name = name_cstr(name)?;
-            sysfs::unlinkat(p.fd.as_fd(), &name).map_err(|e| errno(&e))
-        });
-        match done {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, reply, sysfs::unlinkat);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let done = self.node(parent).and_then(|p| {
-            let name = name_cstr(name)?;
-            sysfs::rmdirat(p.fd.as_fd(), &name).map_err(|e| errno(&e))
-        });
-        match done {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, reply, sysfs::rmdirat);
     }
 
     fn symlink(
@@ -685,16 +694,9 @@ impl Filesystem for HsmFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let (parent, name) = match (self.node(parent), name_cstr(link_name)) {
-            (Ok(p), Ok(n)) => (p, n),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        let made = sysfs::symlinkat(target.as_os_str().as_bytes(), parent.fd.as_fd(), &name)
-            .and_then(|()| self.own(parent.fd.as_fd(), &name, req));
-        match made {
-            Ok(()) => self.entry(&parent, &name, reply),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.make(req, parent, link_name, reply, |dir, name| {
+            sysfs::symlinkat(target.as_os_str().as_bytes(), dir, name)
+        });
     }
 
     fn rename(

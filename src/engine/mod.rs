@@ -499,24 +499,37 @@ mod tests {
         f
     }
 
+    /// An engine over `source` for the unit tests: no published ranges, no readahead, no view.
+    fn test_engine(
+        source: Arc<dyn Backend>,
+        metrics: Shared<Metrics>,
+        dir: &std::path::Path,
+    ) -> Engine {
+        Engine::new(
+            source,
+            metrics,
+            None,
+            0,
+            Duration::from_secs(20),
+            dir.join("digests"),
+            None,
+            false,
+        )
+    }
+
     #[test]
     fn a_file_is_not_recorded_while_a_fill_of_it_is_in_flight() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let file = stub_file(dir.path(), 2 << 20);
         let metrics = Shared::<Metrics>::create(c"hsm-test-metrics").unwrap();
-        let engine = Arc::new(Engine::new(
+        let engine = Arc::new(test_engine(
             Arc::new(SlowSource {
                 slow_from: 1 << 20,
                 slow: Duration::from_millis(2500),
                 ..Default::default()
             }),
             metrics,
-            None,
-            0,
-            Duration::from_secs(20),
-            dir.path().join("digests"),
-            None,
-            false,
+            dir.path(),
         ));
         let fd = file.try_clone().unwrap();
         let filler = {
@@ -560,18 +573,13 @@ mod tests {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let file = stub_file(dir.path(), 2 << 20);
         let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-pressure").unwrap();
-        let mut engine = Engine::new(
+        let mut engine = test_engine(
             Arc::new(SlowSource {
                 slow_from: u64::MAX,
                 ..Default::default()
             }),
             metrics,
-            None,
-            0,
-            Duration::from_secs(20),
-            dir.path().join("digests"),
-            None,
-            false,
+            dir.path(),
         );
         assert_eq!(
             engine.serve(file.as_fd(), Need::Whole).unwrap(),
@@ -595,18 +603,13 @@ mod tests {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let file = stub_file(dir.path(), 2 << 20);
         let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-flusher").unwrap();
-        let mut engine = Engine::new(
+        let mut engine = test_engine(
             Arc::new(SlowSource {
                 slow_from: u64::MAX,
                 ..Default::default()
             }),
             metrics,
-            None,
-            0,
-            Duration::from_secs(20),
-            dir.path().join("digests"),
-            None,
-            false,
+            dir.path(),
         );
         engine.max_cached = 0;
         let engine = Arc::new(engine);
@@ -654,16 +657,7 @@ mod tests {
             ..Default::default()
         });
         let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-near").unwrap();
-        let engine = Engine::new(
-            source.clone(),
-            metrics,
-            None,
-            0,
-            Duration::from_secs(20),
-            dir.path().join("digests"),
-            None,
-            false,
-        );
+        let engine = test_engine(source.clone(), metrics, dir.path());
         let read_for = |offset: u64| {
             let before = source.read.load(Ordering::Relaxed);
             let need = Need::Range {
