@@ -190,7 +190,7 @@ impl Usage {
         tree: &Path,
         tree_fd: OwnedFd,
         engine: Arc<Engine>,
-        group: Arc<Group>,
+        group: Option<Arc<Group>>,
         zero_pool: Option<std::fs::File>,
     ) {
         let usage = self.clone();
@@ -209,7 +209,7 @@ impl Usage {
             );
             let forget = |fd: BorrowedFd<'_>| engine.forget(fd);
             let releaser = Releaser {
-                group: Some(&group),
+                group: group.as_deref(),
                 published: engine.published(),
                 zero_pool: zero_pool.as_ref(),
                 forget: &forget,
@@ -345,7 +345,8 @@ pub struct Space {
     pub usage: Arc<Usage>,
     pub engine: std::sync::Weak<Engine>,
     pub tree: OwnedFd,
-    pub group: Arc<Group>,
+    /// None under FUSE, which has no ignore marks to take off.
+    pub group: Option<Arc<Group>>,
     pub zero_pool: Option<std::fs::File>,
 }
 
@@ -365,7 +366,7 @@ impl crate::engine::Space for Space {
         };
         let forget = |fd: BorrowedFd<'_>| engine.forget(fd);
         let releaser = Releaser {
-            group: Some(&self.group),
+            group: self.group.as_deref(),
             published: engine.published(),
             zero_pool: self.zero_pool.as_ref(),
             forget: &forget,

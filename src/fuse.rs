@@ -157,6 +157,8 @@ impl IoModes {
 pub struct HsmFs {
     io_modes: Mutex<IoModes>,
     engine: Arc<Engine>,
+    /// Prefetch, cache limit, recording and fetch policy, as under the fanotify front end.
+    services: Arc<crate::frontend::Services>,
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
@@ -264,7 +266,11 @@ fn attr_of(ino: u64, st: &sysfs::Stat) -> FileAttr {
 }
 
 impl HsmFs {
-    pub fn new(engine: Arc<Engine>, tree: OwnedFd) -> io::Result<HsmFs> {
+    pub fn new(
+        engine: Arc<Engine>,
+        services: Arc<crate::frontend::Services>,
+        tree: OwnedFd,
+    ) -> io::Result<HsmFs> {
         let st = sysfs::fstat(tree.as_fd())?;
         let mut inodes = Inodes {
             next: 2,
@@ -282,6 +288,7 @@ impl HsmFs {
         );
         Ok(HsmFs {
             engine,
+            services,
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             io_modes: Mutex::new(IoModes::default()),
@@ -366,17 +373,28 @@ impl HsmFs {
 
     /// What an access about to change the file at `fd` needs from the engine first: the page it
     /// lands on filled, and any local shrink noted (see the module doc).
-    fn before_change(&self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
+    fn before_change(&self, pid: u32, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
         let page = offset & !(PAGE - 1);
-        self.engine
-            .serve(
-                fd,
-                Need::Range {
-                    offset: page,
-                    count: PAGE,
-                },
-            )
-            .map(|_| ())
+        self.fill(
+            pid,
+            fd,
+            Need::Range {
+                offset: page,
+                count: PAGE,
+            },
+        )
+    }
+
+    /// Have the engine make `need` of the file at `fd` present for process `pid`, unless the
+    /// fetch policy keeps `pid` from fetching it (the errno it is denied with).
+    fn fill(&self, pid: u32, fd: BorrowedFd<'_>, need: Need) -> io::Result<()> {
+        if let Some(errno) = self
+            .services
+            .kept_from_fetching(&self.engine, pid as i32, fd, need)
+        {
+            return Err(io::Error::from_raw_os_error(errno.raw()));
+        }
+        self.engine.serve(fd, need).map(|_| ())
     }
 
     /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
@@ -420,10 +438,22 @@ impl HsmFs {
     fn open_handle(&self, ino: u64, file: OwnedFd, reply: ReplyOpen) {
         // Complete as the engine knows it (its record may not be written yet): nothing left to
         // fill, so the kernel may go straight to the store's file.
-        let filled_here = !self
-            .engine
-            .is_present(file.as_fd(), Need::Whole)
-            .unwrap_or(false);
+        let present = self.engine.is_present(file.as_fd(), Need::Whole);
+        let mut filled_here = !matches!(present, Ok(true));
+        if filled_here && !lock(&self.io_modes).cached_allowed(ino) {
+            // Open in passthrough already: those opens read the store's file directly, so it
+            // was complete when they opened, and a release waits for them. Made sure of (a
+            // no-op then), and this open joins them rather than fail.
+            debug!(
+                ino,
+                ?present,
+                "an open of a file in passthrough found it incomplete"
+            );
+            match self.engine.serve(file.as_fd(), Need::Whole) {
+                Ok(_) => filled_here = false,
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let mut modes = lock(&self.io_modes);
         let mut backing = None;
@@ -537,7 +567,7 @@ impl Filesystem for HsmFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -590,7 +620,7 @@ impl Filesystem for HsmFs {
                     }
                 };
                 let now = sysfs::fstat(file)?.st_size as u64;
-                self.before_change(file, size.min(now))?;
+                self.before_change(req.pid(), file, size.min(now))?;
                 sysfs::ftruncate(file, size)?;
             }
             if atime.is_some() || mtime.is_some() {
@@ -753,7 +783,7 @@ impl Filesystem for HsmFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // Read and write, whatever the caller asked (the kernel checked its rights): the engine
         // reads back a stub's pieces to check them, and a write lands on filled pages.
         let rw = (flags.0 & !libc::O_ACCMODE) | libc::O_RDWR;
@@ -766,13 +796,21 @@ impl Filesystem for HsmFs {
         // the open returns (hole-aware tools would copy its holes as zeros), except for exec,
         // served range by range.
         let file = file.and_then(|f| {
+            self.services.note_use(f.as_fd(), req.pid() as i32, None);
             if flags.0 & FMODE_EXEC != 0 {
                 return Ok(f);
             }
-            match self.engine.serve(f.as_fd(), Need::Open) {
-                Ok(_) => Ok(f),
-                Err(e) => Err(errno(&e)),
+            let stub = !self
+                .engine
+                .is_present(f.as_fd(), Need::Whole)
+                .unwrap_or(false);
+            self.fill(req.pid(), f.as_fd(), Need::Open)
+                .map_err(|e| errno(&e))?;
+            if let (Some(p), true) = (&self.services.prefetch, stub) {
+                // After the fill: a window never races this open for its own file.
+                p.note_open(f.as_fd(), false);
             }
+            Ok(f)
         });
         match file {
             Ok(file) => self.open_handle(ino.0, file, reply),
@@ -782,7 +820,7 @@ impl Filesystem for HsmFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -797,13 +835,10 @@ impl Filesystem for HsmFs {
         };
         let read = (|| {
             if h.filled_here {
-                self.engine.serve(
-                    h.file.as_fd(),
-                    Need::Range {
-                        offset,
-                        count: u64::from(size.max(1)),
-                    },
-                )?;
+                let count = u64::from(size.max(1));
+                self.services
+                    .note_use(h.file.as_fd(), req.pid() as i32, Some((offset, count)));
+                self.fill(req.pid(), h.file.as_fd(), Need::Range { offset, count })?;
             }
             let mut buf = vec![0u8; size as usize];
             let n = sysfs::pread_full(h.file.as_fd(), &mut buf, offset)?;
@@ -818,7 +853,7 @@ impl Filesystem for HsmFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -836,9 +871,9 @@ impl Filesystem for HsmFs {
             if h.filled_here {
                 // The pages the write lands on: filled first, so that the write lands on top.
                 let end = offset.saturating_add(data.len() as u64);
-                self.before_change(h.file.as_fd(), offset)?;
+                self.before_change(req.pid(), h.file.as_fd(), offset)?;
                 if end.saturating_sub(1) / PAGE != offset / PAGE {
-                    self.before_change(h.file.as_fd(), end - 1)?;
+                    self.before_change(req.pid(), h.file.as_fd(), end - 1)?;
                 }
             }
             // At the offset the kernel gives (`O_APPEND` is not passed on to the store's file).
@@ -1024,9 +1059,8 @@ impl Filesystem for HsmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if is_ours(name) {
-            return reply.error(Errno::from_i32(libc::ENODATA));
-        }
+        // Our records may be read by name (root only: `trusted.*`), as `hsm status` and
+        // `hsm verify` do through a fanotify mount; they are not listed, so copies leave them.
         let got = self.node(ino).and_then(|n| {
             let mut buf = vec![0u8; if size == 0 { 64 << 10 } else { size as usize }];
             rustix::fs::getxattr(
@@ -1174,9 +1208,10 @@ pub fn pre_content_unsupported(tree: &Path) -> bool {
 /// fail with ENOTCONN): detached, so that a new mount can take its place. Any other mount there
 /// is left alone (and the mount that follows fails on it or stacks on it, as the user asked).
 pub fn clear_dead_mount(mountpoint: &Path) -> anyhow::Result<()> {
+    // statfs always asks the daemon (a stat may be answered from the kernel's attribute cache).
     let dead = matches!(
-        std::fs::metadata(mountpoint),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
+        rustix::fs::statfs(mountpoint),
+        Err(rustix::io::Errno::NOTCONN)
     );
     if !dead {
         return Ok(());
@@ -1267,24 +1302,6 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     use crate::store::Store;
     use crate::sys::shm::Shared;
-    let fanotify_only = [
-        ("--cache-limit", opts.cache_limit.is_some()),
-        ("--record-access", opts.record_access.is_some()),
-        ("--prefetch-list", !opts.prefetch_lists.is_empty()),
-        (
-            "--deny-comm, --deny-exe, --deny-uid or --uid-fetch-rate",
-            !opts.policy.deny_comm.is_empty()
-                || !opts.policy.deny_exe.is_empty()
-                || !opts.policy.deny_uid.is_empty()
-                || opts.policy.uid_fetch_rate.is_some(),
-        ),
-    ];
-    if let Some((option, _)) = fanotify_only.iter().find(|(_, given)| *given) {
-        bail!(
-            "{option}: not supported by the FUSE front end yet; serve with --frontend fanotify \
-             (Linux 6.14+), or without it"
-        );
-    }
     if rustix::process::geteuid().as_raw() != 0 {
         bail!(
             "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"
@@ -1328,10 +1345,9 @@ pub fn serve(
         );
     }
     let metrics = Shared::<Metrics>::create(c"hsm-metrics").context("cannot map the metrics")?;
-    let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
-        inner: crate::worker::open_backend(&store, &opts.fetch_user)?,
-        metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
-    });
+    // SIGHUP re-reads an S3 source's credentials, as under the fanotify front end.
+    let sighup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    let backend = crate::worker::serving_backend(&store, &opts.fetch_user, sighup, &metrics)?;
     let open_tree = || -> anyhow::Result<OwnedFd> {
         Ok(std::fs::File::open(store.tree())
             .with_context(|| format!("cannot open {}", store.tree().display()))?
@@ -1349,25 +1365,13 @@ pub fn serve(
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
     engine.start_readahead(8);
-    let operations = crate::manage::Operations {
-        engine: Some(engine.clone()),
-        tree: open_tree()?,
-        group: None,
-        zero_pool: store.zero_pool().ok(),
-        usage: None,
-    };
-    match crate::control::listen(&store.tree()) {
-        Ok(listener) => crate::control::serve(
-            listener,
-            Arc::new(operations),
-            crate::control::Access {
-                group: opts.control_group,
-            },
-        ),
-        Err(e) => {
-            warn!("no control socket: {e:#}; hsm hydrate, release and pin cannot reach this daemon")
-        }
-    }
+    let services = Arc::new(crate::frontend::Services::start(
+        &engine,
+        &store,
+        opts,
+        None,
+        &store.tree(),
+    )?);
     let flusher = {
         let engine = engine.clone();
         let metrics_path = store.metrics_path();
@@ -1381,12 +1385,14 @@ pub fn serve(
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let fs = HsmFs::new(engine.clone(), open_tree()?)?;
+    let fs = HsmFs::new(engine.clone(), services.clone(), open_tree()?)?;
     let session = SessionOptions {
         threads: opts.threads,
         allow_other: true,
     };
     let served = run(fs, &mountpoint, &session, &stop, || {
+        // Paths under the mount point name its root, not the store's tree.
+        services.serve_control_at(&mountpoint);
         println!("ready");
         let _ = crate::sys::ipc::sd_notify("READY=1", None);
         info!(
@@ -1401,6 +1407,7 @@ pub fn serve(
     let _ = flusher.join();
     engine.flush(true);
     engine.metrics.write(&store.metrics_path());
+    services.finish();
     served
 }
 

@@ -29,6 +29,7 @@ pub mod event;
 pub mod evict;
 pub mod exporter;
 pub mod fault;
+pub mod frontend;
 pub mod fuse;
 pub mod guard;
 pub mod kernel_reader;

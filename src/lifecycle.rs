@@ -6,7 +6,8 @@
 //!    the inode exists (an open fd, a mapping, a running exec, an access event in flight, which
 //!    holds an fd), and while held, every new open waits. So from here to the end no reader has
 //!    the file, and none can get it.
-//! 3. The records are read again under the lease (a local write, a pin, may have come first).
+//! 3. The daemon forgets the file again (an open between 1 and 2 may have had it taken up), and
+//!    the records are read again under the lease (a local write, a pin, may have come first).
 //! 4. The ignore mark comes off and the published range is withdrawn: the next open or access
 //!    is reported again, and goes to the engine.
 //! 5. The state record says "nothing present" and is made durable (`fsync`) before any block is
@@ -170,7 +171,13 @@ impl Releaser<'_> {
             }
             Err(e) => return Err(e).context("cannot take a write lease on it"),
         };
-        // Under the lease: nothing can change the file now but this process.
+        // Under the lease: nothing can change the file now but this process. The engine may
+        // have taken the file up again between the forget above and the lease (an open that
+        // came and went: under FUSE every open asks it), with the records as they were then:
+        // forgotten again, or it would go on answering from a state the release ends.
+        if !(self.forget)(fd) {
+            return Ok(Outcome::Refused(Refusal::InUse));
+        }
         let (source, state) = match records(fd) {
             Ok(r) => r,
             Err(refusal) => return Ok(Outcome::Refused(refusal)),

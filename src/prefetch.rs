@@ -180,8 +180,8 @@ struct Window {
 
 pub struct DirPrefetch {
     engine: Arc<Engine>,
-    /// For the ignore marks of the files made complete.
-    group: Arc<Group>,
+    /// For the ignore marks of the files made complete (None under FUSE, which has no marks).
+    group: Option<Arc<Group>>,
     tree: OwnedFd,
     /// The exposed tree as event fds' paths show it, with a trailing `/`.
     mountpoint: Vec<u8>,
@@ -202,7 +202,7 @@ impl DirPrefetch {
     /// `mountpoint`, `files` files per window. `None` when it is off (see [`enabled`]).
     pub fn start(
         engine: Arc<Engine>,
-        group: Arc<Group>,
+        group: Option<Arc<Group>>,
         tree: OwnedFd,
         mountpoint: &Path,
         files: usize,
@@ -368,9 +368,12 @@ impl DirPrefetch {
                 }
                 done.complete
             };
-            if complete && self.marks.load(std::sync::atomic::Ordering::Relaxed) {
-                self.group
-                    .ignore_inode(fd.as_fd(), crate::event::ignore_mask())?;
+            if let Some(group) = self
+                .group
+                .as_ref()
+                .filter(|_| complete && self.marks.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                group.ignore_inode(fd.as_fd(), crate::event::ignore_mask())?;
                 Metrics::add(&self.engine.metrics.ignore_marks, 1);
             }
             if on_disk {

@@ -26,8 +26,7 @@ use crate::engine::{Engine, Need, Served};
 use crate::event::{EventId, PendingEvent, Respond, SupervisorResponder};
 use crate::guard::PrivateView;
 use crate::metrics::{Metrics, Outcome};
-use crate::policy::{Denial, Policy, PolicyConfig};
-use crate::prefetch::DirPrefetch;
+use crate::policy::{Denial, PolicyConfig};
 use crate::protocol::{EventMsg, ReplyMsg, CONTROL_ID, EVENT_LEN, NOTE_ID};
 use crate::published::PublishedRanges;
 use crate::record::StubKind;
@@ -126,6 +125,26 @@ fn open_backend_reloadable(
     Ok((fetcher, reload))
 }
 
+/// The backend a daemon serves from: every read timed into the fetch duration histogram, and
+/// the credentials re-read on `sighup` (see [`reload_credentials`]).
+pub(crate) fn serving_backend(
+    store: &Store,
+    fetch_user: &str,
+    sighup: signal_hook::iterator::Signals,
+    metrics: &Shared<Metrics>,
+) -> anyhow::Result<Arc<dyn crate::backend::Backend>> {
+    let (inner, reload) = open_backend_reloadable(store, fetch_user)?;
+    reload_credentials(
+        sighup,
+        reload,
+        Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    )?;
+    Ok(Arc::new(crate::metrics::Timed {
+        inner,
+        metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
+    }))
+}
+
 /// How often the static keys are read again to see whether they changed (see
 /// `CredentialReload::reload_if_changed`).
 const CREDENTIALS_LOOK_EVERY: Duration = Duration::from_secs(10);
@@ -183,17 +202,9 @@ type ExecOpens = Mutex<HashMap<(i32, u64, u64), Instant>>;
 struct Ctx {
     engine: Arc<Engine>,
     exec_opens: ExecOpens,
-    prefetch: Option<Arc<DirPrefetch>>,
     /// Events handed to the handler threads and not yet answered.
     handed_off: AtomicUsize,
-    /// None: every process may cause fetches.
-    policy: Option<Policy>,
-    /// The cache limit's tally of uses, when one is set.
-    usage: Option<Arc<crate::evict::Usage>>,
-    /// `--record-access`.
-    recorder: Option<Arc<crate::access_list::Recorder>>,
-    /// Access lists' prefetch, for its hits.
-    lists: Option<Arc<crate::access_list::Lists>>,
+    services: crate::frontend::Services,
 }
 
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
@@ -225,18 +236,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     crate::fault::init();
     let store = Store::open(view.root())
         .with_context(|| format!("cannot open the store {}", store_root.display()))?;
-    let policy = Policy::new(&opts.policy).map_err(anyhow::Error::msg)?;
-    // Every backend read timed into the fetch duration histogram.
-    let (inner, reload) = open_backend_reloadable(&store, &opts.fetch_user)?;
-    let backend: Arc<dyn crate::backend::Backend> = Arc::new(crate::metrics::Timed {
-        inner,
-        metrics: Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
-    });
-    reload_credentials(
-        sighup,
-        reload,
-        Shared::<Metrics>::from_fd(metrics.fd().try_clone_to_owned()?)?,
-    )?;
+    let backend = serving_backend(&store, &opts.fetch_user, sighup, &metrics)?;
     if !backend.reads_may_stall() {
         info!(
             "the source is on local disks: a missing piece is read by the thread serving its event"
@@ -256,107 +256,14 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its
     // thread until its chunks are written, so fewer threads would cap the chunks in flight.
     engine.start_readahead(8);
-    let prefetch = store_tree(&store).and_then(|tree| {
-        DirPrefetch::start(
-            engine.clone(),
-            group.clone(),
-            tree,
-            mountpoint,
-            opts.dir_prefetch,
-        )
-    });
-    let usage = match opts.cache_limit {
-        Some(limit) => {
-            let usage = Arc::new(crate::evict::Usage::new(limit));
-            let tree = || store_tree(&store).context("cannot open the store's tree");
-            engine.set_space(Arc::new(crate::evict::Space {
-                usage: usage.clone(),
-                engine: Arc::downgrade(&engine),
-                tree: tree()?,
-                group: group.clone(),
-                zero_pool: store.zero_pool().ok(),
-            }));
-            usage.start(
-                &store.tree(),
-                tree()?,
-                engine.clone(),
-                group.clone(),
-                store.zero_pool().ok(),
-            );
-            // Opens of complete files stay reported, as uses (see `evict`).
-            crate::event::ignore_only_accesses();
-            Some(usage)
-        }
-        None => None,
-    };
-    // `hsm hydrate`, `release`, `pin` on the served store come through here (see `control`).
-    let operations = crate::manage::Operations {
-        engine: Some(engine.clone()),
-        tree: store_tree(&store).context("cannot open the store's tree")?,
-        group: Some(group.clone()),
-        zero_pool: store.zero_pool().ok(),
-        usage: usage.clone(),
-    };
-    let access = crate::control::Access {
-        group: opts.control_group,
-    };
-    // A restarted worker goes on with the list the one before it wrote.
-    if let (Some(p), true) = (&prefetch, opts.record_access.is_some()) {
-        p.without_marks();
-    }
-    let recorder = match opts.record_access.clone() {
-        Some(path) => Some(crate::access_list::Recorder::start(
-            path,
-            mountpoint,
-            Shared::<Metrics>::from_fd(engine.metrics.fd().try_clone_to_owned()?)?,
-            engine.metrics.snapshot().worker_starts > 1,
-        )),
-        None => None,
-    };
-    let lists = store_tree(&store).map(|tree| crate::access_list::Lists::new(engine.clone(), tree));
-    let service = crate::access_list::ListService {
-        inner: Arc::new(operations),
-        recorder: recorder.clone(),
-        lists: lists.clone(),
-    };
-    // Not fatal: serving goes on without it (the commands then say the store is in use).
-    match crate::control::listen(&store.tree()) {
-        Ok(listener) => crate::control::serve(listener, Arc::new(service), access),
-        Err(e) => {
-            warn!("no control socket: {e:#}; hsm hydrate, release and pin cannot reach this daemon")
-        }
-    }
+    let services =
+        crate::frontend::Services::start(&engine, &store, &opts, Some(group.clone()), mountpoint)?;
     let ctx = Arc::new(Ctx {
         engine: engine.clone(),
         exec_opens: Mutex::new(HashMap::new()),
-        prefetch,
         handed_off: AtomicUsize::new(0),
-        policy,
-        usage,
-        recorder: recorder.clone(),
-        lists: lists.clone(),
+        services,
     });
-    // In the background, at once (the program the lists were recorded from is starting now),
-    // or when its first file is opened.
-    if let (Some(lists), false) = (&lists, opts.prefetch_lists.is_empty()) {
-        let (lists, paths) = (lists.clone(), opts.prefetch_lists.clone());
-        let on_open = opts.prefetch_on_first_open;
-        std::thread::spawn(move || {
-            for path in paths {
-                match crate::access_list::load(&path) {
-                    Ok(entries) => {
-                        if on_open {
-                            lists.wait_for_first_open(&entries);
-                        }
-                        let t = Instant::now();
-                        let s = lists.run(&entries, crate::access_list::IN_FLIGHT);
-                        info!(list = %path.display(), ?s, took = ?t.elapsed(), "access list fetched ahead");
-                    }
-                    Err(e) => warn!("access list not fetched: {e:#}"),
-                }
-            }
-        });
-    }
     let responder = Arc::new(SupervisorResponder {
         sock: sock.try_clone()?,
         group: group.clone(),
@@ -407,10 +314,8 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     let _ = flusher.join();
     engine.flush(true);
     engine.metrics.write(&store.metrics_path());
+    ctx.services.finish();
     drop(ctx);
-    if let Some(r) = recorder {
-        r.finish();
-    }
     Ok(())
 }
 
@@ -456,17 +361,14 @@ fn receive_from_supervisor(
         if msg.id == NOTE_ID {
             // Never answered: the supervisor did (see `NOTE_ID`). A process the fetch policy
             // restricts sets off no readahead and no directory prefetch.
-            if ctx.policy.as_ref().is_some_and(|p| {
+            if ctx.services.policy.as_ref().is_some_and(|p| {
                 p.has_lists() && p.process(msg.pid).is_some_and(|pr| p.listed(&pr).is_some())
             }) {
                 continue;
             }
-            if let (Some(usage), Some(fd)) = (&ctx.usage, &fd) {
-                usage.used(fd.as_fd());
-            }
             if let Some(fd) = &fd {
                 let range = (msg.mask & FAN_PRE_ACCESS != 0).then(|| msg.range.unwrap_or((0, 0)));
-                note_access_list(ctx, fd.as_fd(), msg.pid, range);
+                ctx.services.note_use(fd.as_fd(), msg.pid, range);
             }
             match fd {
                 // An access inside a published range: the readahead goes on from it.
@@ -479,7 +381,7 @@ fn receive_from_supervisor(
                     }));
                 }
                 Some(fd) => {
-                    if let Some(p) = &ctx.prefetch {
+                    if let Some(p) = &ctx.services.prefetch {
                         p.note_open(fd.as_fd(), true);
                     }
                 }
@@ -542,11 +444,8 @@ fn dispatch(
 ) {
     let _span = crate::event_span(ev.id.id).entered();
     debug!(pid = ev.pid, mask = ev.mask, range = ?ev.range, "received");
-    if let Some(usage) = &ctx.usage {
-        usage.used(ev.as_fd());
-    }
     let range = (ev.mask & FAN_PRE_ACCESS != 0).then(|| ev.range.unwrap_or((0, 0)));
-    note_access_list(ctx, ev.as_fd(), ev.pid, range);
+    ctx.services.note_use(ev.as_fd(), ev.pid, range);
     // Answered inline: the plain open event of this exec comes only after this answer. Not an
     // exec through a stacking filesystem's hidden mount (overlayfs): it maps the real file with
     // no event, so that file is served as an open for a kernel reader (fetched whole).
@@ -567,18 +466,23 @@ fn dispatch(
     // The fetch policy: a process is looked up for every event only when some are listed;
     // for a rate limit alone, only when its event would fetch (below).
     let process = ctx
+        .services
         .policy
         .as_ref()
         .filter(|p| p.has_lists())
         .and_then(|p| p.process(ev.pid));
-    let listed = match (&ctx.policy, &process) {
+    let listed = match (&ctx.services.policy, &process) {
         (Some(p), Some(pr)) => p.listed(pr),
         _ => None,
     };
     if let Some(errno) = listed {
         return policy_answer(ctx, ev, need, Denial::Listed(errno));
     }
-    let rate_limited = ctx.policy.as_ref().is_some_and(|p| p.rate_limited());
+    let rate_limited = ctx
+        .services
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.rate_limited());
     let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // Opens go to a thread: after their fill they tell the directory prefetch. A
         // rate-limited uid's fills go through the policy first (below).
@@ -601,7 +505,7 @@ fn dispatch(
         answer(ctx, ev, result);
         return;
     }
-    if let Some(p) = ctx.policy.as_ref().filter(|p| p.rate_limited()) {
+    if let Some(p) = ctx.services.policy.as_ref().filter(|p| p.rate_limited()) {
         let uid = match &process {
             Some(pr) => Some(pr.uid),
             None => p.process(ev.pid).map(|pr| pr.uid),
@@ -614,16 +518,6 @@ fn dispatch(
     ctx.handed_off.fetch_add(1, Ordering::Relaxed);
     if tx.send(ev).is_err() {
         ctx.handed_off.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Tell the access recorder and the lists' hit count of an open (`range` None) or access.
-fn note_access_list(ctx: &Ctx, fd: BorrowedFd<'_>, pid: i32, range: Option<(u64, u64)>) {
-    if let Some(r) = &ctx.recorder {
-        r.note(fd, pid, range);
-    }
-    if let Some(l) = &ctx.lists {
-        l.note_read(fd, range);
     }
 }
 
@@ -664,22 +558,8 @@ fn policy_answer(ctx: &Ctx, ev: PendingEvent, need: Need, denial: Denial) {
             ev.answer(Verdict::Allow, false);
         }
         Ok(Ok(false)) => {
-            let (errno, counter) = match denial {
-                Denial::Listed(errno) => (errno, &metrics.policy_denied_listed),
-                Denial::Rate => (DenyErrno::Again, &metrics.policy_denied_rate),
-            };
-            Metrics::add(counter, 1);
+            let errno = crate::frontend::count_denial(&ctx.engine, ev.pid, ev.as_fd(), denial);
             metrics.answered(ev.mask, Outcome::PolicyDenied(errno));
-            info!(
-                pid = ev.pid,
-                file = %crate::engine::fd_path(ev.as_fd()),
-                "fetch policy: denied with {} ({})",
-                crate::policy::errno_name(errno),
-                match denial {
-                    Denial::Listed(_) => "a listed process",
-                    Denial::Rate => "its uid is over its fetch rate",
-                }
-            );
             ev.answer(Verdict::Deny(errno), false);
         }
         Ok(Err(e)) => answer(ctx, ev, Ok(Err(e))),
@@ -708,9 +588,12 @@ fn handle(ctx: &Ctx, ev: PendingEvent) {
         crate::fault::at_fill(ev.as_fd());
         ctx.engine.serve(ev.as_fd(), need)
     }));
-    if let (Some(p), Need::Open | Need::Whole, false, Ok(Ok(_))) =
-        (&ctx.prefetch, need, ev.mask & FAN_PRE_ACCESS != 0, &result)
-    {
+    if let (Some(p), Need::Open | Need::Whole, false, Ok(Ok(_))) = (
+        &ctx.services.prefetch,
+        need,
+        ev.mask & FAN_PRE_ACCESS != 0,
+        &result,
+    ) {
         // After the fill: a window never races this open for its own file.
         p.note_open(ev.as_fd(), false);
     }

@@ -284,30 +284,111 @@ fn one_store_served_by_fanotify_then_fuse_then_fanotify_refetches_nothing() {
     assert_eq!(metric(&fx.stop(), "fetched_bytes"), 0, "nothing refetched");
 }
 
+/// The directory prefetch, the access recorder and list replay run under FUSE as under
+/// fanotify: a walk's cold opens fetch the rest of the directory ahead; a recorded run's list,
+/// replayed at the next start, makes that run read nothing from the source.
 #[test]
-fn options_the_fuse_front_end_lacks_are_refused_by_name() {
+fn a_walk_is_fetched_ahead_and_a_recorded_list_is_replayed_under_fuse() {
     if !require_root() {
         return;
     }
-    let (fx, _) = fixture("xfs", 1);
-    for (option, value) in [
-        ("--cache-limit", "1G"),
-        ("--record-access", "/tmp/hsm-never-written.list"),
-        ("--deny-comm", "updatedb"),
-    ] {
-        let out = Command::new(HSM)
-            .args(["serve", "--frontend", "fuse", option, value])
-            .arg(&fx.store)
-            .arg(&fx.view)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{option}: served anyway");
-        assert!(
-            stderr.contains(option) && stderr.contains("not supported by the FUSE front end"),
-            "{option}: {stderr}"
-        );
-        assert!(!is_mounted(&fx.view), "{option}: left a mount");
+    let (mut fx, files) = fixture("xfs", 200);
+    // A walk: every file of d0, in order, through the mount.
+    fx.serve(FUSE);
+    for (rel, data) in files.iter().filter(|(r, _)| r.starts_with("d0/")) {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
     }
+    let m = fx.stop();
+    assert!(
+        metric(&m, "prefetched_files") >= 50,
+        "the walk of 100 files fetched few ahead: {m}"
+    );
+    let d0: u64 = files
+        .iter()
+        .filter(|(r, _)| r.starts_with("d0/"))
+        .map(|(_, d)| d.len() as u64)
+        .sum();
+    assert_eq!(metric(&m, "fetched_bytes"), d0, "each byte of d0 once: {m}");
+
+    // Recorded: d1's first ten files and two ranges of the big file, in that order.
+    let list = fx.scratch.path.join("app.list");
+    let run = |fx: &Fixture| {
+        for (rel, data) in files.iter().filter(|(r, _)| r.starts_with("d1/")).take(10) {
+            assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+        }
+        let f = File::open(fx.at("big")).unwrap();
+        for off in [MIB, 7 * MIB] {
+            let mut got = vec![0u8; 8192];
+            f.read_exact_at(&mut got, off as u64).unwrap();
+            assert_bytes_eq(&got, &files[0].1[off..off + 8192], "big");
+        }
+    };
+    let recording = [
+        FUSE,
+        &[
+            "--record-access",
+            list.to_str().unwrap(),
+            "--dir-prefetch",
+            "0",
+        ],
+    ]
+    .concat();
+    fx.serve(&recording);
+    run(&fx);
+    let recorded = metric(&fx.stop(), "fetched_bytes");
+    let text = fs::read_to_string(&list).unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').next().unwrap())
+        .collect();
+    let want: Vec<&str> = files
+        .iter()
+        .filter(|(r, _)| r.starts_with("d1/"))
+        .take(10)
+        .map(|(r, _)| r.as_str())
+        .chain(["big"])
+        .collect();
+    assert_eq!(
+        names, want,
+        "the list, in the order of first access:\n{text}"
+    );
+
+    // Made stubs again, then served with the list: fetched ahead, and the run fetches nothing.
+    let out = run_hsm(&["release"], &fx.store.join("tree"));
+    assert!(out.status.success(), "{out:?}");
+    let replaying = [
+        FUSE,
+        &[
+            "--prefetch-list",
+            list.to_str().unwrap(),
+            "--dir-prefetch",
+            "0",
+        ],
+    ]
+    .concat();
+    fx.serve(&replaying);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(&fx.metrics(), "list_prefetched_bytes") < recorded {
+        assert!(std::time::Instant::now() < end, "{}", fx.metrics());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = metric(&fx.settled_metrics(), "backend_reads");
+    run(&fx);
+    let m = fx.stop();
+    assert_eq!(
+        metric(&m, "backend_reads"),
+        before,
+        "the replayed run read from the source: {m}"
+    );
+    assert!(metric(&m, "list_hit_bytes") > 0, "{m}");
+}
+
+fn run_hsm(args: &[&str], path: &std::path::Path) -> std::process::Output {
+    Command::new(HSM)
+        .args(args)
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
 }

@@ -99,6 +99,34 @@ macro_rules! on_each_fs {
     };
 }
 
+/// The FUSE front end's arguments to `hsm serve`.
+const FUSE: &[&str] = &["--frontend", "fuse"];
+
+/// [`on_each_fs`] for a body that takes the front end's arguments too: the fanotify front end
+/// on each filesystem, and the FUSE front end on xfs.
+macro_rules! on_each_fs_and_fuse {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn ext4() {
+                super::$body("ext4", &[])
+            }
+            #[test]
+            fn xfs() {
+                super::$body("xfs", &[])
+            }
+            #[test]
+            fn btrfs() {
+                super::$body("btrfs", &[])
+            }
+            #[test]
+            fn fuse_xfs() {
+                super::$body("xfs", super::FUSE)
+            }
+        }
+    };
+}
+
 /// The sources of a small tree: a big file (a cloned stub on xfs and btrfs), and small ones.
 fn small_tree(fx: &Fixture) -> Vec<(&'static str, Vec<u8>)> {
     vec![
@@ -120,16 +148,16 @@ fn read_all_right(fx: &Fixture, files: &[(&str, Vec<u8>)], what: &str) {
 // Hydrate, release, and the space given back
 // ---------------------------------------------------------------------------------------------
 
-fn hydrate_then_release(fs_kind: &str) {
+fn hydrate_then_release(fs_kind: &str, frontend: &[&str]) {
     if !require_root() {
         return;
     }
-    let what = format!("{fs_kind} hydrate/release");
+    let what = format!("{fs_kind} hydrate/release {frontend:?}");
     let mut fx = Fixture::new(fs_kind, "1G");
     let files = small_tree(&fx);
     let total: usize = files.iter().map(|f| f.1.len()).sum();
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     let mnt = fx.at("");
 
     let out = hsm(&["hydrate"], &[&mnt]);
@@ -195,7 +223,7 @@ fn seek(f: &File, whence: i32) -> i64 {
     unsafe { libc::lseek(f.as_raw_fd(), 0, whence) }
 }
 
-on_each_fs!(
+on_each_fs_and_fuse!(
     hydrate_then_release_gives_space_back_and_reads_right_again,
     hydrate_then_release
 );
@@ -204,15 +232,15 @@ on_each_fs!(
 // Refusals: open, mapped, modified, pinned
 // ---------------------------------------------------------------------------------------------
 
-fn refusals(fs_kind: &str) {
+fn refusals(fs_kind: &str, frontend: &[&str]) {
     if !require_root() {
         return;
     }
-    let what = format!("{fs_kind} refusals");
+    let what = format!("{fs_kind} refusals {frontend:?}");
     let mut fx = Fixture::new(fs_kind, "1G");
     let files = small_tree(&fx);
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     let mnt = fx.at("");
     assert!(hsm(&["hydrate"], &[&mnt]).status.success());
 
@@ -324,7 +352,7 @@ impl Drop for Mapping {
     }
 }
 
-on_each_fs!(
+on_each_fs_and_fuse!(
     release_refuses_open_mapped_modified_and_pinned_files,
     refusals
 );
@@ -333,11 +361,11 @@ on_each_fs!(
 // Release racing readers
 // ---------------------------------------------------------------------------------------------
 
-fn release_racing_readers(fs_kind: &str) {
+fn release_racing_readers(fs_kind: &str, frontend: &[&str]) {
     if !require_root() {
         return;
     }
-    let what = format!("{fs_kind} release racing readers");
+    let what = format!("{fs_kind} release racing readers {frontend:?}");
     let mut fx = Fixture::new(fs_kind, "1G");
     let files: Arc<Vec<(String, Vec<u8>)>> = Arc::new(
         (0..24)
@@ -350,7 +378,7 @@ fn release_racing_readers(fs_kind: &str) {
             .collect(),
     );
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     let stop = Arc::new(AtomicBool::new(false));
     let (reads, wrong) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let readers: Vec<_> = (0..4)
@@ -364,16 +392,34 @@ fn release_racing_readers(fs_kind: &str) {
                     let (rel, want) = &files[i % files.len()];
                     i += 5;
                     let p = base.join(rel);
-                    let ok = if i % 3 == 0 {
+                    // What went wrong, if anything: an error, or bytes (zeros: stub bytes).
+                    let judge = |got: std::io::Result<Vec<u8>>, want: &[u8]| match got {
+                        Err(e) => Some(format!("{rel}: {e}")),
+                        Ok(got) if got != want => Some(format!(
+                            "{rel}: wrong bytes{}",
+                            if got.iter().all(|&b| b == 0) {
+                                " (all zero)"
+                            } else {
+                                ""
+                            }
+                        )),
+                        Ok(_) => None,
+                    };
+                    let failure = if i % 3 == 0 {
                         // A range read, the file opened and closed around it.
-                        let f = File::open(&p).unwrap();
                         let off = (i * 4096) % want.len();
                         let mut buf = vec![0u8; 8192.min(want.len() - off)];
-                        f.read_exact_at(&mut buf, off as u64).is_ok()
-                            && buf == want[off..off + buf.len()]
+                        let got = File::open(&p)
+                            .and_then(|f| f.read_exact_at(&mut buf, off as u64))
+                            .map(|()| buf);
+                        judge(got, &want[off..off + 8192.min(want.len() - off)])
                     } else {
-                        fs::read(&p).is_ok_and(|got| got == *want)
+                        judge(fs::read(&p), want)
                     };
+                    if let Some(f) = &failure {
+                        eprintln!("reader {t}: {f}");
+                    }
+                    let ok = failure.is_none();
                     reads.fetch_add(1, Ordering::Relaxed);
                     if !ok {
                         wrong.fetch_add(1, Ordering::Relaxed);
@@ -413,7 +459,7 @@ fn release_racing_readers(fs_kind: &str) {
     assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
 }
 
-on_each_fs!(
+on_each_fs_and_fuse!(
     release_racing_readers_never_shows_stub_bytes,
     release_racing_readers
 );
@@ -621,11 +667,11 @@ fn the_control_socket_serves_root_and_the_control_group_and_refuses_others() {
 // The cache limit
 // ---------------------------------------------------------------------------------------------
 
-fn cache_limit(fs_kind: &str) {
+fn cache_limit(fs_kind: &str, frontend: &[&str]) {
     if !require_root() {
         return;
     }
-    let what = format!("{fs_kind} cache limit");
+    let what = format!("{fs_kind} cache limit {frontend:?}");
     let mut fx = Fixture::new(fs_kind, "1G");
     let n = 40;
     let files: Vec<(String, Vec<u8>)> = (0..n)
@@ -640,7 +686,7 @@ fn cache_limit(fs_kind: &str) {
     let hot = fx.write_source("hot", 256 * KIB, 7);
     let limit = 4 * MIB as u64;
     fx.populate(&[]);
-    fx.serve(&["--cache-limit", "4M"]);
+    fx.serve(&[frontend, &["--cache-limit", "4M"]].concat());
     // What the store holds on disk: the filesystem's own figure (records lag the bytes).
     let base = free_bytes(&fx.fs.mnt);
     let mut peak = 0;
@@ -659,6 +705,22 @@ fn cache_limit(fs_kind: &str) {
         }
     }
     let total: u64 = files.iter().map(|f| f.1.len() as u64).sum();
+    // Eviction runs behind the reads (a release syncs each file): it catches up within seconds
+    // (FUSE's reads outrun it by far).
+    // Present = fetched - evicted (the store started empty); fetched counts what the directory
+    // prefetch took ahead too.
+    let present_now = || {
+        fs::read(fx.store.join(".hsm/metrics.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .map_or(u64::MAX, |m| {
+                metric(&m, "fetched_bytes").saturating_sub(metric(&m, "evicted_bytes"))
+            })
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while present_now() > limit && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let m = fx.stop();
     // Stopped: every record is written, and says what is present.
     let present = present_total(&fx.store.join("tree"));
@@ -685,7 +747,7 @@ fn cache_limit(fs_kind: &str) {
     assert!(metric(&m, "evicted_bytes") >= total - limit, "{what}: {m}");
     assert_eq!(metric(&m, "denied"), 0, "{what}: {m}");
     // Everything still reads right, fetched again where it was evicted.
-    fx.serve(&["--cache-limit", "4M"]);
+    fx.serve(&[frontend, &["--cache-limit", "4M"]].concat());
     for (rel, want) in &files {
         assert_bytes_eq(
             &fs::read(fx.at(rel)).unwrap(),
@@ -695,7 +757,7 @@ fn cache_limit(fs_kind: &str) {
     }
 }
 
-on_each_fs!(a_cache_limit_holds_while_a_bigger_tree_is_read, cache_limit);
+on_each_fs_and_fuse!(a_cache_limit_holds_while_a_bigger_tree_is_read, cache_limit);
 
 #[test]
 fn a_full_store_evicts_and_the_fill_goes_on() {

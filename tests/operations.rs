@@ -223,6 +223,15 @@ fn run_as(exe: &Path, args: &[&Path]) -> (bool, Vec<u8>, String) {
 /// file like anyone. A uid over its fetch rate is denied with EAGAIN. Denials are counted.
 #[test]
 fn a_listed_scanner_is_denied_and_an_allowed_reader_is_served() {
+    a_listed_scanner_is_denied_and_an_allowed_reader_is_served_on(&[]);
+}
+
+#[test]
+fn a_listed_scanner_is_denied_and_an_allowed_reader_is_served_fuse() {
+    a_listed_scanner_is_denied_and_an_allowed_reader_is_served_on(&["--frontend", "fuse"]);
+}
+
+fn a_listed_scanner_is_denied_and_an_allowed_reader_is_served_on(frontend: &[&str]) {
     if !require_root() {
         return;
     }
@@ -238,7 +247,7 @@ fn a_listed_scanner_is_denied_and_an_allowed_reader_is_served() {
         "deny_comm = [\"updatedb\"]\ndeny_errno = \"EPERM\"\ndir_prefetch = 0\n",
     )
     .unwrap();
-    fx.serve(&["--config", cfg.to_str().unwrap()]);
+    fx.serve(&[frontend, &["--config", cfg.to_str().unwrap()]].concat());
     let updatedb = fx.scratch.path.join("updatedb");
     std::fs::copy("/bin/cat", &updatedb).unwrap();
     let cat = Path::new("/bin/cat");
@@ -264,14 +273,20 @@ fn a_listed_scanner_is_denied_and_an_allowed_reader_is_served() {
 
     // Two fetches at once, then one every 100 s: of six small files read at once by one uid,
     // two are served and four fail with EAGAIN until their uid's bucket fills again.
-    fx.serve(&[
-        "--uid-fetch-rate",
-        "0.01",
-        "--uid-fetch-burst",
-        "2",
-        "--dir-prefetch",
-        "0",
-    ]);
+    fx.serve(
+        &[
+            frontend,
+            &[
+                "--uid-fetch-rate",
+                "0.01",
+                "--uid-fetch-burst",
+                "2",
+                "--dir-prefetch",
+                "0",
+            ],
+        ]
+        .concat(),
+    );
     let mut served = 0;
     for (i, want) in small.iter().enumerate() {
         let (ok, out, err) = run_as(cat, &[&fx.at(&format!("rate/s{i}"))]);
