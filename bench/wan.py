@@ -425,7 +425,9 @@ def run(a, work, sources, rows):
                 cell["hsm"].append(t_hsm)
                 cell["fetched"].append(m.get("fetched_bytes", 0))
                 log(f"{kind} {row} run {i + 1}: hsm cold {t_hsm:.3f} s "
-                    f"({m.get('fetched_bytes', 0) / 1e6:.1f} MB fetched), plain {t_plain:.3f} s")
+                    f"({m.get('fetched_bytes', 0) / 1e6:.1f} MB fetched, "
+                    f"{m.get('prefetched_files', 0)} files ahead of the reader, "
+                    f"{m.get('events_open', 0)} cold opens), plain {t_plain:.3f} s")
     report(a, results)
     return results
 

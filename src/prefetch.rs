@@ -12,7 +12,12 @@
 //! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
 //! A walk goes on into other directories: once a directory is a walk, the first cold open of a
 //! file in a directory beside it or below it (one the walk has not been through yet) starts
-//! that directory's first window at once, not after three round trips to the source.
+//! that directory's first window at once, not after three round trips to the source. Once the
+//! walk has gone from one directory into a sibling, whenever a walked directory's files are
+//! all handed out the first window of the directory after it in its parent's listing (the one
+//! `tar`, `grep -r` or `find` enter next, in that order) starts too, and so on up to
+//! [`LOOKAHEAD_DIRS`] directories ahead of the last cold open the walk made: the walk then
+//! finds them present, where it would wait a round trip at each.
 //! If the walk goes on past the budget, its next cold opens start the next window. Once every
 //! window of a directory is handed out, its opens start nothing for [`EXHAUSTED_PAUSE`], except
 //! the events of complete files after the walk: their marks went with their inodes (memory
@@ -72,6 +77,11 @@ const RTT_MEMORY: Duration = Duration::from_secs(10);
 /// A walk detected in a directory makes the first cold open in its subdirectories and in its
 /// siblings start their windows at once, for this long after it.
 const WALK_MEMORY: Duration = Duration::from_secs(30);
+/// Directories fetched ahead of a walk, after the one it made its last cold open in (each at
+/// most one window: [`BUDGET_BYTES`]).
+pub const LOOKAHEAD_DIRS: u8 = 2;
+/// A parent's entries read, at most, to find the directory after a walked one.
+const LOOKAHEAD_SCAN: usize = 4096;
 /// How long a fetch waits for room in the engine's file cache before it is dropped.
 const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// After running out of fds, prefetch nothing for this long (the events need them).
@@ -112,9 +122,22 @@ pub struct WalkDetector {
     /// Candidates per window.
     window: usize,
     dirs: HashMap<Vec<u8>, DirSeen>,
-    /// Directories in which, or in a child of which, a walk was detected, and when: their
-    /// children's first cold open starts a window (see the module doc).
-    walked: HashMap<Vec<u8>, Instant>,
+    /// Directories in which, or in a child of which, a walk was detected: their children's
+    /// first cold open starts a window (see the module doc).
+    walked: HashMap<Vec<u8>, Walked>,
+}
+
+/// A directory a walk went through (or through a child of).
+#[derive(Clone, Copy)]
+struct Walked {
+    /// When a walk was last detected in it or in a child.
+    at: Instant,
+    /// Its children in which a walk was detected one after another (the same one again counts
+    /// once): from two on, the walk goes from one to the next, and the next ones are fetched
+    /// ahead of it.
+    children: u32,
+    /// The last of them (its name hashed).
+    last_child: u64,
 }
 
 impl WalkDetector {
@@ -126,29 +149,49 @@ impl WalkDetector {
         }
     }
 
-    /// Whether a walk went through `dir`'s parent (or a sibling of `dir`) lately.
-    fn parent_walked(&self, dir: &[u8], now: Instant) -> bool {
+    /// What is known of a walk through `dir`'s parent (so through `dir`'s siblings) lately.
+    fn parent_walked(&self, dir: &[u8], now: Instant) -> Option<Walked> {
         if dir.is_empty() {
-            return false;
+            return None;
         }
         let (parent, _) = split(dir);
         self.walked
             .get(parent)
-            .is_some_and(|&t| now.duration_since(t) < WALK_MEMORY)
+            .filter(|w| now.duration_since(w.at) < WALK_MEMORY)
+            .copied()
     }
 
-    /// A walk was detected in `dir`: its subdirectories and siblings are next.
-    fn note_walk(&mut self, dir: &[u8], now: Instant) {
+    /// A walk was detected in `dir` (`first`: its first window): its subdirectories and
+    /// siblings are next.
+    fn note_walk(&mut self, dir: &[u8], first: bool, now: Instant) {
         if self.walked.len() >= MAX_DIRS {
             self.walked
-                .retain(|_, t| now.duration_since(*t) < WALK_MEMORY);
+                .retain(|_, w| now.duration_since(w.at) < WALK_MEMORY);
             if self.walked.len() >= MAX_DIRS {
                 self.walked.clear();
             }
         }
-        self.walked.insert(dir.to_vec(), now);
+        let mut touch = |d: &[u8], child: Option<&[u8]>| {
+            let w = self.walked.entry(d.to_vec()).or_insert(Walked {
+                at: now,
+                children: 0,
+                last_child: 0,
+            });
+            if now.duration_since(w.at) >= WALK_MEMORY {
+                w.children = 0;
+            }
+            w.at = now;
+            if let Some(h) = child.map(name_hash) {
+                if w.children == 0 || h != w.last_child {
+                    w.children += 1;
+                    w.last_child = h;
+                }
+            }
+        };
+        touch(dir, None);
         if !dir.is_empty() {
-            self.walked.insert(split(dir).0.to_vec(), now);
+            let (parent, name) = split(dir);
+            touch(parent, first.then_some(name));
         }
     }
 
@@ -172,7 +215,7 @@ impl WalkDetector {
                 self.dirs.clear();
             }
         }
-        let beside_a_walk = self.parent_walked(dir, now);
+        let beside_a_walk = self.parent_walked(dir, now).is_some();
         let d = self.dirs.entry(dir.to_vec()).or_default();
         // A directory the walk has not been through yet: its first cold open is enough. One
         // walked before (marks lost, a later walk) needs the usual evidence.
@@ -205,8 +248,25 @@ impl WalkDetector {
         d.since = None;
         let skip = d.reserved;
         d.reserved += self.window;
-        self.note_walk(dir, now);
+        self.note_walk(dir, skip == 0, now);
         Some(skip)
+    }
+
+    /// Whether `dir`, next after a walked directory, may get its first window ahead of the
+    /// walk: yes (and it is reserved) if the walk went from one of its siblings into another
+    /// already, and it had no window yet.
+    pub fn ahead(&mut self, dir: &[u8], now: Instant) -> bool {
+        if self.parent_walked(dir, now).is_none_or(|w| w.children < 2)
+            || (self.dirs.len() >= MAX_DIRS && !self.dirs.contains_key(dir))
+        {
+            return false;
+        }
+        let d = self.dirs.entry(dir.to_vec()).or_default();
+        if d.reserved > 0 || d.exhausted_at.is_some() {
+            return false;
+        }
+        d.reserved = self.window;
+        true
     }
 
     /// The window of `dir` that started after `skip` candidates found the end of the directory.
@@ -306,6 +366,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Window {
     dir: Vec<u8>,
     skip: usize,
+    /// Directories between this one and the last one the walk made a cold open in.
+    ahead: u8,
 }
 
 pub struct DirPrefetch {
@@ -420,6 +482,7 @@ impl DirPrefetch {
             let _ = self.windows.send(Window {
                 dir: dir.to_vec(),
                 skip,
+                ahead: 0,
             });
         }
     }
@@ -475,6 +538,55 @@ impl DirPrefetch {
         }
         if at_end {
             lock(&self.detector).exhausted(&w.dir, Instant::now());
+            if w.ahead < LOOKAHEAD_DIRS {
+                self.look_ahead(w);
+            }
+        }
+    }
+
+    /// Start the first window of the directory after `w`'s in its parent's listing, if the walk
+    /// goes there next (see the module doc).
+    fn look_ahead(&self, w: &Window) {
+        if w.dir.is_empty() {
+            return;
+        }
+        let (parent, name) = split(&w.dir);
+        let Ok(pdir) = sysfs::open_beneath(
+            self.tree.as_fd(),
+            parent,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        ) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&pdir)
+        )) else {
+            return;
+        };
+        let mut passed = false;
+        for entry in entries.flatten().take(LOOKAHEAD_SCAN) {
+            let this = entry.file_name();
+            if !passed {
+                passed = this.as_bytes() == name;
+                continue;
+            }
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let mut next = parent.to_vec();
+            if !next.is_empty() {
+                next.push(b'/');
+            }
+            next.extend_from_slice(this.as_bytes());
+            if lock(&self.detector).ahead(&next, Instant::now()) {
+                let _ = self.windows.send(Window {
+                    dir: next,
+                    skip: 0,
+                    ahead: w.ahead + 1,
+                });
+            }
+            return;
         }
     }
 
@@ -674,6 +786,38 @@ mod tests {
         assert_eq!(d.opened(b"t/a", b"1", true, after), None);
         assert_eq!(d.opened(b"t/a", b"2", true, after), None);
         assert_eq!(d.opened(b"t/a", b"3", true, after), Some(0));
+    }
+
+    #[test]
+    fn a_directory_after_a_walked_one_is_fetched_ahead_once() {
+        let mut d = WalkDetector::new(100);
+        let t = Instant::now();
+        // Nothing walked: nothing ahead.
+        assert!(!d.ahead(b"t/b", t));
+        for n in [b"1", b"2", b"3"] {
+            d.opened(b"t/a", n, false, t);
+        }
+        // One directory walked through is not yet a walk from one to the next, even twice.
+        assert!(!d.ahead(b"t/b", t));
+        d.exhausted(b"t/a", t);
+        // (a second walk: its marks were lost)
+        let again = t + TRIGGER_WINDOW * 3;
+        assert_eq!(d.opened(b"t/a", b"1", true, again), None);
+        assert_eq!(d.opened(b"t/a", b"2", true, again), None);
+        assert_eq!(d.opened(b"t/a", b"3", true, again), Some(0));
+        assert!(!d.ahead(b"t/b", again));
+        assert_eq!(d.opened(b"t/a0", b"1", false, t), Some(0));
+        assert!(d.ahead(b"t/b", t));
+        // Once: neither again, nor as a window at the walk's first open there.
+        assert!(!d.ahead(b"t/b", t));
+        assert_eq!(d.opened(b"t/b", b"1", false, t), None);
+        // The walk's next cold opens there (past what was fetched ahead) go on from it.
+        assert_eq!(d.opened(b"t/b", b"2", false, t), None);
+        assert_eq!(d.opened(b"t/b", b"3", false, t), Some(100));
+        // A directory the walk already went through is not fetched again.
+        assert!(!d.ahead(b"t/a", t));
+        // Long after the walk: nothing ahead.
+        assert!(!d.ahead(b"t/c", t + WALK_MEMORY + Duration::from_secs(1)));
     }
 
     #[test]
