@@ -5,7 +5,9 @@
 
 The sources live on a loop-mounted xfs image and are served on loopback by nginx (Debian's
 nginx-light, manifest from `hsm manifest`) and by s3s-fs (an S3 server on a plain directory,
-from crates.io: it streams ranges from the file, where moto copies whole objects per request),
+from crates.io: it streams ranges from the file, where moto copies whole objects per request;
+the objects are uploaded to it, so that it keeps their ETags instead of hashing a whole file
+at every GET, and it runs with bench/nodelay.c preloaded, TCP_NODELAY on its connections),
 each behind its own bench/wanlink.py (default 10 ms each way = 20 ms round trip, 125 MB/s each
 direction). hsm's stores are on a second loop-mounted xfs image. The page cache is dropped before
 every measured run (the servers' and the client's alike). Rows, for HTTP and S3:
@@ -78,11 +80,11 @@ def wait_port(port, what, p=None):
     raise SystemExit(f"{what} did not start")
 
 
-def spawn(cmd, what, logpath):
+def spawn(cmd, what, logpath, env=None):
     """Start a server (its own session), stopped by pid at exit."""
     with open(logpath, "w") as out:
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+                             start_new_session=True, env=env)
     CLEANUP.push(f"stop {what} {p.pid}", lambda: (kill_pid(p.pid, os.path.basename(cmd[0])), p.wait()))
     return p
 
@@ -224,10 +226,15 @@ http {{
     return port
 
 
-def start_s3s(srcfs, logs):
+def start_s3s(srcfs, work, logs):
+    """s3s-fs on `srcfs` (a bucket per directory), with TCP_NODELAY on its connections
+    (bench/nodelay.c: without it every answer waits 25-50 ms for a delayed ACK)."""
+    shim = os.path.join(work, "nodelay.so")
+    sh(["gcc", "-shared", "-fPIC", "-O2", "-o", shim, os.path.join(HERE, "nodelay.c"), "-ldl"])
     port = free_port()
     p = spawn([s3s_binary(), "--host", "127.0.0.1", "--port", str(port), "--access-key", KEY,
-               "--secret-key", SECRET, srcfs], "s3s-fs", f"{logs}/s3s-fs.log")
+               "--secret-key", SECRET, srcfs], "s3s-fs", f"{logs}/s3s-fs.log",
+              env=dict(os.environ, LD_PRELOAD=shim))
     wait_port(port, "s3s-fs", p)
     return port
 
@@ -340,7 +347,7 @@ def run(a, work, sources, rows):
 
     srcs = {}
     if "s3" in sources:
-        s3_port = start_s3s(srcfs, logs)
+        s3_port = start_s3s(srcfs, work, logs)
         env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": REGION}
         # curl 7.88 signs no payload hash of its own: the server requires the header.
         auth = [f'user = "{KEY}:{SECRET}"', f'aws-sigv4 = "aws:amz:{REGION}:s3"',
