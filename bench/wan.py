@@ -31,7 +31,7 @@ round trip per read either way, hsm's 64 KiB piece against curl's 4 KiB). S3 cre
 the bench's own and the servers listen on 127.0.0.1 only. Everything made is removed on exit
 (a failed run keeps its logs in WORKDIR-logs).
 
-The bench installs what it lacks: nginx-light and curl (apt), s3s-fs (`cargo install`).
+Extra `hsm serve` arguments: HSM_SERVE_ARGS="--readahead 32M". The bench installs what it lacks: nginx-light and curl (apt), s3s-fs (`cargo install`).
 """
 
 import argparse
@@ -281,7 +281,8 @@ def bench_offsets(size, count, seed):
 class Daemon:
     def __init__(self, store, mnt, env, logpath):
         errf = open(logpath, "w")
-        p = subprocess.Popen([HSM, "serve", store, mnt, "--drain", "0.2"], stdout=subprocess.PIPE,
+        extra = os.environ.get("HSM_SERVE_ARGS", "").split()
+        p = subprocess.Popen([HSM, "serve", store, mnt, "--drain", "0.2", *extra], stdout=subprocess.PIPE,
                              stderr=errf, env=env, start_new_session=True)
         errf.close()
         self.d = bench.Daemon(p, store, mnt, logpath, HSM)
