@@ -10,10 +10,25 @@
 //! directory's complete files then get their marks ahead of the walk, and their bytes are read
 //! into the page cache ahead of it, as a fetch puts a stub's there. A program that opens
 //! one or two files of a directory (a binary starting up, say) fetches nothing more than it reads.
+//! A walk goes on into other directories: once a directory is a walk, the first cold open of a
+//! file in a directory beside it or below it (one the walk has not been through yet) starts
+//! that directory's first window at once, not after three round trips to the source. Once the
+//! walk has gone from one directory into a sibling, whenever a walked directory's files are
+//! all handed out the first window of the directory after it in its parent's listing (the one
+//! `tar`, `grep -r` or `find` enter next, in that order) starts too, and so on up to
+//! [`LOOKAHEAD_DIRS`] directories ahead of the last cold open the walk made: the walk then
+//! finds them present, where it would wait a round trip at each.
 //! If the walk goes on past the budget, its next cold opens start the next window. Once every
 //! window of a directory is handed out, its opens start nothing for [`EXHAUSTED_PAUSE`], except
 //! the events of complete files after the walk: their marks went with their inodes (memory
 //! pressure, `drop_caches`), and the next walk would otherwise raise an event at every open.
+//!
+//! How many files are fetched at once adapts to the source ([`InFlight`]): a remote source a
+//! round trip of 20 ms away needs tens of requests in flight to keep a walk fed (one file every
+//! [`FETCH_SPACING`]), a local disk a few; the number follows the shortest fetch time seen lately
+//! (queueing makes fetches longer, never shorter), within [`MIN_IN_FLIGHT`]..[`MAX_IN_FLIGHT`]
+//! and [`BYTES_IN_FLIGHT`] of memory. The requests share the backend's one client (and its
+//! pool of kept-alive connections) and go through the engine's low-priority fetch pool.
 //!
 //! Stubs are reached through the store's own tree, which carries no mark (opening them raises no
 //! event), with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and first as `O_PATH`: only a
@@ -42,9 +57,31 @@ pub const TRIGGER_OPENS: usize = 3;
 pub const TRIGGER_WINDOW: Duration = Duration::from_secs(2);
 /// Bytes fetched ahead per window, at most (files too big for what is left are skipped).
 pub const BUDGET_BYTES: u64 = 64 << 20;
-/// Files fetched at once, at most: one per 1,024 files the process may open (each fetch holds a
-/// few fds, and events must never run short of them).
-const THREADS: usize = 8;
+/// Files fetched at once, at least (see [`InFlight`]).
+pub const MIN_IN_FLIGHT: usize = 4;
+/// ...and at most: also one per [`FDS_PER_FETCH`] files the process may open (each fetch holds
+/// a few fds, and events must never run short of them).
+pub const MAX_IN_FLIGHT: usize = 64;
+/// See [`MAX_IN_FLIGHT`].
+const FDS_PER_FETCH: u64 = 64;
+/// One file fetched ahead per this much of the source's round trip: a walk through files
+/// already present takes about this long per small file, so a walk is kept fed when a file
+/// arrives this often.
+pub const FETCH_SPACING: Duration = Duration::from_micros(250);
+/// Bytes of the files being fetched ahead at once, at most (a file larger than this still goes,
+/// alone).
+pub const BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// The shortest fetch time is taken over this long (two halves, the older one forgotten as a
+/// new one starts): a source that became farther is followed within it.
+const RTT_MEMORY: Duration = Duration::from_secs(10);
+/// A walk detected in a directory makes the first cold open in its subdirectories and in its
+/// siblings start their windows at once, for this long after it.
+const WALK_MEMORY: Duration = Duration::from_secs(30);
+/// Directories fetched ahead of a walk, after the one it made its last cold open in (each at
+/// most one window: [`BUDGET_BYTES`]).
+pub const LOOKAHEAD_DIRS: u8 = 2;
+/// A parent's entries read, at most, to find the directory after a walked one.
+const LOOKAHEAD_SCAN: usize = 4096;
 /// How long a fetch waits for room in the engine's file cache before it is dropped.
 const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// After running out of fds, prefetch nothing for this long (the events need them).
@@ -85,6 +122,22 @@ pub struct WalkDetector {
     /// Candidates per window.
     window: usize,
     dirs: HashMap<Vec<u8>, DirSeen>,
+    /// Directories in which, or in a child of which, a walk was detected: their children's
+    /// first cold open starts a window (see the module doc).
+    walked: HashMap<Vec<u8>, Walked>,
+}
+
+/// A directory a walk went through (or through a child of).
+#[derive(Clone, Copy)]
+struct Walked {
+    /// When a walk was last detected in it or in a child.
+    at: Instant,
+    /// Its children in which a walk was detected one after another (the same one again counts
+    /// once): from two on, the walk goes from one to the next, and the next ones are fetched
+    /// ahead of it.
+    children: u32,
+    /// The last of them (its name hashed).
+    last_child: u64,
 }
 
 impl WalkDetector {
@@ -92,6 +145,53 @@ impl WalkDetector {
         WalkDetector {
             window,
             dirs: HashMap::new(),
+            walked: HashMap::new(),
+        }
+    }
+
+    /// What is known of a walk through `dir`'s parent (so through `dir`'s siblings) lately.
+    fn parent_walked(&self, dir: &[u8], now: Instant) -> Option<Walked> {
+        if dir.is_empty() {
+            return None;
+        }
+        let (parent, _) = split(dir);
+        self.walked
+            .get(parent)
+            .filter(|w| now.duration_since(w.at) < WALK_MEMORY)
+            .copied()
+    }
+
+    /// A walk was detected in `dir` (`first`: its first window): its subdirectories and
+    /// siblings are next.
+    fn note_walk(&mut self, dir: &[u8], first: bool, now: Instant) {
+        if self.walked.len() >= MAX_DIRS {
+            self.walked
+                .retain(|_, w| now.duration_since(w.at) < WALK_MEMORY);
+            if self.walked.len() >= MAX_DIRS {
+                self.walked.clear();
+            }
+        }
+        let mut touch = |d: &[u8], child: Option<&[u8]>| {
+            let w = self.walked.entry(d.to_vec()).or_insert(Walked {
+                at: now,
+                children: 0,
+                last_child: 0,
+            });
+            if now.duration_since(w.at) >= WALK_MEMORY {
+                w.children = 0;
+            }
+            w.at = now;
+            if let Some(h) = child.map(name_hash) {
+                if w.children == 0 || h != w.last_child {
+                    w.children += 1;
+                    w.last_child = h;
+                }
+            }
+        };
+        touch(dir, None);
+        if !dir.is_empty() {
+            let (parent, name) = split(dir);
+            touch(parent, first.then_some(name));
         }
     }
 
@@ -115,7 +215,12 @@ impl WalkDetector {
                 self.dirs.clear();
             }
         }
+        let beside_a_walk = self.parent_walked(dir, now).is_some();
         let d = self.dirs.entry(dir.to_vec()).or_default();
+        // A directory the walk has not been through yet: its first cold open is enough. One
+        // walked before (marks lost, a later walk) needs the usual evidence.
+        let first_open =
+            beside_a_walk && d.reserved == 0 && d.exhausted_at.is_none() && d.opened.is_empty();
         match d.exhausted_at {
             // The windows gave every complete file its mark, so a complete file's event after
             // the walk is over means the marks went (evicted with their inodes): a new walk,
@@ -136,14 +241,32 @@ impl WalkDetector {
         if !d.opened.contains(&h) {
             d.opened.push(h);
         }
-        if d.opened.len() < TRIGGER_OPENS {
+        if d.opened.len() < TRIGGER_OPENS && !first_open {
             return None;
         }
         d.opened.clear();
         d.since = None;
         let skip = d.reserved;
         d.reserved += self.window;
+        self.note_walk(dir, skip == 0, now);
         Some(skip)
+    }
+
+    /// Whether `dir`, next after a walked directory, may get its first window ahead of the
+    /// walk: yes (and it is reserved) if the walk went from one of its siblings into another
+    /// already, and it had no window yet.
+    pub fn ahead(&mut self, dir: &[u8], now: Instant) -> bool {
+        if self.parent_walked(dir, now).is_none_or(|w| w.children < 2)
+            || (self.dirs.len() >= MAX_DIRS && !self.dirs.contains_key(dir))
+        {
+            return false;
+        }
+        let d = self.dirs.entry(dir.to_vec()).or_default();
+        if d.reserved > 0 || d.exhausted_at.is_some() {
+            return false;
+        }
+        d.reserved = self.window;
+        true
     }
 
     /// The window of `dir` that started after `skip` candidates found the end of the directory.
@@ -151,6 +274,73 @@ impl WalkDetector {
         if let Some(d) = self.dirs.get_mut(dir) {
             d.exhausted_at = Some(now);
         }
+    }
+}
+
+/// How many files a directory prefetch fetches at once: the kernel-independent half, tested
+/// alone. Enough to cover the source's round trip at one file per [`FETCH_SPACING`] (Little's
+/// law), taking the shortest fetch seen in the last [`RTT_MEMORY`] as the round trip, since
+/// fetches queued behind others (here, in the pools, at the server) only look longer; within
+/// [`MIN_IN_FLIGHT`]..`max` files and [`BYTES_IN_FLIGHT`] bytes.
+pub struct InFlight {
+    max: usize,
+    running: usize,
+    bytes: u64,
+    /// Shortest fetch time of the current and of the previous half of [`RTT_MEMORY`].
+    shortest: [Option<Duration>; 2],
+    half_since: Option<Instant>,
+}
+
+impl InFlight {
+    pub fn new(max: usize) -> InFlight {
+        InFlight {
+            max: max.max(MIN_IN_FLIGHT),
+            running: 0,
+            bytes: 0,
+            shortest: [None, None],
+            half_since: None,
+        }
+    }
+
+    /// The round trip the limit is made for: the shortest fetch seen lately.
+    pub fn round_trip(&self) -> Option<Duration> {
+        self.shortest.iter().flatten().min().copied()
+    }
+
+    /// Files that may be in flight at once now.
+    pub fn limit(&self) -> usize {
+        let Some(rtt) = self.round_trip() else {
+            return MIN_IN_FLIGHT;
+        };
+        let want = rtt.as_nanos().div_ceil(FETCH_SPACING.as_nanos());
+        (want.min(self.max as u128) as usize).max(MIN_IN_FLIGHT)
+    }
+
+    /// Start a fetch of `bytes` if the limits allow it (one alone always may).
+    pub fn try_start(&mut self, bytes: u64) -> bool {
+        let fits = self.running == 0
+            || (self.running < self.limit() && self.bytes + bytes <= BYTES_IN_FLIGHT);
+        if fits {
+            self.running += 1;
+            self.bytes += bytes;
+        }
+        fits
+    }
+
+    /// A fetch of `bytes` started by [`InFlight::try_start`] ended; `took`: how long the source
+    /// took to answer it, if it was fetched (a file found present says nothing of the source).
+    pub fn done(&mut self, bytes: u64, took: Option<Duration>, now: Instant) {
+        self.running = self.running.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        let Some(took) = took else { return };
+        match self.half_since {
+            Some(t) if now.duration_since(t) < RTT_MEMORY / 2 => {}
+            _ => {
+                self.shortest = [None, self.shortest[0]];
+                self.half_since = Some(now);
+            }
+        }
+        self.shortest[0] = Some(self.shortest[0].map_or(took, |s| s.min(took)));
     }
 }
 
@@ -176,6 +366,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Window {
     dir: Vec<u8>,
     skip: usize,
+    /// Directories between this one and the last one the walk made a cold open in.
+    ahead: u8,
 }
 
 pub struct DirPrefetch {
@@ -191,7 +383,11 @@ pub struct DirPrefetch {
     /// Out of fds: jobs are dropped until then.
     starved_until: Mutex<Option<Instant>>,
     windows: crossbeam_channel::Sender<Window>,
-    jobs: crossbeam_channel::Sender<Vec<u8>>,
+    /// Files to fetch, and their sizes.
+    jobs: crossbeam_channel::Sender<(Vec<u8>, u64)>,
+    /// How many fetches may run now; the fetching threads wait on `room` for their turn.
+    in_flight: Mutex<InFlight>,
+    room: std::sync::Condvar,
     /// Files made complete get their ignore mark (no event at their next open). Off while
     /// accesses are recorded (`access_list`): the opens that follow must still be seen.
     marks: std::sync::atomic::AtomicBool,
@@ -215,7 +411,9 @@ impl DirPrefetch {
             mp.push(b'/');
         }
         let (windows, windows_rx) = crossbeam_channel::unbounded::<Window>();
-        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded::<(Vec<u8>, u64)>();
+        let files_limit = sysfs::open_files_limit().unwrap_or(1024);
+        let threads = ((files_limit / FDS_PER_FETCH) as usize).clamp(1, MAX_IN_FLIGHT);
         let me = Arc::new(DirPrefetch {
             engine,
             group,
@@ -226,6 +424,8 @@ impl DirPrefetch {
             starved_until: Mutex::new(None),
             windows,
             jobs,
+            in_flight: Mutex::new(InFlight::new(threads)),
+            room: std::sync::Condvar::new(),
             marks: std::sync::atomic::AtomicBool::new(true),
         });
         // Threads hold weak references: they end when the prefetcher is dropped.
@@ -236,16 +436,14 @@ impl DirPrefetch {
                 me.list(&w);
             }
         });
-        let files_limit = sysfs::open_files_limit().unwrap_or(1024) as usize;
-        for _ in 0..(files_limit / 1024).clamp(1, THREADS) {
+        // One thread per file in flight at most; `in_flight` says how many of them fetch now.
+        for _ in 0..threads {
             let weak = Arc::downgrade(&me);
             let rx = jobs_rx.clone();
             std::thread::spawn(move || {
-                for rel in rx {
+                for (rel, size) in rx {
                     let Some(me) = weak.upgrade() else { return };
-                    // A panic in one fill costs that file's prefetch, never the thread.
-                    let _ =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| me.fetch(&rel)));
+                    me.fetch_in_turn(&rel, size);
                 }
             });
         }
@@ -284,6 +482,7 @@ impl DirPrefetch {
             let _ = self.windows.send(Window {
                 dir: dir.to_vec(),
                 skip,
+                ahead: 0,
             });
         }
     }
@@ -335,23 +534,90 @@ impl DirPrefetch {
                 rel.push(b'/');
             }
             rel.extend_from_slice(entry.file_name().as_bytes());
-            let _ = self.jobs.send(rel);
+            let _ = self.jobs.send((rel, size));
         }
         if at_end {
             lock(&self.detector).exhausted(&w.dir, Instant::now());
+            if w.ahead < LOOKAHEAD_DIRS {
+                self.look_ahead(w);
+            }
         }
     }
 
-    /// Fetch what an open of `rel` would, if it is a stub not yet present.
-    fn fetch(&self, rel: &[u8]) {
+    /// Start the first window of the directory after `w`'s in its parent's listing, if the walk
+    /// goes there next (see the module doc).
+    fn look_ahead(&self, w: &Window) {
+        if w.dir.is_empty() {
+            return;
+        }
+        let (parent, name) = split(&w.dir);
+        let Ok(pdir) = sysfs::open_beneath(
+            self.tree.as_fd(),
+            parent,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        ) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&pdir)
+        )) else {
+            return;
+        };
+        let mut passed = false;
+        for entry in entries.flatten().take(LOOKAHEAD_SCAN) {
+            let this = entry.file_name();
+            if !passed {
+                passed = this.as_bytes() == name;
+                continue;
+            }
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let mut next = parent.to_vec();
+            if !next.is_empty() {
+                next.push(b'/');
+            }
+            next.extend_from_slice(this.as_bytes());
+            if lock(&self.detector).ahead(&next, Instant::now()) {
+                let _ = self.windows.send(Window {
+                    dir: next,
+                    skip: 0,
+                    ahead: w.ahead + 1,
+                });
+            }
+            return;
+        }
+    }
+
+    /// [`DirPrefetch::fetch`], once [`InFlight`] has room for it; the time it took the source
+    /// is noted for the next ones.
+    fn fetch_in_turn(&self, rel: &[u8], size: u64) {
+        let mut gate = lock(&self.in_flight);
+        while !gate.try_start(size) {
+            gate = self.room.wait(gate).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(gate);
+        let start = Instant::now();
+        // A panic in one fill costs that file's prefetch, never the thread.
+        let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fetch(rel)))
+            .unwrap_or(false);
+        let now = Instant::now();
+        lock(&self.in_flight).done(size, fetched.then(|| now - start), now);
+        self.room.notify_all();
+    }
+
+    /// Fetch what an open of `rel` would, if it is a stub not yet present; whether it fetched.
+    fn fetch(&self, rel: &[u8]) -> bool {
         use crate::metrics::Metrics;
         // Under a cache limit, fetching ahead must not evict what was read: only below it.
         if lock(&self.starved_until).is_some_and(|t| Instant::now() < t)
             || !self.engine.room_to_fetch_ahead()
             || !self.engine.wait_for_room(ROOM_WAIT)
         {
-            return;
+            return false;
         }
+        let mut fetched = false;
         let res = (|| -> std::io::Result<()> {
             let path = sysfs::open_beneath(self.tree.as_fd(), rel, libc::O_PATH)?;
             let st = sysfs::fstat(path.as_fd())?;
@@ -365,6 +631,7 @@ impl DirPrefetch {
                 let done = self.engine.prefetch_open(fd.as_fd())?;
                 if done.fetched {
                     Metrics::add(&self.engine.metrics.prefetched_files, 1);
+                    fetched = true;
                 }
                 done.complete
             };
@@ -389,6 +656,7 @@ impl DirPrefetch {
                 *lock(&self.starved_until) = Some(Instant::now() + STARVED_PAUSE);
             }
         }
+        fetched
     }
 }
 
@@ -489,6 +757,141 @@ mod tests {
             );
         }
         assert!(d.dirs.len() <= MAX_DIRS);
+    }
+
+    #[test]
+    fn after_a_walk_the_first_open_beside_or_below_it_starts_a_window() {
+        let mut d = WalkDetector::new(100);
+        let t = Instant::now();
+        // Before any walk, one open of a directory is not one.
+        assert_eq!(d.opened(b"t/a", b"1", false, t), None);
+        assert_eq!(d.opened(b"t/a", b"2", false, t), None);
+        assert_eq!(d.opened(b"t/a", b"3", false, t), Some(0));
+        // The walk goes on into a sibling and into a subdirectory: their first open will do.
+        assert_eq!(d.opened(b"t/b", b"1", false, t), Some(0));
+        assert_eq!(d.opened(b"t/a/sub", b"1", false, t), Some(0));
+        // ...and further down, as the walk spreads.
+        assert_eq!(d.opened(b"t/a/sub/deeper", b"1", false, t), Some(0));
+        // A directory elsewhere still needs three.
+        assert_eq!(d.opened(b"u/x", b"1", false, t), None);
+        assert_eq!(d.opened(b"u/x", b"2", false, t), None);
+        // Long after the walk, a sibling's first open is not one any more.
+        let later = t + WALK_MEMORY + Duration::from_secs(1);
+        assert_eq!(d.opened(b"t/c", b"1", false, later), None);
+        // A directory already walked (its marks lost since) needs the usual three opens.
+        let mut d = WalkDetector::new(100);
+        for n in [b"1", b"2", b"3"] {
+            d.opened(b"t/a", n, false, t);
+        }
+        d.exhausted(b"t/a", t);
+        assert_eq!(d.opened(b"t/b", b"1", false, t), Some(0));
+        let after = t + TRIGGER_WINDOW * 3;
+        assert_eq!(d.opened(b"t/a", b"1", true, after), None);
+        assert_eq!(d.opened(b"t/a", b"2", true, after), None);
+        assert_eq!(d.opened(b"t/a", b"3", true, after), Some(0));
+    }
+
+    #[test]
+    fn a_directory_after_a_walked_one_is_fetched_ahead_once() {
+        let mut d = WalkDetector::new(100);
+        let t = Instant::now();
+        // Nothing walked: nothing ahead.
+        assert!(!d.ahead(b"t/b", t));
+        for n in [b"1", b"2", b"3"] {
+            d.opened(b"t/a", n, false, t);
+        }
+        // One directory walked through is not yet a walk from one to the next, even twice.
+        assert!(!d.ahead(b"t/b", t));
+        d.exhausted(b"t/a", t);
+        // (a second walk: its marks were lost)
+        let again = t + TRIGGER_WINDOW * 3;
+        assert_eq!(d.opened(b"t/a", b"1", true, again), None);
+        assert_eq!(d.opened(b"t/a", b"2", true, again), None);
+        assert_eq!(d.opened(b"t/a", b"3", true, again), Some(0));
+        assert!(!d.ahead(b"t/b", again));
+        assert_eq!(d.opened(b"t/a0", b"1", false, t), Some(0));
+        assert!(d.ahead(b"t/b", t));
+        // Once: neither again, nor as a window at the walk's first open there.
+        assert!(!d.ahead(b"t/b", t));
+        assert_eq!(d.opened(b"t/b", b"1", false, t), None);
+        // The walk's next cold opens there (past what was fetched ahead) go on from it.
+        assert_eq!(d.opened(b"t/b", b"2", false, t), None);
+        assert_eq!(d.opened(b"t/b", b"3", false, t), Some(100));
+        // A directory the walk already went through is not fetched again.
+        assert!(!d.ahead(b"t/a", t));
+        // Long after the walk: nothing ahead.
+        assert!(!d.ahead(b"t/c", t + WALK_MEMORY + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn files_in_flight_cover_the_round_trip_within_bounds() {
+        let ms = Duration::from_millis;
+        let t = Instant::now();
+        let mut f = InFlight::new(64);
+        // Nothing measured yet: the floor.
+        assert_eq!(f.limit(), MIN_IN_FLIGHT);
+        // A local source (0.1 ms a file): the floor still.
+        assert!(f.try_start(4096));
+        f.done(4096, Some(Duration::from_micros(100)), t);
+        assert_eq!(f.limit(), MIN_IN_FLIGHT);
+        // A source 5 ms away: one file per 250 us of it.
+        let mut f = InFlight::new(64);
+        assert!(f.try_start(1));
+        f.done(1, Some(ms(5)), t);
+        assert_eq!(f.limit(), 20);
+        // Fetches that queued behind others (longer) leave it: the shortest counts.
+        for _ in 0..10 {
+            assert!(f.try_start(1));
+            f.done(1, Some(ms(40)), t + ms(1));
+        }
+        assert_eq!(f.limit(), 20);
+        // A file found present says nothing of the source.
+        assert!(f.try_start(1));
+        f.done(1, None, t + ms(2));
+        assert_eq!(f.limit(), 20);
+        // 20 ms away: more than the threads there are, so all of them (and never more).
+        let mut f = InFlight::new(48);
+        assert!(f.try_start(1));
+        f.done(1, Some(ms(20)), t);
+        assert_eq!(f.limit(), 48);
+        for i in 0..48 {
+            assert!(f.try_start(1), "{i}");
+        }
+        assert!(!f.try_start(1));
+        f.done(1, Some(ms(20)), t + ms(20));
+        assert!(f.try_start(1));
+        // The source came closer: fewer at once. It went far again: more, once the memory of
+        // the near one is gone (within RTT_MEMORY).
+        let later = t + ms(30);
+        f.done(1, Some(ms(2)), later);
+        assert_eq!(f.limit(), 8);
+        f.done(1, Some(ms(20)), later + RTT_MEMORY / 2);
+        assert_eq!(
+            f.limit(),
+            8,
+            "the near fetches of the last half still count"
+        );
+        f.done(1, Some(ms(20)), later + RTT_MEMORY);
+        assert_eq!(f.limit(), 48);
+        // Fewer threads than the floor: the floor still.
+        assert_eq!(InFlight::new(1).limit(), MIN_IN_FLIGHT);
+    }
+
+    #[test]
+    fn bytes_in_flight_stay_bounded_but_a_large_file_still_goes_alone() {
+        let t = Instant::now();
+        let mut f = InFlight::new(64);
+        f.try_start(1);
+        f.done(1, Some(Duration::from_millis(20)), t);
+        assert!(f.try_start(BYTES_IN_FLIGHT / 2));
+        assert!(f.try_start(BYTES_IN_FLIGHT / 2));
+        assert!(!f.try_start(1), "over the byte budget");
+        f.done(BYTES_IN_FLIGHT / 2, None, t);
+        f.done(BYTES_IN_FLIGHT / 2, None, t);
+        assert!(f.try_start(BYTES_IN_FLIGHT * 2), "alone, any size");
+        assert!(!f.try_start(1));
+        f.done(BYTES_IN_FLIGHT * 2, None, t);
+        assert!(f.try_start(1));
     }
 
     #[test]

@@ -92,8 +92,8 @@ impl Fetched {
 const FETCH_WINDOW: usize = 8;
 pub(super) const FETCH_THREADS: usize = 32;
 /// Threads of the low-priority pool: a recorded access list's prefetch (see
-/// `crate::access_list`) reads the backend on these only, so that a reader's miss never queues
-/// behind it.
+/// `crate::access_list`) and a directory prefetch (`crate::prefetch`) read the backend on these
+/// only, so that a reader's miss never queues behind them.
 pub(super) const LOW_FETCH_THREADS: usize = 64;
 
 /// Fetched bytes on their way into a stub.

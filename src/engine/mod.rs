@@ -286,7 +286,9 @@ impl Engine {
     }
 
     /// Fetch what an open of the stub behind `fd` would, unless it is present already (a
-    /// directory prefetch, see [`crate::prefetch`]).
+    /// directory prefetch, see [`crate::prefetch`]). Its backend reads go to the low-priority
+    /// pool, as an access list's do: nobody waits on them yet, and the many a walk keeps in
+    /// flight over a long round trip must never queue a reader's miss behind them.
     pub fn prefetch_open(&self, fd: BorrowedFd<'_>) -> io::Result<Prefetched> {
         let st = sysfs::fstat(fd)?;
         let not_a_stub = Prefetched {
@@ -307,7 +309,8 @@ impl Engine {
             self.backend.random_piece(),
             Instant::now(),
         );
-        let fetched = !plan.complete && self.fill(&entry, fd, plan.start, plan.end, true)?;
+        let fetched =
+            !plan.complete && self.fill_at(&entry, fd, plan.start, plan.end, true, true)?;
         let complete = lock(&entry.state).record.is_complete();
         Ok(Prefetched { fetched, complete })
     }
