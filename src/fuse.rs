@@ -40,7 +40,8 @@ use fuser::{
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, Need};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
+use crate::sys::fanotify::{DenyErrno, FAN_PRE_ACCESS};
 use crate::sys::fs as sysfs;
 
 /// How long the kernel may cache attributes and entries. The daemon is the only writer of the
@@ -364,19 +365,38 @@ impl HsmFs {
         sysfs::reopen(node.fd.as_fd(), flags & !OPEN_FLAGS_DROPPED)
     }
 
+    /// Have the engine serve `need` on `fd`, counted as the fanotify front end counts the event it
+    /// answers (`access`: a pre-content event, else an open), and failing as it would: a failed
+    /// fill gives the reader [`DenyErrno::for_error`]'s errno (EIO for a missing or changed
+    /// source), never the backend's own.
+    fn serve(&self, fd: BorrowedFd<'_>, need: Need, access: bool) -> io::Result<()> {
+        let mask = if access { FAN_PRE_ACCESS } else { 0 };
+        match self.engine.serve(fd, need) {
+            Ok(_) => {
+                self.engine.metrics.answered(mask, Outcome::Allowed);
+                Ok(())
+            }
+            Err(e) => {
+                let denied = DenyErrno::for_error(&e);
+                self.engine.metrics.answered(mask, Outcome::Denied(denied));
+                warn!(file = %crate::engine::fd_path(fd), "access denied with {denied:?}: {e}");
+                Err(io::Error::from_raw_os_error(denied.raw()))
+            }
+        }
+    }
+
     /// What an access about to change the file at `fd` needs from the engine first: the page it
     /// lands on filled, and any local shrink noted (see the module doc).
     fn before_change(&self, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
         let page = offset & !(PAGE - 1);
-        self.engine
-            .serve(
-                fd,
-                Need::Range {
-                    offset: page,
-                    count: PAGE,
-                },
-            )
-            .map(|_| ())
+        self.serve(
+            fd,
+            Need::Range {
+                offset: page,
+                count: PAGE,
+            },
+            true,
+        )
     }
 
     /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
@@ -769,8 +789,8 @@ impl Filesystem for HsmFs {
             if flags.0 & FMODE_EXEC != 0 {
                 return Ok(f);
             }
-            match self.engine.serve(f.as_fd(), Need::Open) {
-                Ok(_) => Ok(f),
+            match self.serve(f.as_fd(), Need::Open, false) {
+                Ok(()) => Ok(f),
                 Err(e) => Err(errno(&e)),
             }
         });
@@ -797,12 +817,13 @@ impl Filesystem for HsmFs {
         };
         let read = (|| {
             if h.filled_here {
-                self.engine.serve(
+                self.serve(
                     h.file.as_fd(),
                     Need::Range {
                         offset,
                         count: u64::from(size.max(1)),
                     },
+                    true,
                 )?;
             }
             let mut buf = vec![0u8; size as usize];
@@ -834,18 +855,64 @@ impl Filesystem for HsmFs {
         };
         let written = (|| {
             if h.filled_here {
-                // The pages the write lands on: filled first, so that the write lands on top.
-                let end = offset.saturating_add(data.len() as u64);
-                self.before_change(h.file.as_fd(), offset)?;
-                if end.saturating_sub(1) / PAGE != offset / PAGE {
-                    self.before_change(h.file.as_fd(), end - 1)?;
-                }
+                // The range the write lands on, filled first so that the write lands on top: one
+                // access, as the fanotify front end's event for it (two, for its first and last
+                // pages, looked like a sequential reader and started the engine's readahead).
+                self.serve(
+                    h.file.as_fd(),
+                    Need::Range {
+                        offset,
+                        count: (data.len() as u64).max(1),
+                    },
+                    true,
+                )?;
             }
             // At the offset the kernel gives (`O_APPEND` is not passed on to the store's file).
             sysfs::pwrite_all(h.file.as_fd(), data, offset)
         })();
         match written {
             Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let done = (|| {
+            if h.filled_here {
+                // The range filled first, as the fanotify front end answers fallocate's
+                // pre-content event: what the user punches or zeroes is never fetched over.
+                self.serve(
+                    h.file.as_fd(),
+                    Need::Range {
+                        offset,
+                        count: length,
+                    },
+                    true,
+                )?;
+            }
+            rustix::fs::fallocate(
+                h.file.as_fd(),
+                rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                offset,
+                length,
+            )
+            .map_err(io::Error::from)
+        })();
+        match done {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1024,9 +1091,9 @@ impl Filesystem for HsmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if is_ours(name) {
-            return reply.error(Errno::from_i32(libc::ENODATA));
-        }
+        // Our records are read as through the fanotify front end's mount (`hsm status` and
+        // `hsm verify` of MOUNTPOINT paths): the kernel lets only CAP_SYS_ADMIN ask for a
+        // `trusted.*` name. Unlisted, so copies (`cp -a`, `tar --xattrs`) do not take them.
         let got = self.node(ino).and_then(|n| {
             let mut buf = vec![0u8; if size == 0 { 64 << 10 } else { size as usize }];
             rustix::fs::getxattr(
