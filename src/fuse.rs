@@ -1352,9 +1352,11 @@ pub fn serve(
              (Linux 6.14+), or without it"
         );
     }
-    if rustix::process::geteuid().as_raw() != 0 {
+    // Root without CAP_SYS_ADMIN could not mount (and would be told only that the mount failed).
+    if rustix::process::geteuid().as_raw() != 0 || !sysfs::has_cap_sys_admin() {
         bail!(
-            "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"
+            "hsm serve --frontend fuse needs root with CAP_SYS_ADMIN: it mounts FUSE and writes \
+             the store's records; run it as root"
         );
     }
     let store_root = store_root
