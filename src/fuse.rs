@@ -9,9 +9,9 @@
 //! - A complete file (or one that is not a stub) is opened in passthrough mode (`FOPEN_PASSTHROUGH`,
 //!   Linux 6.9+) where the kernel offers it: its reads, writes and mmaps go straight to the
 //!   store's file, at native speed. A stub being filled switches on its next open.
-//! - A write, and a truncation, first have the engine fill the page it lands on and note any local
-//!   shrink, exactly as the kernel's pre-content event for them does (see the design notes): what
-//!   a user wrote or cut is never fetched over.
+//! - A write or `fallocate` first has the engine fill the range it lands on, a truncation the
+//!   page it cuts, and note any local shrink, exactly as the kernel's pre-content event for them
+//!   does (see the design notes): what a user wrote, punched or cut is never fetched over.
 //!
 //! Inodes are named by an `O_PATH` fd each (as libfuse's passthrough_hp does): a rename or unlink
 //! by another path cannot make one name another file. The kernel checks owners and modes
