@@ -190,11 +190,7 @@ impl Services {
             return None;
         }
         let denial = policy.decide(&policy.process(pid)?, Instant::now())?;
-        let errno = count_denial(engine, pid, fd, denial);
-        // As an event's denial counts (see `Metrics::answered`).
-        Metrics::add(&engine.metrics.denied, 1);
-        engine.metrics.denied_with(errno, 1);
-        Some(errno)
+        Some(count_denial(engine, pid, fd, denial))
     }
 
     /// At the daemon's stop: the access list is written a last time.

@@ -9,9 +9,9 @@
 //! - A complete file (or one that is not a stub) is opened in passthrough mode (`FOPEN_PASSTHROUGH`,
 //!   Linux 6.9+) where the kernel offers it: its reads, writes and mmaps go straight to the
 //!   store's file, at native speed. A stub being filled switches on its next open.
-//! - A write, and a truncation, first have the engine fill the page it lands on and note any local
-//!   shrink, exactly as the kernel's pre-content event for them does (see the design notes): what
-//!   a user wrote or cut is never fetched over.
+//! - A write or `fallocate` first has the engine fill the range it lands on, a truncation the
+//!   page it cuts, and note any local shrink, exactly as the kernel's pre-content event for them
+//!   does (see the design notes): what a user wrote, punched or cut is never fetched over.
 //!
 //! Inodes are named by an `O_PATH` fd each (as libfuse's passthrough_hp does): a rename or unlink
 //! by another path cannot make one name another file. The kernel checks owners and modes
@@ -40,7 +40,8 @@ use fuser::{
 use tracing::{debug, info, warn};
 
 use crate::engine::{Engine, Need};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
+use crate::sys::fanotify::{DenyErrno, FAN_PRE_ACCESS};
 use crate::sys::fs as sysfs;
 
 /// How long the kernel may cache attributes and entries. The daemon is the only writer of the
@@ -371,6 +372,36 @@ impl HsmFs {
         sysfs::reopen(node.fd.as_fd(), flags & !OPEN_FLAGS_DROPPED)
     }
 
+    /// Have the engine make `need` of the file at `fd` present for process `pid`, counted as the
+    /// fanotify front end counts the event it answers (`access`: a pre-content event, else an
+    /// open), and failing as it would: the fetch policy's errno when it keeps `pid` from
+    /// fetching, [`DenyErrno::for_error`]'s for a failed fill (EIO for a missing or changed
+    /// source), never the backend's own.
+    fn fill(&self, pid: u32, fd: BorrowedFd<'_>, need: Need, access: bool) -> io::Result<()> {
+        let mask = if access { FAN_PRE_ACCESS } else { 0 };
+        if let Some(errno) = self
+            .services
+            .kept_from_fetching(&self.engine, pid as i32, fd, need)
+        {
+            self.engine
+                .metrics
+                .answered(mask, Outcome::PolicyDenied(errno));
+            return Err(io::Error::from_raw_os_error(errno.raw()));
+        }
+        match self.engine.serve(fd, need) {
+            Ok(_) => {
+                self.engine.metrics.answered(mask, Outcome::Allowed);
+                Ok(())
+            }
+            Err(e) => {
+                let denied = DenyErrno::for_error(&e);
+                self.engine.metrics.answered(mask, Outcome::Denied(denied));
+                warn!(file = %crate::engine::fd_path(fd), "access denied with {denied:?}: {e}");
+                Err(io::Error::from_raw_os_error(denied.raw()))
+            }
+        }
+    }
+
     /// What an access about to change the file at `fd` needs from the engine first: the page it
     /// lands on filled, and any local shrink noted (see the module doc).
     fn before_change(&self, pid: u32, fd: BorrowedFd<'_>, offset: u64) -> io::Result<()> {
@@ -382,19 +413,8 @@ impl HsmFs {
                 offset: page,
                 count: PAGE,
             },
+            true,
         )
-    }
-
-    /// Have the engine make `need` of the file at `fd` present for process `pid`, unless the
-    /// fetch policy keeps `pid` from fetching it (the errno it is denied with).
-    fn fill(&self, pid: u32, fd: BorrowedFd<'_>, need: Need) -> io::Result<()> {
-        if let Some(errno) = self
-            .services
-            .kept_from_fetching(&self.engine, pid as i32, fd, need)
-        {
-            return Err(io::Error::from_raw_os_error(errno.raw()));
-        }
-        self.engine.serve(fd, need).map(|_| ())
     }
 
     /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
@@ -804,7 +824,7 @@ impl Filesystem for HsmFs {
                 .engine
                 .is_present(f.as_fd(), Need::Whole)
                 .unwrap_or(false);
-            self.fill(req.pid(), f.as_fd(), Need::Open)
+            self.fill(req.pid(), f.as_fd(), Need::Open, false)
                 .map_err(|e| errno(&e))?;
             if let (Some(p), true) = (&self.services.prefetch, stub) {
                 // After the fill: a window never races this open for its own file.
@@ -838,7 +858,12 @@ impl Filesystem for HsmFs {
                 let count = u64::from(size.max(1));
                 self.services
                     .note_use(h.file.as_fd(), req.pid() as i32, Some((offset, count)));
-                self.fill(req.pid(), h.file.as_fd(), Need::Range { offset, count })?;
+                self.fill(
+                    req.pid(),
+                    h.file.as_fd(),
+                    Need::Range { offset, count },
+                    true,
+                )?;
             }
             let mut buf = vec![0u8; size as usize];
             let n = sysfs::pread_full(h.file.as_fd(), &mut buf, offset)?;
@@ -869,18 +894,66 @@ impl Filesystem for HsmFs {
         };
         let written = (|| {
             if h.filled_here {
-                // The pages the write lands on: filled first, so that the write lands on top.
-                let end = offset.saturating_add(data.len() as u64);
-                self.before_change(req.pid(), h.file.as_fd(), offset)?;
-                if end.saturating_sub(1) / PAGE != offset / PAGE {
-                    self.before_change(req.pid(), h.file.as_fd(), end - 1)?;
-                }
+                // The range the write lands on, filled first so that the write lands on top: one
+                // access, as the fanotify front end's event for it (two, for its first and last
+                // pages, looked like a sequential reader and started the engine's readahead).
+                self.fill(
+                    req.pid(),
+                    h.file.as_fd(),
+                    Need::Range {
+                        offset,
+                        count: (data.len() as u64).max(1),
+                    },
+                    true,
+                )?;
             }
             // At the offset the kernel gives (`O_APPEND` is not passed on to the store's file).
             sysfs::pwrite_all(h.file.as_fd(), data, offset)
         })();
         match written {
             Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
+        let done = (|| {
+            if h.filled_here {
+                // The range filled first, as the fanotify front end answers fallocate's
+                // pre-content event: what the user punches or zeroes is never fetched over.
+                self.fill(
+                    req.pid(),
+                    h.file.as_fd(),
+                    Need::Range {
+                        offset,
+                        count: length,
+                    },
+                    true,
+                )?;
+            }
+            rustix::fs::fallocate(
+                h.file.as_fd(),
+                rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                offset,
+                length,
+            )
+            .map_err(io::Error::from)
+        })();
+        match done {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1059,8 +1132,9 @@ impl Filesystem for HsmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        // Our records may be read by name (root only: `trusted.*`), as `hsm status` and
-        // `hsm verify` do through a fanotify mount; they are not listed, so copies leave them.
+        // Our records are read as through the fanotify front end's mount (`hsm status` and
+        // `hsm verify` of MOUNTPOINT paths): the kernel lets only CAP_SYS_ADMIN ask for a
+        // `trusted.*` name. Unlisted, so copies (`cp -a`, `tar --xattrs`) do not take them.
         let got = self.node(ino).and_then(|n| {
             let mut buf = vec![0u8; if size == 0 { 64 << 10 } else { size as usize }];
             rustix::fs::getxattr(
@@ -1302,9 +1376,11 @@ pub fn serve(
 ) -> anyhow::Result<()> {
     use crate::store::Store;
     use crate::sys::shm::Shared;
-    if rustix::process::geteuid().as_raw() != 0 {
+    // Root without CAP_SYS_ADMIN could not mount (and would be told only that the mount failed).
+    if rustix::process::geteuid().as_raw() != 0 || !sysfs::has_cap_sys_admin() {
         bail!(
-            "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"
+            "hsm serve --frontend fuse needs root with CAP_SYS_ADMIN: it mounts FUSE and writes \
+             the store's records; run it as root"
         );
     }
     let store_root = store_root

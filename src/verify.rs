@@ -2,7 +2,8 @@
 //! populate time (`hsm populate --digests`), and report per file.
 //!
 //! It reads through the path given. Under the store's own tree that raises no fanotify event; under
-//! the mount point only present chunks are read, which the daemon allows without fetching.
+//! the mount point only present chunks are read (without readahead, which a FUSE mount would
+//! pass on to the daemon), which the daemon allows without fetching.
 //!
 //! The digest lists live in the store (`STORE/.hsm/digests`). The store is found from the path:
 //! a path under `STORE/tree` has it among its ancestors; a path under the mount point of `hsm
@@ -186,6 +187,9 @@ pub fn verify_file(path: &Path, digest_dir: &Path) -> anyhow::Result<Verdict> {
     };
     // Through a private view when the store is guarded: a stub's open then raises no event.
     let file = crate::guard::open_for_tool(path, File::options().read(true))?;
+    // Through a FUSE mount, the kernel's readahead would ask the daemon for pages beyond the
+    // present chunks read here, and have it fetch them.
+    let _ = sysfs::no_readahead(file.as_fd());
     let chunk = source.chunk_size as u64;
     let mut buf = vec![0u8; chunk as usize];
     let mut checked = 0;

@@ -795,9 +795,21 @@ fn evict_from_cache(path: &Path) {
 
 #[test]
 fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads_fuse() {
+    if require_root() {
+        a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads_on(FUSE);
+    }
+}
+
+fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads_on(
+    frontend: &[&str],
+) {
     const SIZE: usize = 24 * MIB + 123;
     // The source on the test's disk (ext4 or xfs, direct I/O): what a reader fetches lands in
     // the stub's page cache only, not in the source's as well.
@@ -809,7 +821,7 @@ fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() 
         resident_pages(&fx.src("big")) < 16,
         "the source was not evicted"
     );
-    fx.serve(&[]);
+    fx.serve(frontend);
     assert_bytes_eq(
         &fs::read(fx.at("big")).unwrap(),
         &want,
@@ -848,7 +860,7 @@ fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() 
         "ramfs was expected to refuse O_DIRECT"
     );
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     assert_bytes_eq(&fs::read(fx.at("big")).unwrap(), &want, "ramfs source");
     let m = fx.stop();
     assert_eq!(metric(&m, "denied"), 0, "{m}");
@@ -856,9 +868,19 @@ fn a_source_on_disk_is_not_cached_twice_and_one_without_direct_io_still_reads() 
 
 #[test]
 fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_1gib_file_read_at_random_then_sequentially_on_xfs_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_1gib_file_read_at_random_then_sequentially_on_xfs_fuse() {
+    if require_root() {
+        a_1gib_file_read_at_random_then_sequentially_on_xfs_on(FUSE);
+    }
+}
+
+fn a_1gib_file_read_at_random_then_sequentially_on_xfs_on(frontend: &[&str]) {
     const SIZE: u64 = 1 << 30;
     let mut fx = Fixture::new("xfs", "4G");
     let t = Instant::now();
@@ -873,7 +895,7 @@ fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
     }
     let made = t.elapsed();
     fx.populate(&[]);
-    fx.serve(&[]);
+    fx.serve(frontend);
 
     let t = Instant::now();
     let f = File::open(fx.at("big")).unwrap();
@@ -929,9 +951,19 @@ fn a_1gib_file_read_at_random_then_sequentially_on_xfs() {
 
 #[test]
 fn a_tree_of_3000_small_files_reads_back() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_tree_of_3000_small_files_reads_back_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_tree_of_3000_small_files_reads_back_fuse() {
+    if require_root() {
+        a_tree_of_3000_small_files_reads_back_on(FUSE);
+    }
+}
+
+fn a_tree_of_3000_small_files_reads_back_on(frontend: &[&str]) {
     for fs_kind in FILESYSTEMS {
         let t = Instant::now();
         let mut fx = Fixture::new(fs_kind, "1G");
@@ -945,7 +977,7 @@ fn a_tree_of_3000_small_files_reads_back() {
         let total: usize = files.iter().map(|f| f.1.len()).sum();
         let nonempty = files.iter().filter(|f| !f.1.is_empty()).count() as u64;
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         let t_read = Instant::now();
         std::thread::scope(|s| {
             for part in files.chunks(files.len().div_ceil(4)) {
@@ -1408,9 +1440,19 @@ fn sizes_names_symlinks_modes_owners_and_times_are_reproduced_on(frontend: &[&st
 
 #[test]
 fn set_id_files_keep_their_mode_after_being_filled() {
-    if !require_root() {
-        return;
+    if require_root() {
+        set_id_files_keep_their_mode_after_being_filled_on(FANOTIFY);
     }
+}
+
+#[test]
+fn set_id_files_keep_their_mode_after_being_filled_fuse() {
+    if require_root() {
+        set_id_files_keep_their_mode_after_being_filled_on(FUSE);
+    }
+}
+
+fn set_id_files_keep_their_mode_after_being_filled_on(frontend: &[&str]) {
     for fs_kind in FILESYSTEMS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let mut files = Vec::new();
@@ -1425,7 +1467,7 @@ fn set_id_files_keep_their_mode_after_being_filled() {
         fs::set_permissions(fx.src("big-setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
         files.push(("big-setuid", 0o4755, data));
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         for (name, mode, data) in &files {
             let before = fs::metadata(fx.at(name)).unwrap().mode() & 0o7777;
             assert_eq!(before, *mode, "{fs_kind}: {name} as populated");
@@ -1638,9 +1680,19 @@ fn complete_files_raise_no_more_events() {
 
 #[test]
 fn after_a_stop_no_path_under_mountpoint_leads_to_stubs() {
-    if !require_root() {
-        return;
+    if require_root() {
+        after_a_stop_no_path_under_mountpoint_leads_to_stubs_on(FANOTIFY);
     }
+}
+
+#[test]
+fn after_a_stop_no_path_under_mountpoint_leads_to_stubs_fuse() {
+    if require_root() {
+        after_a_stop_no_path_under_mountpoint_leads_to_stubs_on(FUSE);
+    }
+}
+
+fn after_a_stop_no_path_under_mountpoint_leads_to_stubs_on(frontend: &[&str]) {
     for (i, fs_kind) in FILESYSTEMS.iter().enumerate() {
         let mut fx = Fixture::new(fs_kind, "1G");
         fx.write_source("never-read", 100_000, 1);
@@ -1650,7 +1702,7 @@ fn after_a_stop_no_path_under_mountpoint_leads_to_stubs() {
         fx.write_source("empty", 0, 5);
         symlink("complete", fx.src("link")).unwrap();
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert!(is_mounted(&fx.view), "{fs_kind}: serving but not mounted");
         assert_bytes_eq(&fs::read(fx.at("complete")).unwrap(), &complete, fs_kind);
         let f = File::open(fx.at("dir/partial")).unwrap();
@@ -1700,9 +1752,19 @@ fn after_a_stop_no_path_under_mountpoint_leads_to_stubs() {
 
 #[test]
 fn refusals_say_what_is_wrong() {
-    if !require_root() {
-        return;
+    if require_root() {
+        refusals_say_what_is_wrong_on(FANOTIFY);
     }
+}
+
+#[test]
+fn refusals_say_what_is_wrong_fuse() {
+    if require_root() {
+        refusals_say_what_is_wrong_on(FUSE);
+    }
+}
+
+fn refusals_say_what_is_wrong_on(frontend: &[&str]) {
     // A kernel without pre-content events cannot be produced on this machine (6.14+): not tested.
     let fx = Fixture::new("ext4", "256M");
     fx.write_source("f", 5000, 1);
@@ -1726,7 +1788,8 @@ fn refusals_say_what_is_wrong() {
             .arg(&bin)
             .arg("serve")
             .arg(&fx.store)
-            .arg(&fx.view),
+            .arg(&fx.view)
+            .args(frontend),
         Some(&fx.view),
     );
     assert_says(&as_nobody, &["CAP_SYS_ADMIN"], "serve as uid 65534");
@@ -1736,7 +1799,8 @@ fn refusals_say_what_is_wrong() {
             .arg(HSM)
             .arg("serve")
             .arg(&fx.store)
-            .arg(&fx.view),
+            .arg(&fx.view)
+            .args(frontend),
         Some(&fx.view),
     );
     assert_says(
@@ -1749,7 +1813,11 @@ fn refusals_say_what_is_wrong() {
     let not_store = fx.fs.mnt.join("not-a-store");
     fs::create_dir_all(&not_store).unwrap();
     let msg = refused(
-        Command::new(HSM).arg("serve").arg(&not_store).arg(&fx.view),
+        Command::new(HSM)
+            .arg("serve")
+            .arg(&not_store)
+            .arg(&fx.view)
+            .args(frontend),
         Some(&fx.view),
     );
     assert_says(
@@ -1866,13 +1934,19 @@ fn refusals_say_what_is_wrong() {
     .unwrap();
     let view = fx.scratch.path.join("tmpfs-view");
     let msg = refused(
-        Command::new(HSM).arg("serve").arg(&store).arg(&view),
+        Command::new(HSM)
+            .arg("serve")
+            .arg(&store)
+            .arg(&view)
+            .args(frontend),
         Some(&view),
     );
-    assert_says(
-        &msg,
-        &["does not support pre-content events", "ext4, xfs or btrfs"],
-        "serve of a store on tmpfs",
-    );
+    // FUSE needs no pre-content events, but a store's stubs still need what those three give.
+    let why: &[&str] = if frontend == FUSE {
+        &["tmpfs", "ext4, xfs or btrfs"]
+    } else {
+        &["does not support pre-content events", "ext4, xfs or btrfs"]
+    };
+    assert_says(&msg, why, "serve of a store on tmpfs");
     drop(tmpfs);
 }

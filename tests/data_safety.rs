@@ -38,6 +38,9 @@ const MIB: usize = 1 << 20;
 /// More than 4 MiB (a cloned stub on xfs, range by range), odd so that the tail is partial.
 const BIG: usize = 6 * MIB + 4097;
 const FS: [&str; 2] = ["ext4", "xfs"];
+/// `serve`'s arguments for each front end the tests that run under both are given.
+const FANOTIFY: &[&str] = &[];
+const FUSE: &[&str] = &["--frontend", "fuse"];
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -137,10 +140,10 @@ fn daemon_log(fx: &Fixture) -> String {
 
 /// Stop the daemon, drop the page cache (unmount and mount the image again), start a new one:
 /// what is read afterwards comes from the disk and the persisted records.
-fn restart(fx: &mut Fixture) -> Value {
+fn restart(fx: &mut Fixture, frontend: &[&str]) -> Value {
     let m = fx.stop();
     fx.fs.remount();
-    fx.serve(&[]);
+    fx.serve(frontend);
     m
 }
 
@@ -221,6 +224,7 @@ fn assert_files_before_and_after_restart(
     fx: &mut Fixture,
     want: &std::collections::BTreeMap<&str, Vec<u8>>,
     fs_kind: &str,
+    frontend: &[&str],
 ) {
     for (rel, w) in want {
         assert_bytes_eq(
@@ -229,7 +233,7 @@ fn assert_files_before_and_after_restart(
             &format!("{fs_kind} {rel}"),
         );
     }
-    restart(fx);
+    restart(fx, frontend);
     for (rel, w) in want {
         assert_bytes_eq(
             &read_path(&fx.at(rel)).unwrap(),
@@ -245,9 +249,19 @@ fn assert_files_before_and_after_restart(
 
 #[test]
 fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source_fuse() {
+    if require_root() {
+        a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source_on(FUSE);
+    }
+}
+
+fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let src = fx.write_source("f", BIG, 11);
@@ -255,7 +269,7 @@ fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source() {
         fx.write_source("m", BIG, 13);
         fx.write_source("d", BIG, 14);
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_eq!(
             kind_of(&fx.at("f")),
             expected_kind(fs_kind, BIG),
@@ -352,7 +366,7 @@ fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source() {
         assert_bytes_eq(&read_path(&fx.at("d")).unwrap(), &want_direct, fs_kind);
         assert_eq!(fs::metadata(fx.at("f")).unwrap().len(), BIG as u64);
 
-        let m = restart(&mut fx);
+        let m = restart(&mut fx, frontend);
         assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
         assert_bytes_eq(
             &read_path(&fx.at("f")).unwrap(),
@@ -379,16 +393,26 @@ fn a_write_into_a_never_read_stub_keeps_every_other_byte_of_the_source() {
 
 #[test]
 fn open_with_o_trunc_then_a_write_holds_exactly_what_was_written() {
-    if !require_root() {
-        return;
+    if require_root() {
+        open_with_o_trunc_then_a_write_holds_exactly_what_was_written_on(FANOTIFY);
     }
+}
+
+#[test]
+fn open_with_o_trunc_then_a_write_holds_exactly_what_was_written_fuse() {
+    if require_root() {
+        open_with_o_trunc_then_a_write_holds_exactly_what_was_written_on(FUSE);
+    }
+}
+
+fn open_with_o_trunc_then_a_write_holds_exactly_what_was_written_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         for (i, rel) in ["t1", "t2", "t3", "t4"].iter().enumerate() {
             fx.write_source(rel, BIG, 20 + i as u64);
         }
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_eq!(
             kind_of(&fx.at("t1")),
             expected_kind(fs_kind, BIG),
@@ -423,15 +447,25 @@ fn open_with_o_trunc_then_a_write_holds_exactly_what_was_written() {
         trunc("t4").write_all_at(&long, 0).unwrap();
         want.insert("t4", long);
 
-        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind, frontend);
     }
 }
 
 #[test]
 fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part() {
-    if !require_root() {
-        return;
+    if require_root() {
+        truncate_down_then_extend_reads_zeros_beyond_the_kept_part_on(FANOTIFY);
     }
+}
+
+#[test]
+fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part_fuse() {
+    if require_root() {
+        truncate_down_then_extend_reads_zeros_beyond_the_kept_part_on(FUSE);
+    }
+}
+
+fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let a = fx.write_source("a", BIG, 31);
@@ -439,7 +473,7 @@ fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part() {
         let c = fx.write_source("c", BIG, 33);
         let d = fx.write_source("d", BIG, 34);
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_eq!(
             kind_of(&fx.at("a")),
             expected_kind(fs_kind, BIG),
@@ -483,15 +517,25 @@ fn truncate_down_then_extend_reads_zeros_beyond_the_kept_part() {
         w.resize(2 * MIB, 0);
         want.insert("d", w);
 
-        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind, frontend);
     }
 }
 
 #[test]
 fn an_append_to_a_stub_follows_the_source_content() {
-    if !require_root() {
-        return;
+    if require_root() {
+        an_append_to_a_stub_follows_the_source_content_on(FANOTIFY);
     }
+}
+
+#[test]
+fn an_append_to_a_stub_follows_the_source_content_fuse() {
+    if require_root() {
+        an_append_to_a_stub_follows_the_source_content_on(FUSE);
+    }
+}
+
+fn an_append_to_a_stub_follows_the_source_content_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let a = fx.write_source("a", BIG, 41);
@@ -500,7 +544,7 @@ fn an_append_to_a_stub_follows_the_source_content() {
         let c = fx.write_source("c", 5 * MIB + 1, 43);
         let s = fx.write_source("s", 1000, 44);
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_eq!(
             kind_of(&fx.at("b")),
             expected_kind(fs_kind, 5 * MIB),
@@ -524,7 +568,7 @@ fn an_append_to_a_stub_follows_the_source_content() {
         w.extend_from_slice(b"appended\n");
         want.insert("c", w);
 
-        assert_files_before_and_after_restart(&mut fx, &want, fs_kind);
+        assert_files_before_and_after_restart(&mut fx, &want, fs_kind, frontend);
     }
 }
 
@@ -552,16 +596,26 @@ const WRITE_CONFIGS: [(&str, &[&str]); 3] =
 
 #[test]
 fn punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros() {
-    if !require_root() {
-        return;
+    if require_root() {
+        punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros_on(FANOTIFY);
     }
+}
+
+#[test]
+fn punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros_fuse() {
+    if require_root() {
+        punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros_on(FUSE);
+    }
+}
+
+fn punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros_on(frontend: &[&str]) {
     for (fs_kind, opts) in WRITE_CONFIGS {
         let what = format!("{fs_kind} {opts:?}");
         let mut fx = Fixture::new(fs_kind, "1G");
         let p = fx.write_source("punch", BIG, 35);
         let z = fx.write_source("zero", BIG, 36);
         fx.populate(opts);
-        fx.serve(&[]);
+        fx.serve(frontend);
         let (off, len) = (2 * MIB as u64 + 4096, MIB as u64);
         let mut want = std::collections::BTreeMap::new();
         for (rel, mode, src) in [
@@ -585,7 +639,7 @@ fn punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros() {
                 &format!("{what} {rel}"),
             );
         }
-        restart(&mut fx);
+        restart(&mut fx, frontend);
         for (rel, w) in &want {
             assert_bytes_eq(
                 &read_path(&fx.at(rel)).unwrap(),
@@ -602,9 +656,21 @@ fn punching_or_zeroing_a_range_of_a_never_read_stub_keeps_the_users_zeros() {
             the source bytes of the new offsets: the file ends up neither the source nor the \
             user's result"]
 fn inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes() {
-    if !require_root() {
-        return;
+    if require_root() {
+        inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes_on(FANOTIFY);
     }
+}
+
+/// FUSE has no INSERT_RANGE or COLLAPSE_RANGE (the kernel refuses them with EOPNOTSUPP without
+/// asking the daemon): the bug above cannot happen there, and the files stay their sources.
+#[test]
+fn inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes_fuse() {
+    if require_root() {
+        inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes_on(FUSE);
+    }
+}
+
+fn inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes_on(frontend: &[&str]) {
     let mut broken = Vec::new();
     for (fs_kind, opts) in WRITE_CONFIGS {
         let what = format!("{fs_kind} {opts:?}");
@@ -612,25 +678,35 @@ fn inserting_or_collapsing_a_range_of_a_stub_shifts_the_source_bytes() {
         let ins = fx.write_source("insert", 8 * MIB, 37);
         let col = fx.write_source("collapse", 8 * MIB, 38);
         fx.populate(opts);
-        fx.serve(&[]);
+        fx.serve(frontend);
         let (off, len) = (2 * MIB, MIB);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(fx.at("insert"))
-            .unwrap();
-        fallocate(&f, libc::FALLOC_FL_INSERT_RANGE, off as u64, len as u64).unwrap();
-        drop(f);
+        // Under FUSE: refused, and the file is its source, whole.
+        let shift = |rel: &str, mode: i32| {
+            let f = OpenOptions::new().write(true).open(fx.at(rel)).unwrap();
+            let r = fallocate(&f, mode, off as u64, len as u64);
+            if frontend == FUSE {
+                assert_eq!(
+                    r.map_err(|e| errno(&e)),
+                    Err(libc::EOPNOTSUPP),
+                    "{what} {rel}: under FUSE"
+                );
+                false
+            } else {
+                r.unwrap();
+                true
+            }
+        };
         let mut want_ins = ins[..off].to_vec();
         want_ins.resize(off + len, 0);
         want_ins.extend_from_slice(&ins[off..]);
-        let f = OpenOptions::new()
-            .write(true)
-            .open(fx.at("collapse"))
-            .unwrap();
-        fallocate(&f, libc::FALLOC_FL_COLLAPSE_RANGE, off as u64, len as u64).unwrap();
-        drop(f);
+        if !shift("insert", libc::FALLOC_FL_INSERT_RANGE) {
+            want_ins = ins.clone();
+        }
         let mut want_col = col[..off].to_vec();
         want_col.extend_from_slice(&col[off + len..]);
+        if !shift("collapse", libc::FALLOC_FL_COLLAPSE_RANGE) {
+            want_col = col.clone();
+        }
         for (rel, w) in [("insert", &want_ins), ("collapse", &want_col)] {
             let got = read_path(&fx.at(rel)).unwrap();
             if &got != w {
@@ -731,15 +807,25 @@ fn check_blocks(
 
 #[test]
 fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed() {
-    concurrent_readers_and_a_writer(&["xfs"]);
+    concurrent_readers_and_a_writer(&["xfs"], FANOTIFY);
+}
+
+#[test]
+fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed_fuse() {
+    concurrent_readers_and_a_writer(&["xfs"], FUSE);
 }
 
 #[test]
 fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed_ext4() {
-    concurrent_readers_and_a_writer(&["ext4"]);
+    concurrent_readers_and_a_writer(&["ext4"], FANOTIFY);
 }
 
-fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
+#[test]
+fn concurrent_readers_and_a_writer_never_see_a_mix_that_never_existed_ext4_fuse() {
+    concurrent_readers_and_a_writer(&["ext4"], FUSE);
+}
+
+fn concurrent_readers_and_a_writer(filesystems: &[&str], frontend: &[&str]) {
     if !require_root() {
         return;
     }
@@ -756,7 +842,7 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
             .collect();
         // Small chunks: many fetches interleave with the writes.
         fx.populate(&["--chunk-size", "65536"]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_eq!(
             kind_of(&fx.at("c1")),
             expected_kind(fs_kind, SIZE),
@@ -882,7 +968,7 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
             );
         }
         // And after a restart, from disk.
-        restart(&mut fx);
+        restart(&mut fx, frontend);
         let mut rng = StdRng::seed_from_u64(7);
         let mut chosen: Vec<u64> = (0..BLOCKS).collect();
         for k in (1..chosen.len()).rev() {
@@ -905,9 +991,19 @@ fn concurrent_readers_and_a_writer(filesystems: &[&str]) {
 
 #[test]
 fn a_file_changed_locally_is_modified_and_never_refetched_over() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_file_changed_locally_is_modified_and_never_refetched_over_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_file_changed_locally_is_modified_and_never_refetched_over_fuse() {
+    if require_root() {
+        a_file_changed_locally_is_modified_and_never_refetched_over_on(FUSE);
+    }
+}
+
+fn a_file_changed_locally_is_modified_and_never_refetched_over_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let w = fx.write_source("written", BIG, 61);
@@ -916,7 +1012,7 @@ fn a_file_changed_locally_is_modified_and_never_refetched_over() {
         let u = fx.write_source("untouched", BIG, 64);
         fx.populate(&[]);
         // "untouched" stays a stub: no directory prefetch after the three opens below.
-        fx.serve(&["--dir-prefetch", "0"]);
+        fx.serve(&[frontend, &["--dir-prefetch", "0"]].concat());
         assert_eq!(kind_of(&fx.at("written")), expected_kind(fs_kind, BIG));
 
         let mut want_w = w.clone();
@@ -958,7 +1054,7 @@ fn a_file_changed_locally_is_modified_and_never_refetched_over() {
 
         // A new daemon, nothing in the page cache: the user's bytes, never the source's again.
         fx.fs.remount();
-        fx.serve(&[]);
+        fx.serve(frontend);
         assert_bytes_eq(
             &read_path(&fx.at("written")).unwrap(),
             &want_w,
@@ -999,9 +1095,21 @@ fn assert_eio<T: std::fmt::Debug>(r: Result<T, i32>, what: &str) {
 
 #[test]
 fn a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written_fuse() {
+    if require_root() {
+        a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written_on(FUSE);
+    }
+}
+
+fn a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written_on(
+    frontend: &[&str],
+) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("big", BIG, 71);
@@ -1013,7 +1121,7 @@ fn a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written(
         let junk = b"CHANGED AFTER POPULATE";
         rewrite_keeping_mtime(&fx.src("big"), bad_off, junk);
         rewrite_keeping_mtime(&fx.src("small"), 150_000, junk);
-        fx.serve(&["--readahead", "0"]);
+        fx.serve(&[frontend, &["--readahead", "0"]].concat());
         assert_eq!(kind_of(&fx.at("big")), expected_kind(fs_kind, BIG));
 
         assert_bytes_eq(&read_path(&fx.at("good")).unwrap(), &good, fs_kind);
@@ -1090,9 +1198,19 @@ fn a_chunk_that_does_not_match_its_digest_fails_with_eio_and_nothing_is_written(
 
 #[test]
 fn a_source_changed_in_size_or_mtime_after_populate_fails_with_eio() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_changed_in_size_or_mtime_after_populate_fails_with_eio_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_changed_in_size_or_mtime_after_populate_fails_with_eio_fuse() {
+    if require_root() {
+        a_source_changed_in_size_or_mtime_after_populate_fails_with_eio_on(FUSE);
+    }
+}
+
+fn a_source_changed_in_size_or_mtime_after_populate_fails_with_eio_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let names = ["mtime", "grown", "shrunk", "small-mtime", "same"];
@@ -1117,7 +1235,7 @@ fn a_source_changed_in_size_or_mtime_after_populate_fails_with_eio() {
             f.set_len(len).unwrap();
             f.set_modified(t).unwrap();
         }
-        fx.serve(&[]);
+        fx.serve(frontend);
 
         for n in ["mtime", "grown", "shrunk", "small-mtime"] {
             assert_eio(read_or_errno(&fx.at(n)), &format!("{fs_kind}: {n}"));
@@ -1172,16 +1290,26 @@ fn verify_line<'a>(text: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn hsm_verify_reports_good_chunks_ok_and_corrupted_ones_as_mismatch() {
-    if !require_root() {
-        return;
+    if require_root() {
+        hsm_verify_reports_good_chunks_ok_and_corrupted_ones_as_mismatch_on(FANOTIFY);
     }
+}
+
+#[test]
+fn hsm_verify_reports_good_chunks_ok_and_corrupted_ones_as_mismatch_fuse() {
+    if require_root() {
+        hsm_verify_reports_good_chunks_ok_and_corrupted_ones_as_mismatch_on(FUSE);
+    }
+}
+
+fn hsm_verify_reports_good_chunks_ok_and_corrupted_ones_as_mismatch_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("big", BIG, 91);
         let small = fx.write_source("small", 100_000, 92);
         fx.write_source("cold", BIG, 93);
         fx.populate(&["--digests"]);
-        fx.serve(&["--readahead", "0"]);
+        fx.serve(&[frontend, &["--readahead", "0"]].concat());
         {
             let f = File::open(fx.at("big")).unwrap();
             for off in [0, MIB, 5 * MIB] {
@@ -1282,9 +1410,19 @@ fn eio_or_right_bytes(r: Result<Vec<u8>, i32>, want: &[u8], what: &str) -> &'sta
 
 #[test]
 fn a_source_directory_removed_gives_eio_and_is_served_again_once_back() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_directory_removed_gives_eio_and_is_served_again_once_back_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_directory_removed_gives_eio_and_is_served_again_once_back_fuse() {
+    if require_root() {
+        a_source_directory_removed_gives_eio_and_is_served_again_once_back_on(FUSE);
+    }
+}
+
+fn a_source_directory_removed_gives_eio_and_is_served_again_once_back_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("dir/big", BIG, 101);
@@ -1292,7 +1430,7 @@ fn a_source_directory_removed_gives_eio_and_is_served_again_once_back() {
         let other = fx.write_source("other", 100_000, 103);
         let present = fx.write_source("dir/present", 200_000, 104);
         fx.populate(&[]);
-        fx.serve(&["--readahead", "0"]);
+        fx.serve(&[frontend, &["--readahead", "0"]].concat());
         assert_bytes_eq(&read_path(&fx.at("other")).unwrap(), &other, fs_kind);
         assert_bytes_eq(
             &read_path(&fx.at("dir/present")).unwrap(),
@@ -1353,16 +1491,26 @@ fn a_source_directory_removed_gives_eio_and_is_served_again_once_back() {
 /// renamed directory), never anything else, and after the rename back, the right bytes.
 #[test]
 fn a_source_directory_renamed_away_gives_eio_or_the_right_bytes() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_directory_renamed_away_gives_eio_or_the_right_bytes_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_directory_renamed_away_gives_eio_or_the_right_bytes_fuse() {
+    if require_root() {
+        a_source_directory_renamed_away_gives_eio_or_the_right_bytes_on(FUSE);
+    }
+}
+
+fn a_source_directory_renamed_away_gives_eio_or_the_right_bytes_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("dir/big", BIG, 105);
         let small = fx.write_source("dir/small", 100_000, 106);
         let other = fx.write_source("other", 100_000, 107);
         fx.populate(&[]);
-        fx.serve(&["--readahead", "0"]);
+        fx.serve(&[frontend, &["--readahead", "0"]].concat());
         assert_bytes_eq(&read_path(&fx.at("other")).unwrap(), &other, fs_kind);
         let away = fx.scratch.path.join("src.away");
         fs::rename(&fx.source, &away).unwrap();
@@ -1401,15 +1549,25 @@ fn a_source_directory_renamed_away_gives_eio_or_the_right_bytes() {
 
 #[test]
 fn a_source_subdirectory_removed_gives_eio_and_is_served_again_once_back() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_subdirectory_removed_gives_eio_and_is_served_again_once_back_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_subdirectory_removed_gives_eio_and_is_served_again_once_back_fuse() {
+    if require_root() {
+        a_source_subdirectory_removed_gives_eio_and_is_served_again_once_back_on(FUSE);
+    }
+}
+
+fn a_source_subdirectory_removed_gives_eio_and_is_served_again_once_back_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("dir/big", BIG, 111);
         let other = fx.write_source("other", 100_000, 112);
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         let away = fx.scratch.path.join("dir.away");
         fs::rename(fx.src("dir"), &away).unwrap();
         assert_eio(read_or_errno(&fx.at("dir/big")), &format!("{fs_kind}: big"));
@@ -1497,9 +1655,19 @@ fn broken_records(
 
 #[test]
 fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving() {
-    if !require_root() {
-        return;
+    if require_root() {
+        corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving_on(FANOTIFY);
     }
+}
+
+#[test]
+fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving_fuse() {
+    if require_root() {
+        corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving_on(FUSE);
+    }
+}
+
+fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let outside_dir = fx.scratch.path.join("outside");
@@ -1559,7 +1727,7 @@ fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving() {
             };
             set_xattr(&fx.stub("forged-present"), XATTR_STATE, &st.encode());
         }
-        fx.serve(&[]);
+        fx.serve(frontend);
 
         for n in names {
             let r = read_or_errno(&fx.at(n));
@@ -1641,7 +1809,7 @@ fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving() {
             "{fs_kind}: records restored by hand; still EIO until a restart: {still_failing:?}"
         );
         assert_bytes_eq(&read_path(&fx.at("good")).unwrap(), &good, fs_kind);
-        let m = restart(&mut fx);
+        let m = restart(&mut fx, frontend);
         assert_eq!(
             metric(&m, "worker_starts"),
             1,
@@ -1671,9 +1839,19 @@ fn read_tree(view: &Path, rels: &[(&str, &Vec<u8>)], what: &str) {
 
 #[test]
 fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_store_copied_with_cp_a_and_moved_serves_the_same_bytes_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes_fuse() {
+    if require_root() {
+        a_store_copied_with_cp_a_and_moved_serves_the_same_bytes_on(FUSE);
+    }
+}
+
+fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "2G");
         let big = fx.write_source("d/big", BIG, 151);
@@ -1682,7 +1860,7 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
         let cold_small = fx.write_source("cold-small", 5000, 154);
         symlink("d/small", fx.src("link")).unwrap();
         fx.populate(&["--digests"]);
-        fx.serve(&["--readahead", "0"]);
+        fx.serve(&[frontend, &["--readahead", "0"]].concat());
         // Part of the tree present before the copy.
         {
             let f = File::open(fx.at("d/big")).unwrap();
@@ -1710,7 +1888,7 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
         ];
         let view2 = fx.scratch.path.join("view2");
         {
-            let mut d = Daemon::start(&copy, &view2, &[], Duration::from_secs(300));
+            let mut d = Daemon::start(&copy, &view2, frontend, Duration::from_secs(300));
             // Half of it from the copy.
             read_tree(&view2, &all[..2], &format!("{fs_kind} copy"));
             let f = File::open(view2.join("cold")).unwrap();
@@ -1723,7 +1901,7 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
         fs::create_dir_all(moved.parent().unwrap()).unwrap();
         fs::rename(&copy, &moved).unwrap();
         {
-            let mut d = Daemon::start(&moved, &view2, &[], Duration::from_secs(300));
+            let mut d = Daemon::start(&moved, &view2, frontend, Duration::from_secs(300));
             read_tree(&view2, &all, &format!("{fs_kind} moved copy"));
             let log = d.stop_log();
             assert!(!log.contains("ERROR"), "{fs_kind}: {log}");
@@ -1734,7 +1912,7 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
         // The original is untouched by all that and serves the same bytes (its filesystem
         // guarded for one store at a time: the copy's guard is stopped first).
         run(Command::new(HSM).arg("guard").arg("--stop").arg(&moved));
-        fx.serve(&[]);
+        fx.serve(frontend);
         read_tree(&fx.view, &all, &format!("{fs_kind} original"));
         fx.stop();
     }
@@ -1742,9 +1920,19 @@ fn a_store_copied_with_cp_a_and_moved_serves_the_same_bytes() {
 
 #[test]
 fn files_added_to_or_removed_from_the_store_tree_by_hand() {
-    if !require_root() {
-        return;
+    if require_root() {
+        files_added_to_or_removed_from_the_store_tree_by_hand_on(FANOTIFY);
     }
+}
+
+#[test]
+fn files_added_to_or_removed_from_the_store_tree_by_hand_fuse() {
+    if require_root() {
+        files_added_to_or_removed_from_the_store_tree_by_hand_on(FUSE);
+    }
+}
+
+fn files_added_to_or_removed_from_the_store_tree_by_hand_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let big = fx.write_source("big", BIG, 161);
@@ -1752,7 +1940,7 @@ fn files_added_to_or_removed_from_the_store_tree_by_hand() {
         fx.write_source("partial", BIG, 163);
         let keep = fx.write_source("keep", 100_000, 164);
         fx.populate(&[]);
-        fx.serve(&[]);
+        fx.serve(frontend);
         {
             let f = File::open(fx.at("partial")).unwrap();
             pread_at(&f, 0, 10).unwrap();
@@ -1777,18 +1965,38 @@ fn files_added_to_or_removed_from_the_store_tree_by_hand() {
         assert_bytes_eq(&read_path(&fx.at("big-copy")).unwrap(), &big, fs_kind);
         assert_eq!(state_of(&fx.at("added")), "local", "{fs_kind}");
 
-        // Removed by hand: simply gone.
+        // Removed by hand: simply gone (under FUSE once the kernel's entry for a name looked up
+        // before has expired: the front end lets it keep names for 1 s).
         fs::remove_file(fx.stub("small")).unwrap();
         fs::remove_file(fx.stub("partial")).unwrap();
+        let removed = Instant::now();
+        let grace = if frontend == FUSE {
+            Duration::from_millis(1500)
+        } else {
+            Duration::ZERO
+        };
         for n in ["small", "partial"] {
-            let e = read_path(&fx.at(n)).unwrap_err();
+            let e = loop {
+                match read_path(&fx.at(n)) {
+                    Err(e) => break e,
+                    Ok(_) if removed.elapsed() < grace => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    Ok(got) => panic!(
+                        "{fs_kind}: {n} removed from the store's tree still reads ({} bytes) \
+                         after {:?}",
+                        got.len(),
+                        removed.elapsed()
+                    ),
+                }
+            };
             assert_eq!(errno(&e), libc::ENOENT, "{fs_kind}: {n}: {e}");
         }
         assert_bytes_eq(&read_path(&fx.at("keep")).unwrap(), &keep, fs_kind);
         assert_bytes_eq(&read_path(&fx.at("big")).unwrap(), &big, fs_kind);
 
         // The same after a restart.
-        let m = restart(&mut fx);
+        let m = restart(&mut fx, frontend);
         assert_eq!(metric(&m, "denied"), 0, "{fs_kind}: {m}");
         assert_bytes_eq(&read_path(&fx.at("added")).unwrap(), &added, fs_kind);
         assert!(!fx.at("small").exists() && !fx.at("partial").exists());
@@ -1817,9 +2025,19 @@ fn regular_files(root: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it() {
-    if !require_root() {
-        return;
+    if require_root() {
+        symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it_on(FANOTIFY);
     }
+}
+
+#[test]
+fn symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it_fuse() {
+    if require_root() {
+        symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it_on(FUSE);
+    }
+}
+
+fn symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it_on(frontend: &[&str]) {
     for fs_kind in FS {
         let mut fx = Fixture::new(fs_kind, "1G");
         let outside = fx.scratch.path.join("outside");
@@ -1889,7 +2107,7 @@ fn symlinks_and_names_that_climb_out_of_the_source_never_read_outside_it() {
         }
         symlink(outside.join("d"), fx.src("d")).unwrap();
 
-        fx.serve(&[]);
+        fx.serve(frontend);
         for n in ["f", "d/g"] {
             let r = read_or_errno(&fx.at(n));
             if let Ok(got) = &r {

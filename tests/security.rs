@@ -435,6 +435,9 @@ fn proc_status(pid: i32) -> BTreeMap<String, String> {
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
+/// `serve`'s arguments for each front end the tests that run under both are given.
+const FANOTIFY: &[&str] = &[];
+const FUSE: &[&str] = &["--frontend", "fuse"];
 
 struct Identity {
     uids: Vec<u32>,
@@ -629,7 +632,7 @@ fn closed_port() -> u16 {
 // 1. A stub's owner or writer cannot steer the daemon
 // ---------------------------------------------------------------------------------------------
 
-fn stub_owner_cannot_redirect(fs: &str) {
+fn stub_owner_cannot_redirect(fs: &str, frontend: &[&str]) {
     let mallory = TestUser::create("m");
     let bob = TestUser::create("b");
     let m = mallory.agent();
@@ -669,7 +672,7 @@ fn stub_owner_cannot_redirect(fs: &str) {
         std::fs::metadata(fx.stub("alice/own")).unwrap().uid(),
         mallory.uid
     );
-    fx.serve(&[]);
+    fx.serve(frontend);
 
     // Bob reads his files: they are complete, with records that claim every byte present.
     for rel in ["bob/secret", "bob/bigsecret"] {
@@ -955,7 +958,15 @@ fn a_stub_owner_or_writer_cannot_redirect_the_daemon_ext4() {
     if !require_root() {
         return;
     }
-    stub_owner_cannot_redirect("ext4");
+    stub_owner_cannot_redirect("ext4", FANOTIFY);
+}
+
+#[test]
+fn a_stub_owner_or_writer_cannot_redirect_the_daemon_ext4_fuse() {
+    if !require_root() {
+        return;
+    }
+    stub_owner_cannot_redirect("ext4", FUSE);
 }
 
 #[test]
@@ -963,7 +974,15 @@ fn a_stub_owner_or_writer_cannot_redirect_the_daemon_xfs() {
     if !require_root() {
         return;
     }
-    stub_owner_cannot_redirect("xfs");
+    stub_owner_cannot_redirect("xfs", FANOTIFY);
+}
+
+#[test]
+fn a_stub_owner_or_writer_cannot_redirect_the_daemon_xfs_fuse() {
+    if !require_root() {
+        return;
+    }
+    stub_owner_cannot_redirect("xfs", FUSE);
 }
 
 #[test]
@@ -971,7 +990,15 @@ fn a_stub_owner_or_writer_cannot_redirect_the_daemon_btrfs() {
     if !require_root() {
         return;
     }
-    stub_owner_cannot_redirect("btrfs");
+    stub_owner_cannot_redirect("btrfs", FANOTIFY);
+}
+
+#[test]
+fn a_stub_owner_or_writer_cannot_redirect_the_daemon_btrfs_fuse() {
+    if !require_root() {
+        return;
+    }
+    stub_owner_cannot_redirect("btrfs", FUSE);
 }
 
 /// A record that fails its own integrity check is refused with EIO and a log line, never
@@ -979,9 +1006,19 @@ fn a_stub_owner_or_writer_cannot_redirect_the_daemon_btrfs() {
 /// range present.
 #[test]
 fn a_record_that_fails_its_check_gives_eio_and_a_log_line() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_record_that_fails_its_check_gives_eio_and_a_log_line_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_record_that_fails_its_check_gives_eio_and_a_log_line_fuse() {
+    if require_root() {
+        a_record_that_fails_its_check_gives_eio_and_a_log_line_on(FUSE);
+    }
+}
+
+fn a_record_that_fails_its_check_gives_eio_and_a_log_line_on(frontend: &[&str]) {
     let mut fx = Fixture::new("xfs", "1G");
     let a = fx.write_source("a", 100_000, 11);
     let b = fx.write_source("b", 100_000, 12);
@@ -1006,7 +1043,7 @@ fn a_record_that_fails_its_check_gives_eio_and_a_log_line() {
     let mut junk = b"HSt1".to_vec();
     junk.extend_from_slice(&[0xff; 40]);
     lsetxattr(&fx.stub("c"), "trusted.hsm.state", &junk);
-    fx.serve(&[]);
+    fx.serve(frontend);
     for rel in ["a", "b", "c"] {
         let err = std::fs::read(fx.at(rel)).expect_err(rel);
         assert_eq!(errno_of(&err), libc::EIO, "{rel}: {err}");
@@ -1038,9 +1075,19 @@ fn a_record_that_fails_its_check_gives_eio_and_a_log_line() {
 /// of their targets.
 #[test]
 fn symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon() {
-    if !require_root() {
-        return;
+    if require_root() {
+        symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon_on(FANOTIFY);
     }
+}
+
+#[test]
+fn symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon_fuse() {
+    if require_root() {
+        symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon_on(FUSE);
+    }
+}
+
+fn symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon_on(frontend: &[&str]) {
     let mallory = TestUser::create("m");
     let m = mallory.agent();
     let mut fx = Fixture::new("ext4", "1G");
@@ -1078,7 +1125,7 @@ fn symlinks_out_of_the_source_are_reproduced_never_followed_by_the_daemon() {
             .all(|n| !n.starts_with("abs_dir/")),
         "populate must not walk into a symlinked directory"
     );
-    fx.serve(&[]);
+    fx.serve(frontend);
     let res = m.run(&[
         op(&["read", &s(&fx.at("abs_secret"))]),
         op(&["read", &s(&fx.at("rel_public"))]),
@@ -1127,9 +1174,19 @@ fn set_same_times(from: &Path, to: &Path) {
 /// the right bytes.
 #[test]
 fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_source_component_swapped_for_a_symlink_while_serving_gives_eio_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio_fuse() {
+    if require_root() {
+        a_source_component_swapped_for_a_symlink_while_serving_gives_eio_on(FUSE);
+    }
+}
+
+fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio_on(frontend: &[&str]) {
     let mut fx = Fixture::new("ext4", "1G");
     let d_f = fx.write_source("d/f", 100_000, 31);
     let h = fx.write_source("h", 50_000, 32);
@@ -1151,7 +1208,7 @@ fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio() {
         .iter()
         .map(|r| std::fs::read(outside.join(r)).unwrap())
         .collect();
-    fx.serve(&[]);
+    fx.serve(frontend);
     let src = fx.source.clone();
     std::fs::rename(src.join("d"), src.join("d.orig")).unwrap();
     std::os::unix::fs::symlink(outside.join("d"), src.join("d")).unwrap();
@@ -1191,9 +1248,19 @@ fn a_source_component_swapped_for_a_symlink_while_serving_gives_eio() {
 /// runs: the daemon must not follow it (EIO), never serve the other directory's twin file.
 #[test]
 fn the_source_root_replaced_by_a_symlink_while_serving_gives_eio() {
-    if !require_root() {
-        return;
+    if require_root() {
+        the_source_root_replaced_by_a_symlink_while_serving_gives_eio_on(FANOTIFY);
     }
+}
+
+#[test]
+fn the_source_root_replaced_by_a_symlink_while_serving_gives_eio_fuse() {
+    if require_root() {
+        the_source_root_replaced_by_a_symlink_while_serving_gives_eio_on(FUSE);
+    }
+}
+
+fn the_source_root_replaced_by_a_symlink_while_serving_gives_eio_on(frontend: &[&str]) {
     let mut fx = Fixture::new("ext4", "1G");
     fx.write_source("f", 30_000, 51);
     fx.write_source("g", 30_000, 52);
@@ -1202,7 +1269,7 @@ fn the_source_root_replaced_by_a_symlink_while_serving_gives_eio() {
     put(&outside.join("f"), 30_000, 53, 0o644, (0, 0));
     set_same_times(&fx.src("f"), &outside.join("f"));
     let twin = std::fs::read(outside.join("f")).unwrap();
-    fx.serve(&[]);
+    fx.serve(frontend);
     // Read one file so the backend holds the root open, then remove the root for good.
     std::fs::read(fx.at("g")).unwrap();
     std::fs::remove_dir_all(&fx.source).unwrap();
@@ -1534,9 +1601,13 @@ fn populate_refuses_a_store_directory_it_did_not_make() {
 // 4. STORE and the zero pool are root's
 // ---------------------------------------------------------------------------------------------
 
-fn serve_refused(fx: &Fixture) -> String {
+fn serve_refused(fx: &Fixture, frontend: &[&str]) -> String {
     let (out, killed) = run_bounded(
-        Command::new(HSM).arg("serve").arg(&fx.store).arg(&fx.view),
+        Command::new(HSM)
+            .arg("serve")
+            .arg(&fx.store)
+            .arg(&fx.view)
+            .args(frontend),
         Duration::from_secs(30),
     );
     assert!(!killed, "hsm serve started on a store others can reach");
@@ -1547,9 +1618,19 @@ fn serve_refused(fx: &Fixture) -> String {
 
 #[test]
 fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise() {
-    if !require_root() {
-        return;
+    if require_root() {
+        the_store_is_reachable_by_root_only_and_serve_refuses_otherwise_on(FANOTIFY);
     }
+}
+
+#[test]
+fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise_fuse() {
+    if require_root() {
+        the_store_is_reachable_by_root_only_and_serve_refuses_otherwise_on(FUSE);
+    }
+}
+
+fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise_on(frontend: &[&str]) {
     let mallory = TestUser::create("m");
     let m = mallory.agent();
     let mut fx = Fixture::new("xfs", "1G");
@@ -1588,7 +1669,7 @@ fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise() {
     ] {
         chown(&fx.store, owner, 0);
         chmod(&fx.store, m_);
-        let said = serve_refused(&fx);
+        let said = serve_refused(&fx, frontend);
         eprintln!("serve with STORE {what}: {said}");
         assert!(
             said.contains(&s(&fx.store)),
@@ -1601,7 +1682,7 @@ fn the_store_is_reachable_by_root_only_and_serve_refuses_otherwise() {
     }
     chown(&fx.store, 0, 0);
     chmod(&fx.store, 0o700);
-    fx.serve(&[]);
+    fx.serve(frontend);
     fx.stop();
 }
 
@@ -2000,9 +2081,21 @@ fn assert_no_escape(roots: &[&Path]) {
 
 #[test]
 fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
-    if !require_root() {
-        return;
+    if require_root() {
+        manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(FANOTIFY);
     }
+}
+
+#[test]
+fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_fuse() {
+    if require_root() {
+        manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(FUSE);
+    }
+}
+
+fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(
+    frontend: &[&str],
+) {
     let mut fx = Fixture::new("ext4", "1G");
     let server = FakeServer::start();
     let ok = pattern(20_000, 141);
@@ -2054,7 +2147,7 @@ fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store
         vec!["ok".to_string(), "up".to_string()]
     );
     assert_no_escape(&[&fx.fs.mnt, &fx.scratch.path]);
-    fx.serve(&[]);
+    fx.serve(frontend);
     assert_bytes_eq(&std::fs::read(fx.at("ok")).unwrap(), &ok, "ok");
     let mallory = TestUser::create("m");
     assert_eq!(mallory.agent().read(&fx.at("up")).errno(), "EACCES");
@@ -2063,9 +2156,19 @@ fn manifest_paths_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store
 
 #[test]
 fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
-    if !require_root() {
-        return;
+    if require_root() {
+        s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(FANOTIFY);
     }
+}
+
+#[test]
+fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_fuse() {
+    if require_root() {
+        s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(FUSE);
+    }
+}
+
+fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store_on(frontend: &[&str]) {
     let fx = Fixture::new("ext4", "1G");
     let server = FakeServer::start();
     let ok = pattern(30_000, 151);
@@ -2097,6 +2200,7 @@ fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
     assert_no_escape(&[&fx.fs.mnt, &fx.scratch.path]);
     let mut daemon = EnvDaemon::start(
         &fx,
+        frontend,
         &[
             ("AWS_ACCESS_KEY_ID", "AKIDTESTTEST"),
             ("AWS_SECRET_ACCESS_KEY", "testsecretnotreal"),
@@ -2110,9 +2214,19 @@ fn s3_keys_with_dot_dot_are_refused_and_nothing_is_made_outside_the_store() {
 /// drops to the fetch user and before any thread exists (`backend::isolated`).
 #[test]
 fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root() {
-    if !require_root() {
-        return;
+    if require_root() {
+        a_root_only_credentials_file_is_read_before_the_fetcher_drops_root_on(FANOTIFY);
     }
+}
+
+#[test]
+fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root_fuse() {
+    if require_root() {
+        a_root_only_credentials_file_is_read_before_the_fetcher_drops_root_on(FUSE);
+    }
+}
+
+fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root_on(frontend: &[&str]) {
     let fx = Fixture::new("ext4", "1G");
     let server = FakeServer::start();
     let data = pattern(100_000, 171);
@@ -2148,6 +2262,7 @@ fn a_root_only_credentials_file_is_read_before_the_fetcher_drops_root() {
     let creds_path = creds.to_str().unwrap().to_string();
     let mut daemon = EnvDaemon::start(
         &fx,
+        frontend,
         &[
             ("AWS_ACCESS_KEY_ID", ""),
             ("AWS_SECRET_ACCESS_KEY", ""),
@@ -2181,9 +2296,19 @@ fn assert_no_secret(what: &str, text: &str) {
 /// network is unprivileged and the root worker holds no TCP socket.
 #[test]
 fn remote_fetching_is_unprivileged_and_secrets_never_show() {
-    if !require_root() {
-        return;
+    if require_root() {
+        remote_fetching_is_unprivileged_and_secrets_never_show_on(FANOTIFY);
     }
+}
+
+#[test]
+fn remote_fetching_is_unprivileged_and_secrets_never_show_fuse() {
+    if require_root() {
+        remote_fetching_is_unprivileged_and_secrets_never_show_on(FUSE);
+    }
+}
+
+fn remote_fetching_is_unprivileged_and_secrets_never_show_on(frontend: &[&str]) {
     let fx = Fixture::new("xfs", "1G");
     let mut server = FakeServer::start();
     let a = pattern(3 << 20, 161);
@@ -2213,7 +2338,7 @@ fn remote_fetching_is_unprivileged_and_secrets_never_show() {
     assert_no_secret("config.json", &config);
 
     // serve, with the same environment (the daemon's credentials).
-    let mut daemon = EnvDaemon::start(&fx, &envs);
+    let mut daemon = EnvDaemon::start(&fx, frontend, &envs);
     let sup = daemon.pid;
     assert_bytes_eq(
         &std::fs::read(fx.at("a")).unwrap(),
@@ -2221,8 +2346,13 @@ fn remote_fetching_is_unprivileged_and_secrets_never_show() {
         "a through the fetcher",
     );
 
-    let worker = child_from_pidfile(&fx.store, "worker.pid", sup, "serve-worker")
-        .expect("the supervisor's worker");
+    // Under FUSE one root process serves the mount and the engine: it is the worker here.
+    let worker = if frontend == FUSE {
+        sup
+    } else {
+        child_from_pidfile(&fx.store, "worker.pid", sup, "serve-worker")
+            .expect("the supervisor's worker")
+    };
     let fetcher = child_from_pidfile(&fx.store, "fetcher.pid", worker, "serve-fetcher");
     eprintln!("{}", describe_identity("supervisor", sup));
     eprintln!("{}", describe_identity("worker", worker));
@@ -2341,7 +2471,7 @@ fn remote_fetching_is_unprivileged_and_secrets_never_show() {
     assert_no_secret("serve's log (RUST_LOG=debug)", &log_text);
     // serve against the unreachable server: whether it refuses to start or starts and fails
     // reads, it says so without secrets.
-    let mut again = EnvDaemon::spawn(&fx, &envs);
+    let mut again = EnvDaemon::spawn(&fx, frontend, &envs);
     if again.ready {
         let err = std::fs::read(fx.at("b")).expect_err("b with the server gone, new daemon");
         assert_eq!(errno_of(&err), libc::EIO, "{err}");
@@ -2376,7 +2506,7 @@ struct EnvDaemon {
 
 impl EnvDaemon {
     /// Start it; `ready` says whether it printed `ready` within 60 s.
-    fn spawn(fx: &Fixture, envs: &[(&str, &str)]) -> EnvDaemon {
+    fn spawn(fx: &Fixture, frontend: &[&str], envs: &[(&str, &str)]) -> EnvDaemon {
         let log = fx
             .scratch
             .path
@@ -2385,6 +2515,7 @@ impl EnvDaemon {
             .arg("serve")
             .arg(&fx.store)
             .arg(&fx.view)
+            .args(frontend)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -2413,8 +2544,8 @@ impl EnvDaemon {
         d
     }
 
-    fn start(fx: &Fixture, envs: &[(&str, &str)]) -> EnvDaemon {
-        let d = EnvDaemon::spawn(fx, envs);
+    fn start(fx: &Fixture, frontend: &[&str], envs: &[(&str, &str)]) -> EnvDaemon {
+        let d = EnvDaemon::spawn(fx, frontend, envs);
         assert!(
             d.ready,
             "hsm serve did not start: {}",

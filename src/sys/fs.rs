@@ -522,6 +522,11 @@ pub fn will_need(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     )?)
 }
 
+/// Read `fd` without kernel readahead (`POSIX_FADV_RANDOM`): only the pages each read asks for.
+pub fn no_readahead(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::fs::fadvise(fd, 0, None, Advice::Random)?)
+}
+
 /// Bytes waiting in the pipe that `end` (either end) belongs to.
 pub fn pipe_pending(end: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(rustix::io::ioctl_fionread(end)? as usize)
