@@ -1400,6 +1400,9 @@ pub fn serve(
             "hsm serve --frontend fuse mounts FUSE and writes the store's records: run it as root"
         );
     }
+    // One O_PATH fd per inode the kernel holds: a walk of more files than a login's 1,024
+    // would fail with EMFILE.
+    crate::supervisor::raise_fd_limit();
     let store_root = store_root
         .canonicalize()
         .with_context(|| format!("cannot find the store {}", store_root.display()))?;

@@ -390,3 +390,40 @@ fn a_hydrated_tree_is_walked_through_fuse_with_its_attributes_and_read_in_passth
         metric(&m, "fuse_passthrough_opens")
     );
 }
+
+#[test]
+fn a_walk_of_more_files_than_a_login_may_open_reads_through_fuse() {
+    if !require_root() {
+        return;
+    }
+    // More inodes than the 1,024 open files of a login's soft limit: the FUSE daemon holds an
+    // fd for each inode the kernel knows, so it raises its own limit, as the fanotify one does.
+    let (mut fx, files) = fixture("xfs", 1500);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let login = Rlimit {
+        current: Some(1024),
+        maximum: before.maximum,
+    };
+    // The daemon inherits this process's soft limit, restored as soon as it has started.
+    setrlimit(Resource::Nofile, login).unwrap();
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fx.serve(FUSE)));
+    setrlimit(Resource::Nofile, before).unwrap();
+    started.unwrap();
+    let out = run(Command::new("tar")
+        .arg("-cf")
+        .arg("-")
+        .arg("-C")
+        .arg(&fx.view)
+        .arg("."));
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert!(
+        out.stdout.len() > total,
+        "tar wrote {} bytes",
+        out.stdout.len()
+    );
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    fx.stop();
+}
