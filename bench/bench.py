@@ -8,8 +8,9 @@ Every figure of a row is measured in the same run, on the same two loop-mounted 
                        points of both.
 
 Columns: native (the tree as plain files on BENCHFS), hsm cold (a fresh stub store, nothing
-present), hsm hydrated (every byte present, daemon restarted), rclone cold (`rclone mount
---vfs-cache-mode full`, cache emptied), rclone warm (its cache full, rclone restarted). The page
+present), hsm hydrated (every byte present, daemon restarted), the same two served by the FUSE
+front end (`hsm serve --frontend fuse`), rclone cold (`rclone mount --vfs-cache-mode full`, cache
+emptied), rclone warm (its cache full, rclone restarted). The page
 cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every measured run of every
 column. Figures are medians of --runs runs.
 """
@@ -55,6 +56,7 @@ def parse_args():
     )
     p.add_argument("--no-rclone", action="store_true", help="skip the rclone columns")
     p.add_argument("--no-http", action="store_true", help="skip the hsm-over-HTTP (nginx) column")
+    p.add_argument("--no-fuse", action="store_true", help="skip the FUSE front end's columns")
     p.add_argument("--no-build", action="store_true", help="use the existing release binary")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the work dir's logs")
@@ -86,6 +88,7 @@ def parse_args():
         serve_args=os.environ.get("HSM_SERVE_ARGS", "").split(),
         rclone=not a.no_rclone and os.environ.get("BENCH_RCLONE", "1") != "0",
         http=not a.no_http,
+        fuse=not a.no_fuse,
         only=(a.only.split(",") if a.only else None),
         json=a.json,
         keep_logs=a.keep_logs,
@@ -466,6 +469,7 @@ class Bench:
         self.notes = []
         self.rclone_reason = None
         self.http_reason = None  # why there is no "hsm cold http" column
+        self.fuse_reason = None  # why there are no "hsm fuse" columns
         self.http_base = None
         self.fds = {}  # workload -> open fds of the worker at the end of a cold run (max)
         self.failed = {}  # workload -> error
@@ -693,10 +697,19 @@ http {{
             raise RuntimeError(f"hsm populate {src} failed; see {errf.name}")
         return parse_time_v(tfile)
 
-    def serve(self, store, tag):
+    def fuse_check(self):
+        if not self.cfg.fuse:
+            self.fuse_reason = "skipped (--no-fuse)"
+        elif not os.path.exists("/dev/fuse"):
+            self.fuse_reason = "/dev/fuse does not exist (no FUSE in this kernel or container)"
+        if self.fuse_reason:
+            log(f"fuse columns: {self.fuse_reason}")
+
+    def serve(self, store, tag, frontend="fanotify"):
         log_path = os.path.join(self.logs, f"serve-{tag}.log")
         errf = open(log_path, "w")
-        cmd = [self.cfg.hsm, "serve", store, self.mnt_hsm, "--drain", "0.2"] + self.cfg.serve_args
+        cmd = [self.cfg.hsm, "serve", store, self.mnt_hsm, "--frontend", frontend, "--drain", "0.2"]
+        cmd += self.cfg.serve_args
         nofile = self.cfg.nofile
 
         def limits():
@@ -713,13 +726,15 @@ http {{
             cmd, stdout=subprocess.PIPE, stderr=errf, start_new_session=True, preexec_fn=limits
         )
         errf.close()
-        d = Daemon(p, store, self.mnt_hsm, log_path, self.cfg.hsm)
+        d = Daemon(p, store, self.mnt_hsm, log_path, self.cfg.hsm, frontend)
         d.undo = CLEANUP.push(f"stop hsm serve {p.pid}", d.stop)
         d.wait_ready()
         return d
 
     def hydrate(self, root):
-        sh(["bash", "-c", f"set -o pipefail; tar -cf - -C {root} . | cat > /dev/null"])
+        # Every file read whole, once. Not tar: it exits 1 when a file's ctime moves while it
+        # reads it, which the record written during a long fill does (see bench/README.md).
+        sh(["bash", "-c", f"set -o pipefail; find {root} -type f -print0 | xargs -0 -r cat > /dev/null"])
 
     def hsm_status(self, path):
         r = sh([self.cfg.hsm, "status", "--json", path], check=False)
@@ -783,10 +798,10 @@ http {{
         self.noise.append(wait_quiet(self.cfg.quiet_wait))
         return w["run"](root)
 
-    def measure_hsm(self, w, store, tag, col, counters_key):
+    def measure_hsm(self, w, store, tag, col, counters_key, frontend="fanotify"):
         """Serve `store`, run the workload through the mount once, stop; record it as `col`."""
         name = w["name"]
-        d = self.serve(store, tag)
+        d = self.serve(store, tag, frontend)
         try:
             v, c = self.measure(w, self.mnt_hsm)
             hwm = d.hwm()
@@ -852,6 +867,17 @@ http {{
             log(f"  run {i + 1}: hsm cold {v:.3f}s  (daemon HWM sup {hwm[0]} KiB, worker {hwm[1]} KiB)")
             v, _ = self.measure_hsm(w, st_hyd, f"{name}-hyd-{i}", "hsm hydrated", name + " (hydrated)")
             log(f"  run {i + 1}: hsm hydrated {v:.3f}s")
+            if self.fuse_reason is None:
+                # The same two through the FUSE front end: a fresh store, and the hydrated store
+                # above (the same files: a store fetched under one front end is complete under
+                # the other), the daemon restarted before each run.
+                self.populate(src, st_cold, f"{name}-fuse-{i}")
+                v, _ = self.measure_hsm(w, st_cold, f"{name}-fuse-{i}", "hsm fuse cold",
+                                        name + " (fuse)", "fuse")  # fmt: skip
+                log(f"  run {i + 1}: hsm fuse cold {v:.3f}s")
+                v, _ = self.measure_hsm(w, st_hyd, f"{name}-fuse-hyd-{i}", "hsm fuse hydrated",
+                                        name + " (fuse hydrated)", "fuse")  # fmt: skip
+                log(f"  run {i + 1}: hsm fuse hydrated {v:.3f}s")
             if self.http_base:
                 # hsm cold over HTTP: the same stubs, fetched from nginx
                 manifest = os.path.join(self.work, f"manifest-{w['src']}.jsonl")
@@ -894,6 +920,16 @@ http {{
                 self.counters[name + " (hydrated, warm)"] = d.metrics()
                 self.record(name, "hsm hydrated warm", v, c)
                 log(f"  run {i + 1}: warm cache: native {self.results[name]['native warm'][-1]:.3f}s, hsm hydrated (fresh daemon) {v:.3f}s")
+                if self.fuse_reason is None:
+                    self.hydrate(f"{st_hyd}/tree")
+                    d = self.serve(st_hyd, f"{name}-fuse-warm-{i}", "fuse")
+                    try:
+                        v, c = self.measure(w, self.mnt_hsm, cold=False)
+                    finally:
+                        d.stop_and_forget()
+                    self.counters[name + " (fuse hydrated, warm)"] = d.metrics()
+                    self.record(name, "hsm fuse hydrated warm", v, c)
+                    log(f"  run {i + 1}: warm cache: hsm fuse hydrated (fresh daemon) {v:.3f}s")
         if cfg.profile != "none":
             self.profile(w, src, st_cold)
         for s in (st_cold, st_hyd):
@@ -980,7 +1016,8 @@ http {{
 
     def report(self):
         cfg = self.cfg
-        cols = ["native", "hsm cold", "hsm hydrated", "hsm cold http", "rclone cold", "rclone warm"]
+        cols = ["native", "hsm cold", "hsm hydrated", "hsm fuse cold", "hsm fuse hydrated",
+                "hsm cold http", "rclone cold", "rclone warm"]  # fmt: skip
         med = {w: {c: statistics.median(v) for c, v in cols_.items()} for w, cols_ in self.results.items()}
         lines = []
         lines.append(
@@ -992,6 +1029,8 @@ http {{
             lines.append(f"rclone: {self.rclone_reason}")
         if self.http_reason:
             lines.append(f"hsm cold http: {self.http_reason}")
+        if self.fuse_reason:
+            lines.append(f"hsm fuse: {self.fuse_reason}")
         first, again = self.memory_touch
         lines.append(
             f"memory: the first touch of 256 MiB of fresh memory took {first:.3f} s, the second "
@@ -1012,9 +1051,9 @@ http {{
                 f"average at the end {os.getloadavg()[0]:.1f} (the machine may be shared)"
             )
         lines.append("")
-        hdr = ["workload", "native", "hsm cold", "hsm hydrated", "hsm cold http", "rclone cold",
-               "rclone warm", "cold/native", "hydrated/native", "http cold/native",
-               "rclone cold/native", "hsm RSS MiB sup/worker"]  # fmt: skip
+        hdr = ["workload"] + cols + ["cold/native", "hydrated/native", "fuse cold/native",
+               "fuse hydrated/native", "http cold/native", "rclone cold/native",
+               "hsm RSS MiB sup/worker", "fuse RSS MiB"]  # fmt: skip
         rows = []
         labels = {w["name"]: w["label"] for w in self.workloads()}
         for w in [x["name"] for x in self.workloads()]:
@@ -1032,10 +1071,12 @@ http {{
             hw = self.hwm.get(w, {})
             sup = max(hw.get("hsm cold", (0, 0))[0], hw.get("hsm hydrated", (0, 0))[0])
             wk = max(hw.get("hsm cold", (0, 0))[1], hw.get("hsm hydrated", (0, 0))[1])
+            fuse = max(hw.get("hsm fuse cold", (0, 0))[0], hw.get("hsm fuse hydrated", (0, 0))[0])
             rows.append([labels[w]] + [f(c) for c in cols]
-                        + [ratio("hsm cold"), ratio("hsm hydrated"), ratio("hsm cold http"),
-                           ratio("rclone cold"),
-                           f"{sup / 1024:.1f} / {wk / 1024:.1f}"])  # fmt: skip
+                        + [ratio("hsm cold"), ratio("hsm hydrated"), ratio("hsm fuse cold"),
+                           ratio("hsm fuse hydrated"), ratio("hsm cold http"), ratio("rclone cold"),
+                           f"{sup / 1024:.1f} / {wk / 1024:.1f}",
+                           f"{fuse / 1024:.1f}" if fuse else "n/a"])  # fmt: skip
         lines += md_table(hdr, rows)
         # Spread: run i measures native, cold and hydrated back to back, so its ratios are paired;
         # native's own max/min says how far apart two runs of the same thing land. A target
@@ -1052,14 +1093,15 @@ http {{
                 v = r.get(c, [])
                 return " ".join(f"{a / n:.2f}" for a, n in zip(v, nat)) if v else "n/a"
 
-            srows.append([labels[w], f"{spread:.3f}", paired("hsm cold"),
-                          paired("hsm hydrated")])  # fmt: skip
+            srows.append([labels[w], f"{spread:.3f}", paired("hsm cold"), paired("hsm hydrated"),
+                          paired("hsm fuse cold"), paired("hsm fuse hydrated")])  # fmt: skip
         if srows:
             lines.append("")
             lines.append("spread: native's slowest run over its fastest, and each run's ratios to the native")
-            lines.append("run measured just before it (a target closer to 1.00x than native's spread is within noise):")
+            lines.append("run measured just before it (see the targets for how noise is judged):")
             lines += md_table(["workload", "native max/min", "cold/native per run",
-                               "hydrated/native per run"], srows)  # fmt: skip
+                               "hydrated/native per run", "fuse cold/native per run",
+                               "fuse hydrated/native per run"], srows)  # fmt: skip
         # warm diagnostic
         wrows = []
         for w in [x["name"] for x in self.workloads()]:
@@ -1069,15 +1111,19 @@ http {{
             cnt = self.counters.get(w + " (hydrated, warm)") or {}
             ev = cnt.get("events_open", 0) + cnt.get("events_pre_access", 0)
             extra = m["hsm hydrated warm"] - m["native warm"]
+            fw = m.get("hsm fuse hydrated warm")
             wrows.append([labels[w], f"{m['native warm']:.3f}", f"{m['hsm hydrated warm']:.3f}",
                           f"{m['hsm hydrated warm'] / m['native warm']:.2f}x", str(ev),
-                          f"{extra / ev * 1e6:.0f}" if ev >= 100 else "(too few)"])  # fmt: skip
+                          f"{extra / ev * 1e6:.0f}" if ev >= 100 else "(too few)",
+                          f"{fw:.3f}" if fw else "n/a",
+                          f"{fw / m['native warm']:.2f}x" if fw else "n/a"])  # fmt: skip
         if wrows:
             lines.append("")
             lines.append("daemon cost without disk I/O: page cache warm, hsm daemon just started (no ignore marks yet,")
-            lines.append("so every file raises its events once); the difference is what the events cost:")
+            lines.append("so every file raises its events once); the difference is what the events cost. Under FUSE,")
+            lines.append("every lookup, open and close of a fresh mount is a request to the daemon:")
             lines += md_table(["workload", "native warm", "hsm hydrated warm", "ratio", "events",
-                               "extra us/event"], wrows)  # fmt: skip
+                               "extra us/event", "fuse hydrated warm", "fuse ratio"], wrows)  # fmt: skip
         crows = []
         for w in [x["name"] for x in self.workloads()]:
             m = med.get(w, {})
@@ -1150,7 +1196,7 @@ http {{
             lines.append("hsm daemon counters (last run of each column):")
             keys = ["events_open", "events_pre_access", "backend_reads", "fetched_bytes",
                     "answered_published", "readahead_bytes", "prefetched_files", "files_completed",
-                    "ignore_marks", "records_written"]  # fmt: skip
+                    "ignore_marks", "records_written", "fuse_passthrough_opens"]  # fmt: skip
             crow = []
             for w, m in self.counters.items():
                 if m:
@@ -1169,38 +1215,60 @@ http {{
                 )  # fmt: skip
 
     def targets(self, med):
+        """Each target as met, within noise or missed, with the spread of its runs.
+
+        Noise is judged from the samples, not the medians: a target missed by the median ratio
+        is "within noise" when the column's fastest run is within the limit of native's slowest
+        run (the two spreads overlap once the limit is allowed), so that the same machine state
+        could have given a met ratio; otherwise it is missed."""
         out = []
+        res = self.results
 
-        def chk(desc, ok):
-            out.append(f"  [{'met' if ok else 'MISSED'}] {desc}")
-
-        def noise(w, x):
-            # A ratio within native's own run-to-run spread of 1.00x is not told apart from noise.
-            s = self.native_spread(w)
-            return f"; native's own runs spread {s:.2f}x: within noise" if s and max(x, 1 / x) <= s else ""
-
-        def r(w, c):
-            m = med.get(w, {})
-            return m[c] / m["native"] if c in m and m.get("native") else None
+        def judge(w, col, lim, what, extra=""):
+            nat, got = res.get(w, {}).get("native"), res.get(w, {}).get(col)
+            if not nat or not got or col not in med.get(w, {}):
+                return
+            x = med[w][col] / med[w]["native"]
+            per = [a / n for a, n in zip(got, nat)]
+            if x <= lim:
+                verdict = "met"
+            elif min(got) <= lim * max(nat):
+                verdict = "within noise"
+            else:
+                verdict = "MISSED"
+            out.append(
+                f"  [{verdict}] {w}: {what} within {lim:.2f}x of native: {x:.3f}x "
+                f"(runs {min(per):.2f}-{max(per):.2f}x; {col} {min(got):.3f}-{max(got):.3f} s, "
+                f"native {min(nat):.3f}-{max(nat):.3f} s){extra}"
+            )
 
         names = [w["name"] for w in self.workloads()]
+        # issue 21: the raised local targets
         for w in names:
-            x = r(w, "hsm hydrated")
-            if x is not None:
-                chk(f"{w}: hydrated within 2% of native: {x:.3f}x{noise(w, x)}", x <= 1.02)
-        limits = {"seq": 1.10, "tar": 1.5, "build": 1.01, "rand": 1.5}
-        for w, lim in limits.items():
-            x = r(w, "hsm cold")
-            if x is not None:
-                cp = r(w, "copy, no daemon")
-                also = f" (the copy alone, no daemon: {cp:.3f}x)" if cp else ""
-                chk(f"{w}: cold within {lim}x of native: {x:.3f}x{also}{noise(w, x)}", x <= lim)
+            judge(w, "hsm hydrated", 1.00, "hsm hydrated")
+        for w, lim in {"seq": 1.05, "tar": 1.05, "rand": 1.5, "build": 1.01}.items():
+            cp = med.get(w, {}).get("copy, no daemon")
+            also = f" (the copy alone, no daemon: {cp / med[w]['native']:.3f}x)" if cp else ""
+            judge(w, "hsm cold", lim, "hsm cold", also)
+        # issue 22: the FUSE front end, complete files in passthrough
+        for w, lim in {"seq": 1.05, "tar": 1.3}.items():
+            cnt = self.counters.get(w + " (fuse hydrated)") or {}
+            pt = cnt.get("fuse_passthrough_opens")
+            also = f" ({pt} opens in passthrough in the last run)" if pt is not None else ""
+            judge(w, "hsm fuse hydrated", lim, "hsm fuse hydrated", also)
+        for w in names:
+            cnt = self.counters.get(w + " (fuse hydrated)")
+            if cnt is not None:
+                pt = cnt.get("fuse_passthrough_opens", 0)
+                out.append(f"  [{'met' if pt else 'MISSED'}] {w}: complete files open in passthrough "
+                           f"under FUSE: {pt} passthrough opens in the last hydrated run")  # fmt: skip
         for w in names:
             m = med.get(w, {})
             if "rclone cold" in m and "hsm cold" in m:
-                chk(
-                    f"{w}: hsm cold faster than rclone cold: {m['hsm cold']:.3f}s vs {m['rclone cold']:.3f}s",
-                    m["hsm cold"] < m["rclone cold"],
+                ok = m["hsm cold"] < m["rclone cold"]
+                out.append(
+                    f"  [{'met' if ok else 'MISSED'}] {w}: hsm cold faster than rclone cold: "
+                    f"{m['hsm cold']:.3f}s vs {m['rclone cold']:.3f}s"
                 )
         ps = [p for p in self.populates if p["tree"] == "pop"]
         if ps:
@@ -1208,7 +1276,11 @@ http {{
             rate = ps[0]["files"] / el
             floor = med.get("populate", {}).get("floor")
             also = f" (the same system calls from C: {ps[0]['files'] / floor:,.0f} files/s)" if floor else ""
-            chk(f"populate >= 50,000 files/s: {rate:,.0f} files/s{also}", rate >= 50000)
+            out.append(f"  [{'met' if rate >= 50000 else 'MISSED'}] populate >= 50,000 files/s: "
+                       f"{rate:,.0f} files/s{also}")  # fmt: skip
+        if out:
+            out.append("  (within noise: missed by the medians, but the column's fastest run is within the")
+            out.append("  limit of native's slowest run; runs: each run's ratio to the native run just before it)")
         return out
 
 
@@ -1237,8 +1309,9 @@ def parse_time_v(path):
 class Daemon:
     """A running `hsm serve`: supervisor (our child) + worker (its child)."""
 
-    def __init__(self, p, store, mnt, log_path, hsm):
+    def __init__(self, p, store, mnt, log_path, hsm, frontend):
         self.p, self.store, self.mnt, self.log_path, self.hsm = p, store, mnt, log_path, hsm
+        self.frontend = frontend
         self.worker_pid = None
         self.undo = None
         self._metrics = None
@@ -1256,6 +1329,10 @@ class Daemon:
         if line.strip() != b"ready":
             self.stop()
             raise RuntimeError(f"hsm serve did not start; see {self.log_path}")
+        if self.frontend == "fuse":
+            # One process: the FUSE front end has no supervisor (see src/fuse.rs).
+            self.worker_pid = self.p.pid
+            return
         with open(os.path.join(self.store, ".hsm/worker.pid")) as f:
             self.worker_pid = int(f.read().strip())
 
@@ -1279,7 +1356,11 @@ class Daemon:
                 self.p.wait()
         if self.worker_pid:
             end = time.time() + 10
-            while pid_alive(self.worker_pid, "serve-worker") and time.time() < end:
+            while (
+                self.worker_pid != self.p.pid
+                and pid_alive(self.worker_pid, "serve-worker")
+                and time.time() < end
+            ):
                 time.sleep(0.05)
             kill_pid(self.worker_pid, "serve-worker")
         umount_all(self.mnt)
@@ -1360,6 +1441,7 @@ def main():
     status = 0
     try:
         b.rclone_check()
+        b.fuse_check()
         b.setup()
         for w in b.workloads():
             mark = CLEANUP.mark()

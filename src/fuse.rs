@@ -34,8 +34,8 @@ use anyhow::{bail, Context};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info, warn};
 
@@ -243,6 +243,40 @@ fn attr_at(ino: u64, fd: BorrowedFd<'_>, st: &sysfs::Stat) -> FileAttr {
         attr.blocks = (st.st_size as u64).div_ceil(512);
     }
     attr
+}
+
+/// The file type a directory listing gives for `entry`.
+fn kind_of_entry(entry: &rustix::fs::DirEntry) -> FileType {
+    match entry.file_type() {
+        rustix::fs::FileType::Directory => FileType::Directory,
+        rustix::fs::FileType::Symlink => FileType::Symlink,
+        rustix::fs::FileType::Fifo => FileType::NamedPipe,
+        rustix::fs::FileType::Socket => FileType::Socket,
+        rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
+        rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Attributes of node 0 in a READDIRPLUS listing: the kernel lists the name and caches nothing.
+fn unknown_attr(kind: FileType) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 fn attr_of(ino: u64, st: &sysfs::Stat) -> FileAttr {
@@ -455,10 +489,15 @@ impl HsmFs {
         }
     }
 
-    fn open_handle(&self, ino: u64, file: OwnedFd, reply: ReplyOpen) {
+    /// `complete`: the file's record on disk says so (no need to ask the engine).
+    fn open_handle(&self, ino: u64, file: OwnedFd, complete: bool, reply: ReplyOpen) {
         // Complete as the engine knows it (its record may not be written yet): nothing left to
         // fill, so the kernel may go straight to the store's file.
-        let present = self.engine.is_present(file.as_fd(), Need::Whole);
+        let present = if complete {
+            Ok(true)
+        } else {
+            self.engine.is_present(file.as_fd(), Need::Whole)
+        };
         let mut filled_here = !matches!(present, Ok(true));
         if filled_here && !lock(&self.io_modes).cached_allowed(ino) {
             // Open in passthrough already: those opens read the store's file directly, so it
@@ -510,40 +549,8 @@ impl HsmFs {
         }
     }
 
-    fn close_handle(&self, fh: FileHandle) {
-        if let Some(h) = lock(&self.handles).remove(&fh.0) {
-            if h.ino != 0 {
-                lock(&self.io_modes).closed(h.ino, h.backing.is_some());
-            }
-        }
-    }
-}
-
-impl Filesystem for HsmFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-            && config.set_max_stack_depth(1).is_ok();
-        self.passthrough.store(offered, Ordering::Relaxed);
-        info!(
-            "FUSE passthrough for complete files: {}",
-            if offered {
-                "on"
-            } else {
-                "off (kernel older than 6.9)"
-            }
-        );
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let (parent, name) = match (self.node(parent), name_cstr(name)) {
-            (Ok(p), Ok(n)) => (p, n),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
-        self.entry(&parent, &name, reply);
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    /// The kernel forgets `nlookup` lookups of `ino`: its node (and fd) goes with the last.
+    fn forget_lookups(&self, ino: INodeNo, nlookup: u64) {
         if ino == INodeNo::ROOT {
             return;
         }
@@ -572,6 +579,51 @@ impl Filesystem for HsmFs {
         if let Some(node) = inodes.by_ino.remove(&ino.0) {
             inodes.by_key.remove(&node.key);
         }
+    }
+
+    fn close_handle(&self, fh: FileHandle) {
+        if let Some(h) = lock(&self.handles).remove(&fh.0) {
+            if h.ino != 0 {
+                lock(&self.io_modes).closed(h.ino, h.backing.is_some());
+            }
+        }
+    }
+}
+
+impl Filesystem for HsmFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // A walk lists a directory, then looks up each entry: with READDIRPLUS the listing
+        // carries the entries and their attributes, and the lookups are not asked at all.
+        if config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS)
+            .is_err()
+        {
+            debug!("the kernel does not offer READDIRPLUS");
+        }
+        let offered = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        self.passthrough.store(offered, Ordering::Relaxed);
+        info!(
+            "FUSE passthrough for complete files: {}",
+            if offered {
+                "on"
+            } else {
+                "off (kernel older than 6.9)"
+            }
+        );
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (parent, name) = match (self.node(parent), name_cstr(name)) {
+            (Ok(p), Ok(n)) => (p, n),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        self.entry(&parent, &name, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.forget_lookups(ino, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -814,11 +866,14 @@ impl Filesystem for HsmFs {
         });
         // What the fanotify front end does at an open: a sparse stub is fetched whole before
         // the open returns (hole-aware tools would copy its holes as zeros), except for exec,
-        // served range by range.
+        // served range by range. A file whose record says it is complete (a hydrated tree)
+        // skips the engine, as the fanotify supervisor does: one xattr read, no cache entry
+        // and its fds.
         let file = file.and_then(|f| {
             self.services.note_use(f.as_fd(), req.pid() as i32, None);
-            if flags.0 & FMODE_EXEC != 0 {
-                return Ok(f);
+            let complete = crate::record::complete_on_disk(f.as_fd());
+            if complete || flags.0 & FMODE_EXEC != 0 {
+                return Ok((f, complete));
             }
             let stub = !self
                 .engine
@@ -830,10 +885,10 @@ impl Filesystem for HsmFs {
                 // After the fill: a window never races this open for its own file.
                 p.note_open(f.as_fd(), false);
             }
-            Ok(f)
+            Ok((f, false))
         });
         match file {
-            Ok(file) => self.open_handle(ino.0, file, reply),
+            Ok((file, complete)) => self.open_handle(ino.0, file, complete, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -966,7 +1021,9 @@ impl Filesystem for HsmFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing is buffered here: ENOSYS tells the kernel not to send a flush again, and
+        // every close() then returns without a round trip to the daemon.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -1055,17 +1112,73 @@ impl Filesystem for HsmFs {
             if position <= offset {
                 continue;
             }
-            let kind = match entry.file_type() {
-                rustix::fs::FileType::Directory => FileType::Directory,
-                rustix::fs::FileType::Symlink => FileType::Symlink,
-                rustix::fs::FileType::Fifo => FileType::NamedPipe,
-                rustix::fs::FileType::Socket => FileType::Socket,
-                rustix::fs::FileType::CharacterDevice => FileType::CharDevice,
-                rustix::fs::FileType::BlockDevice => FileType::BlockDevice,
-                _ => FileType::RegularFile,
-            };
+            let kind = kind_of_entry(&entry);
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if reply.add(INodeNo(entry.ino()), position, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (h, parent) = match (self.handle(fh), self.node(ino)) {
+            (Ok(h), Ok(p)) => (h, p),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let dir = match rustix::fs::Dir::read_from(h.file.as_fd()) {
+            Ok(d) => d,
+            Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+        };
+        // As `readdir`; each entry is looked up as `lookup` does (one more lookup the kernel
+        // counts), but "." and "..", which the kernel does not count.
+        let mut position = 0u64;
+        for entry in dir {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+            };
+            position += 1;
+            if position <= offset {
+                continue;
+            }
+            let name = entry.file_name();
+            let dots = matches!(name.to_bytes(), b"." | b"..");
+            let looked_up = if dots {
+                sysfs::lstatat(parent.fd.as_fd(), name).map(|st| (entry.ino(), st))
+            } else {
+                self.lookup_at(&parent, name)
+            };
+            let (node, ttl, attr) = match looked_up {
+                Ok((node, st)) => {
+                    let attr = match self.node(INodeNo(node)) {
+                        Ok(n) if !dots => attr_at(node, n.fd.as_fd(), &st),
+                        _ => attr_of(node, &st),
+                    };
+                    (node, ttl_of(&st), attr)
+                }
+                // Removed since it was listed.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                // Listed without attributes (node 0): its own lookup comes later, and fails or
+                // not on its own.
+                Err(e) => {
+                    debug!("readdirplus: no attributes for an entry: {e}");
+                    (0, Duration::ZERO, unknown_attr(kind_of_entry(&entry)))
+                }
+            };
+            let name = OsStr::from_bytes(name.to_bytes());
+            if reply.add(INodeNo(node), position, name, &ttl, &attr, Generation(0)) {
+                // Full: the kernel never sees this entry, so its lookup is not counted.
+                if !dots && node != 0 {
+                    self.forget_lookups(INodeNo(node), 1);
+                }
                 break;
             }
         }
@@ -1383,6 +1496,9 @@ pub fn serve(
              the store's records; run it as root"
         );
     }
+    // One O_PATH fd per inode the kernel holds: a walk of more files than a login's 1,024
+    // would fail with EMFILE.
+    crate::supervisor::raise_fd_limit();
     let store_root = store_root
         .canonicalize()
         .with_context(|| format!("cannot find the store {}", store_root.display()))?;

@@ -603,9 +603,10 @@ fn wait_ready(worker: &mut WorkerProc) -> anyhow::Result<()> {
     bail!("the worker did not start within 60 s")
 }
 
-fn raise_fd_limit() {
-    // Every held event and every cached file holds an fd (two on xfs): allow as many as the
-    // kernel does (fs.nr_open), not the login default. The worker inherits the limit.
+pub(crate) fn raise_fd_limit() {
+    // Every held event and every cached file holds an fd (two on xfs), and under FUSE every
+    // inode the kernel holds: allow as many as the kernel does (fs.nr_open), not the login
+    // default. The worker inherits the limit.
     // Capped at EVENT_FD_LIMIT: every event fd number stays below it, so that the guard can
     // clear what a dead daemon left unanswered (see `guard`).
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")

@@ -392,3 +392,119 @@ fn run_hsm(args: &[&str], path: &std::path::Path) -> std::process::Output {
         .output()
         .unwrap()
 }
+
+/// `find` over `root`: each entry's path, type, size, mode, owner and mtime, sorted.
+fn listing(root: &std::path::Path) -> String {
+    let out = run(Command::new("find").arg(root).args([
+        "-mindepth",
+        "1",
+        "-printf",
+        "%P %y %s %m %U %G %T@\n",
+    ]));
+    let mut lines: Vec<_> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines.join("\n")
+}
+
+#[test]
+fn a_hydrated_tree_is_walked_through_fuse_with_its_attributes_and_read_in_passthrough() {
+    if !require_root() {
+        return;
+    }
+    // 150 files a directory: a listing with attributes (READDIRPLUS) takes several replies.
+    let (mut fx, files) = fixture("xfs", 300);
+    fx.serve(FUSE);
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    fx.stop();
+    let tree = fx.store.join("tree");
+    fx.serve(FUSE);
+    // A fresh daemon: the walk sees what the store's own tree holds, entry for entry.
+    assert_eq!(listing(&fx.view), listing(&tree), "find through the mount");
+    for (rel, data) in &files {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            data,
+            &format!("walk: {rel}"),
+        );
+    }
+    // The kernel forgets its inodes (each forget must match the lookups the listings gave it):
+    // every file is still found and read right, listed again or opened by name.
+    sh("sync; echo 2 > /proc/sys/vm/drop_caches");
+    assert_eq!(
+        listing(&fx.view),
+        listing(&tree),
+        "find after the kernel forgot"
+    );
+    sh("echo 2 > /proc/sys/vm/drop_caches");
+    for (rel, data) in &files {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            data,
+            &format!("by name: {rel}"),
+        );
+    }
+    // Names changed through the mount are listed as they are now.
+    fs::remove_file(fx.at(&files[1].0)).unwrap();
+    fs::rename(fx.at(&files[2].0), fx.at("d0/renamed")).unwrap();
+    fs::write(fx.at("d1/new"), b"made through the mount").unwrap();
+    assert_eq!(listing(&fx.view), listing(&tree), "find after changes");
+    assert_bytes_eq(
+        &fs::read(fx.at("d0/renamed")).unwrap(),
+        &files[2].1,
+        "renamed",
+    );
+    let m = fx.stop();
+    assert_eq!(
+        metric(&m, "fetched_bytes"),
+        0,
+        "a hydrated tree fetches nothing"
+    );
+    let reads = 2 * files.len() as u64 + 1;
+    assert!(
+        metric(&m, "fuse_passthrough_opens") >= reads,
+        "complete files open in passthrough: {} of {reads} opens",
+        metric(&m, "fuse_passthrough_opens")
+    );
+}
+
+#[test]
+fn a_walk_of_more_files_than_a_login_may_open_reads_through_fuse() {
+    if !require_root() {
+        return;
+    }
+    // More inodes than the 1,024 open files of a login's soft limit: the FUSE daemon holds an
+    // fd for each inode the kernel knows, so it raises its own limit, as the fanotify one does.
+    let (mut fx, files) = fixture("xfs", 1500);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    let login = Rlimit {
+        current: Some(1024),
+        maximum: before.maximum,
+    };
+    // The daemon inherits this process's soft limit, restored as soon as it has started.
+    setrlimit(Resource::Nofile, login).unwrap();
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fx.serve(FUSE)));
+    setrlimit(Resource::Nofile, before).unwrap();
+    started.unwrap();
+    let out = run(Command::new("tar")
+        .arg("-cf")
+        .arg("-")
+        .arg("-C")
+        .arg(&fx.view)
+        .arg("."));
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    assert!(
+        out.stdout.len() > total,
+        "tar wrote {} bytes",
+        out.stdout.len()
+    );
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    fx.stop();
+}
