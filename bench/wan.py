@@ -285,7 +285,7 @@ class Daemon:
         p = subprocess.Popen([HSM, "serve", store, mnt, "--drain", "0.2", *extra], stdout=subprocess.PIPE,
                              stderr=errf, env=env, start_new_session=True)
         errf.close()
-        self.d = bench.Daemon(p, store, mnt, logpath, HSM)
+        self.d = bench.Daemon(p, store, mnt, logpath, HSM, "fanotify")
         self.d.undo = CLEANUP.push(f"stop hsm serve {p.pid}", self.d.stop)
         self.d.wait_ready()
 

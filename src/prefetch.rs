@@ -58,12 +58,15 @@ pub const TRIGGER_WINDOW: Duration = Duration::from_secs(2);
 /// Bytes fetched ahead per window, at most (files too big for what is left are skipped).
 pub const BUDGET_BYTES: u64 = 64 << 20;
 /// Files fetched at once, at least (see [`InFlight`]).
-pub const MIN_IN_FLIGHT: usize = 4;
+pub const MIN_IN_FLIGHT: usize = 8;
 /// ...and at most: also one per [`FDS_PER_FETCH`] files the process may open (each fetch holds
 /// a few fds, and events must never run short of them).
 pub const MAX_IN_FLIGHT: usize = 64;
 /// See [`MAX_IN_FLIGHT`].
 const FDS_PER_FETCH: u64 = 64;
+/// A thread above the limit looks again this often (it is also rung when the limit grows), and
+/// ends once the prefetcher is gone.
+const SLOT_LOOK_EVERY: Duration = Duration::from_millis(500);
 /// One file fetched ahead per this much of the source's round trip: a walk through files
 /// already present takes about this long per small file, so a walk is kept fed when a file
 /// arrives this often.
@@ -388,6 +391,8 @@ pub struct DirPrefetch {
     /// How many fetches may run now; the fetching threads wait on `room` for their turn.
     in_flight: Mutex<InFlight>,
     room: std::sync::Condvar,
+    /// Rung when the limit grows: threads above it may take jobs (see `start`).
+    grown: std::sync::Condvar,
     /// Files made complete get their ignore mark (no event at their next open). Off while
     /// accesses are recorded (`access_list`): the opens that follow must still be seen.
     marks: std::sync::atomic::AtomicBool,
@@ -426,6 +431,7 @@ impl DirPrefetch {
             jobs,
             in_flight: Mutex::new(InFlight::new(threads)),
             room: std::sync::Condvar::new(),
+            grown: std::sync::Condvar::new(),
             marks: std::sync::atomic::AtomicBool::new(true),
         });
         // Threads hold weak references: they end when the prefetcher is dropped.
@@ -437,14 +443,22 @@ impl DirPrefetch {
             }
         });
         // One thread per file in flight at most; `in_flight` says how many of them fetch now.
-        for _ in 0..threads {
+        // Thread `i` takes jobs only while the limit is above `i`: the others would take jobs
+        // out of the walk's order and wake at every fetch's end for nothing (64 threads where 4
+        // fetch made a cold local tar 1.6x native against 1.04x).
+        for i in 0..threads {
             let weak = Arc::downgrade(&me);
             let rx = jobs_rx.clone();
-            std::thread::spawn(move || {
-                for (rel, size) in rx {
+            std::thread::spawn(move || loop {
+                loop {
                     let Some(me) = weak.upgrade() else { return };
-                    me.fetch_in_turn(&rel, size);
+                    if me.wait_for_slot(i, SLOT_LOOK_EVERY) {
+                        break;
+                    }
                 }
+                let Ok((rel, size)) = rx.recv() else { return };
+                let Some(me) = weak.upgrade() else { return };
+                me.fetch_in_turn(&rel, size);
             });
         }
         Some(me)
@@ -590,6 +604,19 @@ impl DirPrefetch {
         }
     }
 
+    /// Wait (up to `wait`) until thread `i` may take a job: the limit is above `i`.
+    fn wait_for_slot(&self, i: usize, wait: Duration) -> bool {
+        let gate = lock(&self.in_flight);
+        if gate.limit() > i {
+            return true;
+        }
+        let (gate, _) = self
+            .grown
+            .wait_timeout(gate, wait)
+            .unwrap_or_else(|p| p.into_inner());
+        gate.limit() > i
+    }
+
     /// [`DirPrefetch::fetch`], once [`InFlight`] has room for it; the time it took the source
     /// is noted for the next ones.
     fn fetch_in_turn(&self, rel: &[u8], size: u64) {
@@ -603,8 +630,16 @@ impl DirPrefetch {
         let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fetch(rel)))
             .unwrap_or(false);
         let now = Instant::now();
-        lock(&self.in_flight).done(size, fetched.then(|| now - start), now);
+        let grew = {
+            let mut gate = lock(&self.in_flight);
+            let before = gate.limit();
+            gate.done(size, fetched.then(|| now - start), now);
+            gate.limit() > before
+        };
         self.room.notify_all();
+        if grew {
+            self.grown.notify_all();
+        }
     }
 
     /// Fetch what an open of `rel` would, if it is a stub not yet present; whether it fetched.
