@@ -451,6 +451,21 @@ impl HsmFs {
         )
     }
 
+    /// Before a write or an fallocate through `h`: the range it lands on filled first, as the
+    /// fanotify front end's pre-content event for it asks, so that what the user writes,
+    /// punches or zeroes is never fetched over. One access for the range (two, for its first
+    /// and last pages, looked like a sequential reader and started the engine's readahead).
+    fn before_writing(&self, pid: u32, h: &Handle, offset: u64, count: u64) -> io::Result<()> {
+        if !h.filled_here {
+            return Ok(());
+        }
+        let need = Need::Range {
+            offset,
+            count: count.max(1),
+        };
+        self.fill(pid, h.file.as_fd(), need, true)
+    }
+
     /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
     fn make(
         &self,
@@ -948,20 +963,7 @@ impl Filesystem for HsmFs {
             Err(e) => return reply.error(e),
         };
         let written = (|| {
-            if h.filled_here {
-                // The range the write lands on, filled first so that the write lands on top: one
-                // access, as the fanotify front end's event for it (two, for its first and last
-                // pages, looked like a sequential reader and started the engine's readahead).
-                self.fill(
-                    req.pid(),
-                    h.file.as_fd(),
-                    Need::Range {
-                        offset,
-                        count: (data.len() as u64).max(1),
-                    },
-                    true,
-                )?;
-            }
+            self.before_writing(req.pid(), &h, offset, data.len() as u64)?;
             // At the offset the kernel gives (`O_APPEND` is not passed on to the store's file).
             sysfs::pwrite_all(h.file.as_fd(), data, offset)
         })();
@@ -986,19 +988,7 @@ impl Filesystem for HsmFs {
             Err(e) => return reply.error(e),
         };
         let done = (|| {
-            if h.filled_here {
-                // The range filled first, as the fanotify front end answers fallocate's
-                // pre-content event: what the user punches or zeroes is never fetched over.
-                self.fill(
-                    req.pid(),
-                    h.file.as_fd(),
-                    Need::Range {
-                        offset,
-                        count: length,
-                    },
-                    true,
-                )?;
-            }
+            self.before_writing(req.pid(), &h, offset, length)?;
             rustix::fs::fallocate(
                 h.file.as_fd(),
                 rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
