@@ -9,12 +9,11 @@
 //!   prefetch and the recorder. Event fds show the mount point; FUSE's own fds show the store's
 //!   tree.
 
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use tracing::{info, warn};
 
 use crate::access_list::{ListService, Lists, Recorder};
@@ -44,13 +43,6 @@ pub struct Services {
     control_group: Option<u32>,
 }
 
-/// The store's tree, through the daemon's view: opening stubs through it raises no event.
-fn open_tree(store: &Store) -> anyhow::Result<OwnedFd> {
-    Ok(std::fs::File::open(store.tree())
-        .with_context(|| format!("cannot open the store's tree {}", store.tree().display()))?
-        .into())
-}
-
 impl Services {
     /// Start what `opts` asks for on `store`, and its control socket. `resumed`: a restarted
     /// worker (the access list it wrote goes on).
@@ -65,7 +57,7 @@ impl Services {
         let prefetch = DirPrefetch::start(
             engine.clone(),
             group.clone(),
-            open_tree(store)?,
+            store.open_tree()?,
             exposed,
             opts.dir_prefetch,
         );
@@ -75,13 +67,13 @@ impl Services {
                 engine.set_space(Arc::new(crate::evict::Space {
                     usage: usage.clone(),
                     engine: Arc::downgrade(engine),
-                    tree: open_tree(store)?,
+                    tree: store.open_tree()?,
                     group: group.clone(),
                     zero_pool: store.zero_pool().ok(),
                 }));
                 usage.start(
                     &store.tree(),
-                    open_tree(store)?,
+                    store.open_tree()?,
                     engine.clone(),
                     group.clone(),
                     store.zero_pool().ok(),
@@ -107,11 +99,11 @@ impl Services {
             )),
             None => None,
         };
-        let lists = Some(Lists::new(engine.clone(), open_tree(store)?));
+        let lists = Some(Lists::new(engine.clone(), store.open_tree()?));
         // `hsm hydrate`, `release`, `pin` on the served store come through here (see `control`).
         let operations = crate::manage::Operations {
             engine: Some(engine.clone()),
-            tree: open_tree(store)?,
+            tree: store.open_tree()?,
             group,
             zero_pool: store.zero_pool().ok(),
             usage: usage.clone(),

@@ -1087,21 +1087,15 @@ impl Filesystem for HsmFs {
             Ok(h) => h,
             Err(e) => return reply.error(e),
         };
-        let dir = match rustix::fs::Dir::read_from(h.file.as_fd()) {
-            Ok(d) => d,
-            Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+        let entries = match listing_after(&h, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        // Offsets are positions in the listing: the directory is read from its start each time.
-        let mut position = 0u64;
-        for entry in dir {
-            let entry = match entry {
+        for entry in entries {
+            let (position, entry) = match entry {
                 Ok(e) => e,
-                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+                Err(e) => return reply.error(e),
             };
-            position += 1;
-            if position <= offset {
-                continue;
-            }
             let kind = kind_of_entry(&entry);
             let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if reply.add(INodeNo(entry.ino()), position, kind, name) {
@@ -1123,22 +1117,17 @@ impl Filesystem for HsmFs {
             (Ok(h), Ok(p)) => (h, p),
             (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
-        let dir = match rustix::fs::Dir::read_from(h.file.as_fd()) {
-            Ok(d) => d,
-            Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+        let entries = match listing_after(&h, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
         // As `readdir`; each entry is looked up as `lookup` does (one more lookup the kernel
         // counts), but "." and "..", which the kernel does not count.
-        let mut position = 0u64;
-        for entry in dir {
-            let entry = match entry {
+        for entry in entries {
+            let (position, entry) = match entry {
                 Ok(e) => e,
-                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error())),
+                Err(e) => return reply.error(e),
             };
-            position += 1;
-            if position <= offset {
-                continue;
-            }
             let name = entry.file_name();
             let dots = matches!(name.to_bytes(), b"." | b"..");
             let looked_up = if dots {
@@ -1366,6 +1355,24 @@ impl Filesystem for HsmFs {
 }
 
 /// The store's own extended attributes (`trusted.hsm.*`): hidden from the mount's users.
+/// The entries of the directory open as `h` after the first `offset`, with their positions.
+/// Offsets are positions in the listing: the directory is read from its start each time.
+fn listing_after(
+    h: &Handle,
+    offset: u64,
+) -> Result<impl Iterator<Item = Result<(u64, rustix::fs::DirEntry), Errno>>, Errno> {
+    let dir = rustix::fs::Dir::read_from(h.file.as_fd())
+        .map_err(|e| Errno::from_i32(e.raw_os_error()))?;
+    Ok((1u64..)
+        .zip(dir)
+        .skip(offset as usize)
+        .map(|(position, entry)| {
+            entry
+                .map(|e| (position, e))
+                .map_err(|e| Errno::from_i32(e.raw_os_error()))
+        }))
+}
+
 fn is_ours(name: &OsStr) -> bool {
     name.as_bytes().starts_with(b"trusted.hsm.")
 }
@@ -1530,11 +1537,6 @@ pub fn serve(
     // SIGHUP re-reads an S3 source's credentials, as under the fanotify front end.
     let sighup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
     let backend = crate::worker::serving_backend(&store, &opts.fetch_user, sighup, &metrics)?;
-    let open_tree = || -> anyhow::Result<OwnedFd> {
-        Ok(std::fs::File::open(store.tree())
-            .with_context(|| format!("cannot open {}", store.tree().display()))?
-            .into())
-    };
     let engine = Arc::new(Engine::new(
         backend,
         metrics,
@@ -1542,7 +1544,7 @@ pub fn serve(
         opts.readahead,
         opts.fetch_deadline,
         store.digest_dir(),
-        Some(open_tree()?),
+        Some(store.open_tree()?),
         store.config.fs == sysfs::FsKind::Xfs,
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
@@ -1567,7 +1569,7 @@ pub fn serve(
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())?;
     }
-    let fs = HsmFs::new(engine.clone(), services.clone(), open_tree()?)?;
+    let fs = HsmFs::new(engine.clone(), services.clone(), store.open_tree()?)?;
     let session = SessionOptions {
         threads: opts.threads,
         allow_other: true,

@@ -77,6 +77,14 @@ impl Store {
         self.root.join("tree")
     }
 
+    /// The tree, opened: through the daemon's private view, opening stubs beneath it raises no
+    /// event. Each of the daemon's parts holds its own.
+    pub fn open_tree(&self) -> anyhow::Result<std::os::fd::OwnedFd> {
+        Ok(File::open(self.tree())
+            .with_context(|| format!("cannot open the store's tree {}", self.tree().display()))?
+            .into())
+    }
+
     pub fn meta(&self) -> PathBuf {
         self.root.join(".hsm")
     }

@@ -249,7 +249,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         opts.readahead,
         opts.fetch_deadline,
         store.digest_dir(),
-        store_tree(&store),
+        store.open_tree().ok(),
         store.config.fs == crate::sys::fs::FsKind::Xfs,
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
@@ -317,11 +317,6 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
     ctx.services.finish();
     drop(ctx);
     Ok(())
-}
-
-/// The store's tree, through the daemon's view: opening stubs through it raises no event.
-fn store_tree(store: &Store) -> Option<OwnedFd> {
-    std::fs::File::open(store.tree()).ok().map(OwnedFd::from)
 }
 
 /// Receive events until the supervisor says stop (returns false) or disappears (returns true).
