@@ -206,10 +206,6 @@ fn tar_create(tar: &Path, dir: &Path, name: &str, fs: &str) {
     }
 }
 
-/// `serve`'s arguments for each front end the copy tests run under.
-const FANOTIFY: &[&str] = &[];
-const FUSE: &[&str] = &["--frontend", "fuse"];
-
 fn copy_tools_on(fs: &str, frontend: &[&str]) {
     let t0 = Instant::now();
     let mut fx = Fixture::new(fs, "2G");

@@ -23,9 +23,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const KIB: usize = 1 << 10;
-/// `serve`'s arguments for each front end the tests that run under both are given.
-const FANOTIFY: &[&str] = &[];
-const FUSE: &[&str] = &["--frontend", "fuse"];
 const MIB: usize = 1 << 20;
 /// At least 4 MiB: a cloned stub on xfs/btrfs, fetched range by range; odd, so the tail is partial.
 const BIG: usize = 6 * MIB + 4097;

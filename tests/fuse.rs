@@ -13,7 +13,6 @@ use std::process::Command;
 const MIB: usize = 1 << 20;
 /// Fetched range by range (a cloned stub on xfs; `--lazy-sparse` on ext4); odd-sized.
 const BIG: usize = 9 * MIB + 4097;
-const FUSE: &[&str] = &["--frontend", "fuse"];
 
 /// A source of one big file and `small` small ones in two directories, populated.
 fn fixture(fs: &str, small: usize) -> (Fixture, Vec<(String, Vec<u8>)>) {

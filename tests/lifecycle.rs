@@ -99,9 +99,6 @@ macro_rules! on_each_fs {
     };
 }
 
-/// The FUSE front end's arguments to `hsm serve`.
-const FUSE: &[&str] = &["--frontend", "fuse"];
-
 /// [`on_each_fs`] for a body that takes the front end's arguments too: the fanotify front end
 /// on each filesystem, and the FUSE front end on xfs.
 macro_rules! on_each_fs_and_fuse {

@@ -435,9 +435,6 @@ fn proc_status(pid: i32) -> BTreeMap<String, String> {
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
-/// `serve`'s arguments for each front end the tests that run under both are given.
-const FANOTIFY: &[&str] = &[];
-const FUSE: &[&str] = &["--frontend", "fuse"];
 
 struct Identity {
     uids: Vec<u32>,

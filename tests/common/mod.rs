@@ -15,6 +15,11 @@ pub const HSM: &str = env!("CARGO_BIN_EXE_hsm");
 
 /// Filesystems the kernel supports pre-content events on.
 pub const FILESYSTEMS: [&str; 3] = ["ext4", "xfs", "btrfs"];
+/// `serve`'s arguments for each front end a test body is run under.
+#[allow(dead_code)]
+pub const FANOTIFY: &[&str] = &[];
+#[allow(dead_code)]
+pub const FUSE: &[&str] = &["--frontend", "fuse"];
 
 /// Run a command, panic with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
