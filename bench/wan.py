@@ -1,16 +1,18 @@
 #!/usr/bin/python3
 """Remote sources over a WAN link: hsm cold beside a plain client fetching the same bytes (issue 21).
 
-    sudo python3 bench/wan.py [--runs N] [--delay-ms 10] [--rate-mbytes 125] [--only http,s3]
+    sudo python3 bench/wan.py [--runs N] [--delay-ms 10] [--rate-mbytes 125] [--only http,https,s3]
 
 The sources live on a loop-mounted xfs image and are served on loopback by nginx (Debian's
-nginx-light, manifest from `hsm manifest`) and by s3s-fs (an S3 server on a plain directory,
+nginx-light, manifest from `hsm manifest`; `http` over HTTP/1.1, `https` over TLS offering
+HTTP/2, with a certificate from a throw-away CA that hsm trusts through SSL_CERT_FILE and curl
+through --cacert, curl asked for --http2) and by s3s-fs (an S3 server on a plain directory,
 from crates.io: it streams ranges from the file, where moto copies whole objects per request;
 the objects are uploaded to it, so that it keeps their ETags instead of hashing a whole file
 at every GET, and it runs with bench/nodelay.c preloaded, TCP_NODELAY on its connections),
 each behind its own bench/wanlink.py (default 10 ms each way = 20 ms round trip, 125 MB/s each
 direction). hsm's stores are on a second loop-mounted xfs image. The page cache is dropped before
-every measured run (the servers' and the client's alike). Rows, for HTTP and S3:
+every measured run (the servers' and the client's alike). Rows, for each source:
 
   seq    sequential read of 256 MiB (benchio seq)   vs one `curl` of the object
   rand   N random 4 KiB reads (benchio rand)        vs the same N ranges, one at a time as
@@ -183,10 +185,10 @@ class Source:
             kind, base, populate_args, env, curl_auth)
 
     def hsm_url(self, tree):
-        return f"{self.base}/{tree}/" if self.kind == "http" else f"s3://{BUCKET}/{tree}/"
+        return f"s3://{BUCKET}/{tree}/" if self.kind == "s3" else f"{self.base}/{tree}/"
 
     def object_url(self, rel):
-        return f"{self.base}/{rel}" if self.kind == "http" else f"{self.base}/{BUCKET}/{rel}"
+        return f"{self.base}/{BUCKET}/{rel}" if self.kind == "s3" else f"{self.base}/{rel}"
 
 
 def start_link(to_port, a, logs, name):
@@ -203,10 +205,28 @@ def start_link(to_port, a, logs, name):
     return int(line[1])
 
 
-def start_nginx(work, root, logs):
-    d = os.path.join(work, "nginx")
+def make_certificate(work):
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key) paths."""
+    d = os.path.join(work, "pki")
+    os.makedirs(d)
+    sh(["bash", "-c", f"""set -e; cd {d}
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 \\
+          -subj /CN=hsm-bench-ca 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext
+        openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem \\
+          -days 2 -extfile ext 2>/dev/null"""])
+    return tuple(os.path.join(d, n) for n in ("ca.pem", "srv.pem", "srv.key"))
+
+
+def start_nginx(work, root, logs, tls=None):
+    """nginx serving `root`; with `tls` (cert, key), over TLS offering HTTP/2."""
+    d = os.path.join(work, "nginx-tls" if tls else "nginx")
     os.makedirs(os.path.join(d, "tmp"))
     port = free_port()
+    listen = f"listen 127.0.0.1:{port}"
+    if tls:
+        listen += f" ssl http2; ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]}"
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""daemon off; master_process off; worker_processes 1;
@@ -217,11 +237,11 @@ http {{
   client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
   fastcgi_temp_path {d}/tmp/fastcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
   default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
+  server {{ {listen}; root {root}; http2_max_concurrent_streams 1000; }}
 }}
 """)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    p = spawn([nginx, "-c", conf, "-p", d], "nginx", f"{logs}/nginx.log")
+    p = spawn([nginx, "-c", conf, "-p", d], "nginx", f"{logs}/{os.path.basename(d)}.log")
     wait_port(port, "nginx", p)
     return port
 
@@ -302,7 +322,7 @@ def main():
     ap.add_argument("--rate-mbytes", type=float, default=125.0, help="MB/s each way (default 125)")
     ap.add_argument("--big-mib", type=int, default=256, help="size of the sequential file (256)")
     ap.add_argument("--rand-reads", type=int, default=200, help="random 4 KiB reads (200)")
-    ap.add_argument("--only", default="", help="comma list of sources (http,s3) and rows")
+    ap.add_argument("--only", default="", help="comma list of sources (http,https,s3) and rows")
     ap.add_argument("--json", help="also write every measurement to this file")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -310,7 +330,7 @@ def main():
     if not os.path.exists(HSM):
         raise SystemExit(f"{HSM} missing: cargo build --release")
     only = {x for x in a.only.split(",") if x}
-    sources = [s for s in ("http", "s3") if not only & {"http", "s3"} or s in only]
+    sources = [s for s in ("http", "https", "s3") if not only & {"http", "https", "s3"} or s in only]
     rows = [r for r in TARGETS if not only & set(TARGETS) or r in only]
     ensure_packages()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -365,6 +385,11 @@ def run(a, work, sources, rows):
     if "http" in sources:
         port = start_link(start_nginx(work, root, logs), a, logs, "link-http")
         srcs["http"] = Source("http", f"http://127.0.0.1:{port}", [], {}, [])
+    if "https" in sources:
+        ca, cert, key = make_certificate(work)
+        port = start_link(start_nginx(work, root, logs, (cert, key)), a, logs, "link-https")
+        srcs["https"] = Source("https", f"https://127.0.0.1:{port}", [], {"SSL_CERT_FILE": ca},
+                               [f'cacert = "{ca}"', "http2"])
 
     mnt = os.path.join(work, "mnt")
     os.makedirs(mnt)
@@ -375,7 +400,7 @@ def run(a, work, sources, rows):
         shutil.rmtree(store, ignore_errors=True)
         env = dict(os.environ, **src.env)
         extra = list(src.populate_args)
-        if src.kind == "http" or tree == "bin":
+        if src.kind != "s3" or tree == "bin":
             extra += ["--manifest", f"{work}/manifest-{tree}.jsonl"]
         with open(f"{logs}/populate-{tag}.log", "w") as f:
             subprocess.run([HSM, "populate", src.hsm_url(tree), store, *extra], stdout=f, stderr=f,

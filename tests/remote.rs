@@ -1007,13 +1007,13 @@ print(s3.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "o
 }
 
 #[test]
-fn https_with_a_private_ca_and_certificate_checks() {
+fn https_checks_certificates_trusts_a_private_ca_and_speaks_http2() {
     if !require_root() {
         return;
     }
     let mut fx = Fixture::new("ext4", "512M");
     let (nginx, ca) = Nginx::start_tls(&fx.scratch.path);
-    let data = pattern(3 << 20, 80);
+    let data = pattern(12 << 20, 80);
     write_file(&nginx.root.join("d/f"), &data);
     std::fs::write(
         nginx.root.join(".hsm-manifest.jsonl"),
@@ -1031,7 +1031,23 @@ fn https_with_a_private_ca_and_certificate_checks() {
         "a refused certificate is not retried"
     );
     assert!(!fx.store.exists());
-    // Trusted through SSL_CERT_FILE (rustls reads the system's CA store, which honours it).
+    // A CA file that is not there is said, not taken for "no extra CA".
+    let missing = fx.scratch.path.join("no-such-ca.pem");
+    let out = populate_url(
+        &fx,
+        &nginx.base(),
+        &[("SSL_CERT_FILE", missing.to_string_lossy().into_owned())],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "populate with a missing CA file");
+    assert!(
+        err.contains("SSL_CERT_FILE") && err.contains("no-such-ca.pem"),
+        "{err}"
+    );
+    // Trusted through SSL_CERT_FILE, kept where only root may read it: the unprivileged fetcher
+    // trusts it too, as populate (root) did.
+    std::fs::set_permissions(ca.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let env = vec![("SSL_CERT_FILE", ca.to_string_lossy().into_owned())];
     assert_ok(
         &populate_url(&fx, &nginx.base(), &env, &[]),
@@ -1041,6 +1057,25 @@ fn https_with_a_private_ca_and_certificate_checks() {
     assert_bytes_eq(&std::fs::read(fx.at("d/f")).unwrap(), &data, "over https");
     let m = fx.stop();
     assert_eq!(m["denied"], 0, "{m}");
+    // The server offers HTTP/2: the daemon's ranged reads took it, and they shared connections
+    // rather than opening one per request in flight.
+    let log = nginx.access_log();
+    let gets: Vec<&str> = log.lines().filter(|l| l.contains("\"GET /d/f ")).collect();
+    assert!(gets.len() >= 2, "several ranged GETs expected:\n{log}");
+    assert!(
+        gets.iter().all(|l| l.contains(" HTTP/2.0\" 206 ")),
+        "every ranged GET over HTTP/2:\n{log}"
+    );
+    let connections: std::collections::BTreeSet<&str> = gets
+        .iter()
+        .filter_map(|l| l.rsplit_once("conn=").map(|(_, c)| c))
+        .collect();
+    assert!(
+        connections.len() < gets.len(),
+        "{} GETs on {} connections:\n{log}",
+        gets.len(),
+        connections.len()
+    );
 }
 
 #[test]

@@ -310,7 +310,7 @@ impl Prepared {
                 // default is https anyway.
                 let allow_http = plain_http || url.endpoint.is_none();
                 let store = b
-                    .with_client_options(object::client_options(deadline, allow_http))
+                    .with_client_options(object::client_options(deadline, allow_http)?)
                     .with_retry(object::retry_config(deadline))
                     .build()
                     .map_err(|e| {
@@ -365,7 +365,7 @@ impl Prepared {
                     );
                 }
                 let store = b
-                    .with_client_options(object::client_options(deadline, plain_http))
+                    .with_client_options(object::client_options(deadline, plain_http)?)
                     .with_retry(object::retry_config(deadline))
                     .build()
                     .map_err(|e| {

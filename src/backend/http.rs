@@ -102,7 +102,7 @@ pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Ve
     let u = url::Url::parse(url).context("the URL does not parse")?;
     let shown = object::redact_url(url);
     let client = ReqwestConnector::default()
-        .connect(&object::client_options(deadline, u.scheme() == "http"))
+        .connect(&object::client_options(deadline, u.scheme() == "http")?)
         .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
     let rt = object::runtime()?;
     /// A failure that may pass (no answer, a connection error, 5xx, 429), or not.
@@ -193,7 +193,7 @@ impl HttpBackend {
         } else {
             format!("{}/", prefix.join("/"))
         };
-        let options = object::client_options(deadline, url.base.scheme() == "http");
+        let options = object::client_options(deadline, url.base.scheme() == "http")?;
         let client = ReqwestConnector::default()
             .connect(&options)
             .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;

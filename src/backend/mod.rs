@@ -258,10 +258,15 @@ pub enum Prepared {
 }
 
 /// The first half of [`open`]: parse the URL and read what the backend needs from the
-/// environment and from files (the S3 shared credentials file, a GCS key file), starting no
+/// environment and from files (the S3 shared credentials file, a GCS key file, the CA
+/// certificates `SSL_CERT_FILE` names), starting no
 /// thread and sending nothing. The fetcher does this as root, then drops root, then calls [`Prepared::open`].
 pub fn prepare(url: &str) -> anyhow::Result<Prepared> {
-    Ok(match scheme_of(url) {
+    let scheme = scheme_of(url);
+    if scheme != Scheme::Local {
+        object::read_trusted_roots()?;
+    }
+    Ok(match scheme {
         Scheme::S3 => Prepared::S3(Box::new(s3::Prepared::new(s3::S3Url::parse(url)?)?)),
         Scheme::Gcs | Scheme::Azure => Prepared::Cloud(Box::new(cloud::Prepared::new(
             cloud::CloudUrl::parse(url)?,

@@ -416,7 +416,7 @@ impl Prepared {
             .as_deref()
             .is_some_and(|e| e.starts_with("http://"))
             || http_allowed;
-        let options = object::client_options(deadline, allow_http);
+        let options = object::client_options(deadline, allow_http)?;
         let s3 = Arc::new(
             b.with_client_options(options.clone())
                 .with_retry(object::retry_config(deadline))

@@ -270,7 +270,8 @@ impl Nginx {
         n
     }
 
-    /// nginx over TLS; returns it and the CA certificate that signed its certificate.
+    /// nginx over TLS, offering HTTP/2 and HTTP/1.1 (ALPN); returns it and the CA certificate
+    /// that signed its certificate.
     pub fn start_tls(scratch: &Path) -> (Nginx, PathBuf) {
         let dir = scratch.join(format!("pki-{}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -295,7 +296,7 @@ impl Nginx {
     pub fn launch(&mut self) {
         let listen = match &self.tls {
             Some((cert, key)) => format!(
-                "listen 127.0.0.1:{} ssl; ssl_certificate {}; ssl_certificate_key {};",
+                "listen 127.0.0.1:{} ssl http2; ssl_certificate {}; ssl_certificate_key {};",
                 self.port,
                 cert.display(),
                 key.display()
@@ -315,7 +316,8 @@ impl Nginx {
 pid {d}/nginx.pid; error_log {d}/error.log;
 events {{ worker_connections 256; }}
 http {{
-  access_log {d}/access.log;
+  log_format hsm '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent conn=$connection';
+  access_log {d}/access.log hsm;
   client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
   fastcgi_temp_path {d}/tmp/fastcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
   default_type application/octet-stream;
