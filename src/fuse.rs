@@ -14,7 +14,14 @@
 //!   does (see the design notes): what a user wrote, punched or cut is never fetched over.
 //!
 //! Inodes are named by an `O_PATH` fd each (as libfuse's passthrough_hp does): a rename or unlink
-//! by another path cannot make one name another file. The kernel checks owners and modes
+//! by another path cannot make one name another file. The kernel keeps an inode (and so its fd
+//! here) for as long as its dentry is cached, which on a big tree and a big machine is millions.
+//! So each node also keeps the inode's file handle, and past a budget (a quarter of the
+//! open-files limit) the fds used least recently are closed, to be opened again by handle when
+//! the kernel next asks about their inodes: a walk of any size never runs the daemon out of fds.
+//! (Asking the kernel to forget entries instead, `FUSE_NOTIFY_INVAL_ENTRY`, was tried: it waits
+//! uninterruptibly on the directory's lock, which a request being answered may hold, and a
+//! daemon killed then could not exit, leaving the mount hung rather than failing closed.) The kernel checks owners and modes
 //! (`default_permissions`); the daemon runs as root and acts on the store's files for it.
 //!
 //! When the daemon dies the kernel fails every access with ENOTCONN: the mount fails closed, never
@@ -26,7 +33,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,10 +74,35 @@ const FMODE_EXEC: i32 = 0x20;
 const PAGE: u64 = 4096;
 
 struct Node {
-    /// `O_PATH`, no follow: names the inode, whatever its names become.
-    fd: OwnedFd,
+    /// Names the inode whatever its names become, and never another (`name_to_handle_at`): its
+    /// fd is opened again by it after being closed. `None`: the filesystem gives no handles,
+    /// and the fd is kept.
+    handle: Option<sysfs::FileHandle>,
     key: (u64, u64),
-    lookups: u64,
+    /// Lookups the kernel counts; changed under the table's lock.
+    lookups: AtomicU64,
+    /// Its `O_PATH` fd (no follow) while open: closed, the least recently used first, past
+    /// the table's budget.
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// [`InodeTable::clock`] at its last use.
+    used: AtomicU64,
+}
+
+impl Node {
+    fn new(fd: OwnedFd, key: (u64, u64), used: u64) -> Node {
+        Node {
+            handle: sysfs::file_handle(fd.as_fd()).ok(),
+            key,
+            lookups: AtomicU64::new(1),
+            fd: Mutex::new(Some(Arc::new(fd))),
+            used: AtomicU64::new(used),
+        }
+    }
+}
+
+/// A node's `O_PATH` fd, open for the request that holds it.
+struct NodeFd {
+    fd: Arc<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -78,6 +110,103 @@ struct Inodes {
     by_ino: HashMap<u64, Arc<Node>>,
     by_key: HashMap<(u64, u64), u64>,
     next: u64,
+}
+
+impl Inodes {
+    /// Of the nodes with an fd open and a handle to open it again by (never the root), the
+    /// `n` used least recently.
+    fn least_recent(&self, n: usize) -> Vec<Arc<Node>> {
+        let mut ages: Vec<(u64, u64)> = self
+            .by_ino
+            .iter()
+            .filter(|(&ino, node)| {
+                ino != INodeNo::ROOT.0 && node.handle.is_some() && lock(&node.fd).is_some()
+            })
+            .map(|(&ino, node)| (node.used.load(Ordering::Relaxed), ino))
+            .collect();
+        let n = n.min(ages.len());
+        if n == 0 {
+            return Vec::new();
+        }
+        if n < ages.len() {
+            ages.select_nth_unstable(n - 1);
+            ages.truncate(n);
+        }
+        ages.iter()
+            .filter_map(|(_, ino)| self.by_ino.get(ino).cloned())
+            .collect()
+    }
+}
+
+/// The inodes the kernel holds. It forgets none while it has memory, so a walk of a big tree on
+/// a big machine leaves millions: one fd each would run the daemon out of fds. So a node keeps
+/// a file handle, and only the nodes used most recently keep an fd open, up to a budget.
+struct InodeTable {
+    inodes: Mutex<Inodes>,
+    /// The store's tree: what handles are opened through.
+    root: Arc<OwnedFd>,
+    /// Counts uses: the age of a node.
+    clock: AtomicU64,
+    /// Node fds open.
+    open: AtomicUsize,
+    /// Node fds kept open: a quarter of the open-files limit (the engine's fd cache, open
+    /// files and the backends have the rest).
+    budget: usize,
+}
+
+/// [`InodeTable::budget`] for the current open-files limit.
+fn fd_budget() -> usize {
+    let limit = crate::sys::process::nofile_limit().map_or(1024, |(soft, _)| soft);
+    usize::try_from(limit / 4).unwrap_or(usize::MAX).max(64)
+}
+
+impl InodeTable {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// `node`'s fd, opened again by its handle if it was closed.
+    fn open(&self, node: &Node) -> io::Result<NodeFd> {
+        node.used.store(self.tick(), Ordering::Relaxed);
+        let mut slot = lock(&node.fd);
+        if let Some(fd) = &*slot {
+            return Ok(NodeFd { fd: fd.clone() });
+        }
+        let handle = node.handle.as_ref().ok_or(io::ErrorKind::NotFound)?;
+        let fd = Arc::new(sysfs::open_by_handle(
+            self.root.as_fd(),
+            handle,
+            libc::O_PATH | libc::O_NOFOLLOW,
+        )?);
+        *slot = Some(fd.clone());
+        drop(slot);
+        self.opened();
+        Ok(NodeFd { fd })
+    }
+
+    /// One more node fd open: past the budget, close the least recently used down to three
+    /// quarters of it (a request using one keeps it open until it is done).
+    fn opened(&self) {
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        if open <= self.budget {
+            return;
+        }
+        let closing = lock(&self.inodes).least_recent(open - self.budget * 3 / 4);
+        let mut closed = 0;
+        for node in closing {
+            if lock(&node.fd).take().is_some() {
+                closed += 1;
+            }
+        }
+        self.open.fetch_sub(closed, Ordering::Relaxed);
+    }
+
+    /// A node goes: its fd with it.
+    fn forgotten(&self, node: &Node) {
+        if lock(&node.fd).take().is_some() {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Handle {
@@ -160,7 +289,7 @@ pub struct HsmFs {
     engine: Arc<Engine>,
     /// Prefetch, cache limit, recording and fetch policy, as under the fanotify front end.
     services: Arc<crate::frontend::Services>,
-    inodes: Mutex<Inodes>,
+    table: InodeTable,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
     /// The kernel agreed to passthrough at init.
@@ -312,19 +441,28 @@ impl HsmFs {
             ..Inodes::default()
         };
         let key = (st.st_dev, st.st_ino);
+        let root = Arc::new(tree);
         inodes.by_key.insert(key, INodeNo::ROOT.0);
         inodes.by_ino.insert(
             INodeNo::ROOT.0,
             Arc::new(Node {
-                fd: tree,
+                handle: None,
                 key,
-                lookups: 1,
+                lookups: AtomicU64::new(1),
+                fd: Mutex::new(Some(root.clone())),
+                used: AtomicU64::new(0),
             }),
         );
         Ok(HsmFs {
             engine,
             services,
-            inodes: Mutex::new(inodes),
+            table: InodeTable {
+                inodes: Mutex::new(inodes),
+                root,
+                clock: AtomicU64::new(0),
+                open: AtomicUsize::new(0),
+                budget: fd_budget(),
+            },
             handles: Mutex::new(HashMap::new()),
             io_modes: Mutex::new(IoModes::default()),
             next_handle: AtomicU64::new(1),
@@ -332,12 +470,19 @@ impl HsmFs {
         })
     }
 
-    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
-        lock(&self.inodes)
+    fn inodes(&self) -> MutexGuard<'_, Inodes> {
+        lock(&self.table.inodes)
+    }
+
+    /// Node `ino`, with its fd open.
+    fn node(&self, ino: INodeNo) -> Result<NodeFd, Errno> {
+        let node = self
+            .inodes()
             .by_ino
             .get(&ino.0)
             .cloned()
-            .ok_or(Errno::from_i32(libc::ESTALE))
+            .ok_or(Errno::from_i32(libc::ESTALE))?;
+        self.table.open(&node).map_err(|e| errno(&e))
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -351,39 +496,30 @@ impl HsmFs {
     fn remember(&self, fd: OwnedFd) -> io::Result<(u64, sysfs::Stat)> {
         let st = sysfs::fstat(fd.as_fd())?;
         let key = (st.st_dev, st.st_ino);
-        let mut inodes = lock(&self.inodes);
+        let now = self.table.tick();
+        let mut inodes = self.inodes();
         if let Some(&ino) = inodes.by_key.get(&key) {
-            if let Some(node) = inodes.by_ino.get_mut(&ino) {
-                if let Some(n) = Arc::get_mut(node) {
-                    n.lookups += 1;
-                } else {
-                    // In use by a request right now: a fresh node with the count carried over.
-                    let lookups = node.lookups + 1;
-                    *node = Arc::new(Node { fd, key, lookups });
-                }
+            if let Some(node) = inodes.by_ino.get(&ino) {
+                node.lookups.fetch_add(1, Ordering::Relaxed);
+                node.used.store(now, Ordering::Relaxed);
                 return Ok((ino, st));
             }
         }
         let ino = inodes.next;
         inodes.next += 1;
         inodes.by_key.insert(key, ino);
-        inodes.by_ino.insert(
-            ino,
-            Arc::new(Node {
-                fd,
-                key,
-                lookups: 1,
-            }),
-        );
+        inodes.by_ino.insert(ino, Arc::new(Node::new(fd, key, now)));
+        drop(inodes);
+        self.table.opened();
         Ok((ino, st))
     }
 
-    fn lookup_at(&self, parent: &Node, name: &CStr) -> io::Result<(u64, sysfs::Stat)> {
+    fn lookup_at(&self, parent: &NodeFd, name: &CStr) -> io::Result<(u64, sysfs::Stat)> {
         let fd = sysfs::openat(parent.fd.as_fd(), name, libc::O_PATH, 0)?;
         self.remember(fd)
     }
 
-    fn entry(&self, parent: &Node, name: &CStr, reply: ReplyEntry) {
+    fn entry(&self, parent: &NodeFd, name: &CStr, reply: ReplyEntry) {
         match self.lookup_at(parent, name) {
             Ok((ino, st)) => {
                 let attr = match self.node(INodeNo(ino)) {
@@ -402,7 +538,7 @@ impl HsmFs {
     }
 
     /// Open the inode anew with `flags`, through its `O_PATH` fd.
-    fn reopen(node: &Node, flags: i32) -> io::Result<OwnedFd> {
+    fn reopen(node: &NodeFd, flags: i32) -> io::Result<OwnedFd> {
         sysfs::reopen(node.fd.as_fd(), flags & !OPEN_FLAGS_DROPPED)
     }
 
@@ -569,30 +705,19 @@ impl HsmFs {
         if ino == INodeNo::ROOT {
             return;
         }
-        let mut inodes = lock(&self.inodes);
-        let Some(node) = inodes.by_ino.get_mut(&ino.0) else {
+        let mut inodes = self.inodes();
+        let Some(node) = inodes.by_ino.get(&ino.0) else {
             return;
         };
-        let left = node.lookups.saturating_sub(nlookup);
+        let left = node.lookups.load(Ordering::Relaxed).saturating_sub(nlookup);
         if left > 0 {
-            match Arc::get_mut(node) {
-                Some(n) => n.lookups = left,
-                None => {
-                    // Shared by a request in flight: count on a copy of the fd.
-                    if let Ok(fd) = node.fd.try_clone() {
-                        let key = node.key;
-                        *node = Arc::new(Node {
-                            fd,
-                            key,
-                            lookups: left,
-                        });
-                    }
-                }
-            }
+            node.lookups.store(left, Ordering::Relaxed);
             return;
         }
         if let Some(node) = inodes.by_ino.remove(&ino.0) {
             inodes.by_key.remove(&node.key);
+            drop(inodes);
+            self.table.forgotten(&node);
         }
     }
 
@@ -1633,4 +1758,68 @@ pub fn choose(asked: Frontend, store_root: &Path) -> Frontend {
     eprintln!("hsm: front end: {name}{why}");
     info!("front end: {name}{why}");
     chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table whose node i+1 was last used at `ages[i]`, each with an fd and a handle (of `/`).
+    fn table_of(ages: &[u64]) -> InodeTable {
+        let root = || rustix::fs::open("/", rustix::fs::OFlags::PATH, rustix::fs::Mode::empty());
+        let mut inodes = Inodes::default();
+        for (i, &used) in ages.iter().enumerate() {
+            let ino = i as u64 + 1;
+            let node = Node::new(root().unwrap(), (0, ino), used);
+            assert!(node.handle.is_some(), "/ gives handles");
+            inodes.by_ino.insert(ino, Arc::new(node));
+        }
+        InodeTable {
+            inodes: Mutex::new(inodes),
+            root: Arc::new(
+                rustix::fs::open(
+                    "/",
+                    rustix::fs::OFlags::DIRECTORY,
+                    rustix::fs::Mode::empty(),
+                )
+                .unwrap(),
+            ),
+            clock: AtomicU64::new(ages.iter().copied().max().unwrap_or(0)),
+            open: AtomicUsize::new(ages.len()),
+            budget: 8,
+        }
+    }
+
+    fn with_fd(t: &InodeTable) -> Vec<u64> {
+        let mut v: Vec<u64> = lock(&t.inodes)
+            .by_ino
+            .iter()
+            .filter(|(_, n)| lock(&n.fd).is_some())
+            .map(|(&i, _)| i)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn past_the_budget_the_fds_used_least_recently_are_closed_never_the_roots() {
+        // Node 1 is the root, the oldest of all.
+        let t = table_of(&[0, 50, 10, 40, 20, 30, 60, 70]);
+        assert_eq!(with_fd(&t).len(), 8);
+        // A ninth fd (opened elsewhere): down to 6 (three quarters of 8), the 3 used least
+        // recently closed (used at 10, 20 and 30).
+        t.opened();
+        assert_eq!(with_fd(&t), [1, 2, 4, 7, 8]);
+        assert_eq!(t.open.load(Ordering::Relaxed), 6);
+        // A closed one is opened again by its handle when used, and counts as used now.
+        let node = lock(&t.inodes).by_ino[&3].clone();
+        let fd = t.open(&node).unwrap();
+        assert_eq!(
+            sysfs::fstat(fd.fd.as_fd()).unwrap().st_ino,
+            sysfs::fstat(t.root.as_fd()).unwrap().st_ino
+        );
+        assert_eq!(with_fd(&t), [1, 2, 3, 4, 7, 8]);
+        assert_eq!(t.open.load(Ordering::Relaxed), 7);
+        assert!(Inodes::default().least_recent(3).is_empty());
+    }
 }

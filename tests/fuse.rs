@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::process::Command;
+use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 /// Fetched range by range (a cloned stub on xfs; `--lazy-sparse` on ext4); odd-sized.
@@ -469,6 +470,69 @@ fn a_hydrated_tree_is_walked_through_fuse_with_its_attributes_and_read_in_passth
         "complete files open in passthrough: {} of {reads} opens",
         metric(&m, "fuse_passthrough_opens")
     );
+}
+
+#[test]
+fn a_walk_of_more_files_than_the_daemon_may_open_reads_through_fuse() {
+    if !require_root() {
+        return;
+    }
+    // The daemon holds an fd for each inode the kernel knows, and the kernel forgets none while
+    // it has memory: here the daemon may open 1,024 files in all (its hard limit too), and the
+    // tree has 3,000. Past its budget it closes the fds used least recently, and opens them
+    // again by handle when asked; no access may fail with EMFILE.
+    const LIMIT: u64 = 1024;
+    let (mut fx, files) = fixture("xfs", 3000);
+    fx.daemon = Some(Daemon::start_with_open_files(
+        &fx.store,
+        &fx.view,
+        FUSE,
+        Duration::from_secs(600),
+        Some(LIMIT),
+    ));
+    let pid = fx.daemon.as_ref().map_or(0, |d| d.pid());
+    let fds = |pid: u32| fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    // A file removed while open, asked about after the walks have pushed its node out of the
+    // daemon's open fds: opened again by its handle all the same (the inode lives on).
+    let kept = pattern(70_000, 5);
+    let mut open_removed = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(fx.at("removed-while-open"))
+        .unwrap();
+    open_removed.write_all(&kept).unwrap();
+    fs::remove_file(fx.at("removed-while-open")).unwrap();
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    for walk in 0..2 {
+        let out = run(Command::new("tar")
+            .arg("-cf")
+            .arg("-")
+            .arg("-C")
+            .arg(&fx.view)
+            .arg("."));
+        assert!(
+            out.stdout.len() > total,
+            "walk {walk}: tar wrote {} bytes",
+            out.stdout.len()
+        );
+    }
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    // Past the attribute cache's second: the kernel asks the daemon.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(open_removed.metadata().unwrap().len(), kept.len() as u64);
+    let mut back = vec![0; kept.len()];
+    open_removed.read_exact_at(&mut back, 0).unwrap();
+    assert_bytes_eq(&back, &kept, "removed while open");
+    open_removed.set_len(1000).unwrap();
+    assert_eq!(open_removed.metadata().unwrap().len(), 1000);
+    let held = fds(pid);
+    assert!(held < LIMIT as usize, "the daemon holds {held} fds");
+    let m = fx.stop();
+    assert_eq!(m["denied"], 0, "{m}");
 }
 
 #[test]
