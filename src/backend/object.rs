@@ -47,24 +47,32 @@ pub const LAST_MODIFIED_PREFIX: &str = "last-modified:";
 /// `http://` stay on HTTP/1.1. Over HTTP/2 every request to a host shares one connection, so a
 /// cold walk of small files pays no handshake per connection and is not capped by a pool size;
 /// `bench/wan.py`'s https rows measure it against HTTP/1.1 on the same link.
+///
+/// A CA file `SSL_CERT_FILE` or `SSL_CERT_DIR` names that cannot be read fails a client that may
+/// speak TLS; one for plain `http://` (`allow_http`) goes without it.
 pub fn client_options(deadline: Duration, allow_http: bool) -> anyhow::Result<ClientOptions> {
-    read_trusted_roots()?;
+    let roots = match read_trusted_roots() {
+        Ok(roots) => roots,
+        Err(e) if allow_http => {
+            tracing::debug!("{e}: not needed for http://");
+            &[]
+        }
+        Err(e) => return Err(e),
+    };
     let options = ClientOptions::new()
         .with_allow_http(allow_http)
         .with_allow_http2()
         .with_connect_timeout(deadline.min(Duration::from_secs(5)))
         .with_timeout(deadline)
         .with_pool_idle_timeout(Duration::from_secs(60));
-    Ok(TRUSTED_ROOTS
-        .get()
-        .into_iter()
-        .flatten()
+    Ok(roots
+        .iter()
         .fold(options, |o, c| o.with_root_certificate(c.clone())))
 }
 
 /// The CA certificates `SSL_CERT_FILE` and `SSL_CERT_DIR` name, as [`read_trusted_roots`] read
 /// them; every client made afterwards trusts them besides the system's.
-static TRUSTED_ROOTS: OnceLock<Vec<Certificate>> = OnceLock::new();
+static TRUSTED_ROOTS: OnceLock<Result<Vec<Certificate>, String>> = OnceLock::new();
 
 /// Read the CA certificates that `SSL_CERT_FILE` (a PEM bundle) and `SSL_CERT_DIR` (directories,
 /// `:`-separated, of PEM files) name, once per process. TLS verification would otherwise read
@@ -72,20 +80,29 @@ static TRUSTED_ROOTS: OnceLock<Vec<Certificate>> = OnceLock::new();
 /// its own user, who may not be allowed to read a CA file kept for root: every fetch then failed
 /// with "UnknownIssuer" although `populate`, run as root, had trusted the server. So `prepare`
 /// calls this while the process may still read them (and [`client_options`] for every other
-/// process). A variable naming something unreadable or
-/// holding no certificate is an error, said at start rather than as EIO at the first read.
-pub fn read_trusted_roots() -> anyhow::Result<()> {
-    if TRUSTED_ROOTS.get().is_some() {
-        return Ok(());
-    }
+/// process). A CA file that cannot be read or holds no certificate, or a directory that cannot
+/// be listed, is an error, said at start rather than as EIO at the first read.
+pub fn read_trusted_roots() -> anyhow::Result<&'static [Certificate]> {
+    TRUSTED_ROOTS
+        .get_or_init(|| read_roots().map_err(|e| format!("{e:#}")))
+        .as_deref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn read_roots() -> anyhow::Result<Vec<Certificate>> {
     let mut roots = Vec::new();
     if let Some(file) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
         roots.extend(read_pem_bundle(Path::new(&file), "SSL_CERT_FILE")?);
     }
     if let Some(dirs) = std::env::var_os("SSL_CERT_DIR") {
         for dir in std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()) {
-            let entries = std::fs::read_dir(&dir)
-                .map_err(|e| anyhow::anyhow!("SSL_CERT_DIR: cannot list {}: {e}", dir.display()))?;
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                // A search path: a directory it names that is not there holds nothing (as
+                // OpenSSL and rustls read it).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => anyhow::bail!("SSL_CERT_DIR: cannot list {}: {e}", dir.display()),
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 // A CA directory also holds CRLs and other files: take what parses as certificates.
@@ -95,8 +112,7 @@ pub fn read_trusted_roots() -> anyhow::Result<()> {
             }
         }
     }
-    let _ = TRUSTED_ROOTS.set(roots);
-    Ok(())
+    Ok(roots)
 }
 
 fn read_pem_bundle(path: &Path, var: &str) -> anyhow::Result<Vec<Certificate>> {
