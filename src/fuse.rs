@@ -13,16 +13,16 @@
 //!   page it cuts, and note any local shrink, exactly as the kernel's pre-content event for them
 //!   does (see the design notes): what a user wrote, punched or cut is never fetched over.
 //!
-//! Inodes are named by an `O_PATH` fd each (as libfuse's passthrough_hp does): a rename or unlink
-//! by another path cannot make one name another file. The kernel keeps an inode (and so its fd
-//! here) for as long as its dentry is cached, which on a big tree and a big machine is millions.
-//! So each node also keeps the inode's file handle, and past a budget (a quarter of the
-//! open-files limit) the fds used least recently are closed, to be opened again by handle when
-//! the kernel next asks about their inodes: a walk of any size never runs the daemon out of fds.
-//! (Asking the kernel to forget entries instead, `FUSE_NOTIFY_INVAL_ENTRY`, was tried: it waits
-//! uninterruptibly on the directory's lock, which a request being answered may hold, and a
-//! daemon killed then could not exit, leaving the mount hung rather than failing closed.) The kernel checks owners and modes
-//! (`default_permissions`); the daemon runs as root and acts on the store's files for it.
+//! Inodes are named by an `O_PATH` fd (as libfuse's passthrough_hp does) and a file handle: a
+//! rename or unlink by another path cannot make one name another file. The kernel keeps an inode
+//! for as long as its dentry is cached, which on a big tree and a big machine is millions, so
+//! past a budget (a quarter of the open-files limit) the fds used least recently are closed, to be
+//! opened again by handle when the kernel next asks about their inodes: a walk of any size never
+//! runs the daemon out of fds. (Asking the kernel to forget entries instead,
+//! `FUSE_NOTIFY_INVAL_ENTRY`, was tried: it waits uninterruptibly on the directory's lock, which a
+//! request being answered may hold, and a daemon killed then could not exit, leaving the mount
+//! hung rather than failing closed.) The kernel checks owners and modes (`default_permissions`);
+//! the daemon runs as root and acts on the store's files for it.
 //!
 //! When the daemon dies the kernel fails every access with ENOTCONN: the mount fails closed, never
 //! with zeros. `serve` clears such a dead mount left on the mount point before mounting.
@@ -502,6 +502,19 @@ impl HsmFs {
             if let Some(node) = inodes.by_ino.get(&ino) {
                 node.lookups.fetch_add(1, Ordering::Relaxed);
                 node.used.store(now, Ordering::Relaxed);
+                // Its fd closed past the budget: this one saves opening it by handle.
+                let kept = {
+                    let mut slot = lock(&node.fd);
+                    let closed = slot.is_none();
+                    if closed {
+                        *slot = Some(Arc::new(fd));
+                    }
+                    closed
+                };
+                drop(inodes);
+                if kept {
+                    self.table.opened();
+                }
                 return Ok((ino, st));
             }
         }
