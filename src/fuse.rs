@@ -46,7 +46,7 @@ use fuser::{
 };
 use tracing::{debug, info, warn};
 
-use crate::engine::{Engine, Need};
+use crate::engine::{Engine, Need, Served};
 use crate::metrics::{Metrics, Outcome};
 use crate::sys::fanotify::{DenyErrno, FAN_PRE_ACCESS};
 use crate::sys::fs as sysfs;
@@ -560,7 +560,7 @@ impl HsmFs {
     /// open), and failing as it would: the fetch policy's errno when it keeps `pid` from
     /// fetching, [`DenyErrno::for_error`]'s for a failed fill (EIO for a missing or changed
     /// source), never the backend's own.
-    fn fill(&self, pid: u32, fd: BorrowedFd<'_>, need: Need, access: bool) -> io::Result<()> {
+    fn fill(&self, pid: u32, fd: BorrowedFd<'_>, need: Need, access: bool) -> io::Result<Served> {
         let mask = if access { FAN_PRE_ACCESS } else { 0 };
         if let Some(errno) = self
             .services
@@ -572,9 +572,9 @@ impl HsmFs {
             return Err(io::Error::from_raw_os_error(errno.raw()));
         }
         match self.engine.serve(fd, need) {
-            Ok(_) => {
+            Ok(served) => {
                 self.engine.metrics.answered(mask, Outcome::Allowed);
-                Ok(())
+                Ok(served)
             }
             Err(e) => {
                 let denied = DenyErrno::for_error(&e);
@@ -598,6 +598,7 @@ impl HsmFs {
             },
             true,
         )
+        .map(drop)
     }
 
     /// Before a write or an fallocate through `h`: the range it lands on filled first, as the
@@ -612,7 +613,7 @@ impl HsmFs {
             offset,
             count: count.max(1),
         };
-        self.fill(pid, h.file.as_fd(), need, true)
+        self.fill(pid, h.file.as_fd(), need, true).map(drop)
     }
 
     /// Make `name` in `parent` with `make`, give it to the caller, and answer with its entry.
@@ -653,14 +654,14 @@ impl HsmFs {
         }
     }
 
-    /// `complete`: the file's record on disk says so (no need to ask the engine).
-    fn open_handle(&self, ino: u64, file: OwnedFd, complete: bool, reply: ReplyOpen) {
+    /// `complete`: whether the file is known complete (its record on disk, or the fill the open
+    /// just made, says); `None`: the engine is asked.
+    fn open_handle(&self, ino: u64, file: OwnedFd, complete: Option<bool>, reply: ReplyOpen) {
         // Complete as the engine knows it (its record may not be written yet): nothing left to
         // fill, so the kernel may go straight to the store's file.
-        let present = if complete {
-            Ok(true)
-        } else {
-            self.engine.is_present(file.as_fd(), Need::Whole)
+        let present = match complete {
+            Some(known) => Ok(known),
+            None => self.engine.is_present(file.as_fd(), Need::Whole),
         };
         let mut filled_here = !matches!(present, Ok(true));
         if filled_here && !lock(&self.io_modes).cached_allowed(ino) {
@@ -1024,21 +1025,24 @@ impl Filesystem for HsmFs {
         // and its fds.
         let file = file.and_then(|f| {
             self.services.note_use(f.as_fd(), req.pid() as i32, None);
-            let complete = crate::record::complete_on_disk(f.as_fd());
-            if complete || flags.0 & FMODE_EXEC != 0 {
-                return Ok((f, complete));
+            if crate::record::complete_on_disk(f.as_fd()) {
+                return Ok((f, Some(true)));
+            }
+            if flags.0 & FMODE_EXEC != 0 {
+                return Ok((f, None));
             }
             let stub = !self
                 .engine
                 .is_present(f.as_fd(), Need::Whole)
                 .unwrap_or(false);
-            self.fill(req.pid(), f.as_fd(), Need::Open, false)
+            let served = self
+                .fill(req.pid(), f.as_fd(), Need::Open, false)
                 .map_err(|e| errno(&e))?;
             if let (Some(p), true) = (&self.services.prefetch, stub) {
                 // After the fill: a window never races this open for its own file.
                 p.note_open(f.as_fd(), false);
             }
-            Ok((f, false))
+            Ok((f, Some(matches!(served, Served::Complete))))
         });
         match file {
             Ok((file, complete)) => self.open_handle(ino.0, file, complete, reply),
