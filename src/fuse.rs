@@ -714,6 +714,22 @@ impl HsmFs {
         }
     }
 
+    /// A complete file whose bytes are not in the page cache (a hydrated tree after a reboot or
+    /// `drop_caches`) is an open the directory prefetch hears of, as the fanotify front end's
+    /// event for such a file: a walk through the directory then finds the next files read in
+    /// ahead, many at once, instead of waiting on the disk for each. Files in the page cache are
+    /// not: a walk through a warm tree starts nothing.
+    fn note_cold_complete_open(&self, file: BorrowedFd<'_>) {
+        let Some(p) = &self.services.prefetch else {
+            return;
+        };
+        let cold = matches!(sysfs::first_page_cached(file), Ok(Some(false)))
+            && sysfs::fstat(file).is_ok_and(|st| st.st_size > 0);
+        if cold {
+            p.note_open(file, true);
+        }
+    }
+
     /// The kernel forgets `nlookup` lookups of `ino`: its node (and fd) goes with the last.
     fn forget_lookups(&self, ino: INodeNo, nlookup: u64) {
         if ino == INodeNo::ROOT {
@@ -1026,6 +1042,7 @@ impl Filesystem for HsmFs {
         let file = file.and_then(|f| {
             self.services.note_use(f.as_fd(), req.pid() as i32, None);
             if crate::record::complete_on_disk(f.as_fd()) {
+                self.note_cold_complete_open(f.as_fd());
                 return Ok((f, Some(true)));
             }
             if flags.0 & FMODE_EXEC != 0 {

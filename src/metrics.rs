@@ -87,6 +87,7 @@ counters! {
     records_written: "State records persisted.",
     worker_starts: "Worker processes started (more than one: a worker died and was replaced).",
     prefetched_files: "Files fetched in the background because their directory was being walked.",
+    read_ahead_files: "Complete files read into the page cache ahead of a walk through their directory (a hydrated tree whose pages are gone: a reboot, drop_caches).",
     answered_published: "Of the pre-content events, those the supervisor answered from a range the worker had published.",
     access_allowed: "Pre-content events allowed.",
     access_denied: "Pre-content events denied (a failed fetch, a deadline).",
@@ -470,7 +471,7 @@ pub fn render_stats(st: &Stats) -> String {
          policy       {} as scanners, {} over their uid's rate\n\
          fetched      {} ({}) in {} backend reads, {} files completed\n\
          latency      p50 {}, p90 {}, p99 {}, max {} (mean {}, {} reads)\n\
-         prefetch     {} ahead of readers, {} files for directory walks\n\
+         prefetch     {} ahead of readers, {} files for directory walks ({} complete ones read in)\n\
          present      {} of {}\n\
          evicted      {} ({} files); released by hsm release {}\n\
          workers      {} restarts\n\
@@ -500,6 +501,7 @@ pub fn render_stats(st: &Stats) -> String {
         l.count,
         human(s.readahead_bytes),
         s.prefetched_files,
+        s.read_ahead_files,
         human(st.present_bytes),
         human(st.total_bytes),
         human(s.evicted_bytes),
@@ -729,6 +731,12 @@ mod exposition {
             )?;
             counter(
                 &mut enc,
+                "hsm_read_ahead_files",
+                "Complete files read into the page cache ahead of directory walks.",
+                s.read_ahead_files,
+            )?;
+            counter(
+                &mut enc,
                 "hsm_backend_reads",
                 "Range reads issued to the backend.",
                 s.backend_reads,
@@ -891,6 +899,7 @@ mod tests {
             "hsm_policy_denials",
             "hsm_readahead_bytes",
             "hsm_prefetched_files",
+            "hsm_read_ahead_files",
             "hsm_credential_reloads",
         ] {
             assert!(

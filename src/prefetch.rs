@@ -681,7 +681,9 @@ impl DirPrefetch {
             if on_disk {
                 // The walk reads it next: its bytes are read in ahead, as a fetch puts a stub's
                 // there, while the walk is busy with the files before it.
-                let _ = sysfs::will_need(fd.as_fd(), 0, st.st_size as u64);
+                if sysfs::will_need(fd.as_fd(), 0, st.st_size as u64).is_ok() {
+                    Metrics::add(&self.engine.metrics.read_ahead_files, 1);
+                }
             }
             Ok(())
         })();

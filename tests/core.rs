@@ -755,30 +755,6 @@ fn a_sequential_reader_is_answered_from_published_ranges() {
     }
 }
 
-/// Pages of `path` in the page cache.
-fn resident_pages(path: &Path) -> usize {
-    let f = File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    let pages = len.div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: a read-only shared map of the whole file, unmapped below; `vec` has one byte per
-    // page of it.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED);
-        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
-        libc::munmap(addr, len);
-    }
-    vec.iter().filter(|&&b| b & 1 == 1).count()
-}
-
 /// Write back and drop `path`'s pages from the page cache.
 fn evict_from_cache(path: &Path) {
     let f = File::open(path).unwrap();
@@ -997,17 +973,6 @@ fn a_tree_of_3000_small_files_reads_back_on(frontend: &[&str]) {
             3000.0 / read.as_secs_f64(),
             t.elapsed()
         );
-    }
-}
-
-/// Wait (10 s at most) until the daemon's counter `key` reaches `want`; its last value.
-fn wait_for_metric(fx: &Fixture, key: &str, want: u64) -> serde_json::Value {
-    let end = Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let m = fx.settled_metrics();
-        if metric(&m, key) >= want || Instant::now() > end {
-            return m;
-        }
     }
 }
 

@@ -472,6 +472,87 @@ fn a_hydrated_tree_is_walked_through_fuse_with_its_attributes_and_read_in_passth
     );
 }
 
+/// A hydrated tree whose pages are gone (a reboot; here a remount) is walked as on disk, not
+/// at one disk wait per file: after three opens in a directory, its other complete files are
+/// read into the page cache ahead of the walk, as under fanotify. A walk through a warm tree
+/// reads nothing ahead.
+#[test]
+fn a_cold_hydrated_walk_through_fuse_finds_the_next_files_read_in_ahead() {
+    if !require_root() {
+        return;
+    }
+    // 40 files in each of d0 (even i) and d1 (odd i).
+    let (mut fx, files) = fixture("xfs", 80);
+    fx.serve(FUSE);
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    fx.stop();
+    fx.fs.remount();
+    let in_d0: Vec<&(String, Vec<u8>)> =
+        files.iter().filter(|(r, _)| r.starts_with("d0/")).collect();
+    let tree = fx.store.join("tree");
+    let uncached = || -> Vec<&str> {
+        in_d0[3..]
+            .iter()
+            .filter(|(rel, data)| resident_pages(&tree.join(rel)) < data.len().div_ceil(4096))
+            .map(|(rel, _)| rel.as_str())
+            .collect()
+    };
+    assert_eq!(
+        uncached().len(),
+        37,
+        "the remount left pages cached (this checks nothing then)"
+    );
+
+    fx.serve(FUSE);
+    for (rel, data) in &in_d0[..3] {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    let m = wait_for_metric(&fx, "read_ahead_files", 37);
+    assert!(
+        metric(&m, "read_ahead_files") >= 37,
+        "d0 not read ahead: {m}"
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !uncached().is_empty() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // WILLNEED is advice the kernel may drop some of under load (see the fanotify test).
+    let missing = uncached();
+    assert!(
+        missing.len() <= 4,
+        "files of d0 not read ahead of the walk: {missing:?}"
+    );
+    for (rel, data) in &files {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            data,
+            &format!("walk: {rel}"),
+        );
+    }
+    // Every file is in the page cache now: a second walk finds them there and starts nothing.
+    let walked = fx.settled_metrics();
+    for (rel, data) in &files {
+        assert_bytes_eq(
+            &fs::read(fx.at(rel)).unwrap(),
+            data,
+            &format!("warm walk: {rel}"),
+        );
+    }
+    let m = fx.stop();
+    assert_eq!(
+        metric(&m, "read_ahead_files"),
+        metric(&walked, "read_ahead_files"),
+        "a warm walk read files ahead: {walked} -> {m}"
+    );
+    assert_eq!(
+        metric(&m, "fetched_bytes"),
+        0,
+        "a hydrated tree fetches nothing: {m}"
+    );
+}
+
 #[test]
 fn a_walk_of_more_files_than_the_daemon_may_open_reads_through_fuse() {
     if !require_root() {
