@@ -1191,8 +1191,8 @@ http {{
             lines.append("")
             lines.append("hsm daemon counters (last run of each column):")
             keys = ["events_open", "events_pre_access", "backend_reads", "fetched_bytes",
-                    "answered_published", "readahead_bytes", "prefetched_files", "files_completed",
-                    "ignore_marks", "records_written", "fuse_passthrough_opens"]  # fmt: skip
+                    "answered_published", "readahead_bytes", "prefetched_files", "read_ahead_files",
+                    "files_completed", "ignore_marks", "records_written", "fuse_passthrough_opens"]  # fmt: skip
             crow = []
             for w, m in self.counters.items():
                 if m:
