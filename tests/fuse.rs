@@ -54,6 +54,18 @@ fn fixture_with(
     (fx, files)
 }
 
+/// [`fixture`], every file read once through FUSE (checked against its source), the daemon
+/// stopped: a hydrated store.
+fn hydrated_fixture(fs_kind: &str, small: usize) -> (Fixture, Vec<(String, Vec<u8>)>) {
+    let (mut fx, files) = fixture(fs_kind, small);
+    fx.serve(FUSE);
+    for (rel, data) in &files {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
+    }
+    fx.stop();
+    (fx, files)
+}
+
 fn status_of(p: &std::path::Path) -> String {
     let out = run(Command::new(HSM).arg("status").arg(p));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -415,12 +427,7 @@ fn a_hydrated_tree_is_walked_through_fuse_with_its_attributes_and_read_in_passth
         return;
     }
     // 150 files a directory: a listing with attributes (READDIRPLUS) takes several replies.
-    let (mut fx, files) = fixture("xfs", 300);
-    fx.serve(FUSE);
-    for (rel, data) in &files {
-        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
-    }
-    fx.stop();
+    let (mut fx, files) = hydrated_fixture("xfs", 300);
     let tree = fx.store.join("tree");
     fx.serve(FUSE);
     // A fresh daemon: the walk sees what the store's own tree holds, entry for entry.
@@ -482,12 +489,7 @@ fn a_cold_hydrated_walk_through_fuse_finds_the_next_files_read_in_ahead() {
         return;
     }
     // 40 files in each of d0 (even i) and d1 (odd i).
-    let (mut fx, files) = fixture("xfs", 80);
-    fx.serve(FUSE);
-    for (rel, data) in &files {
-        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), data, rel);
-    }
-    fx.stop();
+    let (mut fx, files) = hydrated_fixture("xfs", 80);
     fx.fs.remount();
     let in_d0: Vec<&(String, Vec<u8>)> =
         files.iter().filter(|(r, _)| r.starts_with("d0/")).collect();
