@@ -1015,6 +1015,7 @@ fn https_checks_certificates_trusts_a_private_ca_and_speaks_http2() {
     let (nginx, ca) = Nginx::start_tls(&fx.scratch.path);
     let data = pattern(12 << 20, 80);
     write_file(&nginx.root.join("d/f"), &data);
+    write_file(&nginx.root.join("d/g"), &pattern(5000, 81));
     std::fs::write(
         nginx.root.join(".hsm-manifest.jsonl"),
         hsm_manifest(&nginx.root),
@@ -1049,8 +1050,9 @@ fn https_checks_certificates_trusts_a_private_ca_and_speaks_http2() {
     // trusts it too, as populate (root) did.
     std::fs::set_permissions(ca.parent().unwrap(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let env = vec![("SSL_CERT_FILE", ca.to_string_lossy().into_owned())];
+    // A deadline longer than the daemon's own (30 s): retried, an access would wait for that.
     assert_ok(
-        &populate_url(&fx, &nginx.base(), &env, &[]),
+        &populate_url(&fx, &nginx.base(), &env, &["--fetch-deadline", "45"]),
         "populate https://",
     );
     serve_with(&mut fx, &env, &[]);
@@ -1076,6 +1078,20 @@ fn https_checks_certificates_trusts_a_private_ca_and_speaks_http2() {
         gets.len(),
         connections.len()
     );
+    // The server's certificate no longer trusted (a new one from another CA; here, the daemon
+    // without the CA file): an access fails with EIO at once, not after retrying until the
+    // deadline, since no retry can change the answer.
+    serve_with(&mut fx, &[], &[]);
+    let t = Instant::now();
+    let err = std::fs::read(fx.at("d/g")).expect_err("read through an untrusted certificate");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "an untrusted certificate was retried for {:?}",
+        t.elapsed()
+    );
+    let m = fx.stop();
+    assert_eq!(m["backend_reads"], 1, "{m}");
 }
 
 #[test]

@@ -311,6 +311,7 @@ impl Prepared {
                 let allow_http = plain_http || url.endpoint.is_none();
                 let store = b
                     .with_client_options(object::client_options(deadline, allow_http)?)
+                    .with_http_connector(object::Connector)
                     .with_retry(object::retry_config(deadline))
                     .build()
                     .map_err(|e| {
@@ -366,6 +367,7 @@ impl Prepared {
                 }
                 let store = b
                     .with_client_options(object::client_options(deadline, plain_http)?)
+                    .with_http_connector(object::Connector)
                     .with_retry(object::retry_config(deadline))
                     .build()
                     .map_err(|e| {
@@ -507,8 +509,11 @@ fn short(message: &str) -> String {
 
 /// Whether a listing failure may pass: the request did not get an answer (connection refused
 /// or reset, a timeout), where the client's own retries (which cover 5xx and 429) end at the
-/// first answer. A refusal, a missing bucket or a key that cannot be represented will not pass.
+/// first answer. A certificate not trusted, a refusal, a missing bucket or a key that cannot be represented will not pass.
 fn transient(e: &object_store::Error) -> bool {
+    if object::untrusted_certificate(e) {
+        return false;
+    }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.is::<object_store::client::HttpError>() {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
-use object_store::client::{HttpConnector, ReqwestConnector};
+use object_store::client::HttpConnector;
 use object_store::http::HttpBuilder;
 use object_store::{ObjectMeta, ObjectStoreExt};
 
@@ -101,7 +101,7 @@ impl HttpUrl {
 pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Vec<u8>> {
     let u = url::Url::parse(url).context("the URL does not parse")?;
     let shown = object::redact_url(url);
-    let client = ReqwestConnector::default()
+    let client = object::Connector
         .connect(&object::client_options(deadline, u.scheme() == "http")?)
         .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
     let rt = object::runtime()?;
@@ -120,6 +120,13 @@ pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Ve
             Err(_) => {
                 let secs = deadline.as_secs_f64();
                 return Err(Failed::Again(format!("no answer within {secs:.1} s")));
+            }
+            Ok(Err(e)) if object::untrusted_certificate(&e) => {
+                let why = object::flatten(&e);
+                return Err(Failed::Final(anyhow!(
+                    "cannot fetch {shown}: its certificate is not trusted (set SSL_CERT_FILE \
+                     to its CA's PEM file): {why}"
+                )));
             }
             Ok(Err(e)) => return Err(Failed::Again(object::flatten(&e))),
             Ok(Ok(resp)) => resp,
@@ -194,12 +201,13 @@ impl HttpBackend {
             format!("{}/", prefix.join("/"))
         };
         let options = object::client_options(deadline, url.base.scheme() == "http")?;
-        let client = ReqwestConnector::default()
+        let client = object::Connector
             .connect(&options)
             .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
         let store = HttpBuilder::new()
             .with_url(origin.to_string())
             .with_client_options(options)
+            .with_http_connector(object::Connector)
             .with_retry(object::retry_config(deadline))
             .build()
             .map_err(|e| anyhow!("cannot configure the HTTP client: {}", object::flatten(&e)))?;

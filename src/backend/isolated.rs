@@ -49,6 +49,7 @@ const STATUS_SHORT: u8 = 3;
 const STATUS_ESCAPE: u8 = 4;
 const STATUS_IO: u8 = 5;
 const STATUS_REMOTE: u8 = 6;
+const STATUS_UNTRUSTED: u8 = 7;
 /// The id of a frame that carries new keys, and of its answer (requests count up from 1).
 const RELOAD_ID: u64 = u64::MAX;
 /// Largest frame accepted either way: a chunk plus headers, with room to spare.
@@ -92,6 +93,7 @@ fn encode_error(e: &FetchError) -> (u8, Vec<u8>) {
             (STATUS_IO, body)
         }
         FetchError::Remote(m) => (STATUS_REMOTE, m.as_bytes().to_vec()),
+        FetchError::Untrusted(m) => (STATUS_UNTRUSTED, m.as_bytes().to_vec()),
     }
 }
 
@@ -131,6 +133,7 @@ fn decode_reply(
             }))
         }
         STATUS_REMOTE => Err(FetchError::Remote(text())),
+        STATUS_UNTRUSTED => Err(FetchError::Untrusted(text())),
         _ => Err(FetchError::Remote(
             "malformed reply from the fetcher".into(),
         )),
@@ -466,6 +469,7 @@ mod tests {
             FetchError::Changed("etag".into()),
             FetchError::Escape,
             FetchError::Remote("503".into()),
+            FetchError::Untrusted("UnknownIssuer".into()),
         ] {
             let (status, payload) = encode_error(&e);
             let back = decode_reply(status, payload, 0, 10).unwrap_err();

@@ -35,6 +35,11 @@ pub enum FetchError {
     /// A remote source failed for good: retries exhausted, deadline passed, or refused.
     #[error("remote source: {0}")]
     Remote(String),
+    /// The server's TLS certificate is not trusted: no retry can change that, so none is made.
+    #[error(
+        "remote source: certificate not trusted (set SSL_CERT_FILE to its CA's PEM file): {0}"
+    )]
+    Untrusted(String),
 }
 
 impl FetchError {

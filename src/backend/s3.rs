@@ -32,7 +32,7 @@ use anyhow::{anyhow, bail, Context};
 use object_store::aws::{
     AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredential,
 };
-use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tracing::warn;
 
@@ -419,11 +419,12 @@ impl Prepared {
         let options = object::client_options(deadline, allow_http)?;
         let s3 = Arc::new(
             b.with_client_options(options.clone())
+                .with_http_connector(object::Connector)
                 .with_retry(object::retry_config(deadline))
                 .build()
                 .map_err(|e| anyhow!("cannot configure the S3 client: {}", object::flatten(&e)))?,
         );
-        let client = ReqwestConnector::default()
+        let client = object::Connector
             .connect(&options)
             .map_err(|e| anyhow!("cannot make an HTTP client: {}", object::flatten(&e)))?;
         let bucket_url = match (&endpoint, virtual_hosted) {
@@ -510,7 +511,12 @@ impl S3Backend {
             .await
             .map_err(|_| ListError::Transient(format!("{endpoint}: no answer in time")))?
             .map_err(|e| {
-                ListError::Transient(format!("cannot reach {endpoint}: {}", object::flatten(&e)))
+                let why = format!("cannot reach {endpoint}: {}", object::flatten(&e));
+                if object::untrusted_certificate(&e) {
+                    ListError::Fatal(why)
+                } else {
+                    ListError::Transient(why)
+                }
             })?;
         let status = resp.status();
         let body = resp.into_body().bytes().await.map_err(|e| {
