@@ -509,7 +509,8 @@ fn short(message: &str) -> String {
 
 /// Whether a listing failure may pass: the request did not get an answer (connection refused
 /// or reset, a timeout), where the client's own retries (which cover 5xx and 429) end at the
-/// first answer. A certificate not trusted, a refusal, a missing bucket or a key that cannot be represented will not pass.
+/// first answer. A certificate not trusted, a refusal, a missing bucket or a key that cannot be
+/// represented will not pass.
 fn transient(e: &object_store::Error) -> bool {
     if object::untrusted_certificate(e) {
         return false;
