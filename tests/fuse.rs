@@ -566,13 +566,7 @@ fn a_walk_of_more_files_than_the_daemon_may_open_reads_through_fuse() {
     // again by handle when asked; no access may fail with EMFILE.
     const LIMIT: u64 = 1024;
     let (mut fx, files) = fixture("xfs", 3000);
-    fx.daemon = Some(Daemon::start_with_open_files(
-        &fx.store,
-        &fx.view,
-        FUSE,
-        Duration::from_secs(600),
-        Some(LIMIT),
-    ));
+    fx.serve_with_open_files(FUSE, LIMIT);
     let pid = fx.daemon.as_ref().map_or(0, |d| d.pid());
     let fds = |pid: u32| fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     // A file removed while open, asked about after the walks have pushed its node out of the

@@ -122,11 +122,8 @@ pub fn fetch_url(url: &str, deadline: Duration, limit: u64) -> anyhow::Result<Ve
                 return Err(Failed::Again(format!("no answer within {secs:.1} s")));
             }
             Ok(Err(e)) if object::untrusted_certificate(&e) => {
-                let why = object::flatten(&e);
-                return Err(Failed::Final(anyhow!(
-                    "cannot fetch {shown}: its certificate is not trusted (set SSL_CERT_FILE \
-                     to its CA's PEM file): {why}"
-                )));
+                let untrusted = super::FetchError::Untrusted(object::flatten(&e));
+                return Err(Failed::Final(anyhow!("cannot fetch {shown}: {untrusted}")));
             }
             Ok(Err(e)) => return Err(Failed::Again(object::flatten(&e))),
             Ok(Ok(resp)) => resp,

@@ -78,7 +78,7 @@ pub fn client_options(deadline: Duration, allow_http: bool) -> anyhow::Result<Cl
 /// certificate the client does not trust is final at once. `object_store` counts it a connect
 /// error and retries it until the deadline, so a server whose certificate changed to one signed
 /// by an unknown CA cost every access the whole deadline (20 s) before its EIO.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connector;
 
 impl HttpConnector for Connector {
