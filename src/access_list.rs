@@ -269,10 +269,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The path of an event's fd relative to `mountpoint` (with its trailing `/`).
-fn relative_path(fd: BorrowedFd<'_>, mountpoint: &[u8]) -> Option<Vec<u8>> {
+/// The path of an event's fd relative to `mountpoint` (with its trailing `/`). `view`: the id of
+/// the mount there, once known. A stop detaches that mount before the last accesses reach the
+/// recorder (they are resolved here, off the event path), and the path of an fd on a detached
+/// mount is then shown from the mount's root (`/lib/x`): on the same mount, that is the path.
+fn relative_path(fd: BorrowedFd<'_>, mountpoint: &[u8], view: Option<u64>) -> Option<Vec<u8>> {
     let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-    let rel = path.as_os_str().as_bytes().strip_prefix(mountpoint)?;
+    let path = path.as_os_str().as_bytes();
+    let rel = match path.strip_prefix(mountpoint) {
+        Some(rel) => rel,
+        None if view.is_some() && sysfs::mount_id(fd).ok() == view => path.strip_prefix(b"/")?,
+        None => return None,
+    };
     if rel.is_empty() || rel.ends_with(b" (deleted)") {
         return None;
     }
@@ -311,6 +319,8 @@ struct Seen {
 /// The recording state, owned by the recorder's thread.
 struct Recording {
     mountpoint: Vec<u8>,
+    /// The id of the mount at `mountpoint`, from the first fd found under it.
+    view: Option<u64>,
     order: Vec<Vec<u8>>,
     files: HashMap<Vec<u8>, Seen>,
     cgroups: HashMap<i32, Option<String>>,
@@ -321,9 +331,13 @@ struct Recording {
 
 impl Recording {
     fn add(&mut self, fd: OwnedFd, pid: i32, range: Option<(u64, u64)>) {
-        let Some(rel) = relative_path(fd.as_fd(), &self.mountpoint) else {
+        let Some(rel) = relative_path(fd.as_fd(), &self.mountpoint, self.view) else {
             return;
         };
+        if self.view.is_none() {
+            // An fd whose path is under the mount point is on its mount.
+            self.view = sysfs::mount_id(fd.as_fd()).ok();
+        }
         let size = sysfs::fstat(fd.as_fd()).map_or(0, |st| st.st_size as u64);
         if !self.files.contains_key(&rel) {
             if self.files.len() >= MAX_FILES {
@@ -429,6 +443,7 @@ impl Recorder {
         }
         let mut rec = Recording {
             mountpoint: mp,
+            view: None,
             order: Vec::new(),
             files: HashMap::new(),
             cgroups: HashMap::new(),

@@ -154,6 +154,65 @@ fn a_recorded_list_matches_a_scripted_runs_accesses() {
     );
 }
 
+/// A stop detaches the mount first and serves open files for its drain; accesses made then (and
+/// any still on their way to the recorder) are recorded all the same, though their fds' paths no
+/// longer show the mount point.
+#[test]
+fn accesses_during_the_stop_are_recorded() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let (_, _, big) = source_files(&fx);
+    fx.populate(&[]);
+    let list = fx.scratch.path.join("app.list");
+    fx.serve(&[
+        "--record-access",
+        list.to_str().unwrap(),
+        "--dir-prefetch",
+        "0",
+        "--drain",
+        "5",
+    ]);
+    let held = std::fs::File::open(fx.at("big")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    held.read_exact_at(&mut buf, 2 * MIB).unwrap();
+    assert_bytes_eq(&buf, &big[2 * MIB as usize..][..4096], "big 2M");
+    let pid = fx.daemon.as_ref().unwrap().pid();
+    // SAFETY: signalling the daemon this test started, by pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    // The mount point is detached at once; the held file is still served.
+    let end = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(fx.at("big")).is_ok() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::metadata(fx.at("big")).is_err(),
+        "the stop did not detach the mount (this checks nothing then)"
+    );
+    held.read_exact_at(&mut buf, 6 * MIB).unwrap();
+    assert_bytes_eq(
+        &buf,
+        &big[6 * MIB as usize..][..4096],
+        "big 6M, during the drain",
+    );
+    drop(held);
+    fx.stop();
+    let lines = list_lines(&list);
+    let want = format!(
+        "open,{}-{},{}-{}",
+        2 * MIB,
+        2 * MIB + 4096,
+        6 * MIB,
+        6 * MIB + 4096
+    );
+    assert!(
+        lines.iter().any(|(p, _, w, _)| p == "big" && *w == want),
+        "{}",
+        std::fs::read_to_string(&list).unwrap()
+    );
+}
+
 /// Make every file a stub again (no daemon runs).
 fn release_all(fx: &Fixture) {
     let out = hsm(&[&"release", &fx.store.join("tree")]);

@@ -522,6 +522,20 @@ pub fn will_need(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     )?)
 }
 
+/// The id of the mount `fd` was opened through (`statx`, Linux 5.8+).
+pub fn mount_id(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let st = rustix::fs::statx(
+        fd,
+        c"",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )?;
+    if st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() == 0 {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    }
+    Ok(st.stx_mnt_id)
+}
+
 /// Whether the first page of `fd`'s file is in the page cache (`cachestat`, Linux 6.5+): a
 /// query only, nothing is read. `None` where the kernel has no `cachestat`.
 pub fn first_page_cached(fd: BorrowedFd<'_>) -> io::Result<Option<bool>> {
