@@ -83,12 +83,7 @@ fn a_recorded_list_matches_a_scripted_runs_accesses() {
     let (small, odd, big) = source_files(&fx);
     fx.populate(&[]);
     let list = fx.scratch.path.join("app.list");
-    fx.serve(&[
-        "--record-access",
-        list.to_str().unwrap(),
-        "--dir-prefetch",
-        "0",
-    ]);
+    serve_recording(&mut fx, &list, &[]);
     scripted_run(&fx, &small, &odd, &big);
     let out = hsm(&[&"record", &"--flush", &fx.view]);
     assert!(out.status.success(), "{out:?}");
@@ -135,12 +130,7 @@ fn a_recorded_list_matches_a_scripted_runs_accesses() {
     // The next start records into the same list: merged. It reads only `lib/small` (made a
     // stub again): the files read in one start of two age out.
     release_all(&fx);
-    fx.serve(&[
-        "--record-access",
-        list.to_str().unwrap(),
-        "--dir-prefetch",
-        "0",
-    ]);
+    serve_recording(&mut fx, &list, &[]);
     assert_bytes_eq(&std::fs::read(fx.at("lib/small")).unwrap(), &small, "small");
     fx.stop();
     let text = std::fs::read_to_string(&list).unwrap();
@@ -166,14 +156,7 @@ fn accesses_during_the_stop_are_recorded() {
     let (_, _, big) = source_files(&fx);
     fx.populate(&[]);
     let list = fx.scratch.path.join("app.list");
-    fx.serve(&[
-        "--record-access",
-        list.to_str().unwrap(),
-        "--dir-prefetch",
-        "0",
-        "--drain",
-        "5",
-    ]);
+    serve_recording(&mut fx, &list, &["--drain", "5"]);
     let held = std::fs::File::open(fx.at("big")).unwrap();
     let mut buf = vec![0u8; 4096];
     held.read_exact_at(&mut buf, 2 * MIB).unwrap();
@@ -213,6 +196,19 @@ fn accesses_during_the_stop_are_recorded() {
     );
 }
 
+/// Serve `fx`, recording into `list`, with no directory prefetch (it would open files the run
+/// does not), and `extra` options.
+fn serve_recording(fx: &mut Fixture, list: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "--record-access",
+        list.to_str().unwrap(),
+        "--dir-prefetch",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    fx.serve(&args);
+}
+
 /// Make every file a stub again (no daemon runs).
 fn release_all(fx: &Fixture) {
     let out = hsm(&[&"release", &fx.store.join("tree")]);
@@ -244,12 +240,7 @@ fn a_list_fetched_ahead_makes_its_reads_find_their_bytes_present() {
     let (small, odd, big) = source_files(&fx);
     fx.populate(&[]);
     let list = fx.scratch.path.join("app.list");
-    fx.serve(&[
-        "--record-access",
-        list.to_str().unwrap(),
-        "--dir-prefetch",
-        "0",
-    ]);
+    serve_recording(&mut fx, &list, &[]);
     scripted_run(&fx, &small, &odd, &big);
     let recorded = metric(&fx.stop(), "fetched_bytes");
     assert!(recorded >= 8000, "the recording run fetched {recorded}");
