@@ -50,6 +50,8 @@ struct Tally {
     total: u64,
     /// The walk at start is done: before, the total is too low to act on.
     walked: bool,
+    /// Room held for fetches ahead still running (see `Space::hold_ahead`).
+    held_ahead: u64,
     overrun_logged: bool,
 }
 
@@ -130,6 +132,23 @@ impl Usage {
         if let Some(present) = crate::record::present_on_disk(fd) {
             self.set(fd, present, Some(SystemTime::now()));
         }
+    }
+
+    /// See `engine::Space::hold_ahead`: only below the low watermark, so that fetching ahead
+    /// never starts an eviction.
+    fn hold_ahead(&self, bytes: u64) -> bool {
+        let mut t = lock(&self.tally);
+        let fits = t.walked
+            && t.total + t.held_ahead + bytes.max(1) <= self.limit * LOW_WATERMARK_PERCENT / 100;
+        if fits {
+            t.held_ahead += bytes;
+        }
+        fits
+    }
+
+    fn give_back_ahead(&self, bytes: u64) {
+        let mut t = lock(&self.tally);
+        t.held_ahead = t.held_ahead.saturating_sub(bytes);
     }
 
     /// Bytes present in the store, as tallied.
@@ -355,9 +374,12 @@ impl crate::engine::Space for Space {
         self.usage.filled(fd, present);
     }
 
-    fn room_to_fetch_ahead(&self) -> bool {
-        let t = lock(&self.usage.tally);
-        t.walked && t.total < self.usage.limit * LOW_WATERMARK_PERCENT / 100
+    fn hold_ahead(&self, bytes: u64) -> bool {
+        self.usage.hold_ahead(bytes)
+    }
+
+    fn give_back_ahead(&self, bytes: u64) {
+        self.usage.give_back_ahead(bytes)
     }
 
     fn make_room(&self, bytes: u64) -> bool {
@@ -388,5 +410,28 @@ mod tests {
         assert_eq!(u.excess(1000), 0);
         assert_eq!(u.excess(1001), 101);
         assert_eq!(u.excess(5000), 4100);
+    }
+
+    #[test]
+    fn fetches_ahead_together_stay_below_the_low_watermark() {
+        let u = Usage::new(1000);
+        assert!(
+            !u.hold_ahead(100),
+            "nothing held before the store is counted"
+        );
+        {
+            let mut t = lock(&u.tally);
+            t.walked = true;
+            t.total = 500;
+        }
+        // Each of these would fit alone (500 + 300 <= 900): together they would not.
+        assert!(u.hold_ahead(300));
+        assert!(!u.hold_ahead(300), "the room held by the first counts");
+        assert!(u.hold_ahead(100), "what is left is still given");
+        assert!(!u.hold_ahead(0), "no room left at all: 900 of 900");
+        u.give_back_ahead(300);
+        assert!(u.hold_ahead(0));
+        assert!(u.hold_ahead(300));
+        assert!(!u.hold_ahead(1));
     }
 }

@@ -118,15 +118,43 @@ pub trait Space: Send + Sync {
     fn filled(&self, fd: BorrowedFd<'_>, present: u64);
     /// The store is full: free at least `bytes`; whether anything was freed.
     fn make_room(&self, bytes: u64) -> bool;
-    /// Whether fetching what nobody asked for yet (a directory prefetch) is welcome: not when
-    /// it would evict what was read.
-    fn room_to_fetch_ahead(&self) -> bool;
+    /// Hold room for `bytes` fetched ahead of any reader (a directory prefetch, an access
+    /// list), if they fit below the limit's low watermark with the room held already: such a
+    /// fetch must never evict what was read. Several run at once, so a check of the total
+    /// alone would let each of them pass it. `bytes` 0: whether any room is left.
+    fn hold_ahead(&self, bytes: u64) -> bool;
+    /// Give back what [`Space::hold_ahead`] held (the fill has counted its bytes by now).
+    fn give_back_ahead(&self, bytes: u64);
+}
+
+/// Room held under the cache limit for one fetch ahead, given back when dropped.
+struct RoomAhead<'a> {
+    space: Option<&'a dyn Space>,
+    bytes: u64,
+}
+
+impl Drop for RoomAhead<'_> {
+    fn drop(&mut self) {
+        if let Some(space) = self.space {
+            space.give_back_ahead(self.bytes);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves consistent state here (claims are released by guards),
     // so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes of `ranges` not present in `entry` (ranges that overlap count twice: an upper bound).
+fn missing_bytes(entry: &Entry, ranges: &[(u64, u64)]) -> u64 {
+    let s = lock(&entry.state);
+    ranges
+        .iter()
+        .flat_map(|&(start, end)| s.record.present.gaps(start, end))
+        .map(|(a, b)| b - a)
+        .sum()
 }
 
 /// Where an fd points, for log lines.
@@ -189,9 +217,20 @@ impl Engine {
         self.backend.describe()
     }
 
-    /// Whether a fetch nobody asked for yet is welcome (see [`Space::room_to_fetch_ahead`]).
+    /// Whether a fetch nobody asked for yet is welcome (see [`Space::hold_ahead`]).
     pub fn room_to_fetch_ahead(&self) -> bool {
-        self.space.get().is_none_or(|s| s.room_to_fetch_ahead())
+        self.space.get().is_none_or(|s| s.hold_ahead(0))
+    }
+
+    /// Hold room for `bytes` fetched ahead; None when they do not fit under the cache limit.
+    fn hold_room_ahead(&self, bytes: u64) -> Option<RoomAhead<'_>> {
+        match self.space.get() {
+            None => Some(RoomAhead { space: None, bytes }),
+            Some(space) => space.hold_ahead(bytes).then(|| RoomAhead {
+                space: Some(&**space),
+                bytes,
+            }),
+        }
     }
 
     /// Report fills to the cache limit from now on.
@@ -309,8 +348,20 @@ impl Engine {
             self.backend.random_piece(),
             Instant::now(),
         );
-        let fetched =
-            !plan.complete && self.fill_at(&entry, fd, plan.start, plan.end, true, true)?;
+        if plan.complete {
+            return Ok(Prefetched {
+                fetched: false,
+                complete: lock(&entry.state).record.is_complete(),
+            });
+        }
+        let missing = missing_bytes(&entry, &[(plan.start, plan.end)]);
+        let Some(_room) = self.hold_room_ahead(missing) else {
+            return Ok(Prefetched {
+                fetched: false,
+                complete: false,
+            });
+        };
+        let fetched = self.fill_at(&entry, fd, plan.start, plan.end, true, true)?;
         let complete = lock(&entry.state).record.is_complete();
         Ok(Prefetched { fetched, complete })
     }
@@ -355,6 +406,9 @@ impl Engine {
                 wanted.push((start, end.min(size)));
             }
         }
+        let Some(_room) = self.hold_room_ahead(missing_bytes(&entry, &wanted)) else {
+            return Ok(Vec::new());
+        };
         let mut made = Vec::new();
         for (start, end) in wanted {
             let gaps = lock(&entry.state).record.present.gaps(start, end);
