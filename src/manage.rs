@@ -225,7 +225,10 @@ fn verb(op: Op) -> &'static str {
 pub fn operations_here(op: Op, store: &Path) -> anyhow::Result<(Arc<Operations>, impl Sized)> {
     match here(op, store)? {
         (Reach::Here(ops), held) => Ok((ops, held)),
-        (Reach::Daemon(_), _) => bail!("the store is served by a daemon"),
+        (Reach::Daemon(_), _) => bail!(
+            "a daemon has just started serving {}: run the command again",
+            store.display()
+        ),
     }
 }
 
@@ -241,8 +244,9 @@ struct Here {
     _view: Option<crate::guard::PrivateView>,
 }
 
-/// Set up to work on `store` in this process (no daemon serves it).
-fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Here)> {
+/// Set up to work on `store` in this process (no daemon serves it); or through the daemon that
+/// was starting (see `Store::lock_unless_served`), with nothing held.
+fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Option<Here>)> {
     if !sysfs::has_cap_sys_admin() {
         bail!("hsm {} changes the store: run it as root", verb(op));
     }
@@ -256,13 +260,12 @@ fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Here)> {
         .map_or(store.to_path_buf(), |v| v.root().to_path_buf());
     let st = crate::store::Store::open(&root)
         .with_context(|| format!("cannot open the store {}", store.display()))?;
-    let lock = match st.try_lock(&format!("hsm {}", verb(op)))? {
-        Ok(lock) => lock,
-        Err(holder) => bail!(
-            "the store {} is in use by {holder}, whose control socket does not answer; \
-             try again when it is done",
-            store.display()
-        ),
+    let tree_path = store.join("tree");
+    let Some(lock) = st.lock_unless_served(&format!("hsm {}", verb(op)), &tree_path)? else {
+        // A daemon that was starting serves the store now.
+        let (client, _) = Client::find(&tree_path)?
+            .with_context(|| format!("the daemon serving {} stopped", store.display()))?;
+        return Ok((Reach::Daemon(client), None));
     };
     let tree = || -> anyhow::Result<OwnedFd> {
         Ok(OwnedFd::from(File::open(st.tree()).with_context(|| {
@@ -295,10 +298,10 @@ fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Here)> {
     };
     Ok((
         Reach::Here(Arc::new(ops)),
-        Here {
+        Some(Here {
             _lock: lock,
             _view: view,
-        },
+        }),
     ))
 }
 

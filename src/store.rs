@@ -373,4 +373,43 @@ impl Store {
             }
         }
     }
+
+    /// The lock, for a command (`holder`) about to work on the store in its own process; or
+    /// `None` once a daemon serving it answers on the control socket of `tree` (the store's
+    /// tree, as the user named it): go through the daemon then. A daemon whose worker is
+    /// restarting (after a crash, or a kill) holds the lock but answers only a moment later:
+    /// it is waited for, up to [`DAEMON_ANSWER_WAIT`], rather than refused (a cron job's
+    /// `hsm sync` landing in that second would fail). Any other holder is refused at once.
+    pub fn lock_unless_served(
+        &self,
+        holder: &str,
+        tree: &Path,
+    ) -> anyhow::Result<Option<StoreLock>> {
+        let deadline = std::time::Instant::now() + DAEMON_ANSWER_WAIT;
+        loop {
+            let who = match self.try_lock(holder)? {
+                Ok(lock) => return Ok(Some(lock)),
+                Err(who) => who,
+            };
+            if crate::control::Client::find(tree)?.is_some() {
+                return Ok(None);
+            }
+            if !who.starts_with("hsm serve") || std::time::Instant::now() >= deadline {
+                bail!(
+                    "the store {} is in use by {who}{}; try again when it is done",
+                    tree.parent().unwrap_or(tree).display(),
+                    if who.starts_with("hsm serve") {
+                        ", whose control socket does not answer"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
 }
+
+/// How long a command waits for a serving daemon that holds the store's lock to answer on its
+/// control socket: a worker restart takes about a second.
+pub const DAEMON_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(15);

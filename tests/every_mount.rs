@@ -31,14 +31,6 @@ fn cat_in(script: &str) -> Vec<u8> {
     out.stdout
 }
 
-fn worker_pid(fx: &Fixture) -> i32 {
-    std::fs::read_to_string(fx.store.join(".hsm/worker.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// Wait (bounded) until `counter` is above `from`.
 fn wait_above(counter: &AtomicU64, from: u64, what: &str) {
     let end = Instant::now() + Duration::from_secs(30);
@@ -64,7 +56,7 @@ fn waits_on_fanotify(tid: i32) -> bool {
 
 /// Kill both daemon processes at once, as a crash (or an OOM kill of the cgroup) would.
 fn kill_both(fx: &mut Fixture) {
-    let worker = worker_pid(fx);
+    let worker = fx.worker_pid();
     // SAFETY: signalling the worker of our own daemon, by the pid it recorded.
     unsafe { libc::kill(worker, libc::SIGKILL) };
     fx.daemon.as_mut().unwrap().kill9();
@@ -548,7 +540,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
 
     // Everything of hsm killed: only the "service manager" (this test) holds the group.
     let guard = guard_pid(&fx.store).expect("guard.pid");
-    let worker = worker_pid(&fx);
+    let worker = fx.worker_pid();
     for pid in [worker, guard] {
         // SAFETY: signalling processes of our own daemon, by the pids they recorded.
         unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -512,15 +512,6 @@ on_each_fs!(
     without_a_daemon
 );
 
-/// The pid of the daemon's worker (which does releases and evictions).
-fn worker_pid(fx: &Fixture) -> i32 {
-    fs::read_to_string(fx.store.join(".hsm/worker.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// SIGKILL the worker and the supervisor together, as a crash of the machine's daemon would.
 fn kill_daemon(fx: &mut Fixture, worker: i32) {
     // SAFETY: our daemon's worker, by pid.
@@ -557,7 +548,7 @@ fn killed_mid_release(fs_kind: &str) {
             .unwrap();
         want[7..7 + local.len()].copy_from_slice(local.as_bytes());
     }
-    let worker = worker_pid(&fx);
+    let worker = fx.worker_pid();
     let mut release = Command::new(HSM)
         .arg("release")
         .arg(fx.at("k"))
@@ -705,19 +696,17 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
     // Eviction runs behind the reads (a release syncs each file): it catches up within seconds
     // (FUSE's reads outrun it by far).
     // Present = fetched - evicted (the store started empty); fetched counts what the directory
-    // prefetch took ahead too.
+    // prefetch took ahead too. Settled: a snapshot taken before the last reads would pass.
     let present_now = || {
-        fs::read(fx.store.join(".hsm/metrics.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .map_or(u64::MAX, |m| {
-                metric(&m, "fetched_bytes").saturating_sub(metric(&m, "evicted_bytes"))
-            })
+        let m = fx.settled_metrics();
+        metric(&m, "fetched_bytes").saturating_sub(metric(&m, "evicted_bytes"))
     };
-    let end = Instant::now() + Duration::from_secs(20);
-    while present_now() > limit && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(100));
+    let waited = Instant::now();
+    let mut tallied = present_now();
+    while tallied > limit && waited.elapsed() < Duration::from_secs(20) {
+        tallied = present_now();
     }
+    let waited = waited.elapsed();
     let m = fx.stop();
     // Stopped: every record is written, and says what is present.
     let present = present_total(&fx.store.join("tree"));
@@ -728,7 +717,9 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
     );
     assert!(
         present <= limit,
-        "{what}: {present} bytes present over a {limit}-byte limit"
+        "{what}: {present} bytes present over a {limit}-byte limit (waited {waited:?}, \
+         {tallied} tallied then); {m}; {:?}",
+        states(&fx.store.join("tree/c"))
     );
     // Eviction runs behind the reads (it waits for files being recorded): over the limit for a
     // moment, never holding the tree.
@@ -856,7 +847,7 @@ fn killed_mid_eviction(fs_kind: &str) {
             &format!("{what}: {rel}"),
         );
     }
-    let worker = worker_pid(&fx);
+    let worker = fx.worker_pid();
     kill_daemon(&mut fx, worker);
     fx.serve(&["--cache-limit", "2M"]);
     for (rel, want) in &files {

@@ -466,21 +466,6 @@ fn killed(kind: &str, fs: &str) {
     killed_with(kind, fs, false);
 }
 
-/// The daemon's worker (`.hsm/worker.pid`), once it is up.
-fn worker_pid(fx: &Fixture) -> i32 {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pid = std::fs::read_to_string(fx.store.join(".hsm/worker.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        if let Some(pid) = pid.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
-            return pid;
-        }
-        assert!(Instant::now() < end, "no worker within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `served`: the sync runs in the daemon, and it is the daemon's worker that is killed (the
 /// supervisor starts another); otherwise the `hsm sync` process itself.
 fn killed_with(kind: &str, fs: &str, served: bool) {
@@ -528,7 +513,7 @@ fn killed_with(kind: &str, fs: &str, served: bool) {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let worker = if served { worker_pid(&fx) } else { 0 };
+        let worker = if served { fx.worker_pid() } else { 0 };
         std::thread::sleep(Duration::from_millis(delay_ms));
         if child.try_wait().unwrap().is_none() {
             killed_mid_way += 1;
@@ -544,7 +529,7 @@ fn killed_with(kind: &str, fs: &str, served: bool) {
         if served {
             // The supervisor starts another worker.
             let end = Instant::now() + Duration::from_secs(30);
-            while worker_pid(&fx) == worker {
+            while fx.worker_pid() == worker {
                 assert!(Instant::now() < end, "no new worker within 30 s");
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -622,6 +607,67 @@ fn s3_killed_sync_converges() {
 #[test]
 fn http_killed_sync_converges() {
     killed("http", "xfs");
+}
+
+/// Kill the daemon's worker with SIGKILL and wait until it is gone (the supervisor reaps it and
+/// starts another at once); the new worker answers its control socket only a moment later.
+fn kill_worker(fx: &Fixture) {
+    let worker = fx.worker_pid();
+    // SAFETY: the daemon's worker, by pid.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let end = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(
+            Instant::now() < end,
+            "worker {worker} not reaped within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// While the supervisor's new worker starts, the store is locked (by the supervisor) and no
+/// control socket answers: `hsm sync`, `hsm release` and `hsm hydrate` run in that moment wait
+/// for the new worker and go through it, rather than fail (a cron job landing there would).
+#[test]
+fn commands_right_after_a_worker_restart_go_through_the_new_worker() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new("xfs", "1G");
+    let a = fx.write_source("a", 300_000, 1);
+    fx.write_source("b", 3000, 2);
+    fx.populate(&[]);
+    fx.serve(&[]);
+    let hsm = |args: &[&str]| {
+        Command::new(HSM)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let store = fx.store.display().to_string();
+    let in_tree = |rel: &str| fx.store.join("tree").join(rel).display().to_string();
+    for round in 0..3 {
+        // A new version of b, of another size (seen whatever the clock's granularity).
+        let b = fx.write_source("b", 3100 + round, 10 + round as u64);
+        kill_worker(&fx);
+        let out = hsm(&["sync", "--quiet", &store]);
+        assert_eq!(code(&out), 0, "round {round}: sync\n{}", text(&out));
+        assert_bytes_eq(&std::fs::read(fx.at("b")).unwrap(), &b, "b, synced");
+
+        kill_worker(&fx);
+        let out = hsm(&["hydrate", &in_tree("a")]);
+        assert_eq!(code(&out), 0, "round {round}: hydrate\n{}", text(&out));
+        assert!(status_line(&fx.store.join("tree/a")).contains("complete"));
+
+        kill_worker(&fx);
+        let out = hsm(&["release", &in_tree("a")]);
+        assert_eq!(code(&out), 0, "round {round}: release\n{}", text(&out));
+        assert!(status_line(&fx.store.join("tree/a")).contains("stub"));
+        assert_bytes_eq(&std::fs::read(fx.at("a")).unwrap(), &a, "a, released");
+    }
+    let m = fx.stop();
+    assert_eq!(metric(&m, "denied"), 0, "{m}");
 }
 
 /// `hsm serve --sync-every`: the tree follows the source with no command run.

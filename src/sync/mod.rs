@@ -320,11 +320,13 @@ fn through_daemon(
     call(opts.dry_run)
 }
 
+/// Sync in this process, holding the store's lock; `None` when a daemon that was starting
+/// serves the store now (go through it).
 fn in_process(
     store_path: &Path,
     listing: &mut Listing,
     opts: &SyncOptions,
-) -> anyhow::Result<SyncReport> {
+) -> anyhow::Result<Option<SyncReport>> {
     let group = crate::guard::group_for_tools(store_path)?;
     let view = match &group {
         Some(g) => Some(crate::guard::PrivateView::new(g, store_path)?),
@@ -334,13 +336,8 @@ fn in_process(
         .as_ref()
         .map_or(store_path.to_path_buf(), |v| v.root().to_path_buf());
     let store = Store::open(&root)?;
-    let _lock = match store.try_lock("hsm sync")? {
-        Ok(lock) => lock,
-        Err(holder) => bail!(
-            "the store {} is in use by {holder}, whose control socket does not answer; try \
-             again when it is done",
-            store_path.display()
-        ),
+    let Some(_lock) = store.lock_unless_served("hsm sync", &store_path.join("tree"))? else {
+        return Ok(None);
     };
     let none = |_: BorrowedFd<'_>| {};
     if listing.versions_pending && !opts.dry_run {
@@ -352,7 +349,7 @@ fn in_process(
             opts.threads,
         )?;
     }
-    apply(&store, listing, opts.dry_run, opts.threads, &none)
+    apply(&store, listing, opts.dry_run, opts.threads, &none).map(Some)
 }
 
 /// `hsm sync STORE`: the exit status (0, 1 on conflicts, 2 on errors).
@@ -368,9 +365,13 @@ pub fn run(store: &Path, opts: &SyncOptions) -> anyhow::Result<u8> {
     );
     let mut listing = list_source(&config, opts)?;
     refuse_empty_source(store, &listing, &config.source)?;
-    let report = match Client::find(&store.join("tree"))? {
-        Some((client, _)) => through_daemon(client, store, &config.source, &mut listing, opts)?,
-        None => in_process(store, &mut listing, opts)?,
+    let report = loop {
+        if let Some((client, _)) = Client::find(&store.join("tree"))? {
+            break through_daemon(client, store, &config.source, &mut listing, opts)?;
+        }
+        if let Some(report) = in_process(store, &mut listing, opts)? {
+            break report;
+        }
     };
     Ok(print(&report, opts))
 }

@@ -480,6 +480,21 @@ impl Fixture {
         ));
     }
 
+    /// The pid of the daemon's worker (`.hsm/worker.pid`), once it is up.
+    pub fn worker_pid(&self) -> i32 {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let pid = std::fs::read_to_string(self.store.join(".hsm/worker.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
+                return pid;
+            }
+            assert!(Instant::now() < end, "no worker within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stop the daemon (SIGTERM) and return its final metrics.
     pub fn stop(&mut self) -> serde_json::Value {
         if let Some(mut d) = self.daemon.take() {
