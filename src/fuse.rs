@@ -1702,9 +1702,7 @@ pub fn serve(
         None,
         opts.readahead,
         opts.fetch_deadline,
-        store.digest_dir(),
-        Some(store.open_tree()?),
-        store.config.fs == sysfs::FsKind::Xfs,
+        crate::engine::StoreAccess::of(&store, Some(store.open_tree()?)),
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
     engine.start_readahead(8);

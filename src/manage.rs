@@ -282,9 +282,7 @@ fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Option<Here>)> {
             None,
             crate::defaults::READAHEAD,
             crate::defaults::secs(crate::defaults::FETCH_DEADLINE_SECS),
-            st.digest_dir(),
-            Some(tree()?),
-            st.config.fs == sysfs::FsKind::Xfs,
+            crate::engine::StoreAccess::of(&st, Some(tree()?)),
         )))
     } else {
         None

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tracing::{debug, error, info, warn};
 
-use crate::engine::{Engine, Need, Served};
+use crate::engine::{Engine, Need, Served, StoreAccess};
 use crate::event::{EventId, PendingEvent, Respond, SupervisorResponder};
 use crate::guard::PrivateView;
 use crate::metrics::{Metrics, Outcome};
@@ -248,9 +248,7 @@ pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow:
         Some(published),
         opts.readahead,
         opts.fetch_deadline,
-        store.digest_dir(),
-        store.open_tree().ok(),
-        store.config.fs == crate::sys::fs::FsKind::Xfs,
+        StoreAccess::of(&store, store.open_tree().ok()),
     ));
     Metrics::add(&engine.metrics.worker_starts, 1);
     // One thread per chunk a sequential reader may have in flight ahead of it: a job holds its

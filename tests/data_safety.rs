@@ -1701,7 +1701,9 @@ fn corrupted_or_hand_edited_records_give_eio_and_the_daemon_keeps_serving_on(fro
         let good = fx.write_source("good", BIG, 140);
         let forged = fx.write_source("forged-present", BIG, 141);
         fx.populate(&["--digests"]);
-        let originals: Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = names
+        // Each name with its source and state records as populate wrote them.
+        type Records = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+        let originals: Vec<Records> = names
             .iter()
             .map(|n| {
                 (

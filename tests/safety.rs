@@ -1577,11 +1577,12 @@ fn disk_full(mkfs_extra: &[&str]) -> u64 {
     eprintln!(
         "{what}: 64 MiB ext4, {n} files of {size} bytes: {} read, then ENOSPC on {failing} \
          ({} bytes of it recorded present, all on disk; {present} bytes recorded in all; last \
-         metrics.json the daemon could write: denied {}, {}); after deleting two files it read right (fetched {} bytes)",
+         metrics.json the daemon could write: denied {}, fetched_bytes {}); after deleting two \
+         files it read right (fetched {} bytes)",
         read_ok.len(),
         fail_state.present_bytes(),
         get(&m, "denied"),
-        format!("fetched_bytes {}", get(&m, "fetched_bytes")),
+        get(&m, "fetched_bytes"),
         get(&m2, "fetched_bytes")
     );
     fail_state.present_bytes()

@@ -857,7 +857,7 @@ fn stub_owner_cannot_redirect(fs: &str, frontend: &[&str]) {
             &["EACCES"][..],
         ),
     ] {
-        let r = m.run(&[o.clone()]).pop().unwrap();
+        let r = m.run(std::slice::from_ref(&o)).pop().unwrap();
         assert!(
             allowed.contains(&r.errno()),
             "{fs}: as mallory, {}: got {}, expected {allowed:?}",

@@ -79,6 +79,26 @@ pub enum Served {
     Complete,
 }
 
+/// The engine's way into the store: its digests, and its tree.
+pub struct StoreAccess {
+    pub digest_dir: PathBuf,
+    /// The store's tree, on the daemon's ignore-marked view, to reopen stubs for writing.
+    pub tree: Option<OwnedFd>,
+    /// The store is on xfs: reopen for invisible I/O.
+    pub xfs: bool,
+}
+
+impl StoreAccess {
+    /// `store`'s, with `tree` opened by the caller (through its own view of the store).
+    pub fn of(store: &crate::store::Store, tree: Option<OwnedFd>) -> StoreAccess {
+        StoreAccess {
+            digest_dir: store.digest_dir(),
+            tree,
+            xfs: store.config.fs == sysfs::FsKind::Xfs,
+        }
+    }
+}
+
 pub struct Engine {
     backend: Arc<dyn Backend>,
     /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
@@ -171,9 +191,7 @@ impl Engine {
         published: Option<Shared<PublishedRanges>>,
         readahead: u64,
         fetch_timeout: Duration,
-        digest_dir: PathBuf,
-        store_tree: Option<OwnedFd>,
-        xfs: bool,
+        store: StoreAccess,
     ) -> Engine {
         let pool = |threads: usize| {
             let (tx, rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
@@ -196,9 +214,9 @@ impl Engine {
             fetch_tx,
             low_fetch_tx,
             fetch_timeout,
-            digest_dir,
-            store_tree,
-            xfs,
+            digest_dir: store.digest_dir,
+            store_tree: store.tree,
+            xfs: store.xfs,
             files: Mutex::new(HashMap::new()),
             max_cached: cache_limit(),
             flusher: persist::Flusher::default(),
@@ -568,9 +586,11 @@ mod tests {
             None,
             0,
             Duration::from_secs(20),
-            dir.join("digests"),
-            None,
-            false,
+            StoreAccess {
+                digest_dir: dir.join("digests"),
+                tree: None,
+                xfs: false,
+            },
         )
     }
 
