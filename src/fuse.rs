@@ -74,6 +74,8 @@ const FMODE_EXEC: i32 = 0x20;
 const PAGE: u64 = 4096;
 
 struct Node {
+    /// Its inode number in the table.
+    ino: u64,
     /// Names the inode whatever its names become, and never another (`name_to_handle_at`): its
     /// fd is opened again by it after being closed. `None`: the filesystem gives no handles,
     /// and the fd is kept.
@@ -89,8 +91,9 @@ struct Node {
 }
 
 impl Node {
-    fn new(fd: OwnedFd, key: (u64, u64), used: u64) -> Node {
+    fn new(ino: u64, fd: OwnedFd, key: (u64, u64), used: u64) -> Node {
         Node {
+            ino,
             handle: sysfs::file_handle(fd.as_fd()).ok(),
             key,
             lookups: AtomicU64::new(1),
@@ -109,20 +112,26 @@ struct NodeFd {
 struct Inodes {
     by_ino: HashMap<u64, Arc<Node>>,
     by_key: HashMap<(u64, u64), u64>,
+    /// The nodes that may have an fd open (a superset: an entry whose fd was closed meanwhile
+    /// is dropped at the next scan). What eviction scans: about the budget, where the table
+    /// may hold millions of nodes.
+    with_fd: std::collections::HashSet<u64>,
     next: u64,
 }
 
 impl Inodes {
     /// Of the nodes with an fd open and a handle to open it again by (never the root), the
-    /// `n` used least recently.
-    fn least_recent(&self, n: usize) -> Vec<Arc<Node>> {
+    /// `n` used least recently, taken out of [`Inodes::with_fd`]: their fds are to be closed.
+    fn least_recent(&mut self, n: usize) -> Vec<Arc<Node>> {
+        let by_ino = &self.by_ino;
+        self.with_fd
+            .retain(|ino| by_ino.get(ino).is_some_and(|node| lock(&node.fd).is_some()));
         let mut ages: Vec<(u64, u64)> = self
-            .by_ino
+            .with_fd
             .iter()
-            .filter(|(&ino, node)| {
-                ino != INodeNo::ROOT.0 && node.handle.is_some() && lock(&node.fd).is_some()
-            })
-            .map(|(&ino, node)| (node.used.load(Ordering::Relaxed), ino))
+            .filter_map(|ino| by_ino.get(ino))
+            .filter(|node| node.ino != INodeNo::ROOT.0 && node.handle.is_some())
+            .map(|node| (node.used.load(Ordering::Relaxed), node.ino))
             .collect();
         let n = n.min(ages.len());
         if n == 0 {
@@ -133,7 +142,10 @@ impl Inodes {
             ages.truncate(n);
         }
         ages.iter()
-            .filter_map(|(_, ino)| self.by_ino.get(ino).cloned())
+            .filter_map(|(_, ino)| {
+                self.with_fd.remove(ino);
+                self.by_ino.get(ino).cloned()
+            })
             .collect()
     }
 }
@@ -180,6 +192,7 @@ impl InodeTable {
         )?);
         *slot = Some(fd.clone());
         drop(slot);
+        lock(&self.inodes).with_fd.insert(node.ino);
         self.opened();
         Ok(NodeFd { fd })
     }
@@ -446,6 +459,7 @@ impl HsmFs {
         inodes.by_ino.insert(
             INodeNo::ROOT.0,
             Arc::new(Node {
+                ino: INodeNo::ROOT.0,
                 handle: None,
                 key,
                 lookups: AtomicU64::new(1),
@@ -511,6 +525,9 @@ impl HsmFs {
                     }
                     closed
                 };
+                if kept {
+                    inodes.with_fd.insert(ino);
+                }
                 drop(inodes);
                 if kept {
                     self.table.opened();
@@ -521,7 +538,10 @@ impl HsmFs {
         let ino = inodes.next;
         inodes.next += 1;
         inodes.by_key.insert(key, ino);
-        inodes.by_ino.insert(ino, Arc::new(Node::new(fd, key, now)));
+        inodes
+            .by_ino
+            .insert(ino, Arc::new(Node::new(ino, fd, key, now)));
+        inodes.with_fd.insert(ino);
         drop(inodes);
         self.table.opened();
         Ok((ino, st))
@@ -746,6 +766,7 @@ impl HsmFs {
         }
         if let Some(node) = inodes.by_ino.remove(&ino.0) {
             inodes.by_key.remove(&node.key);
+            inodes.with_fd.remove(&ino.0);
             drop(inodes);
             self.table.forgotten(&node);
         }
@@ -1802,9 +1823,10 @@ mod tests {
         let mut inodes = Inodes::default();
         for (i, &used) in ages.iter().enumerate() {
             let ino = i as u64 + 1;
-            let node = Node::new(root().unwrap(), (0, ino), used);
+            let node = Node::new(ino, root().unwrap(), (0, ino), used);
             assert!(node.handle.is_some(), "/ gives handles");
             inodes.by_ino.insert(ino, Arc::new(node));
+            inodes.with_fd.insert(ino);
         }
         InodeTable {
             inodes: Mutex::new(inodes),
@@ -1853,5 +1875,14 @@ mod tests {
         assert_eq!(with_fd(&t), [1, 2, 3, 4, 7, 8]);
         assert_eq!(t.open.load(Ordering::Relaxed), 7);
         assert!(Inodes::default().least_recent(3).is_empty());
+        // Only the nodes with an fd are scanned, and the closed ones are not kept there.
+        assert_eq!(
+            lock(&t.inodes)
+                .with_fd
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            [1, 2, 3, 4, 7, 8].into()
+        );
     }
 }
