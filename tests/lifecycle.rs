@@ -747,6 +747,119 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
 
 on_each_fs_and_fuse!(a_cache_limit_holds_while_a_bigger_tree_is_read, cache_limit);
 
+/// What is fetched ahead of any reader (an access list, a directory prefetch) only fills the
+/// room below the limit's low watermark, however many such fetches run at once: it never
+/// evicts what was read, and never takes the store over the limit.
+#[test]
+fn fetching_ahead_never_evicts_what_was_read() {
+    if !require_root() {
+        return;
+    }
+    let what = "fetching ahead under a cache limit";
+    let mut fx = Fixture::new("xfs", "1G");
+    let hot: Vec<Vec<u8>> = (0..2)
+        .map(|i| fx.write_source(&format!("hot/h{i}"), MIB, 70 + i as u64))
+        .collect();
+    let ahead: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            let rel = format!("ahead/a{i:02}");
+            let data = fx.write_source(&rel, 256 * KIB, 100 + i as u64);
+            (rel, data)
+        })
+        .collect();
+    let list = fx.scratch.path.join("list");
+    let mut text = String::from("hsm-access-list 1\n");
+    for (rel, _) in &ahead {
+        text.push_str(&format!("{rel}\t{}\topen\t-\n", 256 * KIB));
+    }
+    fs::write(&list, text).unwrap();
+    fx.populate(&[]);
+    // 90% of 4 MiB: what fetching ahead may fill the store up to.
+    let watermark = 4 * MIB as u64 * 9 / 10;
+    let read_hot = |fx: &Fixture| {
+        for (i, want) in hot.iter().enumerate() {
+            assert_bytes_eq(&fs::read(fx.at(&format!("hot/h{i}"))).unwrap(), want, what);
+        }
+    };
+    let present = |m: &serde_json::Value| {
+        metric(m, "fetched_bytes").saturating_sub(metric(m, "evicted_bytes"))
+    };
+
+    // An access list: 5 MiB asked for, with 2 MiB read.
+    fx.serve(&["--cache-limit", "4M", "--dir-prefetch", "0"]);
+    read_hot(&fx);
+    let out = Command::new(HSM)
+        .args(["hydrate", "--list"])
+        .arg(&list)
+        .arg(&fx.view)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{what}: {out:?}");
+    let m = fx.settled_metrics();
+    assert_eq!(
+        metric(&m, "evicted_bytes"),
+        0,
+        "{what}: the list evicted: {m}"
+    );
+    assert!(
+        present(&m) <= watermark,
+        "{what}: the list filled the store past 90% of its limit: {m}"
+    );
+    assert!(
+        metric(&m, "list_prefetched_bytes") >= 256 * KIB as u64,
+        "{what}: the list fetched nothing into the room there was: {m}"
+    );
+    fx.stop();
+    for i in 0..2 {
+        let state = states(&fx.store.join(format!("tree/hot/h{i}")));
+        assert_eq!(state[0].1, "complete", "{what}: {state:?}");
+    }
+
+    // A directory prefetch, which fetches many files at once: three opened, 17 to fetch ahead.
+    fx.serve(&["--cache-limit", "4M"]);
+    for (rel, want) in &ahead[..3] {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, what);
+    }
+    // The prefetch done: nothing more fetched between two settled snapshots.
+    let fetched = |m: &serde_json::Value| {
+        (
+            metric(m, "fetched_bytes"),
+            metric(m, "evicted_bytes"),
+            metric(m, "prefetched_files"),
+        )
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut m = fx.settled_metrics();
+    loop {
+        let again = fx.settled_metrics();
+        if fetched(&again) == fetched(&m) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: still fetching after 30 s: {again}"
+        );
+        m = again;
+    }
+    assert_eq!(
+        metric(&m, "evicted_bytes"),
+        0,
+        "{what}: the prefetch evicted: {m}"
+    );
+    let m = fx.stop();
+    assert!(
+        present_total(&fx.store.join("tree")) <= watermark,
+        "{what}: the prefetch filled the store past 90% of its limit: {m}"
+    );
+    // Every byte reads right, whatever was fetched ahead.
+    fx.serve(&["--cache-limit", "4M"]);
+    read_hot(&fx);
+    for (rel, want) in &ahead {
+        assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, what);
+    }
+}
+
 #[test]
 fn a_full_store_evicts_and_the_fill_goes_on() {
     if !require_root() {
