@@ -674,7 +674,11 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
     let hot = fx.write_source("hot", 256 * KIB, 7);
     let limit = 4 * MIB as u64;
     fx.populate(&[]);
-    fx.serve(&[frontend, &["--cache-limit", "4M"]].concat());
+    // Eviction's choices (`debug`), for the message of a failure.
+    fx.serve_with_env(
+        &[frontend, &["--cache-limit", "4M"]].concat(),
+        &[("RUST_LOG", "info,hsm::evict=debug,hsm::lifecycle=debug")],
+    );
     // What the store holds on disk: the filesystem's own figure (records lag the bytes).
     let base = free_bytes(&fx.fs.mnt);
     let mut peak = 0;
@@ -707,7 +711,8 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
         tallied = present_now();
     }
     let waited = waited.elapsed();
-    let m = fx.stop();
+    let log = fx.daemon.take().expect("serving").stop_log();
+    let m = fx.metrics();
     // Stopped: every record is written, and says what is present.
     let present = present_total(&fx.store.join("tree"));
     eprintln!(
@@ -718,8 +723,14 @@ fn cache_limit(fs_kind: &str, frontend: &[&str]) {
     assert!(
         present <= limit,
         "{what}: {present} bytes present over a {limit}-byte limit (waited {waited:?}, \
-         {tallied} tallied then); {m}; {:?}",
-        states(&fx.store.join("tree/c"))
+         {tallied} tallied then); {m}; {:?}; the daemon's last eviction lines:\n{}",
+        states(&fx.store.join("tree/c")),
+        log.lines()
+            .filter(|l| l.contains("evict") || l.contains("release") || l.contains("WARN"))
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // Eviction runs behind the reads (it waits for files being recorded): over the limit for a
     // moment, never holding the tree.
@@ -816,7 +827,15 @@ fn fetching_ahead_never_evicts_what_was_read() {
         assert_eq!(state[0].1, "complete", "{what}: {state:?}");
     }
 
-    // A directory prefetch, which fetches many files at once: three opened, 17 to fetch ahead.
+    // A directory prefetch, which fetches many files at once: from the hot files alone, three
+    // files opened (its trigger), 17 to fetch ahead into 1 MiB of room.
+    let out = Command::new(HSM)
+        .arg("release")
+        .arg(fx.store.join("tree/ahead"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{what}: {out:?}");
     fx.serve(&["--cache-limit", "4M"]);
     for (rel, want) in &ahead[..3] {
         assert_bytes_eq(&fs::read(fx.at(rel)).unwrap(), want, what);
@@ -846,6 +865,10 @@ fn fetching_ahead_never_evicts_what_was_read() {
         metric(&m, "evicted_bytes"),
         0,
         "{what}: the prefetch evicted: {m}"
+    );
+    assert!(
+        metric(&m, "prefetched_files") >= 1,
+        "{what}: the prefetch fetched nothing into the room there was: {m}"
     );
     let m = fx.stop();
     assert!(
