@@ -260,12 +260,10 @@ fn here(op: Op, store: &Path) -> anyhow::Result<(Reach, Option<Here>)> {
         .map_or(store.to_path_buf(), |v| v.root().to_path_buf());
     let st = crate::store::Store::open(&root)
         .with_context(|| format!("cannot open the store {}", store.display()))?;
-    let tree_path = store.join("tree");
-    let Some(lock) = st.lock_unless_served(&format!("hsm {}", verb(op)), &tree_path)? else {
+    let lock = match st.lock_unless_served(&format!("hsm {}", verb(op)), &store.join("tree"))? {
+        crate::store::Worker::Here(lock) => lock,
         // A daemon that was starting serves the store now.
-        let (client, _) = Client::find(&tree_path)?
-            .with_context(|| format!("the daemon serving {} stopped", store.display()))?;
-        return Ok((Reach::Daemon(client), None));
+        crate::store::Worker::Daemon(client) => return Ok((Reach::Daemon(client), None)),
     };
     let tree = || -> anyhow::Result<OwnedFd> {
         Ok(OwnedFd::from(File::open(st.tree()).with_context(|| {

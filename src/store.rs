@@ -374,31 +374,28 @@ impl Store {
         }
     }
 
-    /// The lock, for a command (`holder`) about to work on the store in its own process; or
-    /// `None` once a daemon serving it answers on the control socket of `tree` (the store's
-    /// tree, as the user named it): go through the daemon then. A daemon whose worker is
-    /// restarting (after a crash, or a kill) holds the lock but answers only a moment later:
-    /// it is waited for, up to [`DAEMON_ANSWER_WAIT`], rather than refused (a cron job's
+    /// The lock, for a command (`holder`) about to work on the store in its own process; or a
+    /// connection to the daemon serving it, once one answers on the control socket of `tree`
+    /// (the store's tree, as the user named it): go through the daemon then. A daemon whose
+    /// worker is restarting (after a crash, or a kill) holds the lock but answers only a moment
+    /// later: it is waited for, up to [`DAEMON_ANSWER_WAIT`], rather than refused (a cron job's
     /// `hsm sync` landing in that second would fail). Any other holder is refused at once.
-    pub fn lock_unless_served(
-        &self,
-        holder: &str,
-        tree: &Path,
-    ) -> anyhow::Result<Option<StoreLock>> {
+    pub fn lock_unless_served(&self, holder: &str, tree: &Path) -> anyhow::Result<Worker> {
         let deadline = std::time::Instant::now() + DAEMON_ANSWER_WAIT;
         loop {
             let who = match self.try_lock(holder)? {
-                Ok(lock) => return Ok(Some(lock)),
+                Ok(lock) => return Ok(Worker::Here(lock)),
                 Err(who) => who,
             };
-            if crate::control::Client::find(tree)?.is_some() {
-                return Ok(None);
+            if let Some((client, _)) = crate::control::Client::find(tree)? {
+                return Ok(Worker::Daemon(client));
             }
-            if !who.starts_with("hsm serve") || std::time::Instant::now() >= deadline {
+            let daemon = who.starts_with("hsm serve");
+            if !daemon || std::time::Instant::now() >= deadline {
                 bail!(
                     "the store {} is in use by {who}{}; try again when it is done",
                     tree.parent().unwrap_or(tree).display(),
-                    if who.starts_with("hsm serve") {
+                    if daemon {
                         ", whose control socket does not answer"
                     } else {
                         ""
@@ -408,6 +405,14 @@ impl Store {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+}
+
+/// Who works on the store for a command (see [`Store::lock_unless_served`]).
+pub enum Worker {
+    /// This process, holding the store's lock.
+    Here(StoreLock),
+    /// The daemon serving it.
+    Daemon(crate::control::Client),
 }
 
 /// How long a command waits for a serving daemon that holds the store's lock to answer on its

@@ -40,7 +40,7 @@ use crate::backend::local::path_from_url;
 use crate::backend::{scheme_of, Scheme};
 use crate::control::{Client, Done, Op};
 use crate::populate::{PopulateOptions, Stubber};
-use crate::store::Store;
+use crate::store::{Store, Worker};
 use crate::sys::fs as sysfs;
 
 pub use listing::{list_source, Listing, Node};
@@ -320,13 +320,13 @@ fn through_daemon(
     call(opts.dry_run)
 }
 
-/// Sync in this process, holding the store's lock; `None` when a daemon that was starting
-/// serves the store now (go through it).
+/// Sync in this process, holding the store's lock; `Err` with the daemon's connection when a
+/// daemon that was starting serves the store now (go through it).
 fn in_process(
     store_path: &Path,
     listing: &mut Listing,
     opts: &SyncOptions,
-) -> anyhow::Result<Option<SyncReport>> {
+) -> anyhow::Result<Result<SyncReport, Client>> {
     let group = crate::guard::group_for_tools(store_path)?;
     let view = match &group {
         Some(g) => Some(crate::guard::PrivateView::new(g, store_path)?),
@@ -336,8 +336,9 @@ fn in_process(
         .as_ref()
         .map_or(store_path.to_path_buf(), |v| v.root().to_path_buf());
     let store = Store::open(&root)?;
-    let Some(_lock) = store.lock_unless_served("hsm sync", &store_path.join("tree"))? else {
-        return Ok(None);
+    let _lock = match store.lock_unless_served("hsm sync", &store_path.join("tree"))? {
+        Worker::Here(lock) => lock,
+        Worker::Daemon(client) => return Ok(Err(client)),
     };
     let none = |_: BorrowedFd<'_>| {};
     if listing.versions_pending && !opts.dry_run {
@@ -349,7 +350,7 @@ fn in_process(
             opts.threads,
         )?;
     }
-    apply(&store, listing, opts.dry_run, opts.threads, &none).map(Some)
+    apply(&store, listing, opts.dry_run, opts.threads, &none).map(Ok)
 }
 
 /// `hsm sync STORE`: the exit status (0, 1 on conflicts, 2 on errors).
@@ -365,13 +366,13 @@ pub fn run(store: &Path, opts: &SyncOptions) -> anyhow::Result<u8> {
     );
     let mut listing = list_source(&config, opts)?;
     refuse_empty_source(store, &listing, &config.source)?;
-    let report = loop {
-        if let Some((client, _)) = Client::find(&store.join("tree"))? {
-            break through_daemon(client, store, &config.source, &mut listing, opts)?;
-        }
-        if let Some(report) = in_process(store, &mut listing, opts)? {
-            break report;
-        }
+    let served = match Client::find(&store.join("tree"))? {
+        Some((client, _)) => Err(client),
+        None => in_process(store, &mut listing, opts)?,
+    };
+    let report = match served {
+        Ok(report) => report,
+        Err(client) => through_daemon(client, store, &config.source, &mut listing, opts)?,
     };
     Ok(print(&report, opts))
 }
