@@ -1676,6 +1676,8 @@ pub fn serve(
     // One O_PATH fd per inode the kernel holds: a walk of more files than a login's 1,024
     // would fail with EMFILE.
     crate::supervisor::raise_fd_limit();
+    // Before any thread starts (see `reserve_fd_table`).
+    let _ = crate::sys::process::reserve_fd_table(crate::worker::FD_TABLE_SLOTS);
     let store_root = store_root
         .canonicalize()
         .with_context(|| format!("cannot find the store {}", store_root.display()))?;

@@ -207,7 +207,14 @@ struct Ctx {
     services: crate::frontend::Services,
 }
 
+/// Fd numbers the worker's table holds from the start: its cached files (two fds each on xfs),
+/// held events and fetches ahead, with room to spare.
+pub(crate) const FD_TABLE_SLOTS: u64 = 1 << 15;
+
 pub fn run(store_root: &Path, mountpoint: &Path, opts: WorkerOptions) -> anyhow::Result<()> {
+    // Before any thread starts (see `reserve_fd_table`): a cold walk of 12,000 small files
+    // took 0.71-0.87 s with it, 0.85-0.97 s without (native 0.69-0.79 s).
+    let _ = crate::sys::process::reserve_fd_table(FD_TABLE_SLOTS);
     let sock = ipc::claim_inherited(SOCKET_FD).context("worker started without its socket")?;
     let group = Arc::new(Group::from_fd(
         ipc::claim_inherited(GROUP_FD).context("worker started without the fanotify group")?,
