@@ -61,9 +61,9 @@ impl LocalBackend {
         })
     }
 
-    fn open_object(&self, key: &[u8]) -> Result<OwnedFd, FetchError> {
+    fn open_object(&self, key: &[u8], flags: i32) -> Result<OwnedFd, FetchError> {
         let attempt = |root: &OwnedFd| {
-            sysfs::open_beneath(root.as_fd(), key, libc::O_RDONLY | libc::O_NONBLOCK)
+            sysfs::open_beneath(root.as_fd(), key, libc::O_RDONLY | libc::O_NONBLOCK | flags)
         };
         let first = {
             let root = self.root_fd.read().unwrap_or_else(|p| p.into_inner());
@@ -172,7 +172,12 @@ fn classify(e: std::io::Error) -> FetchError {
 impl LocalBackend {
     /// Open the object, proving it is still the file populate recorded.
     fn open_unchanged(&self, obj: &SourceRecord) -> Result<OwnedFd, FetchError> {
-        let fd = self.open_object(&obj.key)?;
+        self.open_unchanged_with(obj, 0)
+    }
+
+    /// [`LocalBackend::open_unchanged`], opened with `flags` too.
+    fn open_unchanged_with(&self, obj: &SourceRecord, flags: i32) -> Result<OwnedFd, FetchError> {
+        let fd = self.open_object(&obj.key, flags)?;
         let st = sysfs::fstat(fd.as_fd())?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(FetchError::Changed("no longer a regular file".into()));
@@ -191,6 +196,41 @@ impl LocalBackend {
 /// Alignment of offset and length that direct reads from any Linux block device accept.
 const DIRECT_ALIGN: u64 = 4096;
 
+/// Reads up to this long (a small file, a random access's page) go around the page cache;
+/// longer ones are spliced (see `splice_range`).
+const DIRECT_READ_MAX: usize = 64 << 10;
+
+thread_local! {
+    /// Each thread's buffer for direct reads, of which a 4 KiB-aligned slice is used.
+    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Read `buf.len()` bytes at `offset` (aligned) from `fd` (opened `O_DIRECT`) through the
+/// thread's aligned buffer, in one read of whole blocks. `Ok(false)`: it came back short (at
+/// the end of the file, or a filesystem that reads less at once): the caller reads again
+/// through the page cache, which tells the two apart.
+fn read_direct(
+    fd: std::os::fd::BorrowedFd<'_>,
+    offset: u64,
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    let align = DIRECT_ALIGN as usize;
+    let span = buf.len().next_multiple_of(align);
+    DIRECT_BUF.with_borrow_mut(|space| {
+        if space.len() < span + align {
+            space.resize(span + align, 0);
+        }
+        let at = space.as_ptr().align_offset(align);
+        let aligned = &mut space[at..at + span];
+        let got = sysfs::pread_once(fd, aligned, offset)?;
+        if got < buf.len() {
+            return Ok(false);
+        }
+        buf.copy_from_slice(&aligned[..buf.len()]);
+        Ok(true)
+    })
+}
+
 fn short_unless_all(offset: u64, want: usize, got: usize) -> Result<(), FetchError> {
     if got != want {
         return Err(FetchError::Short { offset, want, got });
@@ -205,6 +245,28 @@ impl Backend for LocalBackend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
+        // Around the page cache, as `splice_range` reads: the stub is the cache. A cold walk
+        // of 12,000 small files through hsm took the source's pages as much memory again,
+        // and their allocation's time (reads from C: 0.10-0.12 s of system time direct,
+        // 0.14-0.16 s through the cache). Where the filesystem or the alignment says no, it
+        // goes through the page cache.
+        if offset.is_multiple_of(DIRECT_ALIGN) && !buf.is_empty() && buf.len() <= DIRECT_READ_MAX {
+            let fd = match self.open_unchanged_with(obj, libc::O_DIRECT) {
+                Err(FetchError::Io(e)) if e.raw_os_error() == Some(libc::EINVAL) => None,
+                fd => Some(fd?),
+            };
+            if let Some(fd) = fd {
+                match read_direct(fd.as_fd(), offset, buf) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                sysfs::set_direct(fd.as_fd(), false)?;
+                let got = sysfs::pread_full(fd.as_fd(), buf, offset)?;
+                return short_unless_all(offset, buf.len(), got);
+            }
+        }
         let fd = self.open_unchanged(obj)?;
         let got = sysfs::pread_full(fd.as_fd(), buf, offset)?;
         short_unless_all(offset, buf.len(), got)
@@ -283,6 +345,63 @@ mod tests {
         // Mount points with escaped spaces.
         assert!(stalls("/srv/my files"));
         assert!(!stalls("/srv/my"));
+    }
+
+    /// A source file of `size` bytes of a pattern, and its record as populate would make it.
+    fn source_file(dir: &Path, name: &str, size: usize) -> (Vec<u8>, SourceRecord) {
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let path = dir.join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let st = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let record = SourceRecord {
+            key: name.as_bytes().to_vec(),
+            size: size as u64,
+            mtime: (st.mtime(), st.mtime_nsec() as u32),
+            version: None,
+            chunk_size: 1 << 20,
+            kind: crate::record::StubKind::Sparse,
+            digests: None,
+        };
+        (bytes, record)
+    }
+
+    #[test]
+    fn reads_direct_or_not_return_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = LocalBackend::open(dir.path()).unwrap();
+        // Whole small files whose ends are not block-aligned, one exactly a block, one past
+        // the direct limit; then pieces: aligned, unaligned, and the tail.
+        for size in [1, 4095, 4096, 6001, DIRECT_READ_MAX + 1] {
+            let (bytes, record) = source_file(dir.path(), &format!("f{size}"), size);
+            let mut buf = vec![0u8; size];
+            backend.read_range(&record, 0, &mut buf).unwrap();
+            assert!(buf == bytes, "whole file of {size} bytes");
+        }
+        let size = 3 * DIRECT_READ_MAX + 123;
+        let (bytes, record) = source_file(dir.path(), "big", size);
+        for (offset, len) in [
+            (4096, 4096),
+            (8192, 100),
+            (4097, 5000),
+            (size - 123, 123),
+            (size - 4219, 4219),
+        ] {
+            let mut buf = vec![0u8; len];
+            backend
+                .read_range(&record, offset as u64, &mut buf)
+                .unwrap();
+            assert!(
+                buf == bytes[offset..offset + len],
+                "{len} bytes at {offset}"
+            );
+        }
+        // Past the end: a short read is an error, never zeros.
+        let mut buf = vec![0u8; 4096];
+        let err = backend
+            .read_range(&record, (size - 100) as u64, &mut buf)
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Short { .. }), "{err:?}");
     }
 
     #[test]

@@ -47,8 +47,8 @@ pub fn reserve_fd_table(slots: u64) -> io::Result<()> {
         return Ok(());
     }
     // SAFETY: plain fcntl and close on fd 0's duplicate, which this function alone owns.
-    let fd = cvt(unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, top as libc::c_int) })
-        .or_else(|_| {
+    let fd = cvt(unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, top as libc::c_int) }).or_else(
+        |_| {
             // No fd 0 (a daemon started with it closed): any open fd serves.
             let any = std::fs::File::open("/")?;
             cvt(unsafe {
@@ -58,7 +58,8 @@ pub fn reserve_fd_table(slots: u64) -> io::Result<()> {
                     top as libc::c_int,
                 )
             })
-        })?;
+        },
+    )?;
     // SAFETY: `fd` was just made here and is closed once.
     unsafe { libc::close(fd) };
     Ok(())
@@ -81,7 +82,11 @@ mod tests {
         let want = soft.min(8192);
         let open_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
         reserve_fd_table(want).unwrap();
-        assert!(fd_table_size() >= want, "FDSize {} < {want}", fd_table_size());
+        assert!(
+            fd_table_size() >= want,
+            "FDSize {} < {want}",
+            fd_table_size()
+        );
         let open_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
         assert_eq!(open_after, open_before);
         // More than the limit allows is cut to the limit, not an error.
