@@ -373,6 +373,10 @@ struct Window {
     ahead: u8,
 }
 
+/// Threads waiting on `room` (counted under the same lock): a fetch's end wakes them only if
+/// there are some, since a wake-up is a system call.
+type RoomWaiters = usize;
+
 pub struct DirPrefetch {
     engine: Arc<Engine>,
     /// For the ignore marks of the files made complete (None under FUSE, which has no marks).
@@ -389,7 +393,7 @@ pub struct DirPrefetch {
     /// Files to fetch, and their sizes.
     jobs: crossbeam_channel::Sender<(Vec<u8>, u64)>,
     /// How many fetches may run now; the fetching threads wait on `room` for their turn.
-    in_flight: Mutex<InFlight>,
+    in_flight: Mutex<(InFlight, RoomWaiters)>,
     room: std::sync::Condvar,
     /// Rung when the limit grows: threads above it may take jobs (see `start`).
     grown: std::sync::Condvar,
@@ -429,7 +433,7 @@ impl DirPrefetch {
             starved_until: Mutex::new(None),
             windows,
             jobs,
-            in_flight: Mutex::new(InFlight::new(threads)),
+            in_flight: Mutex::new((InFlight::new(threads), 0)),
             room: std::sync::Condvar::new(),
             grown: std::sync::Condvar::new(),
             marks: std::sync::atomic::AtomicBool::new(true),
@@ -607,22 +611,24 @@ impl DirPrefetch {
     /// Wait (up to `wait`) until thread `i` may take a job: the limit is above `i`.
     fn wait_for_slot(&self, i: usize, wait: Duration) -> bool {
         let gate = lock(&self.in_flight);
-        if gate.limit() > i {
+        if gate.0.limit() > i {
             return true;
         }
         let (gate, _) = self
             .grown
             .wait_timeout(gate, wait)
             .unwrap_or_else(|p| p.into_inner());
-        gate.limit() > i
+        gate.0.limit() > i
     }
 
     /// [`DirPrefetch::fetch`], once [`InFlight`] has room for it; the time it took the source
     /// is noted for the next ones.
     fn fetch_in_turn(&self, rel: &[u8], size: u64) {
         let mut gate = lock(&self.in_flight);
-        while !gate.try_start(size) {
+        while !gate.0.try_start(size) {
+            gate.1 += 1;
             gate = self.room.wait(gate).unwrap_or_else(|p| p.into_inner());
+            gate.1 -= 1;
         }
         drop(gate);
         let start = Instant::now();
@@ -630,13 +636,15 @@ impl DirPrefetch {
         let fetched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fetch(rel)))
             .unwrap_or(false);
         let now = Instant::now();
-        let grew = {
+        let (grew, waiting) = {
             let mut gate = lock(&self.in_flight);
-            let before = gate.limit();
-            gate.done(size, fetched.then(|| now - start), now);
-            gate.limit() > before
+            let before = gate.0.limit();
+            gate.0.done(size, fetched.then(|| now - start), now);
+            (gate.0.limit() > before, gate.1 > 0)
         };
-        self.room.notify_all();
+        if waiting {
+            self.room.notify_all();
+        }
         if grew {
             self.grown.notify_all();
         }

@@ -53,6 +53,9 @@ pub(super) struct EntryState {
     /// unrecorded range may be the user's, written after a fill whose record a crash lost. Such
     /// ranges are compared before anything is written over them.
     pub(super) suspect: bool,
+    /// Threads waiting on the entry's `changed` for another's fetch: only they need waking (a
+    /// wake-up is a system call: one per piece written, and one per fill, otherwise).
+    pub(super) waiters: usize,
 }
 
 impl EntryState {
@@ -66,6 +69,7 @@ impl EntryState {
             last_access: now,
             dirty_since: None,
             suspect,
+            waiters: 0,
         }
     }
 }

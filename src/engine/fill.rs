@@ -115,8 +115,11 @@ impl Drop for Claims<'_> {
         for c in &self.chunks {
             st.in_flight.remove(c);
         }
+        let waiters = st.waiters;
         drop(st);
-        self.entry.changed.notify_all();
+        if waiters > 0 {
+            self.entry.changed.notify_all();
+        }
     }
 }
 
@@ -167,10 +170,12 @@ impl Engine {
                 if readahead {
                     return Ok(wrote); // someone else is on it
                 }
-                let _ = entry
+                s.waiters += 1;
+                let (mut s, _) = entry
                     .changed
                     .wait_timeout(s, Duration::from_millis(100))
                     .unwrap_or_else(|p| p.into_inner());
+                s.waiters -= 1;
                 continue;
             }
             drop(s);
@@ -345,13 +350,16 @@ impl Engine {
             Metrics::add(&self.metrics.files_completed, 1);
         }
         let present = s.record.present_bytes();
+        let waiters = s.waiters;
         drop(s);
         if let Some(space) = self.space.get() {
             space.filled(fd, present);
         }
         // A reader waiting on this piece (claimed by another request, readahead say) goes on
         // now, not when that request's last piece is written.
-        entry.changed.notify_all();
+        if waiters > 0 {
+            entry.changed.notify_all();
+        }
         Ok(())
     }
 

@@ -646,6 +646,50 @@ mod tests {
     }
 
     #[test]
+    fn readers_of_a_chunk_being_fetched_wait_for_that_fetch() {
+        let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+        let file = stub_file(dir.path(), 2 << 20);
+        let metrics = Shared::<Metrics>::create(c"hsm-test-metrics-waiters").unwrap();
+        let source = Arc::new(SlowSource {
+            slow_from: 0,
+            slow: Duration::from_millis(300),
+            ..Default::default()
+        });
+        let engine = Arc::new(test_engine(source.clone(), metrics, dir.path()));
+        let whole = Need::Range {
+            offset: 0,
+            count: 2 << 20,
+        };
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (engine, fd) = (engine.clone(), file.try_clone().unwrap());
+                std::thread::spawn(move || engine.serve(fd.as_fd(), whole))
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.join().unwrap().unwrap(), Served::Complete);
+        }
+        // Each byte was fetched once: the readers that found a chunk claimed waited for it.
+        assert_eq!(source.read.load(Ordering::Relaxed), 2 << 20);
+        let mut back = vec![0u8; 2 << 20];
+        assert_eq!(
+            sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(),
+            back.len()
+        );
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == source_byte(i as u64)));
+        let st = sysfs::fstat(file.as_fd()).unwrap();
+        let entry = engine.entry(&st, file.as_fd()).unwrap().unwrap();
+        assert_eq!(
+            lock(&entry.state).waiters,
+            0,
+            "a waiter was not counted out"
+        );
+    }
+
+    #[test]
     fn a_full_cache_records_idle_files_itself_and_evicts_them() {
         let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
         let file = stub_file(dir.path(), 2 << 20);
