@@ -574,6 +574,16 @@ mod tests {
         f
     }
 
+    /// The first `len` bytes of `file` are the test source's.
+    fn assert_holds_the_source(file: &std::fs::File, len: usize) {
+        let mut back = vec![0u8; len];
+        assert_eq!(sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(), len);
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == source_byte(i as u64)));
+    }
+
     /// An engine over `source` for the unit tests: no published ranges, no readahead, no view.
     fn test_engine(
         source: Arc<dyn Backend>,
@@ -634,15 +644,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(StateRecord::decode_alone(&raw).unwrap().is_complete());
-        let mut back = vec![0u8; 2 << 20];
-        assert_eq!(
-            sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(),
-            back.len()
-        );
-        assert!(back
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == source_byte(i as u64)));
+        assert_holds_the_source(&file, 2 << 20);
     }
 
     #[test]
@@ -671,15 +673,7 @@ mod tests {
         }
         // Each byte was fetched once: the readers that found a chunk claimed waited for it.
         assert_eq!(source.read.load(Ordering::Relaxed), 2 << 20);
-        let mut back = vec![0u8; 2 << 20];
-        assert_eq!(
-            sysfs::pread_full(file.as_fd(), &mut back, 0).unwrap(),
-            back.len()
-        );
-        assert!(back
-            .iter()
-            .enumerate()
-            .all(|(i, &b)| b == source_byte(i as u64)));
+        assert_holds_the_source(&file, 2 << 20);
         let st = sysfs::fstat(file.as_fd()).unwrap();
         let entry = engine.entry(&st, file.as_fd()).unwrap().unwrap();
         assert_eq!(
