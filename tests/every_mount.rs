@@ -495,10 +495,19 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
             .stderr(std::fs::File::create(&log).unwrap());
         if let Some(fd) = stored {
             let raw = fd.as_raw_fd();
-            // SAFETY: dup2 is async-signal-safe; it runs in the child before exec.
+            // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child before exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(raw, 3) < 0 {
+                    // dup2 onto itself keeps close-on-exec (set on every fd received): when the
+                    // stored fd is 3 already, only clearing the flag hands it on. Missing this
+                    // made the restart start a new group while this one still held the marks,
+                    // and the new serve waited on it (1 run in 3 beside another test).
+                    let moved = if raw == 3 {
+                        libc::fcntl(3, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(raw, 3)
+                    };
+                    if moved < 0 {
                         return Err(io::Error::last_os_error());
                     }
                     Ok(())
@@ -514,7 +523,8 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
             let mut buf = [0u8; 512];
             let (n, fd) = hsm::sys::ipc::recv(notify.as_fd(), &mut buf).unwrap_or_else(|e| {
                 panic!(
-                    "no READY=1 from hsm serve within 30 s ({e}); its log:\n{}",
+                    "no READY=1 from hsm serve within 30 s ({e}); {}its log:\n{}",
+                    common::stuck_report(&fx.store),
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             });

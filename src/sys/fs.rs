@@ -644,12 +644,12 @@ fn splice_all(
     Ok(done)
 }
 
-/// Read up to `buf.len()` bytes at `offset`, stopping early only at end of file.
 /// One `pread` (retried if interrupted): what it read, short at the end of the file or not.
 pub fn pread_once(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(retry_on_intr(|| rustix::io::pread(fd, &mut *buf, offset))?)
 }
 
+/// Read up to `buf.len()` bytes at `offset`, stopping early only at end of file.
 pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {

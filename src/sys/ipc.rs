@@ -429,7 +429,17 @@ pub fn take_listen_fd(name: &str) -> Option<OwnedFd> {
     if index >= count {
         return None;
     }
-    claim_inherited(3 + index).ok()
+    match claim_inherited(3 + index) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(
+                "LISTEN_FDS names {name} as fd {}, which is not open ({e}): it was not handed \
+                 on, and a new one is made",
+                3 + index
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]

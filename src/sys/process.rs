@@ -51,6 +51,7 @@ pub fn reserve_fd_table(slots: u64) -> io::Result<()> {
         |_| {
             // No fd 0 (a daemon started with it closed): any open fd serves.
             let any = std::fs::File::open("/")?;
+            // SAFETY: as above, on `any`, which outlives the call.
             cvt(unsafe {
                 libc::fcntl(
                     std::os::fd::AsRawFd::as_raw_fd(&any),

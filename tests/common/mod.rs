@@ -264,8 +264,9 @@ impl Daemon {
             watchdog_done,
         };
         if line.as_deref() != Some("ready") {
+            let stuck = stuck_report(store);
             let log = d.stop_log();
-            panic!("hsm serve did not print ready (got {line:?}); stderr:\n{log}");
+            panic!("hsm serve did not print ready (got {line:?}); {stuck}stderr:\n{log}");
         }
         d
     }
@@ -354,6 +355,148 @@ impl Drop for Daemon {
 }
 
 /// The pid of the store's guard process (`hsm guard`), if `hsm serve` started one.
+/// Where the hsm processes of `store` (serve, its worker, its guard: those whose command line
+/// names it) are waiting, thread by thread: for the message of a test that timed out waiting on
+/// them, so that a hang seen once names its cause.
+pub fn stuck_report(store: &Path) -> String {
+    let needle = store.to_string_lossy().into_owned();
+    // The filesystem as fanotify's fdinfo names it (the kernel's dev_t: major << 20 | minor).
+    let sdev = std::fs::metadata(store).map_or(String::new(), |m| {
+        use std::os::unix::fs::MetadataExt;
+        let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+        format!("sdev:{:x} ", (u64::from(major) << 20) | u64::from(minor))
+    });
+    let mut out = String::from("hsm processes of the store:\n");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(&needle) || !cmdline.contains("hsm") {
+            // Another process's fanotify group with a mark on the store's filesystem would
+            // hold its accesses as well.
+            for (n, mark) in fanotify_marks(pid) {
+                if !sdev.is_empty() && mark.contains(&sdev) {
+                    out += &format!(
+                        "  pid {pid} ({}), group at fd {n}: {mark}\n",
+                        cmdline.trim_end()
+                    );
+                }
+            }
+            continue;
+        }
+        out += &format!("  pid {pid}: {}\n", cmdline.trim_end());
+        // Threads by what they wait on (a worker has about 190), the main thread's stack.
+        let mut waits: std::collections::BTreeMap<String, usize> = Default::default();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{f}"));
+            let stat = read("stat").unwrap_or_default();
+            let state = stat[stat.rfind(')').map_or(0, |i| i + 1)..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .to_string();
+            let comm = read("comm").unwrap_or_default();
+            let wchan = read("wchan").unwrap_or_default();
+            *waits
+                .entry(format!("{} {state} {wchan}", comm.trim()))
+                .or_default() += 1;
+            if wchan.contains("fanotify") {
+                out += &format!(
+                    "    tid {tid} waits for a fanotify answer: {}\n",
+                    syscall_path(pid, &tid)
+                );
+            }
+            if tid == pid.to_string() {
+                out += &format!("    main thread {state} in {wchan}\n");
+                for frame in read("stack").unwrap_or_default().lines().take(12) {
+                    out += &format!("      {frame}\n");
+                }
+            }
+        }
+        for (what, n) in waits {
+            out += &format!("    {n} thread(s): {what}\n");
+        }
+        // Its fanotify groups' marks (`fdinfo`: inode, mount and filesystem marks, their masks
+        // and ignore masks): which group an event that nobody answers came from.
+        for (n, mark) in fanotify_marks(pid).into_iter().take(12) {
+            out += &format!("    group at fd {n}: {mark}\n");
+        }
+    }
+    out
+}
+
+/// The marks of every fanotify group process `pid` holds (`fdinfo` lines), by fd number.
+fn fanotify_marks(pid: u32) -> Vec<(String, String)> {
+    let mut marks = Vec::new();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten();
+    for fd in fds.flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().contains("fanotify") {
+            continue;
+        }
+        let n = fd.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}")).unwrap_or_default();
+        for line in info
+            .lines()
+            .filter(|l| l.starts_with("fanotify ") && l.contains("mask:"))
+        {
+            marks.push((n.clone(), line.to_string()));
+        }
+    }
+    marks
+}
+
+/// The system call thread `tid` of `pid` is in and, for an `open`/`openat`/`openat2`, the path
+/// it opens (read from the process's memory): which file a blocked open waits on.
+fn syscall_path(pid: u32, tid: &str) -> String {
+    use std::io::{Read, Seek};
+    let Ok(line) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")) else {
+        return "(no syscall info)".into();
+    };
+    // The number in decimal, then the arguments in hex.
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .map(|x| match x.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).unwrap_or(0),
+            None => x.parse().unwrap_or(0),
+        })
+        .collect();
+    let (nr, at) = match f.as_slice() {
+        [nr, _, path, ..] if *nr == libc::SYS_openat as u64 || *nr == libc::SYS_openat2 as u64 => {
+            (*nr, *path)
+        }
+        [nr, path, ..] if *nr == libc::SYS_open as u64 => (*nr, *path),
+        _ => return format!("syscall {}", line.trim()),
+    };
+    let mut name = vec![0u8; 512];
+    let read = std::fs::File::open(format!("/proc/{pid}/mem")).and_then(|mut mem| {
+        mem.seek(std::io::SeekFrom::Start(at))?;
+        mem.read(&mut name)
+    });
+    match read {
+        Ok(n) => {
+            name.truncate(n);
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            format!(
+                "syscall {nr}, path {:?}",
+                String::from_utf8_lossy(&name[..end])
+            )
+        }
+        Err(e) => format!("syscall {nr}, path unreadable: {e}"),
+    }
+}
+
 pub fn guard_pid(store: &Path) -> Option<i32> {
     std::fs::read_to_string(store.join(".hsm/guard.pid"))
         .ok()?
