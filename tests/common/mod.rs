@@ -354,7 +354,6 @@ impl Drop for Daemon {
     }
 }
 
-/// The pid of the store's guard process (`hsm guard`), if `hsm serve` started one.
 /// Where the hsm processes of `store` (serve, its worker, its guard: those whose command line
 /// names it) are waiting, thread by thread: for the message of a test that timed out waiting on
 /// them, so that a hang seen once names its cause.
@@ -497,6 +496,7 @@ fn syscall_path(pid: u32, tid: &str) -> String {
     }
 }
 
+/// The pid of the store's guard process (`hsm guard`), if `hsm serve` started one.
 pub fn guard_pid(store: &Path) -> Option<i32> {
     std::fs::read_to_string(store.join(".hsm/guard.pid"))
         .ok()?
