@@ -451,6 +451,17 @@ fn readers_in_flight_across_kills_and_restarts_never_see_wrong_bytes() {
     fx.stop();
 }
 
+/// An `hsm serve` this test started by hand: killed (SIGKILL, by its pid) and reaped when
+/// dropped, so that a failing test leaves no daemon behind (its guard goes with the unmount).
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `hsm serve` under a service manager, played by the test: it reports READY=1 and hands the
 /// group to the fd store. With the daemon and its guard all killed, the stored group keeps the
 /// marks: a reader waits (no zeros, no error) and, once a new serve is started with the stored
@@ -475,7 +486,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
     let log = fx.scratch.path.join("serve.log");
 
     // Start `hsm serve`, optionally with `stored` as fd 3 named by LISTEN_FDNAMES.
-    let start = |stored: Option<&OwnedFd>| -> std::process::Child {
+    let start = |stored: Option<&OwnedFd>| -> KilledOnDrop {
         let script = format!(
             "{} exec {HSM} serve {} {}",
             if stored.is_some() {
@@ -514,7 +525,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
                 });
             }
         }
-        cmd.spawn().unwrap()
+        KilledOnDrop(cmd.spawn().unwrap())
     };
     // Messages until READY=1, keeping the fd sent with FDSTORE=1.
     let until_ready = || -> Option<OwnedFd> {
@@ -539,7 +550,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
         }
     };
 
-    let mut first = start(None);
+    let first = start(None);
     let stored = until_ready().expect("hsm serve did not hand its group to the fd store");
     let bind = Mounted::bind(&fx.view, &fx.scratch.path.join("leftover"));
     assert_bytes_eq(
@@ -555,8 +566,7 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
         // SAFETY: signalling processes of our own daemon, by the pids they recorded.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    let _ = first.kill();
-    let _ = first.wait();
+    drop(first);
     let end = Instant::now() + Duration::from_secs(10);
     while !(gone(worker) && gone(guard)) {
         assert!(
@@ -599,15 +609,15 @@ fn the_fd_store_keeps_readers_waiting_across_a_restart_then_serves_them() {
         assert_bytes_eq(&std::fs::read(bind.0.join(rel)).unwrap(), data, rel);
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(second.0.id() as i32, libc::SIGTERM) };
     let end = Instant::now() + Duration::from_secs(20);
-    while second.try_wait().unwrap().is_none() {
+    while second.0.try_wait().unwrap().is_none() {
         if Instant::now() > end {
-            let _ = second.kill();
+            let _ = second.0.kill();
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = second.wait();
+    let _ = second.0.wait();
     drop(bind);
 }
