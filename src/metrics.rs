@@ -298,21 +298,6 @@ impl Backend for Timed {
         r
     }
 
-    fn splice_range(
-        &self,
-        obj: &SourceRecord,
-        offset: u64,
-        len: usize,
-        pipe: std::os::fd::BorrowedFd<'_>,
-    ) -> Option<Result<(), FetchError>> {
-        let t = Instant::now();
-        let r = self.inner.splice_range(obj, offset, len, pipe);
-        if r.is_some() {
-            self.metrics.observe_fetch(t.elapsed());
-        }
-        r
-    }
-
     fn reads_may_stall(&self) -> bool {
         self.inner.reads_may_stall()
     }

@@ -189,40 +189,53 @@ impl LocalBackend {
     }
 }
 
-/// Alignment of offset and length that direct reads from any Linux block device accept.
+/// Alignment of offset, length and memory that direct reads from any Linux block device accept.
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Reads up to this long (a small file, a random access's page) go around the page cache;
-/// longer ones are spliced (see `splice_range`).
-const DIRECT_READ_MAX: usize = 64 << 10;
+/// Reads into memory that is not aligned for a direct read (a small piece in the heap) go
+/// through the thread's aligned buffer up to this long; longer ones through the page cache.
+const BOUNCE_MAX: usize = 64 << 10;
 
 thread_local! {
     /// Each thread's buffer for direct reads, of which a 4 KiB-aligned slice is used.
     static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Read `buf.len()` bytes at `offset` (aligned) from `fd` (opened `O_DIRECT`) through the
-/// thread's aligned buffer, in one read of whole blocks. `Ok(false)`: it came back short (at
-/// the end of the file, or a filesystem that reads less at once): the caller reads again
-/// through the page cache, which tells the two apart.
+/// Read `buf.len()` bytes at `offset` (aligned) from `fd` (opened `O_DIRECT`): whole blocks
+/// straight into `buf` when its memory is aligned (a huge-page buffer: see `crate::sys::mem`),
+/// the rest (a file's last partial block, or a small piece in the heap) through the thread's
+/// aligned buffer. `Ok(false)`: it came back short (at the end of the file, or a filesystem that
+/// reads less at once): the caller reads again through the page cache, which tells the two apart.
 fn read_direct(
     fd: std::os::fd::BorrowedFd<'_>,
     offset: u64,
     buf: &mut [u8],
 ) -> std::io::Result<bool> {
     let align = DIRECT_ALIGN as usize;
-    let span = buf.len().next_multiple_of(align);
+    let whole = if (buf.as_ptr() as usize).is_multiple_of(align) {
+        buf.len() / align * align
+    } else {
+        0
+    };
+    if whole > 0 && sysfs::pread_once(fd, &mut buf[..whole], offset)? < whole {
+        return Ok(false);
+    }
+    let rest = &mut buf[whole..];
+    if rest.is_empty() {
+        return Ok(true);
+    }
+    let span = rest.len().next_multiple_of(align);
     DIRECT_BUF.with_borrow_mut(|space| {
         if space.len() < span + align {
             space.resize(span + align, 0);
         }
         let at = space.as_ptr().align_offset(align);
         let aligned = &mut space[at..at + span];
-        let got = sysfs::pread_once(fd, aligned, offset)?;
-        if got < buf.len() {
+        let got = sysfs::pread_once(fd, aligned, offset + whole as u64)?;
+        if got < rest.len() {
             return Ok(false);
         }
-        buf.copy_from_slice(&aligned[..buf.len()]);
+        rest.copy_from_slice(&aligned[..rest.len()]);
         Ok(true)
     })
 }
@@ -241,13 +254,14 @@ impl Backend for LocalBackend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), FetchError> {
-        // Around the page cache, as `splice_range` reads: the stub is the cache. A cold walk
-        // of 12,000 small files through hsm took the source's pages as much memory again,
-        // and their allocation's time (reads from C: 0.10-0.12 s of system time direct,
-        // 0.14-0.16 s through the cache). Where the filesystem or the alignment says no, it
-        // goes through the page cache.
-        let wants_direct =
-            offset.is_multiple_of(DIRECT_ALIGN) && !buf.is_empty() && buf.len() <= DIRECT_READ_MAX;
+        // Around the page cache: the stub is the cache. A source read through it takes as much
+        // memory again, and its allocation's time (a cold walk of 12,000 small files, reads
+        // from C: 0.10-0.12 s of system time direct, 0.14-0.16 s through the cache; a cold
+        // 1 GiB read: 1.58 s -> 1.40 s, native 1.52 s). Where the filesystem or the alignment
+        // says no, it goes through the page cache.
+        let unaligned_big = !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize)
+            && buf.len() > BOUNCE_MAX;
+        let wants_direct = offset.is_multiple_of(DIRECT_ALIGN) && !buf.is_empty() && !unaligned_big;
         let (fd, direct) = match wants_direct.then(|| self.open_unchanged(obj, libc::O_DIRECT)) {
             Some(Err(FetchError::Io(e))) if e.raw_os_error() == Some(libc::EINVAL) => {
                 (self.open_unchanged(obj, 0)?, false)
@@ -267,37 +281,6 @@ impl Backend for LocalBackend {
         }
         let got = sysfs::pread_full(fd.as_fd(), buf, offset)?;
         short_unless_all(offset, buf.len(), got)
-    }
-
-    fn splice_range(
-        &self,
-        obj: &SourceRecord,
-        offset: u64,
-        len: usize,
-        pipe: std::os::fd::BorrowedFd<'_>,
-    ) -> Option<Result<(), FetchError>> {
-        Some((|| {
-            let fd = self.open_unchanged(obj, 0)?;
-            // Whole aligned pieces are read around the page cache: the stub is the cache, and
-            // a source read through it would take as much memory again, and its allocation
-            // time (a cold 1 GiB read, 6 interleaved runs: 1.58 s -> 1.40 s, native 1.52 s).
-            // Where the filesystem or the alignment says no, it goes through the page cache.
-            let direct = offset.is_multiple_of(DIRECT_ALIGN)
-                && (len as u64).is_multiple_of(DIRECT_ALIGN)
-                && sysfs::set_direct(fd.as_fd(), true).is_ok();
-            let got = match sysfs::splice_into_pipe(fd.as_fd(), offset, pipe, len) {
-                Err(e)
-                    if direct
-                        && e.raw_os_error() == Some(libc::EINVAL)
-                        && sysfs::pipe_pending(pipe)? == 0 =>
-                {
-                    sysfs::set_direct(fd.as_fd(), false)?;
-                    sysfs::splice_into_pipe(fd.as_fd(), offset, pipe, len)?
-                }
-                got => got?,
-            };
-            short_unless_all(offset, len, got)
-        })())
     }
 
     fn reads_may_stall(&self) -> bool {
@@ -367,31 +350,44 @@ mod tests {
     fn reads_direct_or_not_return_the_files_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let backend = LocalBackend::open(dir.path()).unwrap();
+        // Into heap memory (small pieces) and into aligned memory (a huge-page buffer, as big
+        // pieces are read), which a direct read fills without the thread's buffer.
+        let mut huge = crate::sys::mem::HugeBuf::new(4 << 20).unwrap();
+        let mut check = |record: &SourceRecord, bytes: &[u8], offset: usize, len: usize| {
+            let mut heap = vec![0u8; len];
+            backend
+                .read_range(record, offset as u64, &mut heap)
+                .unwrap();
+            assert!(
+                heap == bytes[offset..offset + len],
+                "{len} bytes at {offset}, heap"
+            );
+            huge.fill(0);
+            backend
+                .read_range(record, offset as u64, &mut huge[..len])
+                .unwrap();
+            assert!(
+                huge[..len] == bytes[offset..offset + len],
+                "{len} bytes at {offset}, aligned"
+            );
+        };
         // Whole small files whose ends are not block-aligned, one exactly a block, one past
-        // the direct limit; then pieces: aligned, unaligned, and the tail.
-        for size in [1, 4095, 4096, 6001, DIRECT_READ_MAX + 1] {
+        // the thread's buffer; then pieces: aligned, unaligned, and the tail.
+        for size in [1, 4095, 4096, 6001, BOUNCE_MAX + 1, (1 << 20) + 123] {
             let (bytes, record) = source_file(dir.path(), &format!("f{size}"), size);
-            let mut buf = vec![0u8; size];
-            backend.read_range(&record, 0, &mut buf).unwrap();
-            assert!(buf == bytes, "whole file of {size} bytes");
+            check(&record, &bytes, 0, size);
         }
-        let size = 3 * DIRECT_READ_MAX + 123;
+        let size = 3 * BOUNCE_MAX + 123;
         let (bytes, record) = source_file(dir.path(), "big", size);
         for (offset, len) in [
             (4096, 4096),
             (8192, 100),
             (4097, 5000),
+            (4096, 2 * BOUNCE_MAX),
             (size - 123, 123),
             (size - 4219, 4219),
         ] {
-            let mut buf = vec![0u8; len];
-            backend
-                .read_range(&record, offset as u64, &mut buf)
-                .unwrap();
-            assert!(
-                buf == bytes[offset..offset + len],
-                "{len} bytes at {offset}"
-            );
+            check(&record, &bytes, offset, len);
         }
         // Past the end: a short read is an error, never zeros.
         let mut buf = vec![0u8; 4096];

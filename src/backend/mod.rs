@@ -82,19 +82,6 @@ pub trait Backend: Send + Sync {
     fn read_range(&self, obj: &SourceRecord, offset: u64, buf: &mut [u8])
         -> Result<(), FetchError>;
 
-    /// Move the object's `len` bytes at `offset` into `pipe` (the write end of a pipe with room
-    /// for them) without copying them through memory. `None`: this backend cannot, use
-    /// [`Backend::read_range`].
-    fn splice_range(
-        &self,
-        _obj: &SourceRecord,
-        _offset: u64,
-        _len: usize,
-        _pipe: std::os::fd::BorrowedFd<'_>,
-    ) -> Option<Result<(), FetchError>> {
-        None
-    }
-
     /// Whether one read may block far past `serve --fetch-deadline` where nothing can interrupt
     /// it: a remote server, a network or FUSE filesystem. The engine runs such reads on its fetch
     /// threads and stops waiting at the deadline, so that a hung source costs a thread, never a

@@ -31,6 +31,8 @@ pub(super) struct Entry {
     /// "invisible I/O" fd, whose writes leave mtime and ctime alone (`keeps_times`).
     pub(super) writer: Option<OwnedFd>,
     pub(super) keeps_times: bool,
+    /// Held while a piece is written: one writer at a time (see `Engine::write_piece`).
+    pub(super) writing: Mutex<()>,
     pub(super) state: Mutex<EntryState>,
     pub(super) changed: Condvar,
     /// For [`PublishedRanges`]; `None`: nothing is published for this file.
@@ -145,6 +147,7 @@ impl Engine {
             source,
             writer,
             keeps_times,
+            writing: Mutex::new(()),
             file: fd.try_clone_to_owned()?,
             state: Mutex::new(EntryState::new(record, suspect, Instant::now())),
             changed: Condvar::new(),

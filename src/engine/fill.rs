@@ -4,12 +4,13 @@
 //! for the one that claimed it.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use super::buffers::{Buffer, Buffers};
 use super::cache::Entry;
 use super::plan::{chunk_pieces, read_span, Shape};
 use super::{fd_path, lock, Engine};
@@ -21,25 +22,23 @@ pub(super) struct FetchJob {
     entry: Arc<Entry>,
     offset: u64,
     len: usize,
-    /// Move the bytes through a pipe if the backend can (see [`Fetched::Piped`]).
-    splice: bool,
 }
 
-pub(super) type FetchReply = crossbeam_channel::Sender<Result<Fetched, FetchError>>;
+pub(super) type FetchReply = crossbeam_channel::Sender<Result<Buffer, FetchError>>;
 
 /// A backend read that [`Engine::submit`] started.
 enum Started {
     /// Read on the calling thread (the backend's reads cannot stall).
-    Done(Result<Fetched, FetchError>),
+    Done(Result<Buffer, FetchError>),
     /// On a fetch thread: the answer comes here, or the caller gives up at its deadline.
-    Queued(crossbeam_channel::Receiver<Result<Fetched, FetchError>>),
+    Queued(crossbeam_channel::Receiver<Result<Buffer, FetchError>>),
 }
 
 impl Started {
     fn wait(
         self,
         timeout: Duration,
-    ) -> Result<Result<Fetched, FetchError>, crossbeam_channel::RecvTimeoutError> {
+    ) -> Result<Result<Buffer, FetchError>, crossbeam_channel::RecvTimeoutError> {
         match self {
             Started::Done(res) => Ok(res),
             Started::Queued(rx) => rx.recv_timeout(timeout),
@@ -47,44 +46,20 @@ impl Started {
     }
 }
 
-/// The bytes of one backend read.
-pub(super) enum Fetched {
-    Bytes(Vec<u8>),
-    /// Still in a pipe, as references to the source's pages (a local source): written into
-    /// the stub with one copy, where `pread` + `pwrite` make two and need a buffer.
-    Piped(OwnedFd),
-}
-
-/// Pieces at least this long go through a pipe when the backend can splice.
-const SPLICE_MIN: usize = 64 << 10;
-
-impl Fetched {
-    fn read(backend: &dyn Backend, job: &FetchJob) -> Result<Fetched, FetchError> {
-        if job.splice {
-            if let Ok(pipe) = sysfs::pipe_with_capacity(job.len) {
-                let moved = backend.splice_range(
-                    &job.entry.source,
-                    job.offset,
-                    job.len,
-                    pipe.write.as_fd(),
-                );
-                if let Some(res) = moved {
-                    return res.map(|()| Fetched::Piped(pipe.read));
-                }
-            }
-        }
-        let mut buf = vec![0u8; job.len];
-        backend.read_range(&job.entry.source, job.offset, &mut buf)?;
-        Ok(Fetched::Bytes(buf))
-    }
-
-    /// [`Fetched::read`], with a panic in the backend turned into this read's error.
-    pub(super) fn read_guarded(
+impl FetchJob {
+    /// Read the job's bytes from `backend` into a buffer from `buffers`, a panic in the
+    /// backend turned into this read's error.
+    pub(super) fn read(
+        &self,
         backend: &dyn Backend,
-        job: &FetchJob,
-    ) -> Result<Fetched, FetchError> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Fetched::read(backend, job)))
-            .unwrap_or_else(|_| Err(FetchError::Io(io::Error::other("backend read panicked"))))
+        buffers: &Arc<Buffers>,
+    ) -> Result<Buffer, FetchError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut buf = buffers.take(self.len);
+            backend.read_range(&self.entry.source, self.offset, &mut buf)?;
+            Ok(buf)
+        }))
+        .unwrap_or_else(|_| Err(FetchError::Io(io::Error::other("backend read panicked"))))
     }
 }
 
@@ -95,13 +70,6 @@ pub(super) const FETCH_THREADS: usize = 32;
 /// `crate::access_list`) and a directory prefetch (`crate::prefetch`) read the backend on these
 /// only, so that a reader's miss never queues behind them.
 pub(super) const LOW_FETCH_THREADS: usize = 64;
-
-/// Fetched bytes on their way into a stub.
-enum Piece<'a> {
-    Bytes(&'a [u8]),
-    /// Exactly the piece, in a pipe (never for a suspect file: its bytes must be compared).
-    Pipe(BorrowedFd<'a>),
-}
 
 /// Releases chunk claims when dropped, even if the fetch panicked.
 struct Claims<'a> {
@@ -225,29 +193,23 @@ impl Engine {
                         return Err(io::Error::from_raw_os_error(libc::EAGAIN));
                     }
                 };
-                let piece = match &fetched {
-                    Fetched::Piped(pipe) => Piece::Pipe(pipe.as_fd()),
-                    Fetched::Bytes(buf) => {
-                        if let Some(digests) = &entry.digests {
-                            let ok = digests
-                                .get(c as usize)
-                                .is_some_and(|d| *d == crate::digest::chunk_digest(buf));
-                            if !ok {
-                                warn!(
-                                    file = %fd_path(fd),
-                                    range = %format!("{}..{}", fetched_from, fetched_from + buf.len() as u64),
-                                    source = %self.backend.describe(),
-                                    "fetched bytes do not match the recorded digest; nothing written"
-                                );
-                                return Err(io::Error::from_raw_os_error(libc::EIO));
-                            }
-                        }
-                        let lo = (ps - fetched_from) as usize;
-                        let hi = (pe - fetched_from) as usize;
-                        Piece::Bytes(&buf[lo..hi])
+                if let Some(digests) = &entry.digests {
+                    let ok = digests
+                        .get(c as usize)
+                        .is_some_and(|d| *d == crate::digest::chunk_digest(&fetched));
+                    if !ok {
+                        warn!(
+                            file = %fd_path(fd),
+                            range = %format!("{}..{}", fetched_from, fetched_from + fetched.len() as u64),
+                            source = %self.backend.describe(),
+                            "fetched bytes do not match the recorded digest; nothing written"
+                        );
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
                     }
-                };
-                self.write_piece(entry, fd, ps, pe, piece)?;
+                }
+                let lo = (ps - fetched_from) as usize;
+                let hi = (pe - fetched_from) as usize;
+                self.write_piece(entry, fd, ps, pe, &fetched[lo..hi])?;
                 wrote = true;
                 if readahead {
                     Metrics::add(&self.metrics.readahead_bytes, pe - ps);
@@ -270,20 +232,13 @@ impl Engine {
     ) -> (Started, u64) {
         let (from, to) = read_span(Shape::of(entry), entry.source.size, c, ps, pe);
         Metrics::add(&self.metrics.backend_reads, 1);
-        let len = (to - from) as usize;
-        // Bytes that must be looked at (digests, a file of unknown history) stay in memory.
-        let splice = len >= SPLICE_MIN && entry.digests.is_none() && !lock(&entry.state).suspect;
         let job = FetchJob {
             entry: entry.clone(),
             offset: from,
-            len,
-            splice,
+            len: (to - from) as usize,
         };
         if here {
-            return (
-                Started::Done(Fetched::read_guarded(&*self.backend, &job)),
-                from,
-            );
+            return (Started::Done(job.read(&*self.backend, &self.buffers)), from);
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
         let queue = if low {
@@ -302,7 +257,7 @@ impl Engine {
         fd: BorrowedFd<'_>,
         ps: u64,
         pe: u64,
-        piece: Piece<'_>,
+        piece: &[u8],
     ) -> io::Result<()> {
         // The file may have been truncated while we fetched: never write past its end.
         let st = sysfs::fstat(fd)?;
@@ -312,12 +267,11 @@ impl Engine {
         if pe_now > ps {
             let n = (pe_now - ps) as usize;
             let dst = entry.writer.as_ref().map_or(fd, |w| w.as_fd());
-            let written = match piece {
-                Piece::Bytes(buf) if suspect && self.keep_local_bytes(fd, ps, &buf[..n])? => {
-                    Ok(false)
-                }
-                Piece::Bytes(buf) => sysfs::pwrite_all(dst, &buf[..n], ps).map(|()| true),
-                Piece::Pipe(pipe) => sysfs::splice_from_pipe(pipe, dst, ps, n).map(|()| true),
+            let written = if suspect && self.keep_local_bytes(fd, ps, &piece[..n])? {
+                Ok(false)
+            } else {
+                let _one_writer = lock(&entry.writing);
+                sysfs::pwrite_all(dst, &piece[..n], ps).map(|()| true)
             };
             if !matches!(written, Ok(false)) && !entry.keeps_times {
                 // Writing through the fd moved the mtime, even a write that failed part way (a

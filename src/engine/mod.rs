@@ -19,9 +19,11 @@
 //! - `plan`: what range an access needs fetched, and whether it is a sequential reader's.
 //! - `fill`: fetching from the backend, checking digests, writing through the writer fd and
 //!   publishing what is present.
+//! - `buffers`: the memory fetched bytes wait in, huge pages for big pieces.
 //! - `readahead`: fetching ahead of sequential readers on background threads.
 //! - `persist`: writing the state records once the bytes they claim are on disk.
 
+mod buffers;
 mod cache;
 mod fill;
 mod persist;
@@ -41,8 +43,9 @@ use crate::published::PublishedRanges;
 use crate::sys::fs as sysfs;
 use crate::sys::shm::Shared;
 
+use buffers::Buffers;
 use cache::{cache_limit, Entry, FileKey};
-use fill::{FetchJob, FetchReply, Fetched, FETCH_THREADS, LOW_FETCH_THREADS};
+use fill::{FetchJob, FetchReply, FETCH_THREADS, LOW_FETCH_THREADS};
 use plan::{plan, Shape};
 use readahead::Readahead;
 
@@ -101,6 +104,8 @@ impl StoreAccess {
 
 pub struct Engine {
     backend: Arc<dyn Backend>,
+    /// Where fetched bytes wait to be written (see `buffers`).
+    buffers: Arc<Buffers>,
     /// Backend reads run on these threads, so a hung read costs a thread, never a reader's
     /// deadline: the reader gets EAGAIN after `fetch_timeout`.
     fetch_tx: crossbeam_channel::Sender<(FetchJob, FetchReply)>,
@@ -193,15 +198,17 @@ impl Engine {
         fetch_timeout: Duration,
         store: StoreAccess,
     ) -> Engine {
+        let buffers = Arc::new(Buffers::default());
         let pool = |threads: usize| {
             let (tx, rx) = crossbeam_channel::unbounded::<(FetchJob, FetchReply)>();
             for _ in 0..threads {
                 let rx = rx.clone();
                 let backend = backend.clone();
+                let buffers = buffers.clone();
                 std::thread::spawn(move || {
                     for (job, reply) in rx {
                         // The requester may have given up (timeout): then the bytes are dropped.
-                        let _ = reply.send(Fetched::read_guarded(&*backend, &job));
+                        let _ = reply.send(job.read(&*backend, &buffers));
                     }
                 });
             }
@@ -211,6 +218,7 @@ impl Engine {
         let low_fetch_tx = pool(LOW_FETCH_THREADS);
         Engine {
             backend,
+            buffers,
             fetch_tx,
             low_fetch_tx,
             fetch_timeout,

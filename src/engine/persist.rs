@@ -140,11 +140,12 @@ impl Engine {
                 st.in_round = true;
                 std::mem::take(&mut st.pressure)
             };
-            self.flush_for(if pressure {
-                Flush::Pressure
+            if pressure {
+                self.flush_for(Flush::Pressure);
             } else {
-                Flush::Periodic
-            });
+                self.flush_for(Flush::Periodic);
+                self.buffers.trim();
+            }
             {
                 let mut st = lock(&self.flusher.state);
                 st.rounds += 1;

@@ -12,7 +12,6 @@ use rustix::fs::{
     Timestamps, Uid, XattrFlags,
 };
 use rustix::io::{retry_on_intr, Errno};
-use rustix::pipe::{PipeFlags, SpliceFlags};
 
 use super::{cvt, cvt_retry};
 
@@ -482,22 +481,6 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, mut buf: &[u8], mut offset: u64) -> io::Re
     Ok(())
 }
 
-/// A pipe with room for `capacity` bytes at least. `splice` moves file pages through a pipe by
-/// reference: a fill from a local source then copies its bytes once (into the stub's page cache)
-/// instead of twice (into our memory, then out of it).
-pub struct Pipe {
-    pub read: OwnedFd,
-    pub write: OwnedFd,
-}
-
-pub fn pipe_with_capacity(capacity: usize) -> io::Result<Pipe> {
-    let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
-    if rustix::pipe::fcntl_setpipe_size(&write, capacity)? < capacity {
-        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-    }
-    Ok(Pipe { read, write })
-}
-
 /// Turn `O_DIRECT` on or off for reads and writes through `fd` (`EINVAL` where its filesystem
 /// has no direct I/O).
 pub fn set_direct(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
@@ -581,67 +564,6 @@ pub fn first_page_cached(fd: BorrowedFd<'_>) -> io::Result<Option<bool>> {
 /// Read `fd` without kernel readahead (`POSIX_FADV_RANDOM`): only the pages each read asks for.
 pub fn no_readahead(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::fs::fadvise(fd, 0, None, Advice::Random)?)
-}
-
-/// Bytes waiting in the pipe that `end` (either end) belongs to.
-pub fn pipe_pending(end: BorrowedFd<'_>) -> io::Result<usize> {
-    Ok(rustix::io::ioctl_fionread(end)? as usize)
-}
-
-/// Move up to `len` bytes of `src` at `offset` into the pipe `pipe_write`, which must have room
-/// for them. Returns how many were moved: fewer only at end of file.
-pub fn splice_into_pipe(
-    src: BorrowedFd<'_>,
-    offset: u64,
-    pipe_write: BorrowedFd<'_>,
-    len: usize,
-) -> io::Result<usize> {
-    splice_all(src, Some(offset), pipe_write, None, len, SpliceFlags::MOVE)
-}
-
-/// Move exactly `len` bytes from the pipe `pipe_read` into `dst` at `offset`.
-pub fn splice_from_pipe(
-    pipe_read: BorrowedFd<'_>,
-    dst: BorrowedFd<'_>,
-    offset: u64,
-    len: usize,
-) -> io::Result<()> {
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    if splice_all(pipe_read, None, dst, Some(offset), len, flags)? < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
-}
-
-/// `splice` until `len` bytes have moved or the input ends; a `None` offset is a pipe's side.
-fn splice_all(
-    from: BorrowedFd<'_>,
-    from_offset: Option<u64>,
-    to: BorrowedFd<'_>,
-    to_offset: Option<u64>,
-    len: usize,
-    flags: SpliceFlags,
-) -> io::Result<usize> {
-    let mut done = 0;
-    while done < len {
-        let mut from_off = from_offset.map(|o| o + done as u64);
-        let mut to_off = to_offset.map(|o| o + done as u64);
-        let n = retry_on_intr(|| {
-            rustix::pipe::splice(
-                from,
-                from_off.as_mut(),
-                to,
-                to_off.as_mut(),
-                len - done,
-                flags,
-            )
-        })?;
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    Ok(done)
 }
 
 /// One `pread` (retried if interrupted): what it read, short at the end of the file or not.
@@ -871,42 +793,13 @@ mod tests {
     }
 
     #[test]
-    fn bytes_spliced_through_a_pipe_land_at_the_offset_asked() {
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let mut src = tempfile::tempfile().unwrap();
-        src.write_all(&data).unwrap();
-        let dst = tempfile::tempfile().unwrap();
-        let pipe = pipe_with_capacity(256 << 10).unwrap();
-        let moved = splice_into_pipe(src.as_fd(), 1000, pipe.write.as_fd(), 200_000).unwrap();
-        assert_eq!(moved, 200_000);
-        splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 5000, 200_000).unwrap();
-        let mut got = vec![0u8; 200_000];
-        assert_eq!(pread_full(dst.as_fd(), &mut got, 5000).unwrap(), 200_000);
-        assert!(got == data[1000..201_000], "spliced bytes differ");
-
-        // Past the end of the source: fewer bytes, and asking the pipe for more fails.
-        let pipe = pipe_with_capacity(256 << 10).unwrap();
-        let moved = splice_into_pipe(src.as_fd(), 250_000, pipe.write.as_fd(), 100_000).unwrap();
-        assert_eq!(moved, 50_000);
-        drop(pipe.write);
-        let err = splice_from_pipe(pipe.read.as_fd(), dst.as_fd(), 0, 100_000).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
-
-    #[test]
     fn read_ahead_is_asked_of_files_and_its_errno_comes_back() {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&[7u8; 64 << 10]).unwrap();
         will_need(f.as_fd(), 0, 64 << 10).unwrap();
         // posix_fadvise returns the errno itself: a pipe has no page cache to read into.
-        let pipe = pipe_with_capacity(4096).unwrap();
-        let err = will_need(pipe.read.as_fd(), 0, 4096).unwrap_err();
+        let (read, _write) = rustix::pipe::pipe().unwrap();
+        let err = will_need(read.as_fd(), 0, 4096).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ESPIPE));
-    }
-
-    #[test]
-    fn a_pipe_too_small_for_a_piece_is_refused() {
-        // Beyond what an unprivileged pipe may hold, and far beyond what root needs here.
-        assert!(pipe_with_capacity(1 << 40).is_err());
     }
 }

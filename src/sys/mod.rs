@@ -7,6 +7,7 @@ pub mod fanotify;
 pub mod fs;
 pub mod ipc;
 pub mod loopdev;
+pub mod mem;
 pub mod mount;
 pub mod privilege;
 pub mod process;
