@@ -1132,7 +1132,7 @@ http {{
         if crows:
             lines.append("")
             lines.append("the copy alone, no daemon: each read preceded by copying what it reads from the source")
-            lines.append("into a new file on the store's fs (`benchio copyseq`: splice of 1 MiB pieces; `copyrand`:")
+            lines.append("into a new file on the store's fs (`benchio copyseq`: 1 MiB direct reads into a huge page, pwrite; `copyrand`:")
             lines.append("pread + pwrite of the 4 KiB page), one thread, page cache dropped: what the bytes cost")
             lines.append("before any event is handled")
             lines += md_table(["workload", "native", "copy, no daemon", "hsm cold", "copy/native",

@@ -6,10 +6,11 @@
  *   benchio rand FILE COUNT SEED     COUNT 4 KiB preads at 4 KiB-aligned offsets drawn from a
  *                                    fixed-seed xorshift64*; prints seconds and a checksum
  *   benchio copyseq SRC DST          the floor under a cold `seq` through any daemon that copies:
- *                                    for each 1 MiB of SRC, splice it into DST (a new file of
- *                                    SRC's size) through a pipe, then read it back from DST in
- *                                    128 KiB reads; one thread, no events; prints seconds and the
- *                                    bytes read back
+ *                                    for each 1 MiB of SRC, read it (O_DIRECT where SRC's fs has
+ *                                    it, into a transparent huge page, as hsm reads) and pwrite it
+ *                                    into DST (a new file of SRC's size), then read it back from
+ *                                    DST in 128 KiB reads; one thread, no events; prints seconds
+ *                                    and the bytes read back
  *   benchio copyrand SRC DST COUNT SEED  the same for `rand`: before each 4 KiB pread of DST, copy
  *                                    that page from SRC (pread + pwrite); prints seconds and the
  *                                    checksum, which must equal `rand`'s on SRC
@@ -109,39 +110,46 @@ static int open_copy(const char *src, const char *dst, int *s, int *d, off_t *si
     return 0;
 }
 
-/* splice until len bytes moved; a NULL offset is the pipe's side */
-static int splice_all(int from, off_t *from_off, int to, off_t *to_off, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = splice(from, from_off, to, to_off, len, SPLICE_F_MOVE);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? die("splice") : (errno = EIO, die("splice: short source"));
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static int copyseq(const char *src, const char *dst)
 {
-    const size_t chunk = 1 << 20, block = 128 * 1024;
+    const size_t chunk = 1 << 20, block = 128 * 1024, huge = 2 << 20;
     char *buf = malloc(block);
-    int p[2], s, d;
+    int s, d;
     off_t size;
     if (!buf)
         return die("malloc");
+    /* a 2 MiB-aligned huge page: a direct read into it is a few large segments (see hsm's
+     * src/sys/mem.rs) */
+    char *map = mmap(NULL, 2 * huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED)
+        return die("mmap");
+    char *piece = (char *)(((uintptr_t)map + huge - 1) & ~(uintptr_t)(huge - 1));
+    madvise(piece, huge, MADV_HUGEPAGE);
     double t0 = now();
     if (open_copy(src, dst, &s, &d, &size))
         return 1;
-    if (pipe2(p, O_CLOEXEC) < 0 || fcntl(p[1], F_SETPIPE_SZ, (int)chunk) < 0)
-        return die("pipe");
+    int direct = fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_DIRECT) == 0;
     unsigned long long total = 0;
     for (off_t off = 0; off < size; off += (off_t)chunk) {
         size_t n = (size_t)(size - off) < chunk ? (size_t)(size - off) : chunk;
-        off_t in = off, out = off;
-        if (splice_all(s, &in, p[1], NULL, n) || splice_all(p[0], NULL, d, &out, n))
-            return 1;
+        /* whole blocks for a direct read; the last piece may come back short, as it should */
+        size_t want = direct ? (n + 4095) & ~(size_t)4095 : n;
+        ssize_t got = pread(s, piece, want, off);
+        if (got < 0 && errno == EINVAL && direct) {
+            direct = 0;
+            fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_DIRECT);
+            got = pread(s, piece, n, off);
+        }
+        if (got < (ssize_t)n)
+            return got < 0 ? die("pread source") : (errno = EIO, die("short source read"));
+        for (size_t w = 0; w < n;) {
+            ssize_t put = pwrite(d, piece + w, n - w, off + (off_t)w);
+            if (put < 0 && errno == EINTR)
+                continue;
+            if (put <= 0)
+                return die("pwrite");
+            w += (size_t)put;
+        }
         for (size_t r = 0; r < n; r += block) {
             ssize_t got = pread(d, buf, block, off + (off_t)r);
             if (got <= 0)
