@@ -45,6 +45,7 @@ pub mod protocol;
 pub mod published;
 pub mod ranges;
 pub mod record;
+pub mod round_trip;
 pub mod stats;
 pub mod status;
 pub mod store;

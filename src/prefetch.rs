@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::engine::Engine;
+use crate::round_trip::RoundTrip;
 use crate::sys::fanotify::Group;
 use crate::sys::fs as sysfs;
 
@@ -74,9 +75,6 @@ pub const FETCH_SPACING: Duration = Duration::from_micros(250);
 /// Bytes of the files being fetched ahead at once, at most (a file larger than this still goes,
 /// alone).
 pub const BYTES_IN_FLIGHT: u64 = 64 << 20;
-/// The shortest fetch time is taken over this long (two halves, the older one forgotten as a
-/// new one starts): a source that became farther is followed within it.
-const RTT_MEMORY: Duration = Duration::from_secs(10);
 /// A walk detected in a directory makes the first cold open in its subdirectories and in its
 /// siblings start their windows at once, for this long after it.
 const WALK_MEMORY: Duration = Duration::from_secs(30);
@@ -282,16 +280,13 @@ impl WalkDetector {
 
 /// How many files a directory prefetch fetches at once: the kernel-independent half, tested
 /// alone. Enough to cover the source's round trip at one file per [`FETCH_SPACING`] (Little's
-/// law), taking the shortest fetch seen in the last [`RTT_MEMORY`] as the round trip, since
-/// fetches queued behind others (here, in the pools, at the server) only look longer; within
+/// law), taking the shortest fetch seen lately as the round trip (see [`RoundTrip`]); within
 /// [`MIN_IN_FLIGHT`]..`max` files and [`BYTES_IN_FLIGHT`] bytes.
 pub struct InFlight {
     max: usize,
     running: usize,
     bytes: u64,
-    /// Shortest fetch time of the current and of the previous half of [`RTT_MEMORY`].
-    shortest: [Option<Duration>; 2],
-    half_since: Option<Instant>,
+    round_trip: RoundTrip,
 }
 
 impl InFlight {
@@ -300,14 +295,13 @@ impl InFlight {
             max: max.max(MIN_IN_FLIGHT),
             running: 0,
             bytes: 0,
-            shortest: [None, None],
-            half_since: None,
+            round_trip: RoundTrip::default(),
         }
     }
 
     /// The round trip the limit is made for: the shortest fetch seen lately.
     pub fn round_trip(&self) -> Option<Duration> {
-        self.shortest.iter().flatten().min().copied()
+        self.round_trip.get()
     }
 
     /// Files that may be in flight at once now.
@@ -335,15 +329,9 @@ impl InFlight {
     pub fn done(&mut self, bytes: u64, took: Option<Duration>, now: Instant) {
         self.running = self.running.saturating_sub(1);
         self.bytes = self.bytes.saturating_sub(bytes);
-        let Some(took) = took else { return };
-        match self.half_since {
-            Some(t) if now.duration_since(t) < RTT_MEMORY / 2 => {}
-            _ => {
-                self.shortest = [None, self.shortest[0]];
-                self.half_since = Some(now);
-            }
+        if let Some(took) = took {
+            self.round_trip.observe(took, now);
         }
-        self.shortest[0] = Some(self.shortest[0].map_or(took, |s| s.min(took)));
     }
 }
 
@@ -906,17 +894,17 @@ mod tests {
         f.done(1, Some(ms(20)), t + ms(20));
         assert!(f.try_start(1));
         // The source came closer: fewer at once. It went far again: more, once the memory of
-        // the near one is gone (within RTT_MEMORY).
+        // the near one is gone (within crate::round_trip::MEMORY).
         let later = t + ms(30);
         f.done(1, Some(ms(2)), later);
         assert_eq!(f.limit(), 8);
-        f.done(1, Some(ms(20)), later + RTT_MEMORY / 2);
+        f.done(1, Some(ms(20)), later + crate::round_trip::MEMORY / 2);
         assert_eq!(
             f.limit(),
             8,
             "the near fetches of the last half still count"
         );
-        f.done(1, Some(ms(20)), later + RTT_MEMORY);
+        f.done(1, Some(ms(20)), later + crate::round_trip::MEMORY);
         assert_eq!(f.limit(), 48);
         // Fewer threads than the floor: the floor still.
         assert_eq!(InFlight::new(1).limit(), MIN_IN_FLIGHT);

@@ -163,17 +163,21 @@ impl Engine {
                     let Some(&(c, ps, pe)) = todo.next() else {
                         break;
                     };
+                    let asked = Instant::now();
                     let (started, from) = self.submit(entry, c, ps, pe, here, low);
-                    let deadline = std::time::Instant::now() + self.fetch_timeout;
-                    in_flight.push_back((c, ps, pe, started, from, deadline));
+                    in_flight.push_back((c, ps, pe, started, from, asked));
                 }
-                let Some((c, ps, pe, started, fetched_from, deadline)) = in_flight.pop_front()
-                else {
+                let Some((c, ps, pe, started, fetched_from, asked)) = in_flight.pop_front() else {
                     break;
                 };
-                let wait = deadline.saturating_duration_since(std::time::Instant::now());
+                let wait = (asked + self.fetch_timeout).saturating_duration_since(Instant::now());
                 let fetched = match started.wait(wait) {
-                    Ok(Ok(fetched)) => fetched,
+                    Ok(Ok(fetched)) => {
+                        // Queued behind others it only looks longer: the shortest counts.
+                        let now = Instant::now();
+                        lock(&self.round_trip).observe(now.saturating_duration_since(asked), now);
+                        fetched
+                    }
                     Ok(Err(e)) => {
                         warn!(
                             file = %fd_path(fd),

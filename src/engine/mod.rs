@@ -130,8 +130,11 @@ pub struct Engine {
     pub top_files: crate::metrics::TopFiles,
     /// Where present ranges are published for the supervisor (see [`crate::published`]).
     published: Option<Shared<PublishedRanges>>,
-    /// How far ahead of a sequential reader to fetch.
+    /// How far ahead of a sequential reader to fetch (more for a far source: see
+    /// [`Engine::readahead_bytes`]).
     readahead: u64,
+    /// The source's round trip, from the fetches' times.
+    round_trip: Mutex<crate::round_trip::RoundTrip>,
     readahead_tx: Mutex<Option<crossbeam_channel::Sender<Readahead>>>,
     /// The cache limit's accounting, when one is set (see `evict`).
     space: std::sync::OnceLock<Arc<dyn Space>>,
@@ -233,6 +236,7 @@ impl Engine {
             top_files: Default::default(),
             published,
             readahead,
+            round_trip: Mutex::default(),
             readahead_tx: Mutex::new(None),
             space: std::sync::OnceLock::new(),
         }
@@ -302,7 +306,7 @@ impl Engine {
                     r?;
                 }
             }
-            if let Some((start, end)) = readahead::window(&plan, self.readahead) {
+            if let Some((start, end)) = readahead::window(&plan, self.readahead_bytes()) {
                 self.schedule_readahead(&entry, start, end);
             }
         }
@@ -498,7 +502,9 @@ impl Engine {
         }
         let complete = s.record.is_complete();
         drop(s);
-        if let Some((start, end)) = readahead::window(&plan, self.readahead).filter(|_| !complete) {
+        if let Some((start, end)) =
+            readahead::window(&plan, self.readahead_bytes()).filter(|_| !complete)
+        {
             self.schedule_readahead(&entry, start, end);
         }
         Some(Ok(if complete {
