@@ -120,7 +120,8 @@ enum Command {
         /// Old name of --threads.
         #[arg(long, hide = true, conflicts_with = "threads")]
         workers: Option<usize>,
-        /// Bytes fetched ahead of a sequential reader (units: 8M).
+        /// Bytes fetched ahead of a sequential reader (units: 8M); from a far source, once more
+        /// per 5 ms of its round trip, up to 8 times.
         #[arg(long, value_name = "SIZE", default_value_t = defaults::READAHEAD,
               value_parser = hsm::units::parse_size)]
         readahead: u64,
