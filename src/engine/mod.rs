@@ -131,7 +131,7 @@ pub struct Engine {
     /// Where present ranges are published for the supervisor (see [`crate::published`]).
     published: Option<Shared<PublishedRanges>>,
     /// How far ahead of a sequential reader to fetch (more for a far source: see
-    /// [`Engine::readahead_bytes`]).
+    /// [`Engine::far_readahead`]).
     readahead: u64,
     /// The source's round trip, from the fetches' times.
     round_trip: Mutex<crate::round_trip::RoundTrip>,
@@ -306,7 +306,9 @@ impl Engine {
                     r?;
                 }
             }
-            if let Some((start, end)) = readahead::window(&plan, self.readahead_bytes()) {
+            if let Some((start, end)) =
+                readahead::window(&plan, self.readahead, self.far_readahead())
+            {
                 self.schedule_readahead(&entry, start, end);
             }
         }
@@ -503,7 +505,7 @@ impl Engine {
         let complete = s.record.is_complete();
         drop(s);
         if let Some((start, end)) =
-            readahead::window(&plan, self.readahead_bytes()).filter(|_| !complete)
+            readahead::window(&plan, self.readahead, self.far_readahead()).filter(|_| !complete)
         {
             self.schedule_readahead(&entry, start, end);
         }

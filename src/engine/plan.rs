@@ -39,6 +39,8 @@ pub(super) struct Cursor {
     pub(super) last_end: u64,
     /// End of the last range requested, as the kernel gave it.
     pub(super) last_request_end: u64,
+    /// Where the current sequential run began: the last access that did not follow on.
+    pub(super) run_start: u64,
 }
 
 impl Cursor {
@@ -71,6 +73,8 @@ pub(super) struct Plan {
     pub(super) complete: bool,
     /// Where the source's bytes end in the file (see `StateRecord::backed_len`).
     pub(super) backed: u64,
+    /// Bytes of the reader's current sequential run, to this plan's end.
+    pub(super) run: u64,
 }
 
 /// Work out what `need` takes for a file of `size` bytes at `now`, and note the access in `s`.
@@ -112,7 +116,11 @@ pub(super) fn plan(
             } else {
                 random_piece.min(chunk)
             };
-            (offset / piece * piece, request_end.div_ceil(piece) * piece)
+            let start = offset / piece * piece;
+            if !follows {
+                s.cursor.run_start = start;
+            }
+            (start, request_end.div_ceil(piece) * piece)
         }
     };
     let end = end.min(backed);
@@ -127,6 +135,7 @@ pub(super) fn plan(
         sequential,
         complete: s.record.is_complete(),
         backed,
+        run: end.saturating_sub(s.cursor.run_start),
     }
 }
 
@@ -228,6 +237,8 @@ mod tests {
         let p = plan(CLONED, &mut s, 10 * MIB, range(MIB, 128 * KIB), PIECE, now);
         assert_eq!(span(p), (MIB, 2 * MIB, true));
         assert_eq!(s.cursor.last_end, 2 * MIB);
+        // A run from the start: 2 MiB long so far.
+        assert_eq!(p.run, 2 * MIB);
         // A jump far ahead: random, only its piece, and the cursor keeps its furthest end.
         let p = plan(
             CLONED,
@@ -239,6 +250,17 @@ mod tests {
         );
         assert_eq!(span(p), (6 * MIB, 6 * MIB + 4 * KIB, false));
         assert_eq!(s.cursor.last_end, 6 * MIB + 4 * KIB);
+        // It starts a new run: reading on from it, the run is counted from the jump.
+        assert_eq!(p.run, 4 * KIB);
+        let p = plan(
+            CLONED,
+            &mut s,
+            10 * MIB,
+            range(6 * MIB + 4 * KIB, 128 * KIB),
+            PIECE,
+            now,
+        );
+        assert_eq!(p.run, p.end - 6 * MIB);
     }
 
     #[test]
@@ -246,6 +268,7 @@ mod tests {
         let c = Cursor {
             last_end: 2 * MIB,
             last_request_end: MIB,
+            ..Cursor::default()
         };
         // Within one request of the last end, either side.
         assert!(c.follows(MIB + 128 * KIB, 128 * KIB, PIECE));

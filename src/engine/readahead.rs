@@ -12,12 +12,16 @@ use super::cache::Entry;
 use super::plan::Plan;
 use super::{lock, Engine};
 
-/// What to fetch ahead of the reader that `plan` serves, `readahead` bytes at most: the range
-/// after the plan's, when the reader is sequential, cut at the end of what the source backs.
+/// What to fetch ahead of the reader that `plan` serves: the range after the plan's, when the
+/// reader is sequential, cut at the end of what the source backs; `base` bytes, or up to `far`
+/// (see [`scaled`]) once the reader's sequential run is that long: a random reader that lands
+/// next to its last read once must not pull a far source's whole window (200 random reads over
+/// S3, 20 ms away: 1.13x of curl's time with 32-40 MiB pulled at each, 1.03x with 8 MiB).
 /// `None`: nothing (a random reader, readahead off, or nothing left to fetch ahead).
-pub(super) fn window(plan: &Plan, readahead: u64) -> Option<(u64, u64)> {
+pub(super) fn window(plan: &Plan, base: u64, far: u64) -> Option<(u64, u64)> {
+    let ahead = base.max(far.min(plan.run));
     let start = plan.end;
-    let end = start.saturating_add(readahead).min(plan.backed);
+    let end = start.saturating_add(ahead).min(plan.backed);
     (plan.sequential && end > start).then_some((start, end))
 }
 
@@ -70,8 +74,8 @@ impl Engine {
         }
     }
 
-    /// How far ahead of a sequential reader to fetch now (see [`scaled`]).
-    pub(super) fn readahead_bytes(&self) -> u64 {
+    /// How far ahead of a long sequential run to fetch now (see [`scaled`] and [`window`]).
+    pub(super) fn far_readahead(&self) -> u64 {
         scaled(self.readahead, lock(&self.round_trip).get())
     }
 
@@ -106,21 +110,35 @@ mod tests {
             sequential: true,
             complete: false,
             backed,
+            run: end,
         }
     }
 
     #[test]
     fn a_sequential_reader_gets_the_window_after_its_range() {
         let p = sequential(MIB, 2 * MIB, 100 * MIB);
-        assert_eq!(window(&p, 8 * MIB), Some((2 * MIB, 10 * MIB)));
+        assert_eq!(window(&p, 8 * MIB, 8 * MIB), Some((2 * MIB, 10 * MIB)));
     }
 
     #[test]
     fn a_random_reader_or_readahead_off_gets_none() {
         let mut p = sequential(MIB, 2 * MIB, 100 * MIB);
-        assert_eq!(window(&p, 0), None);
+        assert_eq!(window(&p, 0, 0), None);
         p.sequential = false;
-        assert_eq!(window(&p, 8 * MIB), None);
+        assert_eq!(window(&p, 8 * MIB, 8 * MIB), None);
+    }
+
+    #[test]
+    fn the_far_window_opens_as_the_sequential_run_grows() {
+        let mut p = sequential(MIB, 2 * MIB, 1 << 40);
+        // A run of 2 MiB so far: the base only.
+        p.run = 2 * MIB;
+        assert_eq!(window(&p, 8 * MIB, 32 * MIB), Some((2 * MIB, 10 * MIB)));
+        // 20 MiB read in one run: that much ahead; 100 MiB: the far window, no more.
+        p.run = 20 * MIB;
+        assert_eq!(window(&p, 8 * MIB, 32 * MIB), Some((2 * MIB, 22 * MIB)));
+        p.run = 100 * MIB;
+        assert_eq!(window(&p, 8 * MIB, 32 * MIB), Some((2 * MIB, 34 * MIB)));
     }
 
     #[test]
@@ -143,12 +161,12 @@ mod tests {
     fn the_window_stops_at_the_end_of_the_file() {
         // Less than a window left: what is left.
         let p = sequential(MIB, 2 * MIB, 5 * MIB + 123);
-        assert_eq!(window(&p, 8 * MIB), Some((2 * MIB, 5 * MIB + 123)));
+        assert_eq!(window(&p, 8 * MIB, 8 * MIB), Some((2 * MIB, 5 * MIB + 123)));
         // The reader reached the end: nothing ahead.
         let p = sequential(4 * MIB, 5 * MIB, 5 * MIB);
-        assert_eq!(window(&p, 8 * MIB), None);
+        assert_eq!(window(&p, 8 * MIB, 8 * MIB), None);
         // A window that would overflow.
         let p = sequential(MIB, 2 * MIB, u64::MAX);
-        assert_eq!(window(&p, u64::MAX), Some((2 * MIB, u64::MAX)));
+        assert_eq!(window(&p, u64::MAX, u64::MAX), Some((2 * MIB, u64::MAX)));
     }
 }
