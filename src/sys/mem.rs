@@ -46,13 +46,15 @@ impl HugeBuf {
         let start = base.next_multiple_of(HUGE_PAGE);
         let head = start - base;
         let tail = span - head - len;
-        // SAFETY: both ranges lie inside the mapping just made, outside the part kept.
+        // SAFETY: both ranges lie inside the mapping just made, outside the part kept; on an
+        // error (splitting a mapping can fail at the process's map count limit) all of it is
+        // unmapped, which splits nothing.
         unsafe {
-            if head > 0 {
-                rustix::mm::munmap(base as *mut _, head)?;
-            }
-            if tail > 0 {
-                rustix::mm::munmap((start + len) as *mut _, tail)?;
+            let trimmed = (head == 0 || rustix::mm::munmap(base as *mut _, head).is_ok())
+                && (tail == 0 || rustix::mm::munmap((start + len) as *mut _, tail).is_ok());
+            if !trimmed {
+                let _ = rustix::mm::munmap(base as *mut _, span);
+                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
             }
         }
         let ptr =
